@@ -1,0 +1,73 @@
+"""What user code can learn about the request it runs in, and about the drain.
+
+``current_request()`` is set by the executor around each executor request (for
+``async def`` and ``def`` functions alike) and returns None outside one.
+``job_id`` is stable across retries of the same step, so it is the key for
+side-effect idempotency (the LLM toolkit's result cache uses it).
+
+``draining()`` returns the process-wide drain signal: user code may poll
+``is_set()`` or ``await wait()`` from any thread or event loop to checkpoint or
+stop a long loop early once SIGTERM arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RequestIdentity:
+    """The executor request being served (see GatewayExecutorRequestData)."""
+
+    request_id: str
+    run_id: str
+    job_id: str
+    app_name: str
+    function_slug: str
+    step_id: str | None
+    attempt: int
+
+
+_current: ContextVar[RequestIdentity | None] = ContextVar("connect_worker_request", default=None)
+
+
+def current_request() -> RequestIdentity | None:
+    """The request this code runs for, or None outside connect_worker's executor."""
+    return _current.get()
+
+
+class DrainSignal:
+    """A thread-safe, loop-agnostic flag that flips once when the worker starts draining."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        """Reset (tests only; a real worker drains once)."""
+        self._event.clear()
+
+    async def wait(self) -> None:
+        """Wait on any event loop without blocking it (polls a threading.Event)."""
+        while not self._event.is_set():
+            await asyncio.sleep(0.05)
+
+    def wait_sync(self, timeout: float | None = None) -> bool:
+        """Block the calling thread until draining or ``timeout``; for ``def`` functions."""
+        return self._event.wait(timeout)
+
+
+_drain = DrainSignal()
+
+
+def draining() -> DrainSignal:
+    """The process-wide drain signal."""
+    return _drain

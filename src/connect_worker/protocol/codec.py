@@ -1,0 +1,209 @@
+"""Bytes <-> events for the worker side of Connect; the only user of the protobuf classes
+in the worker.
+
+``decode`` raises :class:`RemoteProtocolError` for anything it cannot decode; callers
+log it and drop that one frame. Encoders echo the identifying fields of the executor
+request the way the gateway expects (§3.2 of the spec).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from ..errors import RemoteProtocolError
+from . import pb
+from .durations import parse_go_duration
+from .events import (
+    ConnectionReady,
+    ExecutorRequest,
+    GatewayClosing,
+    GatewayEvent,
+    GatewayHeartbeat,
+    Hello,
+    LeaseExtended,
+    ReplyAck,
+    SyncFailed,
+    UnknownMessage,
+)
+
+Kind = pb.GatewayMessageType
+
+# Defaults the gateway uses when a field is empty (consts.go); "0s" for status = off.
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+DEFAULT_EXTEND_LEASE_INTERVAL = 30.0
+
+
+def _parse(message_type: Any, payload: bytes, what: str) -> Any:
+    message = message_type()
+    try:
+        message.ParseFromString(payload)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise RemoteProtocolError(f"undecodable {what} payload ({len(payload)} bytes)") from exc
+    return message
+
+
+def _interval(text: str, default: float, name: str) -> float:
+    if not text:
+        return default
+    try:
+        seconds = parse_go_duration(text)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"GATEWAY_CONNECTION_READY.{name}: {exc}") from exc
+    if seconds < 0:
+        raise RemoteProtocolError(f"GATEWAY_CONNECTION_READY.{name} is negative: {text!r}")
+    return seconds
+
+
+def decode(frame: bytes) -> GatewayEvent:
+    """Decode one binary WebSocket frame from the gateway."""
+    envelope = _parse(pb.ConnectMessage, frame, "ConnectMessage")
+    kind = int(envelope.kind)
+    payload = bytes(envelope.payload)
+    if kind == Kind.GATEWAY_HELLO:
+        return Hello()
+    if kind == Kind.GATEWAY_HEARTBEAT:
+        return GatewayHeartbeat()
+    if kind == Kind.GATEWAY_CLOSING:
+        return GatewayClosing()
+    if kind == Kind.GATEWAY_CONNECTION_READY:
+        data = _parse(pb.GatewayConnectionReadyData, payload, "GATEWAY_CONNECTION_READY")
+        heartbeat = _interval(data.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL, "heartbeat")
+        if heartbeat == 0:
+            heartbeat = DEFAULT_HEARTBEAT_INTERVAL
+        extend = _interval(
+            data.extend_lease_interval, DEFAULT_EXTEND_LEASE_INTERVAL, "extend_lease_interval"
+        )
+        if extend == 0:
+            extend = DEFAULT_EXTEND_LEASE_INTERVAL
+        status = _interval(data.status_interval, 0.0, "status_interval")
+        return ConnectionReady(heartbeat, extend, status)
+    if kind == Kind.SYNC_FAILED:
+        error = _parse(pb.SystemError, payload, "SYNC_FAILED")
+        return SyncFailed(code=error.code, message=error.message)
+    if kind == Kind.GATEWAY_EXECUTOR_REQUEST:
+        req = _parse(pb.GatewayExecutorRequestData, payload, "GATEWAY_EXECUTOR_REQUEST")
+        if not req.request_id:
+            raise RemoteProtocolError("GATEWAY_EXECUTOR_REQUEST without request_id")
+        return ExecutorRequest(
+            request_id=req.request_id,
+            account_id=req.account_id,
+            env_id=req.env_id,
+            app_id=req.app_id,
+            app_name=req.app_name,
+            function_id=req.function_id,
+            function_slug=req.function_slug,
+            step_id=req.step_id if req.HasField("step_id") else None,
+            request_payload=bytes(req.request_payload),
+            system_trace_ctx=bytes(req.system_trace_ctx),
+            user_trace_ctx=bytes(req.user_trace_ctx),
+            run_id=req.run_id,
+            lease_id=req.lease_id,
+            job_id=req.job_id,
+        )
+    if kind == Kind.WORKER_REQUEST_EXTEND_LEASE_ACK:
+        ack = _parse(pb.WorkerRequestExtendLeaseAckData, payload, "EXTEND_LEASE_ACK")
+        new_lease = ack.new_lease_id if ack.HasField("new_lease_id") else None
+        return LeaseExtended(request_id=ack.request_id, new_lease_id=new_lease or None)
+    if kind == Kind.WORKER_REPLY_ACK:
+        reply_ack = _parse(pb.WorkerReplyAckData, payload, "WORKER_REPLY_ACK")
+        return ReplyAck(request_id=reply_ack.request_id)
+    return UnknownMessage(kind=kind)
+
+
+def _envelope(kind: Any, payload: bytes = b"") -> bytes:
+    return bytes(pb.ConnectMessage(kind=kind, payload=payload).SerializeToString())
+
+
+def encode_worker_connect(request: Any) -> bytes:
+    """Wrap a filled ``pb.WorkerConnectRequestData``."""
+    return _envelope(Kind.WORKER_CONNECT, request.SerializeToString())
+
+
+def encode_ready() -> bytes:
+    return _envelope(Kind.WORKER_READY)
+
+
+def encode_pause() -> bytes:
+    return _envelope(Kind.WORKER_PAUSE)
+
+
+def encode_heartbeat() -> bytes:
+    return _envelope(Kind.WORKER_HEARTBEAT)
+
+
+def encode_request_ack(req: ExecutorRequest) -> bytes:
+    ack = pb.WorkerRequestAckData(
+        request_id=req.request_id,
+        account_id=req.account_id,
+        env_id=req.env_id,
+        app_id=req.app_id,
+        function_slug=req.function_slug,
+        system_trace_ctx=req.system_trace_ctx,
+        user_trace_ctx=req.user_trace_ctx,
+        run_id=req.run_id,
+    )
+    if req.step_id is not None:
+        ack.step_id = req.step_id
+    return _envelope(Kind.WORKER_REQUEST_ACK, ack.SerializeToString())
+
+
+def encode_extend_lease(req: ExecutorRequest, lease_id: str) -> bytes:
+    data = pb.WorkerRequestExtendLeaseData(
+        request_id=req.request_id,
+        account_id=req.account_id,
+        env_id=req.env_id,
+        app_id=req.app_id,
+        function_slug=req.function_slug,
+        system_trace_ctx=req.system_trace_ctx,
+        user_trace_ctx=req.user_trace_ctx,
+        run_id=req.run_id,
+        lease_id=lease_id,
+    )
+    if req.step_id is not None:
+        data.step_id = req.step_id
+    return _envelope(Kind.WORKER_REQUEST_EXTEND_LEASE, data.SerializeToString())
+
+
+def encode_reply(sdk_response: bytes) -> bytes:
+    """Wrap a serialized ``SDKResponse`` (the same bytes the HTTP flush sends)."""
+    return _envelope(Kind.WORKER_REPLY, sdk_response)
+
+
+def encode_status(in_flight_request_ids: list[str], shutdown_requested: bool) -> bytes:
+    data = pb.WorkerStatusData(
+        in_flight_request_ids=in_flight_request_ids, shutdown_requested=shutdown_requested
+    )
+    return _envelope(Kind.WORKER_STATUS, data.SerializeToString())
+
+
+def build_sdk_response(
+    req: ExecutorRequest,
+    *,
+    status: Any,
+    body: bytes,
+    no_retry: bool,
+    retry_after: str | None,
+    sdk_version: str,
+    request_version: int,
+) -> bytes:
+    """Serialize the reply for ``req``; the flush endpoint takes exactly these bytes."""
+    response = pb.SDKResponse(
+        request_id=req.request_id,
+        account_id=req.account_id,
+        env_id=req.env_id,
+        app_id=req.app_id,
+        status=status,
+        body=body,
+        no_retry=no_retry,
+        sdk_version=sdk_version,
+        request_version=request_version,
+        # The flush endpoint rejects a reply whose system_trace_ctx is not a JSON object.
+        system_trace_ctx=req.system_trace_ctx or b"{}",
+        user_trace_ctx=req.user_trace_ctx or b"{}",
+        run_id=req.run_id,
+    )
+    if retry_after is not None:
+        response.retry_after = retry_after
+    return bytes(response.SerializeToString())
