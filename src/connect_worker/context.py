@@ -13,6 +13,7 @@ stop a long loop early once SIGTERM arrived.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -44,21 +45,33 @@ class DrainSignal:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     def is_set(self) -> bool:
         return self._event.is_set()
 
     def set(self) -> None:
-        self._event.set()
+        with self._lock:
+            self._event.set()
+            waiters, self._waiters = self._waiters, []
+        for loop, event in waiters:
+            # Each waiter lives on its own loop (user code may run on several).
+            with contextlib.suppress(RuntimeError):  # that loop is already closed
+                loop.call_soon_threadsafe(event.set)
 
     def clear(self) -> None:
         """Reset (tests only; a real worker drains once)."""
         self._event.clear()
 
     async def wait(self) -> None:
-        """Wait on any event loop without blocking it (polls a threading.Event)."""
-        while not self._event.is_set():
-            await asyncio.sleep(0.05)
+        """Wait on whichever event loop calls this, without blocking it."""
+        event = asyncio.Event()
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._waiters.append((asyncio.get_running_loop(), event))
+        await event.wait()
 
     def wait_sync(self, timeout: float | None = None) -> bool:
         """Block the calling thread until draining or ``timeout``; for ``def`` functions."""
