@@ -1,0 +1,198 @@
+"""``connect-worker``: run | dev | check. Logging is configured here and nowhere else.
+
+Every setting of ``config.SETTINGS`` is both an environment variable and a flag of
+``run`` and ``check``; ``--help`` lists them all with their variables. An invalid
+value stops the process before it connects, with one line naming the variable and
+what it accepts, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import anyio
+
+from . import __version__
+from .config import SETTINGS, Config
+from .errors import ConfigError, TargetError
+
+if TYPE_CHECKING:
+    from .executor import App
+    from .worker import Worker
+
+log = logging.getLogger("connect_worker")
+
+EXIT_USAGE = 2
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "settings", "each flag overrides the environment variable shown"
+    )
+    for setting in SETTINGS:
+        group.add_argument(
+            setting.flag,
+            dest=f"setting_{setting.field}",
+            metavar="VALUE",
+            help=f"[{setting.env}] {setting.help}",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="connect-worker",
+        description="Host Inngest functions over Inngest Connect, and drain safely on deploys.",
+    )
+    parser.add_argument("--version", action="version", version=f"connect-worker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="serve the functions of TARGET until SIGTERM/SIGINT",
+        description="Serve TARGET's functions. SIGTERM/SIGINT drains: stop taking steps, "
+        "finish in-flight ones, wait for the gateway's ACK, exit. A second signal stops "
+        "at once. Exit codes: 0 drained cleanly, 2 bad configuration or fatal error, "
+        "3 steps abandoned at the drain deadline.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("target", metavar="TARGET",
+                     help="module, module:attr or path/to/file.py[:attr] exposing `client` and "
+                     "`functions` (or a list of (client, functions) pairs)")
+    _add_settings(run)
+
+    check = commands.add_parser(
+        "check", help="validate configuration and TARGET; warn about costly Railway settings"
+    )
+    check.add_argument("target", metavar="TARGET", nargs="?", help="as for `run` (optional)")
+    _add_settings(check)
+
+    dev = commands.add_parser("dev", help="run the local Connect gateway (for development)")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8288, help="API port (start, flush, events)")
+    dev.add_argument("--gateway-port", type=int, default=8289, help="WebSocket gateway port")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for setting in SETTINGS:
+        value = getattr(args, f"setting_{setting.field}", None)
+        if value is not None:
+            values[setting.field] = value
+    return values
+
+
+def _configure_logging(config: Config | None) -> None:
+    from .logs import configure_logging, register_secret
+
+    if config is None:
+        configure_logging("auto", "info", {})
+        return
+    for secret in (config.signing_key, config.signing_key_fallback):
+        register_secret(secret)
+    configure_logging(
+        config.log_format,
+        config.log_level,
+        {
+            "deployment_id": config.deployment_id,
+            "replica_id": config.replica_id,
+            "instance_id": config.instance_id,
+        },
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "dev":
+        _configure_logging(None)
+        return _dev(args)
+    if args.command == "check":
+        from .check import run_check
+
+        env = dict(os.environ)
+        for setting in SETTINGS:
+            value = getattr(args, f"setting_{setting.field}", None)
+            if value is not None:
+                env[setting.env] = value
+        return run_check(env, args.target, out=sys.stdout)
+    try:
+        config = Config.from_env(os.environ, _overrides(args))
+    except ConfigError as exc:
+        print(f"connect-worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _configure_logging(config)
+    from .target import load_target
+
+    try:
+        apps = load_target(args.target)
+    except TargetError as exc:
+        print(f"connect-worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return anyio.run(serve, config, apps)
+
+
+async def serve(config: Config, apps: Sequence[App]) -> int:
+    """Run one worker with its health listener and signal handling; returns the exit code."""
+    from prometheus_client import REGISTRY
+
+    from .health import HealthServer
+    from .metrics import WorkerMetrics
+    from .worker import Worker
+
+    metrics = WorkerMetrics(REGISTRY)
+    worker = Worker(config, apps, metrics=metrics)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch_signals, worker)
+        if config.http_port is None:
+            code = await worker.run()
+        else:
+            async with HealthServer(
+                config.http_port, REGISTRY, lambda: worker.ready, metrics=metrics
+            ) as health:
+                log.info("health listener on port %d", health.port,
+                         extra={"event": "health.listening", "fields": {"port": health.port}})
+                code = await worker.run()
+        tg.cancel_scope.cancel()
+    return code
+
+
+async def _watch_signals(worker: Worker) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            name = signal.Signals(signum).name
+            if count == 1:
+                log.info("drain.requested", extra={"event": "drain.requested",
+                                                   "fields": {"signal": name}})
+                worker.request_shutdown()
+            else:
+                log.warning("drain.aborted", extra={"event": "drain.aborted",
+                                                    "fields": {"signal": name}})
+                worker.abort()
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from .devserver import DevServerConfig
+    from .devserver import serve as serve_devserver
+
+    try:
+        anyio.run(
+            lambda: serve_devserver(
+                DevServerConfig(), host=args.host, api_port=args.port,
+                gateway_port=args.gateway_port,
+            )
+        )
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

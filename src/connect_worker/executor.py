@@ -1,0 +1,211 @@
+"""Runs executor requests through the inngest SDK. The only module that imports inngest.
+
+An SDK upgrade that changes the private execution entry point (``comm_lib.CommHandler``)
+breaks this file and its contract test, not the daemon. Each request runs on the
+user loop (see ``userloop.py``) with ``connect_worker.context.current_request()`` set;
+``def`` functions run in a thread pool that carries that context along.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextvars
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import inngest
+import pydantic_core
+from inngest._internal import comm_lib, const, server_lib
+
+from .context import RequestIdentity, _current
+from .errors import ExecutionError
+from .protocol import ExecutorRequest, pb
+from .userloop import UserLoop
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+App = tuple[inngest.Inngest, Sequence[inngest.Function[Any]]]
+
+STATUS_DONE = pb.SDKResponseStatus.DONE
+STATUS_NOT_COMPLETED = pb.SDKResponseStatus.NOT_COMPLETED
+STATUS_ERROR = pb.SDKResponseStatus.ERROR
+SDK_LANGUAGE = const.LANGUAGE
+SDK_VERSION = const.VERSION
+SDK_VERSION_HEADER = f"inngest-py:v{const.VERSION}"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the SDK answered, ready to become an SDKResponse."""
+
+    status: Any  # pb.SDKResponseStatus value
+    body: bytes
+    no_retry: bool = False
+    retry_after: str | None = None
+    sdk_version: str = SDK_VERSION_HEADER
+    request_version: int = 0
+
+    @property
+    def label(self) -> str:
+        """Low-cardinality outcome for metrics and logs."""
+        if self.status == STATUS_DONE:
+            return "done"
+        if self.status == STATUS_NOT_COMPLETED:
+            return "step"
+        return "error"
+
+
+@dataclass(frozen=True, slots=True)
+class AppSpec:
+    """One app as announced in WORKER_CONNECT."""
+
+    app_name: str
+    app_version: str | None
+    functions_json: bytes
+    function_slugs: frozenset[str]
+
+
+class _ContextThreadPool(concurrent.futures.ThreadPoolExecutor):
+    """A thread pool that runs each job in the submitter's contextvars context."""
+
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
+        context = contextvars.copy_context()
+        return super().submit(context.run, fn, *args, **kwargs)
+
+
+def error_outcome(name: str, message: str, *, no_retry: bool = False) -> Outcome:
+    body = json.dumps({"name": name, "message": message, "stack": ""}).encode()
+    return Outcome(status=STATUS_ERROR, body=body, no_retry=no_retry)
+
+
+class Executor:
+    """Maps executor requests to the right app's SDK handler and runs them."""
+
+    def __init__(self, apps: Sequence[App], *, app_version: str | None = None) -> None:
+        if not apps:
+            raise ExecutionError("no apps to serve")
+        self._handlers: dict[str, comm_lib.CommHandler] = {}
+        self.apps: list[AppSpec] = []
+        for client, functions in apps:
+            configs = comm_lib.get_function_configs(
+                "wss://connect", {fn.id: fn for fn in functions}
+            )
+            if isinstance(configs, Exception):
+                raise ExecutionError(f"app {client.app_id!r}: {configs}") from configs
+            handler = comm_lib.CommHandler(
+                client=client,
+                enable_unauthed_sync=None,
+                framework=server_lib.Framework.CONNECT,
+                functions=list(functions),
+                streaming=const.Streaming.DISABLE,
+            )
+            pool = getattr(handler, "_thread_pool", None)
+            if isinstance(pool, concurrent.futures.ThreadPoolExecutor):
+                # The SDK runs `def` functions here; ours keeps current_request() visible.
+                handler._thread_pool = _ContextThreadPool(
+                    max_workers=pool._max_workers, thread_name_prefix="connect-worker-fn"
+                )
+                pool.shutdown(wait=False)
+            self._handlers[client.app_id] = handler
+            self.apps.append(
+                AppSpec(
+                    app_name=client.app_id,
+                    app_version=app_version or client.app_version,
+                    # Serialised exactly as the official client does (aliases, no nulls).
+                    functions_json=pydantic_core.to_json(configs, exclude_none=True),
+                    function_slugs=frozenset(c.id for c in configs),
+                )
+            )
+        self._slugs = {app.app_name: app.function_slugs for app in self.apps}
+        self.user_loop = UserLoop()
+
+    def start(self) -> None:
+        self.user_loop.start()
+
+    def stop(self) -> None:
+        self.user_loop.stop()
+
+    def check_served(self, request: ExecutorRequest) -> Outcome | None:
+        """An error outcome when this worker does not serve the request's app or function."""
+        slugs = self._slugs.get(request.app_name)
+        if slugs is None:
+            return error_outcome(
+                "AppNotFound",
+                f"this worker does not serve app {request.app_name!r} "
+                f"(it serves {sorted(self._slugs)})",
+            )
+        if request.function_slug not in slugs:
+            return error_outcome(
+                "FunctionNotFound",
+                f"app {request.app_name!r} on this worker has no function "
+                f"{request.function_slug!r}",
+            )
+        return None
+
+    async def execute(self, request: ExecutorRequest) -> Outcome:
+        """Run ``request`` on the user loop; cancelling this cancels the user task."""
+        return await self.user_loop.run(self._call(request))
+
+    async def _call(self, request: ExecutorRequest) -> Outcome:
+        handler = self._handlers[request.app_name]
+        identity = RequestIdentity(
+            request_id=request.request_id,
+            run_id=request.run_id,
+            job_id=request.job_id,
+            app_name=request.app_name,
+            function_slug=request.function_slug,
+            step_id=request.step_id,
+            attempt=_attempt(request.request_payload),
+        )
+        headers = {server_lib.HeaderKey.REQUEST_ID.value: request.request_id}
+        if request.job_id:
+            headers[server_lib.HeaderKey.JOB_ID.value] = request.job_id
+        token = _current.set(identity)
+        try:
+            response = await handler.post(
+                comm_lib.CommRequest(
+                    body=request.request_payload,
+                    headers=headers,
+                    is_connect=True,
+                    public_path=None,
+                    query_params={
+                        server_lib.QueryParamKey.FUNCTION_ID.value: request.function_slug,
+                        server_lib.QueryParamKey.STEP_ID.value: request.step_id or "step",
+                    },
+                    raw_request=request,
+                    request_url="",
+                    serve_origin=None,
+                    serve_path=None,
+                )
+            )
+        finally:
+            _current.reset(token)
+        body = response.body_bytes()
+        if isinstance(body, Exception):
+            log.error("the SDK produced an unserialisable response: %s", body)
+            return error_outcome("SerializationError", "the step result could not be serialised")
+        status = {200: STATUS_DONE, 206: STATUS_NOT_COMPLETED}.get(
+            response.status_code, STATUS_ERROR
+        )
+        return Outcome(
+            status=status,
+            body=body,
+            no_retry=response.no_retry,
+            retry_after=response.retry_after,
+            sdk_version=response.sdk_version or SDK_VERSION_HEADER,
+            request_version=response.request_version or 0,
+        )
+
+
+def _attempt(payload: bytes) -> int:
+    try:
+        value = json.loads(payload)["ctx"]["attempt"]
+    except (ValueError, KeyError, TypeError):
+        return 0
+    return value if isinstance(value, int) else 0

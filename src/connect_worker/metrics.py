@@ -1,0 +1,162 @@
+"""Prometheus metrics for the worker, on an injected registry.
+
+Naming follows Prometheus conventions: every name starts with ``connect_worker_``,
+values are in base units (seconds), counters end in ``_total``. Labels are
+bounded: function slugs, outcomes and reasons only, never run, request or job
+ids. docs/observability.md describes each metric; the LLM toolkit registers its
+own metrics on the same registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "connect_worker_"
+
+CONNECTION_STATES: tuple[str, ...] = ("connecting", "connected", "ready", "paused", "disconnected")
+
+# Round trips to the gateway: milliseconds on a healthy network, seconds when not.
+HEARTBEAT_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+# Steps range from sub-second tool calls to half-hour LLM generations.
+STEP_BUCKETS: tuple[float, ...] = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0,
+    1200.0, 1800.0,
+)
+
+
+class WorkerMetrics:
+    """Every metric the worker exports; one instance per registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.build_info = Gauge(
+            "connect_worker_build_info",
+            "Always 1; labels carry the worker version, the app version and Railway's "
+            "deployment id.",
+            ["version", "app_version", "deployment_id"],
+            registry=r,
+        )
+        self.connection_state = Gauge(
+            "connect_worker_connection_state",
+            "1 for the current state of the gateway connection, 0 for the others.",
+            ["state"],
+            registry=r,
+        )
+        self.reconnects_total = Counter(
+            "connect_worker_reconnects_total",
+            "Gateway reconnects, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.heartbeat_rtt_seconds = Histogram(
+            "connect_worker_heartbeat_rtt_seconds",
+            "Round trip of worker heartbeats to the gateway.",
+            buckets=HEARTBEAT_BUCKETS,
+            registry=r,
+        )
+        self.steps_in_flight = Gauge(
+            "connect_worker_steps_in_flight",
+            "Executor requests currently running.",
+            registry=r,
+        )
+        self.steps_total = Counter(
+            "connect_worker_steps_total",
+            "Executor requests finished, by function and outcome.",
+            ["function", "outcome"],
+            registry=r,
+        )
+        self.step_duration_seconds = Histogram(
+            "connect_worker_step_duration_seconds",
+            "Wall time of executor requests, by function.",
+            ["function"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.requests_acked_total = Counter(
+            "connect_worker_requests_acked_total",
+            "Executor requests accepted and acknowledged to the gateway.",
+            registry=r,
+        )
+        self.requests_rejected_total = Counter(
+            "connect_worker_requests_rejected_total",
+            "Executor requests not taken (e.g. draining, at capacity, unknown app), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.replies_sent_total = Counter(
+            "connect_worker_replies_sent_total",
+            "Step results sent to the gateway as WORKER_REPLY.",
+            registry=r,
+        )
+        self.reply_acks_total = Counter(
+            "connect_worker_reply_acks_total",
+            "WORKER_REPLY_ACK messages received from the gateway.",
+            registry=r,
+        )
+        self.flushes_total = Counter(
+            "connect_worker_flushes_total",
+            "Replies sent through the HTTP /v0/connect/flush fallback, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.replies_awaiting_ack = Gauge(
+            "connect_worker_replies_awaiting_ack",
+            "Replies sent but not yet acknowledged by the gateway or flushed.",
+            registry=r,
+        )
+        self.lease_extensions_total = Counter(
+            "connect_worker_lease_extensions_total",
+            "Request lease extensions, by outcome (extended or nack).",
+            ["outcome"],
+            registry=r,
+        )
+        self.draining = Gauge(
+            "connect_worker_draining",
+            "1 from SIGTERM until the process exits, else 0.",
+            registry=r,
+        )
+        self.drain_duration_seconds = Gauge(
+            "connect_worker_drain_duration_seconds",
+            "Duration of the last drain (SIGTERM to drained or deadline).",
+            registry=r,
+        )
+        self.steps_abandoned_total = Counter(
+            "connect_worker_steps_abandoned_total",
+            "Steps still running when the drain deadline passed.",
+            registry=r,
+        )
+        self.event_loop_lag_seconds = Gauge(
+            "connect_worker_event_loop_lag_seconds",
+            "How late the event loop ran its last scheduled probe.",
+            registry=r,
+        )
+        self.set_connection_state("disconnected")
+        # Pre-create common label values so dashboards and alert rules see 0, not gaps.
+        for outcome in ("extended", "nack"):
+            self.lease_extensions_total.labels(outcome=outcome)
+
+    def set_build_info(self, version: str, app_version: str, deployment_id: str) -> None:
+        """Publish the one build-info series (replacing any earlier one)."""
+        self.build_info.clear()
+        self.build_info.labels(
+            version=version, app_version=app_version, deployment_id=deployment_id
+        ).set(1)
+
+    def set_connection_state(self, state: str) -> None:
+        """Set ``state`` to 1 and every other known state to 0."""
+        if state not in CONNECTION_STATES:
+            raise ValueError(f"unknown connection state {state!r}")
+        for name in CONNECTION_STATES:
+            self.connection_state.labels(state=name).set(1 if name == state else 0)
+
+
+def metric_names(registry: CollectorRegistry) -> set[str]:
+    """Every sample name the registry exposes (with _bucket/_sum/_count/_total suffixes)."""
+    names: set[str] = set()
+    for family in registry.collect():
+        for sample in family.samples:
+            names.add(sample.name)
+    return names

@@ -1,0 +1,564 @@
+"""The worker: supervisor, in-flight steps, reply delivery, lease extension and drain.
+
+Task tree (one anyio task group, so leaving it *is* the wait)::
+
+    Worker.run
+    ├─ supervisor      start -> WebSocket -> handshake -> READY (or PAUSE when draining);
+    │                  reconnects forever with capped, jittered backoff; AuthError is fatal
+    │   └─ session     reader + heartbeats, one per WebSocket (two briefly on GATEWAY_CLOSING)
+    ├─ lease extender  every extend interval, each unfinished step's newest lease id,
+    │                  over the newest live session
+    ├─ one task per step: ACKed request -> SDK on the user loop -> reply -> delivered
+    └─ drain           on request: stop acking, PAUSE, wait for every step's reply to be
+                       acknowledged (WORKER_REPLY_ACK or flush 200) within the deadline,
+                       close 1000 WORKER_SHUTDOWN
+
+A step's reply is *delivered* only when the gateway acknowledged it or
+``/v0/connect/flush`` accepted it; until then the step stays in ``_steps``, its
+lease keeps being extended, and every new session re-sends it. Sessions come and
+go under the steps: a GATEWAY_CLOSING or a dropped socket never touches user code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from prometheus_client import CollectorRegistry
+
+from . import __version__
+from .config import Config
+from .context import draining
+from .errors import AuthError, ConnectWorkerError, GatewayError, ProtocolError, TransportError
+from .executor import SDK_LANGUAGE, SDK_VERSION, App, Executor, Outcome, error_outcome
+from .gateway_api import GatewayAPI
+from .logs import event
+from .metrics import WorkerMetrics
+from .protocol import (
+    ConnectionReady,
+    ExecutorRequest,
+    GatewayEvent,
+    LeaseExtended,
+    ReplyAck,
+    pb,
+)
+from .protocol.codec import build_sdk_response
+from .protocol.state import State
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 30.0
+# The gateway handles PAUSE and ACKs on different goroutines: an ACK written just
+# before PAUSE can lose that race and the request would be re-routed while we run it
+# (spec §5.2). PAUSE therefore waits until the newest ACK is this old.
+PAUSE_SETTLE = 0.2
+FLUSH_MAX_BACKOFF = 5.0
+
+EXIT_OK = 0
+EXIT_ABANDONED = 3  # the drain deadline passed with steps still running
+EXIT_FATAL = 2  # stopped without being asked (auth refused, a bug)
+
+
+def backoff_delays(minimum: float, maximum: float) -> Iterator[float]:
+    """Capped exponential backoff with equal jitter: never zero, never above ``maximum``."""
+    ceiling = minimum
+    while True:
+        yield random.uniform(ceiling / 2, ceiling)
+        ceiling = min(maximum, ceiling * 2)
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether reconnecting cannot help (the supervisor stops and the process exits)."""
+    return isinstance(exc, AuthError)
+
+
+@dataclass(eq=False)
+class Step:
+    """An ACKed executor request, from ACK until its reply is delivered."""
+
+    request: ExecutorRequest
+    lease_id: str
+    started_at: float
+    scope: anyio.CancelScope | None = None
+    reply: bytes | None = None
+    outcome: str = "running"
+    extending: bool = True
+    lease_lost: bool = False
+    sent_on: Session | None = None
+    delivered: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Worker:
+    """Hosts the given apps over Inngest Connect until asked to stop."""
+
+    def __init__(
+        self,
+        config: Config,
+        apps: Sequence[App],
+        *,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or WorkerMetrics(CollectorRegistry())
+        self._executor = Executor(apps, app_version=config.app_version)
+        self._api: GatewayAPI | None = None
+        self._steps: dict[str, Step] = {}
+        self._current: Session | None = None
+        self._sessions: list[Session] = []
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._stop: anyio.Event | None = None
+        self._changed: anyio.Event | None = None
+        self._drain_scope: anyio.CancelScope | None = None
+        self._stop_requested = False
+        self._abort_requested = False
+        self._draining = False
+        self._last_ack_at = 0.0
+        self._fatal: BaseException | None = None
+        self.drain_started_at: float | None = None
+        self.exit_code: int | None = None
+
+    # ----- public surface -------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Routable right now: a session is ACTIVE and we are not draining."""
+        current = self._current
+        return (
+            not self._draining
+            and current is not None
+            and current.conn.state is State.ACTIVE
+            and not current.closed.is_set()
+        )
+
+    @property
+    def draining_now(self) -> bool:
+        return self._draining
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._steps)
+
+    def request_shutdown(self) -> None:
+        """Start the drain. Idempotent; may be called before ``run`` (it then drains at once).
+
+        Must be called from the worker's event loop thread (signal handlers installed with
+        anyio's signal receiver are).
+        """
+        self._stop_requested = True
+        if self._stop is not None:
+            self._stop.set()
+
+    def abort(self) -> None:
+        """End the drain now (second signal): in-flight steps are reported as abandoned."""
+        self._abort_requested = True
+        self.request_shutdown()
+        if self._drain_scope is not None:
+            self._drain_scope.cancel()
+
+    async def run(self) -> int:
+        """Serve until shut down; returns the process exit code."""
+        self._stop = anyio.Event()
+        self._changed = anyio.Event()
+        if self.config.max_worker_concurrency:
+            self._limiter = anyio.CapacityLimiter(self.config.max_worker_concurrency)
+        if self._stop_requested:
+            self._stop.set()
+        self.metrics.set_build_info(
+            __version__, self.config.app_version or "", self.config.deployment_id or ""
+        )
+        self.metrics.set_connection_state("connecting")
+        self._api = GatewayAPI(self.config)
+        self._executor.start()
+        event(log, "worker.start", instance_id=self.config.instance_id,
+              apps=[a.app_name for a in self._executor.apps],
+              app_version=self.config.app_version, api=self.config.api_base_url,
+              drain_timeout=self.config.drain_timeout)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._supervise)
+                tg.start_soon(self._extend_leases)
+                await self._stop.wait()
+                self.exit_code = await self._drain()
+                tg.cancel_scope.cancel()
+        finally:
+            self.metrics.set_connection_state("disconnected")
+            with anyio.CancelScope(shield=True):
+                await self._api.aclose()
+            self._executor.stop()
+        assert self.exit_code is not None
+        return self.exit_code
+
+    # ----- helpers -------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        """Wake everything waiting in ``_wait_until``."""
+        assert self._changed is not None
+        self._changed.set()
+        self._changed = anyio.Event()
+        self.metrics.steps_in_flight.set(sum(1 for s in self._steps.values() if s.reply is None))
+        self.metrics.replies_awaiting_ack.set(
+            sum(1 for s in self._steps.values() if s.reply is not None)
+        )
+
+    async def _wait_until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            assert self._changed is not None
+            await self._changed.wait()
+
+    def _live_session(self) -> Session | None:
+        """The newest session that can carry extensions and replies."""
+        for session in reversed(self._sessions):
+            if session.conn.live and not session.closed.is_set():
+                return session
+        return None
+
+    def _connect_request(self) -> Any:
+        request = pb.WorkerConnectRequestData(
+            instance_id=self.config.instance_id,
+            capabilities=b'{"connect":"v1","in_band_sync":"v1","trust_probe":"v1"}',
+            worker_manual_readiness_ack=True,
+            framework="connect",
+            sdk_language=SDK_LANGUAGE,
+            sdk_version=SDK_VERSION,
+            system_attributes=pb.SystemAttributes(
+                cpu_cores=os.cpu_count() or 1, os=platform.system().lower()
+            ),
+        )
+        request.started_at.GetCurrentTime()
+        if self.config.env:
+            request.environment = self.config.env
+        if self.config.max_worker_concurrency:
+            request.max_worker_concurrency = self.config.max_worker_concurrency
+        for app in self._executor.apps:
+            config = request.apps.add(app_name=app.app_name, functions=app.functions_json)
+            if app.app_version:
+                config.app_version = app.app_version
+        return request
+
+    # ----- supervisor ----------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        try:
+            await self._supervise_forever()
+        except Exception as exc:
+            # Never alive-but-dead: anything the supervisor cannot handle stops the
+            # worker with a non-zero exit so the platform restarts it.
+            self._fatal = exc
+            event(log, "worker.fatal", level=logging.ERROR, error=str(exc),
+                  error_type=type(exc).__name__)
+            self.abort()
+
+    async def _supervise_forever(self) -> None:
+        assert self._api is not None and self._tg is not None
+        exclude: list[str] = []
+        delays = backoff_delays(self.config.reconnect_min_backoff,
+                                self.config.reconnect_max_backoff)
+        while True:
+            try:
+                start = await self._api.start(exclude)
+                session = await Session.open(
+                    start, self._connect_request(),
+                    handshake_timeout=HANDSHAKE_TIMEOUT, metrics=self.metrics,
+                )
+            except (TransportError, GatewayError, ProtocolError) as exc:
+                if is_fatal(exc):
+                    raise
+                delay = next(delays)
+                event(log, "connection.retry", level=logging.WARNING, error=str(exc),
+                      retry_in=round(delay, 3), draining=self._draining)
+                self.metrics.reconnects_total.labels(reason="start_failed").inc()
+                await anyio.sleep(delay)
+                continue
+            delays = backoff_delays(self.config.reconnect_min_backoff,
+                                    self.config.reconnect_max_backoff)
+            await self._tg.start(session.run, self)
+            await self._activate(session)
+            await _first_of(session.closed, session.gateway_closing)
+            if session.gateway_closing.is_set():
+                # Replace first, retire the old socket once the new one is active.
+                exclude = [session.start.gateway_group] if session.start.gateway_group else []
+                self.metrics.reconnects_total.labels(reason="gateway_closing").inc()
+                event(log, "connection.replace", conn_id=session.id, draining=self._draining)
+            else:
+                exclude = []
+                self._on_session_lost(session)
+                self.metrics.reconnects_total.labels(reason="socket_closed").inc()
+                event(log, "connection.reconnect", level=logging.WARNING, conn_id=session.id,
+                      draining=self._draining)
+
+    async def _activate(self, session: Session) -> None:
+        """Make ``session`` the current one: READY (or PAUSE), then move work onto it."""
+        old = [s for s in self._sessions if s is not session]
+        self._sessions.append(session)
+        if self._draining:
+            sent = await session.send(session.conn.pause())
+            self.metrics.set_connection_state("paused")
+            event(log, "drain.pause_on_reconnect", conn_id=session.id, sent=sent)
+        else:
+            await session.send(session.conn.send_ready())
+            self.metrics.set_connection_state("ready")
+        self._current = session
+        event(log, "connection.ready", conn_id=session.id,
+              gateway_group=session.start.gateway_group,
+              paused=self._draining, heartbeat_interval=session.ready.heartbeat_interval,
+              extend_lease_interval=session.ready.extend_lease_interval)
+        # Replies still waiting for an ACK go out again on the new socket at once.
+        for step in list(self._steps.values()):
+            if step.reply is not None and not step.delivered.is_set():
+                await self._send_reply(step, session)
+        for stale in old:
+            self._sessions.remove(stale)
+            if not stale.closed.is_set():
+                self._tg_start(stale.close, "GATEWAY_DRAINING")
+        self._notify()
+
+    def _tg_start(self, func: Callable[..., Any], *args: Any) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(func, *args)
+
+    def _on_session_lost(self, session: Session) -> None:
+        if session in self._sessions:
+            self._sessions.remove(session)
+        if self._current is session:
+            self._current = None
+            self.metrics.set_connection_state("disconnected")
+        self._notify()
+
+    # ----- gateway events ------------------------------------------------------------
+
+    async def handle_event(self, session: Session, received: GatewayEvent) -> None:
+        if isinstance(received, ExecutorRequest):
+            await self._on_request(session, received)
+        elif isinstance(received, LeaseExtended):
+            self._on_lease_extended(received)
+        elif isinstance(received, ReplyAck):
+            self._on_reply_ack(received)
+        elif isinstance(received, ConnectionReady):
+            pass  # only during the handshake; Session.open consumed it
+        # Heartbeats and GATEWAY_CLOSING are handled by the session and the supervisor.
+
+    async def _on_request(self, session: Session, request: ExecutorRequest) -> None:
+        existing = self._steps.get(request.request_id)
+        if existing is not None:
+            # The same dispatch again (our ACK got lost): confirm it, never run it twice.
+            if session.conn.accepts_work:
+                await session.send(session.conn.ack(request))
+            return
+        if self._draining or not session.conn.accepts_work:
+            # Not acking makes the gateway re-route it at once (it fails un-ACKed
+            # forwards when it processes our PAUSE).
+            self.metrics.requests_rejected_total.labels(reason="paused").inc()
+            event(log, "request.not_acked", level=logging.DEBUG, conn_id=session.id,
+                  request_id=request.request_id, reason="paused")
+            return
+        if not await session.send(session.conn.ack(request)):
+            return  # never acked: the gateway re-routes it
+        self._last_ack_at = time.monotonic()
+        self.metrics.requests_acked_total.inc()
+        step = Step(request=request, lease_id=request.lease_id, started_at=time.monotonic())
+        self._steps[request.request_id] = step
+        self._notify()
+        self._tg_start(self._run_step, step)
+
+    def _on_lease_extended(self, ack: LeaseExtended) -> None:
+        step = self._steps.get(ack.request_id)
+        if step is None:
+            return
+        if ack.new_lease_id:
+            step.lease_id = ack.new_lease_id
+            self.metrics.lease_extensions_total.labels(outcome="extended").inc()
+            return
+        self.metrics.lease_extensions_total.labels(outcome="nack").inc()
+        step.extending = False
+        if step.reply is None and step.scope is not None:
+            # Someone else owns the lease now: stop, and send no reply.
+            step.lease_lost = True
+            step.scope.cancel()
+            event(log, "lease.lost", level=logging.WARNING, request_id=ack.request_id,
+                  function=step.request.function_slug, run_id=step.request.run_id)
+
+    def _on_reply_ack(self, ack: ReplyAck) -> None:
+        step = self._steps.get(ack.request_id)
+        if step is None or step.reply is None:
+            return
+        self.metrics.reply_acks_total.inc()
+        self._delivered(step)
+
+    def _delivered(self, step: Step) -> None:
+        if step.delivered.is_set():
+            return
+        step.delivered.set()
+        self._steps.pop(step.request.request_id, None)
+        self._notify()
+
+    # ----- steps ---------------------------------------------------------------------
+
+    async def _run_step(self, step: Step) -> None:
+        request = step.request
+        outcome: Outcome | None = None
+        with anyio.CancelScope() as scope:
+            step.scope = scope
+            outcome = self._executor.check_served(request)
+            if outcome is None:
+                outcome = await self._execute(request)
+        if scope.cancelled_caught or outcome is None:
+            self._steps.pop(request.request_id, None)
+            self.metrics.steps_total.labels(function=request.function_slug,
+                                            outcome="lease_lost").inc()
+            self._notify()
+            return
+        duration = time.monotonic() - step.started_at
+        self.metrics.steps_total.labels(function=request.function_slug,
+                                        outcome=outcome.label).inc()
+        self.metrics.step_duration_seconds.labels(function=request.function_slug).observe(duration)
+        step.outcome = outcome.label
+        step.reply = build_sdk_response(
+            request,
+            status=outcome.status,
+            body=outcome.body,
+            no_retry=outcome.no_retry,
+            retry_after=outcome.retry_after,
+            sdk_version=outcome.sdk_version,
+            request_version=outcome.request_version,
+        )
+        event(log, "step.finished", level=logging.DEBUG, request_id=request.request_id,
+              function=request.function_slug, outcome=outcome.label,
+              duration=round(duration, 3))
+        self._notify()
+        await self._deliver(step)
+
+    async def _execute(self, request: ExecutorRequest) -> Outcome:
+        try:
+            if self._limiter is None:
+                return await self._executor.execute(request)
+            async with self._limiter:
+                return await self._executor.execute(request)
+        except Exception:
+            log.exception("the SDK failed to run request %s", request.request_id)
+            return error_outcome("ExecutionError", "connect_worker could not run the step")
+
+    async def _send_reply(self, step: Step, session: Session) -> bool:
+        assert step.reply is not None
+        if not session.conn.live:
+            return False
+        if await session.send(session.conn.reply(step.reply)):
+            step.sent_on = session
+            self.metrics.replies_sent_total.inc()
+            return True
+        return False
+
+    async def _deliver(self, step: Step) -> None:
+        """Get the reply acknowledged: socket first, flush when the ACK does not come."""
+        session = self._live_session()
+        if session is not None and await self._send_reply(step, session):
+            with anyio.move_on_after(self.config.reply_ack_timeout):
+                await _first_of(step.delivered, session.closed)
+        if not step.delivered.is_set():
+            await self._flush(step)
+
+    async def _flush(self, step: Step) -> None:
+        """POST the reply to /v0/connect/flush until accepted or acknowledged another way."""
+        assert self._api is not None and step.reply is not None
+        delays = backoff_delays(0.1, FLUSH_MAX_BACKOFF)
+        while not step.delivered.is_set():
+            try:
+                await self._api.flush(step.reply)
+            except ConnectWorkerError as exc:
+                self.metrics.flushes_total.labels(outcome="error").inc()
+                delay = next(delays)
+                event(log, "reply.flush_failed", level=logging.WARNING,
+                      request_id=step.request.request_id, error=str(exc),
+                      retry_in=round(delay, 3))
+                with anyio.move_on_after(delay):
+                    await step.delivered.wait()
+                continue
+            self.metrics.flushes_total.labels(outcome="ok").inc()
+            event(log, "reply.flushed", request_id=step.request.request_id,
+                  function=step.request.function_slug, draining=self._draining)
+            self._delivered(step)
+
+    async def _extend_leases(self) -> None:
+        while True:
+            session = self._live_session()
+            interval = session.ready.extend_lease_interval if session else 1.0
+            await anyio.sleep(interval)
+            session = self._live_session()
+            if session is None:
+                continue  # leases last minutes; the next session extends them
+            for step in list(self._steps.values()):
+                if step.extending and not step.delivered.is_set():
+                    await session.send(session.conn.extend_lease(step.request, step.lease_id))
+
+    # ----- drain ---------------------------------------------------------------------
+
+    async def _drain(self) -> int:
+        self._draining = True
+        draining().set()
+        self.drain_started_at = time.monotonic()
+        self.metrics.draining.set(1)
+        event(log, "drain.start", in_flight=len(self._steps),
+              drain_timeout=self.config.drain_timeout)
+        await self._pause_sessions()
+        with anyio.CancelScope(deadline=anyio.current_time() + self.config.drain_timeout) as scope:
+            self._drain_scope = scope
+            if self._abort_requested:
+                scope.cancel()
+            await self._wait_until(lambda: not self._steps)
+        abandoned = list(self._steps.values())
+        now = time.monotonic()
+        for step in abandoned:
+            request = step.request
+            event(log, "drain.step_abandoned", level=logging.ERROR,
+                  function=request.function_slug, run_id=request.run_id,
+                  step_id=request.step_id or "step", job_id=request.job_id,
+                  request_id=request.request_id, state=step.outcome,
+                  running_for=round(now - step.started_at, 3))
+        self.metrics.steps_abandoned_total.inc(len(abandoned))
+        for session in list(self._sessions):
+            await session.close("WORKER_SHUTDOWN")
+        duration = time.monotonic() - self.drain_started_at
+        self.metrics.drain_duration_seconds.set(duration)
+        self.metrics.draining.set(0)
+        if self._fatal is not None:
+            code = EXIT_FATAL
+        elif abandoned:
+            code = EXIT_ABANDONED
+        else:
+            code = EXIT_OK
+        event(log, "drain.end", duration=round(duration, 3), abandoned=len(abandoned),
+              exit_code=code)
+        return code
+
+    async def _pause_sessions(self) -> None:
+        """Stop being routable: every handshaken session gets WORKER_PAUSE."""
+        settle = self._last_ack_at + PAUSE_SETTLE - time.monotonic()
+        if settle > 0 and self._fatal is None:
+            await anyio.sleep(settle)
+        for session in list(self._sessions):
+            if session.conn.state in (State.CONNECTED, State.ACTIVE):
+                sent = await session.send(session.conn.pause())
+                event(log, "drain.pause", conn_id=session.id, sent=sent)
+        self.metrics.set_connection_state("paused")
+
+
+async def _first_of(*events: anyio.Event) -> None:
+    """Return as soon as any of ``events`` is set."""
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            for ev in events:
+                tg.start_soon(_set_then_cancel, ev, scope)
+
+
+async def _set_then_cancel(ev: anyio.Event, scope: anyio.CancelScope) -> None:
+    await ev.wait()
+    scope.cancel()

@@ -1,0 +1,119 @@
+"""WorkerMetrics exposes the names, labels and units the engine, alerts and dashboard rely on."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from connect_worker.metrics import CONNECTION_STATES, WorkerMetrics
+
+# name -> (type, labels) — the contract with the engine, alerts and the dashboard.
+EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "connect_worker_build_info": ("gauge", ("version", "app_version", "deployment_id")),
+    "connect_worker_connection_state": ("gauge", ("state",)),
+    "connect_worker_reconnects": ("counter", ("reason",)),
+    "connect_worker_heartbeat_rtt_seconds": ("histogram", ()),
+    "connect_worker_steps_in_flight": ("gauge", ()),
+    "connect_worker_steps": ("counter", ("function", "outcome")),
+    "connect_worker_step_duration_seconds": ("histogram", ("function",)),
+    "connect_worker_requests_acked": ("counter", ()),
+    "connect_worker_requests_rejected": ("counter", ("reason",)),
+    "connect_worker_replies_sent": ("counter", ()),
+    "connect_worker_reply_acks": ("counter", ()),
+    "connect_worker_flushes": ("counter", ("outcome",)),
+    "connect_worker_replies_awaiting_ack": ("gauge", ()),
+    "connect_worker_lease_extensions": ("counter", ("outcome",)),
+    "connect_worker_draining": ("gauge", ()),
+    "connect_worker_drain_duration_seconds": ("gauge", ()),
+    "connect_worker_steps_abandoned": ("counter", ()),
+    "connect_worker_event_loop_lag_seconds": ("gauge", ()),
+}
+FORBIDDEN_LABELS = {"run_id", "request_id", "job_id", "step_id", "lease_id", "connection_id"}
+
+
+@pytest.fixture
+def metrics() -> WorkerMetrics:
+    return WorkerMetrics(CollectorRegistry())
+
+
+def _exercise(m: WorkerMetrics) -> None:
+    m.set_build_info("0.1.0", "abc123", "dep-1")
+    m.set_connection_state("ready")
+    m.reconnects_total.labels(reason="gateway_closing").inc()
+    m.heartbeat_rtt_seconds.observe(0.02)
+    m.steps_in_flight.inc()
+    m.steps_total.labels(function="app-report", outcome="ok").inc()
+    m.step_duration_seconds.labels(function="app-report").observe(42)
+    m.requests_acked_total.inc()
+    m.requests_rejected_total.labels(reason="draining").inc()
+    m.replies_sent_total.inc()
+    m.reply_acks_total.inc()
+    m.flushes_total.labels(outcome="ok").inc()
+    m.replies_awaiting_ack.set(1)
+    m.lease_extensions_total.labels(outcome="extended").inc()
+    m.draining.set(1)
+    m.drain_duration_seconds.set(3.5)
+    m.steps_abandoned_total.inc()
+    m.event_loop_lag_seconds.set(0.001)
+
+
+def test_every_metric_has_its_name_type_and_labels(metrics: WorkerMetrics) -> None:
+    _exercise(metrics)
+    families = {f.name: f for f in metrics.registry.collect()}
+    assert set(families) == set(EXPECTED)
+    for name, (kind, labels) in EXPECTED.items():
+        family = families[name]
+        assert family.type == kind, name
+        sample_labels = {
+            key for s in family.samples for key in s.labels if key != "le"
+        }
+        assert sample_labels == set(labels), name
+
+
+def test_naming_follows_prometheus_conventions(metrics: WorkerMetrics) -> None:
+    _exercise(metrics)
+    text = generate_latest(metrics.registry).decode()
+    for family in metrics.registry.collect():
+        assert family.name.startswith("connect_worker_")
+        if family.type == "counter":
+            assert f"{family.name}_total" in text
+        assert "_ms" not in family.name and "milliseconds" not in family.name
+        for sample in family.samples:
+            assert not FORBIDDEN_LABELS & set(sample.labels), sample
+
+
+def test_connection_state_is_one_hot(metrics: WorkerMetrics) -> None:
+    for state in CONNECTION_STATES:
+        metrics.set_connection_state(state)
+        values = {
+            s.labels["state"]: s.value
+            for f in metrics.registry.collect() if f.name == "connect_worker_connection_state"
+            for s in f.samples
+        }
+        assert values == {s: (1.0 if s == state else 0.0) for s in CONNECTION_STATES}
+    with pytest.raises(ValueError):
+        metrics.set_connection_state("bogus")
+
+
+def test_starts_disconnected_and_build_info_is_replaced(metrics: WorkerMetrics) -> None:
+    assert metrics.registry.get_sample_value(
+        "connect_worker_connection_state", {"state": "disconnected"}) == 1.0
+    metrics.set_build_info("0.1.0", "a", "d1")
+    metrics.set_build_info("0.1.0", "b", "d2")
+    samples = [s for f in metrics.registry.collect() if f.name == "connect_worker_build_info"
+               for s in f.samples]
+    assert [s.labels["deployment_id"] for s in samples] == ["d2"]
+
+
+def test_step_duration_buckets_reach_thirty_minutes(metrics: WorkerMetrics) -> None:
+    metrics.step_duration_seconds.labels(function="f").observe(1700)
+    bucket = metrics.registry.get_sample_value(
+        "connect_worker_step_duration_seconds_bucket", {"function": "f", "le": "1800.0"})
+    below = metrics.registry.get_sample_value(
+        "connect_worker_step_duration_seconds_bucket", {"function": "f", "le": "1200.0"})
+    assert (bucket, below) == (1.0, 0.0)
+
+
+def test_two_registries_do_not_collide() -> None:
+    WorkerMetrics(CollectorRegistry())
+    WorkerMetrics(CollectorRegistry())
