@@ -1,5 +1,41 @@
-"""connect_worker: host Inngest functions over Inngest Connect, and drain safely on deploys."""
+"""connect_worker: host Inngest functions over Inngest Connect, and drain safely on deploys.
+
+The public API is small: ``Worker`` and ``Config`` to embed the daemon,
+``current_request()`` and ``draining()`` for function authors.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+from .context import DrainSignal, RequestIdentity, current_request, draining
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .worker import Worker
+
+__all__ = [
+    "Config",
+    "DrainSignal",
+    "RequestIdentity",
+    "Worker",
+    "__version__",
+    "current_request",
+    "draining",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported lazily so `import connect_worker` in user code stays cheap and never
+    # pulls the engine (websockets, anyio) into a process that only wants draining().
+    if name == "Worker":
+        from .worker import Worker
+
+        return Worker
+    if name == "Config":
+        from .config import Config
+
+        return Config
+    raise AttributeError(name)

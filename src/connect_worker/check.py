@@ -149,7 +149,8 @@ def _check_railway(environ: Mapping[str, str], config: Config | None, findings: 
     limit = _number(environ, "CONNECT_WORKER_CONNECTION_LIMIT", findings, integer=True)
     drain_budget = config.drain_timeout if config is not None else None
 
-    if draining is None:
+    draining_set = bool(environ.get("RAILWAY_DEPLOYMENT_DRAINING_SECONDS", "").strip())
+    if draining is None and not draining_set:
         if on_railway or expected is not None:
             findings.warn(
                 "draining-unset",
@@ -157,7 +158,7 @@ def _check_railway(environ: Mapping[str, str], config: Config | None, findings: 
                 "right after SIGTERM and every running step is lost. Set it to the longest "
                 f"step plus {RAILWAY_DRAIN_SAFETY_MARGIN:g} s.",
             )
-    else:
+    elif draining is not None:
         if expected is not None and draining < expected + RAILWAY_DRAIN_SAFETY_MARGIN:
             findings.warn(
                 "draining-too-short",

@@ -28,13 +28,17 @@ import socket
 import time
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from .httpserver import HTTPServer, Request, Response
 from .logs import event
 from .metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+
+# generate_latest() writes the classic text format; every Prometheus version parses 0.0.4
+# (prometheus_client's CONTENT_TYPE_LATEST moved to 1.0.0, which older servers reject).
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -175,7 +179,7 @@ class HealthServer:
     async def _handle_metrics(self, request: Request) -> Response:
         if self._metrics is not None:
             self._metrics.event_loop_lag_seconds.set(self.loop_lag())
-        return Response(200, generate_latest(self._registry), content_type=CONTENT_TYPE_LATEST)
+        return Response(200, generate_latest(self._registry), content_type=METRICS_CONTENT_TYPE)
 
     async def _handle_healthz(self, request: Request) -> Response:
         lag = self.loop_lag()

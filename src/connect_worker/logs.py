@@ -16,6 +16,7 @@ logger produced the line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -53,11 +54,29 @@ def event(logger: logging.Logger, name: str, *, level: int = logging.INFO, **fie
         logger.log(level, name, extra={"event": name, "fields": fields})
 
 
+def _signing_key_forms(key: str) -> list[str]:
+    """The key, its bare body and the SHA-256 form sent as a bearer token (see gateway_api)."""
+    match = re.fullmatch(r"(signkey-[A-Za-z0-9]+-)(.+)", key)
+    if match is None:
+        return [key]
+    prefix, body = match.groups()
+    forms = [key, body]
+    try:
+        digest = hashlib.sha256(bytes.fromhex(body)).hexdigest()
+    except ValueError:
+        return forms
+    return [*forms, digest, prefix + digest]
+
+
 def register_secret(value: str | None) -> None:
-    """Mask ``value`` wherever it would appear in a log line (short values are ignored)."""
+    """Mask ``value`` wherever it would appear (short values are ignored).
+
+    A signing key is also masked in its hashed form, which is what travels in
+    ``Authorization`` headers.
+    """
     if value and len(value) >= _MIN_SECRET_LEN:
         with _secrets_lock:
-            _secrets.add(value)
+            _secrets.update(f for f in _signing_key_forms(value) if len(f) >= _MIN_SECRET_LEN)
 
 
 def redact(text: str) -> str:

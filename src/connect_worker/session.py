@@ -127,6 +127,8 @@ class Session:
                                    f"{received.message}")
             if not sent_connect and self.conn.state is State.SENDING_CONNECT:
                 connect_request.connection_id = self.id
+                connect_request.auth_data.session_token = self.start.session_token
+                connect_request.auth_data.sync_token = self.start.sync_token
                 await self._send_or_raise(self.conn.connect(connect_request))
                 sent_connect = True
 

@@ -147,6 +147,12 @@ class Worker:
     def in_flight(self) -> int:
         return len(self._steps)
 
+    async def wait_ready(self) -> None:
+        """Wait until the worker is routable (for embedding and tests)."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._wait_until(lambda: self.ready)
+
     def request_shutdown(self) -> None:
         """Start the drain. Idempotent; may be called before ``run`` (it then drains at once).
 
@@ -167,7 +173,8 @@ class Worker:
     async def run(self) -> int:
         """Serve until shut down; returns the process exit code."""
         self._stop = anyio.Event()
-        self._changed = anyio.Event()
+        if self._changed is None:
+            self._changed = anyio.Event()
         if self.config.max_worker_concurrency:
             self._limiter = anyio.CapacityLimiter(self.config.max_worker_concurrency)
         if self._stop_requested:

@@ -100,7 +100,9 @@ def executor_request(**overrides: Any) -> bytes:
     return frame(Kind.GATEWAY_EXECUTOR_REQUEST, data.SerializeToString())
 
 
-def lease_ack(request_id: str = REQUEST_DEFAULTS["request_id"], new_lease_id: str | None = "L2") -> bytes:
+def lease_ack(
+    request_id: str = REQUEST_DEFAULTS["request_id"], new_lease_id: str | None = "L2"
+) -> bytes:
     ack = pb.WorkerRequestExtendLeaseAckData(request_id=request_id, account_id="acct")
     if new_lease_id is not None:
         ack.new_lease_id = new_lease_id
@@ -108,7 +110,9 @@ def lease_ack(request_id: str = REQUEST_DEFAULTS["request_id"], new_lease_id: st
 
 
 def reply_ack(request_id: str = REQUEST_DEFAULTS["request_id"]) -> bytes:
-    return frame(Kind.WORKER_REPLY_ACK, pb.WorkerReplyAckData(request_id=request_id).SerializeToString())
+    return frame(
+        Kind.WORKER_REPLY_ACK, pb.WorkerReplyAckData(request_id=request_id).SerializeToString()
+    )
 
 
 def gateway_heartbeat() -> bytes:

@@ -108,7 +108,9 @@ class LeaseStore:
     def active(self, instance_id: str) -> int:
         now = time.monotonic()
         return sum(
-            1 for lease in self.leases.values() if lease.instance_id == instance_id and lease.live(now)
+            1
+            for lease in self.leases.values()
+            if lease.instance_id == instance_id and lease.live(now)
         )
 
     def has_capacity(self, instance_id: str) -> bool:

@@ -43,7 +43,9 @@ class Router:
     def route(self, app: str, slug: str, exclude: frozenset[str] = frozenset()) -> RouteResult:
         now = time.monotonic()
         conns = [c for c in self._state.connections.values() if app in c.functions]
-        healthy = [c for c in conns if c.conn_id not in exclude and self._healthy(c, app, slug, now)]
+        healthy = [
+            c for c in conns if c.conn_id not in exclude and self._healthy(c, app, slug, now)
+        ]
         any_draining = any(c.status is ConnStatus.DRAINING for c in conns)
         if not healthy:
             return RouteResult(None, "connect_no_healthy_connection", any_draining)

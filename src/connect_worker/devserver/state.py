@@ -299,7 +299,7 @@ class DevState:
         self._changed = asyncio.Event()
         self._timeline_file: TextIO | None = None
         if config.timeline_path:
-            self._timeline_file = open(config.timeline_path, "a", encoding="utf-8")  # noqa: SIM115
+            self._timeline_file = open(config.timeline_path, "a", encoding="utf-8")
 
     def close(self) -> None:
         if self._timeline_file is not None:
@@ -313,7 +313,7 @@ class DevState:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:  # noqa: ASYNC109
         """Return once ``predicate()`` is true; TimeoutError after ``timeout``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -398,11 +398,11 @@ class DevState:
     def dump(self) -> str:
         """A human-readable summary for timeout errors."""
         lines = ["devserver state:"]
-        for c in self.connections.values():
-            lines.append(
-                f"  conn {c.conn_id} inst={c.instance_id} {c.status.value}/{c.phase.name}"
-                f" apps={c.functions} close={c.close_code} {c.close_reason!r}"
-            )
+        lines.extend(
+            f"  conn {c.conn_id} inst={c.instance_id} {c.status.value}/{c.phase.name}"
+            f" apps={c.functions} close={c.close_code} {c.close_reason!r}"
+            for c in self.connections.values()
+        )
         for r in self.runs.values():
             lines.append(f"  run {r.run_id} {r.function_slug} {r.status.value} err={r.error!r}")
             lines.extend(f"    {h}" for h in r.history[-8:])

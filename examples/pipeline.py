@@ -1,0 +1,91 @@
+"""A small multi-step report pipeline for the demo and the tests.
+
+Each step stands in for a slow LLM call (``STEP_SECONDS``, default 0.2 s) and
+counts its executions in a file named by ``CONNECT_WORKER_EXECUTION_LOG`` (one
+line per step body run), so tests can prove exactly-once execution across
+processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import inngest
+
+import connect_worker
+
+client = inngest.Inngest(app_id="pipeline", is_production=False)
+
+
+def _step_seconds() -> float:
+    return float(os.environ.get("STEP_SECONDS", "0.2"))
+
+
+def record(step: str, run_id: str) -> None:
+    """Append one execution record; O_APPEND writes of one line are atomic."""
+    path = os.environ.get("CONNECT_WORKER_EXECUTION_LOG")
+    if not path:
+        return
+    line = json.dumps({"step": step, "run_id": run_id, "pid": os.getpid(), "ts": time.time()})
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@client.create_function(fn_id="report", trigger=inngest.TriggerEvent(event="report/requested"))
+async def report(ctx: inngest.Context) -> dict[str, object]:
+    topic = str(ctx.event.data.get("topic", "widgets"))
+
+    async def research() -> str:
+        record("research", ctx.run_id)
+        await asyncio.sleep(_step_seconds())
+        return f"notes on {topic}"
+
+    async def draft() -> str:
+        record("draft", ctx.run_id)
+        await asyncio.sleep(_step_seconds())
+        return f"draft about {topic}"
+
+    async def review() -> str:
+        record("review", ctx.run_id)
+        await asyncio.sleep(_step_seconds())
+        return "approved"
+
+    notes = await ctx.step.run("research", research)
+    text = await ctx.step.run("draft", draft)
+    verdict = await ctx.step.run("review", review)
+    return {"topic": topic, "notes": notes, "draft": text, "verdict": verdict,
+            "drained": connect_worker.draining().is_set()}
+
+
+@client.create_function(fn_id="blocking", trigger=inngest.TriggerEvent(event="blocking/run"))
+async def blocking(ctx: inngest.Context) -> str:
+    """An async step that blocks its event loop (the mistake the engine must survive)."""
+
+    async def block() -> str:
+        record("block", ctx.run_id)
+        time.sleep(float(ctx.event.data.get("seconds", 1.0)))  # noqa: ASYNC251
+        return "done"
+
+    return await ctx.step.run("block", block)
+
+
+@client.create_function(fn_id="sync-report", trigger=inngest.TriggerEvent(event="sync/run"))
+def sync_report(ctx: inngest.ContextSync) -> str:
+    """A plain `def` function: runs in a thread pool."""
+
+    def work() -> str:
+        record("sync-work", ctx.run_id)
+        time.sleep(float(ctx.event.data.get("seconds", 0.2)))
+        request = connect_worker.current_request()
+        return request.job_id if request else "no-request"
+
+    return ctx.step.run("work", work)
+
+
+functions = [report, blocking, sync_report]

@@ -1,0 +1,184 @@
+"""The HTTP API (one port, like the dev server's 8288): Connect REST
+(``/v0/connect/start``, ``/v0/connect/flush``), the event API (``/e/{key}``,
+``/invoke/{slug}``) and a read API for runs and connections."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from ..httpserver import Handler, Request, Response
+from ..protocol import pb
+from .auth import check_authorization
+from .core import Core
+from .executor import Executor
+from .gateway import Gateway
+from .state import StartCall
+from .ulid import new_ulid
+
+PROTOBUF = "application/octet-stream"
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(value, default=str).encode(), "application/json")
+
+
+class API:
+    def __init__(self, core: Core, gateway: Gateway, executor: Executor) -> None:
+        self.core = core
+        self.state = core.state
+        self.config = core.config
+        self.gateway = gateway
+        self.executor = executor
+
+    def routes(self) -> dict[tuple[str, str], Handler]:
+        return {
+            ("POST", "/v0/connect/start"): self.start,
+            ("POST", "/v0/connect/flush"): self.flush,
+            ("POST", "/e/*"): self.event,
+            ("POST", "/invoke/*"): self.invoke,
+            ("GET", "/v1/runs/*"): self.get_run,
+            ("DELETE", "/v1/runs/*"): self.delete_run,
+            ("GET", "/v1/events/*"): self.event_runs,
+            ("GET", "/v0/connect/envs/*"): self.conns,
+            ("GET", "/v0/connect/conns"): self.conns,
+            ("GET", "/health"): self.health,
+        }
+
+    async def health(self, request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    # -- Connect REST --------------------------------------------------------
+
+    async def start(self, request: Request) -> Response:
+        faults = self.state.faults
+        headers = dict(request.headers)
+        call = StartCall(time.time(), headers, [], 200, env=headers.get("x-inngest-env"))
+        self.state.start_calls.append(call)
+        self.state.record("in", "HTTP_START")
+        if faults.start_delay > 0:
+            await asyncio.sleep(faults.start_delay)
+        if faults.start_failures:
+            call.status = faults.start_failures.pop(0)
+            self.state.notify()
+            return Response(call.status, b"injected failure\n")
+        ok, bearer = check_authorization(headers.get("authorization"), self.config.signing_key)
+        if not ok:
+            call.status = 401
+            self.state.notify()
+            return Response(401, b"unauthorized\n")
+        body = pb.StartRequest()
+        try:
+            body.ParseFromString(request.body)
+        except (DecodeError, RuntimeWarning, ValueError):
+            call.status = 400
+            self.state.notify()
+            return Response(400, b"invalid StartRequest\n")
+        call.exclude_gateways = list(body.exclude_gateways)
+        groups = self.config.gateway_groups
+        usable = [
+            g for g in groups
+            if g not in call.exclude_gateways and g not in self.gateway.draining_groups
+        ]
+        group = (usable or [g for g in groups if g not in self.gateway.draining_groups]
+                 or list(groups))[0]
+        conn_id = new_ulid()
+        session = self.core.issue_session(call.env or self.config.env_name, bearer, group, call)
+        call.connection_id = conn_id
+        call.gateway_group = group
+        self.state.notify()
+        resp = pb.StartResponse(
+            connection_id=conn_id,
+            gateway_endpoint=self.gateway.urls[group],
+            gateway_group=group,
+            session_token=session.token,
+            sync_token=bearer,
+        )
+        return Response(200, resp.SerializeToString(), PROTOBUF)
+
+    async def flush(self, request: Request) -> Response:
+        ok, _ = check_authorization(request.headers.get("authorization"), self.config.signing_key)
+        if not ok:
+            return Response(401, b"unauthorized\n")
+        if not request.body:
+            return Response(400, b"empty body\n")
+        resp = pb.SDKResponse()
+        try:
+            resp.ParseFromString(request.body)
+        except (DecodeError, RuntimeWarning, ValueError):
+            return Response(400, b"invalid SDKResponse\n")
+        # The real handler unmarshals system_trace_ctx unconditionally (§4.2).
+        try:
+            trace = json.loads(resp.system_trace_ctx)
+        except ValueError:
+            trace = None
+        if not isinstance(trace, dict):
+            self.state.record("in", "HTTP_FLUSH_REJECTED", request_id=resp.request_id)
+            return Response(400, b"invalid system_trace_ctx\n")
+        self.state.record("in", "HTTP_FLUSH", request_id=resp.request_id)
+        self.core.persist_reply(resp, "flush", None)
+        out = pb.FlushResponse(request_id=resp.request_id)
+        return Response(200, out.SerializeToString(), PROTOBUF)
+
+    # -- events --------------------------------------------------------------
+
+    async def event(self, request: Request) -> Response:
+        key = request.path[len("/e/"):]
+        if not key:
+            return _json({"error": "missing event key", "status": 401}, 401)
+        try:
+            raw = json.loads(request.body or b"null")
+        except ValueError:
+            return _json({"error": "invalid JSON", "status": 400}, 400)
+        items = raw if isinstance(raw, list) else [raw]
+        if not all(isinstance(i, dict) for i in items) or not items:
+            return _json({"error": "expected an event object or array", "status": 400}, 400)
+        try:
+            ids = [self.executor.receive_event(item).id for item in items]
+        except ValueError as exc:
+            return _json({"error": str(exc), "status": 400}, 400)
+        return _json({"ids": ids, "status": 200})
+
+    async def invoke(self, request: Request) -> Response:
+        slug = request.path[len("/invoke/"):]
+        try:
+            raw = json.loads(request.body or b"{}")
+        except ValueError:
+            return _json({"error": "invalid JSON"}, 400)
+        data = raw.get("data", raw) if isinstance(raw, dict) else raw
+        try:
+            run = self.executor.invoke(slug, data)
+        except KeyError:
+            return _json({"error": f"function {slug} not found"}, 404)
+        return _json({"id": run.event.id, "run_id": run.run_id, "status": 200})
+
+    # -- read API ------------------------------------------------------------
+
+    async def get_run(self, request: Request) -> Response:
+        run = self.state.runs.get(request.path[len("/v1/runs/"):].strip("/"))
+        if run is None:
+            return _json({"error": "run not found"}, 404)
+        return _json({"data": run.to_json()})
+
+    async def delete_run(self, request: Request) -> Response:
+        run_id = request.path[len("/v1/runs/"):].strip("/")
+        if not self.executor.cancel_run(run_id):
+            return _json({"error": "run not found or not running"}, 404)
+        return _json({"data": {"run_id": run_id, "status": "cancelled"}})
+
+    async def event_runs(self, request: Request) -> Response:
+        parts = request.path.strip("/").split("/")  # v1 events {id} runs
+        if len(parts) != 4 or parts[3] != "runs":
+            return _json({"error": "not found"}, 404)
+        event = self.state.events.get(parts[2])
+        if event is None:
+            return _json({"error": "event not found"}, 404)
+        runs = [self.state.runs[r].to_json() for r in event.run_ids if r in self.state.runs]
+        return _json({"data": runs})
+
+    async def conns(self, request: Request) -> Response:
+        return _json({"data": [c.to_json() for c in self.state.connections.values()]})

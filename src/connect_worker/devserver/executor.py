@@ -1,0 +1,509 @@
+"""The executor and the Connect proxy: turn events into runs and drive each run
+step by step over the gateway, like Inngest's executor (spec §5.2, §5.9).
+
+Per queue item (a discovery call ``step_id="step"`` or a targeted planned step):
+new request_id per dispatch, stable job_id across retries, attempt counting per
+item. Per dispatch (the proxy): lease, route, forward and wait for the ACK (up
+to ``forward_attempts`` times), then wait for the reply while checking the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ..protocol import pb
+from .core import ACCOUNT_ID, ENV_ID, Core, app_uuid, function_uuid
+from .gateway import Gateway
+from .state import Dispatch, Event, Run, RunStatus
+from .ulid import new_ulid
+
+log = logging.getLogger(__name__)
+
+STOPPED_RESPONDING = "connect_worker_stopped_responding"
+ROUTE_FAILED = "failed to route request to gateway"
+
+
+@dataclass
+class QueueItem:
+    run_id: str
+    step_id: str  # "step" (discovery) or a hashed step ID (targeted)
+    job_id: str
+    attempt: int = 0
+
+
+@dataclass
+class ProxyResult:
+    response: pb.SDKResponse | None
+    error: str | None  # transport-level step error (syscode or message)
+
+
+def _trace_ctx() -> bytes:
+    trace = new_ulid().lower().rjust(32, "0")[:32]
+    span = new_ulid().lower()[-16:]
+    return json.dumps({"traceparent": f"00-{trace}-{span}-01", "tracestate": ""}).encode()
+
+
+def _max_attempts(config: dict[str, Any], default_retries: int) -> int:
+    """retries + 1, from the function config's ``steps.*.retries.attempts`` if present."""
+    steps = config.get("steps")
+    if isinstance(steps, dict):
+        for step in steps.values():
+            retries = step.get("retries") if isinstance(step, dict) else None
+            if isinstance(retries, dict) and isinstance(retries.get("attempts"), int):
+                return int(retries["attempts"]) + 1
+    return default_retries + 1
+
+
+def _matches(trigger: Any, name: str) -> bool:
+    if not isinstance(trigger, dict):
+        return False
+    pattern = trigger.get("event")
+    if not isinstance(pattern, str):
+        return False
+    if pattern.endswith("*"):
+        return name.startswith(pattern[:-1])
+    return pattern == name
+
+
+def _parse_wake(name: str, opts: Any) -> float:
+    """Seconds from now until a Sleep op's wake time (ISO time or Go-ish duration)."""
+    text = name
+    if isinstance(opts, dict) and isinstance(opts.get("duration"), str):
+        text = opts["duration"]
+    with contextlib.suppress(ValueError):
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return max(0.0, when.timestamp() - time.time())
+    from ..protocol.durations import parse_go_duration
+
+    with contextlib.suppress(ValueError):
+        return max(0.0, parse_go_duration(text))
+    return 0.0
+
+
+class Executor:
+    def __init__(self, core: Core, gateway: Gateway) -> None:
+        self.core = core
+        self.state = core.state
+        self.config = core.config
+        self.gateway = gateway
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._event_waiters: list[tuple[str, asyncio.Future[Event]]] = []
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        for run in self.state.runs.values():
+            if run.status is RunStatus.RUNNING:
+                run.status = RunStatus.CANCELLED
+                run.ended_at = time.time()
+
+    # -- events and runs -------------------------------------------------------
+
+    def receive_event(self, raw: dict[str, Any]) -> Event:
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError("event needs a non-empty 'name'")
+        data = raw.get("data") or {}
+        user = raw.get("user") if isinstance(raw.get("user"), dict) else {}
+        ts = raw.get("ts")
+        event = Event(
+            id=str(raw.get("id") or new_ulid()),
+            name=name,
+            data=data,
+            ts=int(ts) if isinstance(ts, int | float) and ts else int(time.time() * 1000),
+            user=user or {},
+            v=str(raw["v"]) if raw.get("v") is not None else None,
+        )
+        self.state.events[event.id] = event
+        for name_wanted, fut in list(self._event_waiters):
+            if _matches({"event": name_wanted}, name) and not fut.done():
+                fut.set_result(event)
+        for app, fns in self.state.functions.items():
+            for slug, config in fns.items():
+                if any(_matches(t, name) for t in config.get("triggers") or []):
+                    run = self.start_run(app, slug, event)
+                    event.run_ids.append(run.run_id)
+        self.state.notify()
+        return event
+
+    def invoke(self, slug: str, data: Any) -> Run:
+        for app, fns in self.state.functions.items():
+            if slug in fns:
+                event = Event(new_ulid(), "inngest/function.invoked", data,
+                              int(time.time() * 1000))
+                self.state.events[event.id] = event
+                run = self.start_run(app, slug, event)
+                event.run_ids.append(run.run_id)
+                return run
+        raise KeyError(slug)
+
+    def start_run(self, app: str, slug: str, event: Event, parent: str | None = None) -> Run:
+        config = self.state.functions[app][slug]
+        run = Run(
+            run_id=new_ulid(),
+            function_slug=slug,
+            app_name=app,
+            event=event,
+            events=[event],
+            max_attempts=_max_attempts(config, self.config.default_retries),
+            parent_run_id=parent,
+        )
+        self.state.runs[run.run_id] = run
+        self._history(run, "run_started", event=event.name)
+        task = asyncio.create_task(self._drive(run), name=f"run-{run.run_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return run
+
+    def cancel_run(self, run_id: str) -> bool:
+        run = self.state.runs.get(run_id)
+        if run is None or run.status.terminal:
+            return False
+        for task in self._tasks:
+            if task.get_name() == f"run-{run_id}":
+                task.cancel()
+        self._finish(run, RunStatus.CANCELLED)
+        return True
+
+    def _history(self, run: Run, kind: str, **fields: Any) -> None:
+        run.history.append({"ts": time.time(), "type": kind, **fields})
+        self.state.notify()
+
+    def _finish(
+        self, run: Run, status: RunStatus, *, output: Any = None, error: Any = None
+    ) -> None:
+        if run.status.terminal:
+            return
+        run.status = status
+        run.output = output
+        run.error = error
+        run.ended_at = time.time()
+        self._history(run, f"run_{status.value}", output=output, error=error)
+
+    # -- driving a run ---------------------------------------------------------
+
+    async def _drive(self, run: Run) -> None:
+        items = [QueueItem(run.run_id, "step", new_ulid())]
+        try:
+            while items and not run.status.terminal:
+                results = await asyncio.gather(*(self._execute_item(run, it) for it in items))
+                nxt: list[QueueItem] = []
+                discovery = False
+                for produced in results:
+                    for item in produced:
+                        if item.step_id == "step":
+                            discovery = True
+                        else:
+                            nxt.append(item)
+                if discovery:
+                    nxt.append(QueueItem(run.run_id, "step", new_ulid()))
+                items = nxt
+            if not run.status.terminal:
+                # All branches ended without a final result (should not happen).
+                self._finish(run, RunStatus.FAILED, error={"message": "run stalled"})
+        except asyncio.CancelledError:
+            self._finish(run, RunStatus.CANCELLED)
+            raise
+        except Exception as exc:
+            log.exception("executor failed on run %s", run.run_id)
+            self.state.error(f"executor crashed on run {run.run_id}: {exc!r}")
+            self._finish(run, RunStatus.FAILED, error={"message": f"devserver error: {exc!r}"})
+
+    async def _backoff(self, retry_after: str | None = None) -> None:
+        delay = self.config.retry_backoff
+        if retry_after:
+            with contextlib.suppress(ValueError):
+                delay = float(retry_after)
+            with contextlib.suppress(ValueError):
+                when = datetime.fromisoformat(retry_after.replace("Z", "+00:00"))
+                delay = when.timestamp() - time.time()
+            delay = min(max(delay, 0.0), 3600.0)
+        await asyncio.sleep(delay)
+
+    async def _execute_item(self, run: Run, item: QueueItem) -> list[QueueItem]:
+        """Run one queue item to completion (with retries); return the items it enqueues."""
+        while not run.status.terminal:
+            result = await self._proxy(run, item)
+            if result.response is None:
+                self._history(run, "step_error", step_id=item.step_id, attempt=item.attempt,
+                              job_id=item.job_id, error=result.error)
+                if item.attempt + 1 < run.max_attempts:
+                    item.attempt += 1
+                    await self._backoff()
+                    continue
+                error = {"name": "StepError", "message": result.error}
+                self._finish(run, RunStatus.FAILED, error=error)
+                return []
+            resp = result.response
+            if resp.request_version:
+                run.version = resp.request_version
+            body: Any
+            try:
+                body = json.loads(resp.body) if resp.body else None
+            except ValueError:
+                body = resp.body.decode("utf-8", "replace")
+            if resp.status == pb.SDKResponseStatus.DONE:
+                self._finish(run, RunStatus.COMPLETED, output=body)
+                return []
+            if resp.status == pb.SDKResponseStatus.ERROR:
+                self._history(run, "function_error", step_id=item.step_id,
+                              attempt=item.attempt, error=body, no_retry=resp.no_retry)
+                if resp.no_retry or item.attempt + 1 >= run.max_attempts:
+                    self._finish(run, RunStatus.FAILED, error=body)
+                    return []
+                item.attempt += 1
+                await self._backoff(resp.retry_after if resp.HasField("retry_after") else None)
+                continue
+            # NOT_COMPLETED: a list of opcodes.
+            ops = body if isinstance(body, list) else []
+            produced: list[QueueItem] = []
+            retry_same = False
+            for op in ops:
+                if not isinstance(op, dict):
+                    continue
+                more, retry = await self._handle_op(run, item, op)
+                produced.extend(more)
+                retry_same = retry_same or retry
+            if retry_same:
+                if item.attempt + 1 < run.max_attempts:
+                    item.attempt += 1
+                    await self._backoff(resp.retry_after if resp.HasField("retry_after") else None)
+                    continue
+                self._finish(run, RunStatus.FAILED, error={"message": "step attempts exhausted"})
+                return []
+            return produced
+        return []
+
+    def _memo(self, run: Run, step_id: str, value: Any) -> None:
+        if step_id not in run.steps:
+            run.stack.append(step_id)
+        run.steps[step_id] = value
+
+    async def _handle_op(
+        self, run: Run, item: QueueItem, op: dict[str, Any]
+    ) -> tuple[list[QueueItem], bool]:
+        """Return (items to enqueue, retry this item)."""
+        code = op.get("op")
+        step_id = str(op.get("id", ""))
+        name = op.get("displayName") or op.get("name")
+        if code == "StepRun":
+            self._memo(run, step_id, {"data": op.get("data")})
+            self._history(run, "step_completed", step=step_id, name=name)
+            return [QueueItem(run.run_id, "step", "")], False
+        if code == "StepFailed":
+            self._memo(run, step_id, {"error": op.get("error")})
+            self._history(run, "step_failed", step=step_id, name=name, error=op.get("error"))
+            return [QueueItem(run.run_id, "step", "")], False
+        if code == "StepError":
+            self._history(run, "step_errored", step=step_id, name=name, attempt=item.attempt,
+                          error=op.get("error"))
+            return [], True
+        if code == "StepPlanned":
+            self._history(run, "step_planned", step=step_id, name=name)
+            return [QueueItem(run.run_id, step_id, new_ulid())], False
+        if code == "Sleep":
+            delay = _parse_wake(str(op.get("name") or ""), op.get("opts"))
+            self._history(run, "sleep", step=step_id, seconds=delay)
+            await asyncio.sleep(delay)
+            self._memo(run, step_id, None)
+            return [QueueItem(run.run_id, "step", "")], False
+        if code == "WaitForEvent":
+            opts = op.get("opts") if isinstance(op.get("opts"), dict) else {}
+            assert isinstance(opts, dict)
+            wanted = str(opts.get("event") or op.get("name") or "")
+            timeout = _parse_wake(str(opts.get("timeout") or "0s"), None)
+            self._history(run, "wait_for_event", step=step_id, event=wanted)
+            fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+            entry = (wanted, fut)
+            self._event_waiters.append(entry)
+            try:
+                event = await asyncio.wait_for(fut, timeout or None)
+                self._memo(run, step_id, event.to_payload())
+            except TimeoutError:
+                self._memo(run, step_id, None)
+            finally:
+                self._event_waiters.remove(entry)
+            return [QueueItem(run.run_id, "step", "")], False
+        if code == "InvokeFunction":
+            opts = op.get("opts") if isinstance(op.get("opts"), dict) else {}
+            assert isinstance(opts, dict)
+            target = str(opts.get("function_id") or "")
+            payload = opts.get("payload") if isinstance(opts.get("payload"), dict) else {}
+            assert isinstance(payload, dict)
+            child = self._find_and_start(target, payload.get("data"), run.run_id)
+            if child is None:
+                self._memo(run, step_id, {"error": {"name": "Error",
+                                                    "message": f"no function {target}"}})
+            else:
+                await self.state.wait_for(lambda: child.status.terminal, 7 * 24 * 3600)
+                if child.status is RunStatus.COMPLETED:
+                    self._memo(run, step_id, {"data": child.output})
+                else:
+                    self._memo(run, step_id, {"error": child.error})
+            return [QueueItem(run.run_id, "step", "")], False
+        # None / unknown opcodes: nothing to do (a parallel branch ended).
+        return [], False
+
+    def _find_and_start(self, slug: str, data: Any, parent: str) -> Run | None:
+        for app, fns in self.state.functions.items():
+            if slug in fns:
+                event = Event(new_ulid(), "inngest/function.invoked", data or {},
+                              int(time.time() * 1000))
+                return self.start_run(app, slug, event, parent=parent)
+        return None
+
+    # -- the proxy (grpc/proxy.go) ---------------------------------------------
+
+    def _payload(self, run: Run, item: QueueItem, request_id: str) -> bytes:
+        body = {
+            "event": run.event.to_payload(),
+            "events": [e.to_payload() for e in run.events],
+            "steps": {sid: run.steps[sid] for sid in run.stack},
+            "defers": {},
+            "ctx": {
+                "fn_id": function_uuid(run.function_slug),
+                "run_id": run.run_id,
+                "env": self.config.env_name,
+                "step_id": item.step_id,
+                "attempt": item.attempt,
+                "max_attempts": run.max_attempts,
+                "stack": {"stack": list(run.stack), "current": len(run.stack)},
+                "qi_id": item.job_id,
+                "request_id": request_id,
+                "generation_id": 0,
+                "job_id": item.job_id,
+                "disable_immediate_execution": False,
+                "use_api": False,
+            },
+            "version": run.version,
+            "use_api": False,
+        }
+        return json.dumps(body).encode()
+
+    async def _proxy(self, run: Run, item: QueueItem) -> ProxyResult:
+        core = self.core
+        request_id = new_ulid()
+        lease = core.leases.lease(request_id)
+        poke = asyncio.Event()
+        core.leases.pokes[request_id] = poke
+        reply = core.buffer.waiter(request_id)
+        trace = _trace_ctx()
+        try:
+            request = pb.GatewayExecutorRequestData(
+                request_id=request_id,
+                account_id=ACCOUNT_ID,
+                env_id=ENV_ID,
+                app_id=app_uuid(run.app_name),
+                app_name=run.app_name,
+                function_id=function_uuid(run.function_slug),
+                function_slug=run.function_slug,
+                step_id=item.step_id,
+                request_payload=self._payload(run, item, request_id),
+                system_trace_ctx=trace,
+                user_trace_ctx=b"{}",
+                run_id=run.run_id,
+                lease_id=lease.lease_id,
+                job_id=item.job_id,
+            )
+            error = await self._forward(run, item, request)
+            if error is not None:
+                return ProxyResult(None, error)
+            return await self._await_reply(request_id, reply, poke)
+        finally:
+            core.buffer.forget_waiter(request_id)
+            core.buffer.delete(request_id)
+            core.leases.release(request_id)
+            self.state.notify()
+
+    async def _forward(
+        self, run: Run, item: QueueItem, request: pb.GatewayExecutorRequestData
+    ) -> str | None:
+        """Route and forward up to ``forward_attempts`` times; None once ACKed."""
+        core = self.core
+        last_error = ROUTE_FAILED
+        for attempt in range(1, self.config.forward_attempts + 1):
+            route = core.router.route(run.app_name, run.function_slug)
+            if route.conn_id is None:
+                with contextlib.suppress(TimeoutError):
+                    await self.state.wait_for(
+                        lambda: core.router.route(run.app_name, run.function_slug).conn_id
+                        is not None,
+                        self.config.route_wait,
+                    )
+                route = core.router.route(run.app_name, run.function_slug)
+            if route.conn_id is None:
+                return route.error or ROUTE_FAILED
+            conn = self.gateway.live.get(route.conn_id)
+            instance = conn.info.instance_id if conn else None
+            core.leases.assign(request.request_id, instance)
+            dispatch = Dispatch(
+                request_id=request.request_id,
+                job_id=item.job_id,
+                run_id=run.run_id,
+                function_slug=run.function_slug,
+                step_id=item.step_id,
+                attempt=item.attempt,
+                conn_id=route.conn_id,
+                forward_attempt=attempt,
+                sent_at=time.time(),
+            )
+            self.state.dispatches.append(dispatch)
+            self.state.notify()
+            if await self.gateway.forward(route.conn_id, request):
+                dispatch.acked_at = time.time()
+                dispatch.outcome = "acked"
+                self.state.notify()
+                return None
+            dispatch.outcome = "forward_failed"
+            core.leases.assign(request.request_id, None)
+            self.state.notify()
+        return last_error
+
+    async def _await_reply(
+        self, request_id: str, reply: asyncio.Future[pb.SDKResponse], poke: asyncio.Event
+    ) -> ProxyResult:
+        cfg = self.config
+        leases = self.core.leases
+        while True:
+            poked: asyncio.Task[bool] = asyncio.create_task(poke.wait())
+            waitables: list[asyncio.Future[Any]] = [reply, poked]
+            try:
+                await asyncio.wait(
+                    waitables,
+                    timeout=cfg.lease_check_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                poked.cancel()
+            poke.clear()
+            if reply.done():
+                self._mark(request_id, "replied")
+                return ProxyResult(reply.result(), None)
+            if not cfg.enforce_lease_expiry or leases.is_live(request_id):
+                continue
+            # Lease lapsed: give the worker a grace period for a late reply.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reply), cfg.lease_grace)
+            if reply.done() and not reply.cancelled():
+                self._mark(request_id, "replied")
+                return ProxyResult(reply.result(), None)
+            if leases.is_live(request_id):
+                continue  # extended during the grace period
+            self._mark(request_id, "lease_lost")
+            return ProxyResult(None, STOPPED_RESPONDING)
+
+    def _mark(self, request_id: str, outcome: str) -> None:
+        for d in reversed(self.state.dispatches):
+            if d.request_id == request_id:
+                d.outcome = outcome
+                break
+        self.state.notify()

@@ -1,0 +1,42 @@
+"""LLM step toolkit: one async API over the official openai and anthropic SDKs.
+
+``await llm.complete(...)`` retries transient failures (tenacity, jittered exponential
+backoff honouring retry-after, a total time budget; the SDKs' own retries are off),
+raises ``inngest.NonRetriableError`` for what retrying cannot fix, stores every answer
+in a durable cache keyed by the step's identity so a retried step never pays twice,
+and accounts tokens and dollars as Prometheus metrics and log lines. See docs/llm.md.
+"""
+
+from __future__ import annotations
+
+from .cache import PostgresCache, ResultCache, RunCost, SqliteCache
+from .client import LLM
+from .config import LLMConfig
+from .errors import LLMDrainingError, LLMFatalError, LLMUnavailableError
+from .pricing import Price, PriceTable
+from .providers import AnthropicProvider, OpenAIProvider, Provider
+from .simulated import SimulatedProvider
+from .types import Message, Result, Tool, ToolCall, Usage
+
+__all__ = [
+    "LLM",
+    "AnthropicProvider",
+    "LLMConfig",
+    "LLMDrainingError",
+    "LLMFatalError",
+    "LLMUnavailableError",
+    "Message",
+    "OpenAIProvider",
+    "PostgresCache",
+    "Price",
+    "PriceTable",
+    "Provider",
+    "Result",
+    "ResultCache",
+    "RunCost",
+    "SimulatedProvider",
+    "SqliteCache",
+    "Tool",
+    "ToolCall",
+    "Usage",
+]

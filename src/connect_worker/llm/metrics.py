@@ -1,0 +1,56 @@
+"""Prometheus metrics of the LLM toolkit, defined once per registry.
+
+Labels are provider, model and (for requests) outcome only: never run or step ids.
+Outcomes: ``ok`` (answered by the model), ``cached`` (answered by the result cache),
+``stopped`` (a stream stopped early on drain), ``fatal``, ``gave_up``, ``refused``.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+
+_LABELS = ("provider", "model")
+
+
+class LLMMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def counter(name: str, doc: str, *extra: str) -> Counter:
+            return Counter(f"connect_worker_llm_{name}", doc, (*_LABELS, *extra),
+                           registry=registry)
+
+        self.requests = counter("requests_total", "LLM calls by outcome.", "outcome")
+        self.input_tokens = counter("input_tokens_total",
+                                    "Input tokens billed (including cached ones).")
+        self.cached_tokens = counter("cached_input_tokens_total",
+                                     "Input tokens served from the provider's prompt cache.")
+        self.output_tokens = counter("output_tokens_total", "Output tokens billed.")
+        self.cost = counter("cost_usd_total", "Estimated spend, in US dollars.")
+        self.retries = counter("retries_total", "HTTP attempts retried after a transient error.")
+        self.cache_hits = counter("cache_hits_total",
+                                  "Calls answered by the result cache instead of the model.")
+        self.saved = counter("saved_usd_total",
+                             "Estimated spend avoided by result-cache hits, in US dollars.")
+        self.duration = Histogram(
+            "connect_worker_llm_request_duration_seconds",
+            "Time from first attempt to answer for calls that reached the model.",
+            _LABELS, registry=registry,
+            buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600))
+
+
+_lock = threading.Lock()
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, LLMMetrics] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def metrics_for(registry: CollectorRegistry | None = None) -> LLMMetrics:
+    """The metrics on ``registry`` (default: the process registry the worker serves)."""
+    registry = REGISTRY if registry is None else registry
+    with _lock:
+        found = _by_registry.get(registry)
+        if found is None:
+            found = _by_registry[registry] = LLMMetrics(registry)
+        return found

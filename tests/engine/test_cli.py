@@ -1,0 +1,53 @@
+"""The CLI as a user meets it: real subprocesses, one-line errors, documented settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from connect_worker.config import SETTINGS
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("INNGEST_", "CONNECT_WORKER_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "connect_worker", *args],
+        env={**base, **(env or {})}, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def test_help_documents_every_setting() -> None:
+    result = run_cli("run", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for setting in SETTINGS:
+        assert setting.env in text, setting.env
+        assert setting.flag in text, setting.flag
+
+
+def test_invalid_value_stops_before_connecting_with_one_line() -> None:
+    result = run_cli("run", "examples.pipeline",
+                     env={"INNGEST_DEV": "1", "INNGEST_CONNECT_MAX_WORKER_CONCURRENCY": "lots",
+                          "INNGEST_API_BASE_URL": "http://127.0.0.1:9"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "connect-worker: INNGEST_CONNECT_MAX_WORKER_CONCURRENCY='lots' is invalid: "
+        "expected a whole number > 0"
+    ]
+
+
+def test_bad_target_is_one_line() -> None:
+    result = run_cli("run", "nope_module_xyz", env={"INNGEST_DEV": "1"})
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "nope_module_xyz" in result.stderr
+
+
+def test_secret_never_echoed_in_errors() -> None:
+    secret = "signkey-prod-" + "cd" * 32
+    result = run_cli("run", "examples.pipeline",
+                     env={"INNGEST_SIGNING_KEY": secret, "CONNECT_WORKER_DRAIN_TIMEOUT": "x"})
+    assert result.returncode == 2
+    assert "cd" * 32 not in result.stderr + result.stdout
