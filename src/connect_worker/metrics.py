@@ -123,6 +123,17 @@ class WorkerMetrics:
             "Duration of the last drain (SIGTERM to drained or deadline).",
             registry=r,
         )
+        self.drain_budget_seconds = Gauge(
+            "connect_worker_drain_budget_seconds",
+            "Seconds a drain may take before in-flight steps are abandoned "
+            "(CONNECT_WORKER_DRAIN_TIMEOUT or Railway's draining window minus the margin).",
+            registry=r,
+        )
+        self.drain_started_timestamp_seconds = Gauge(
+            "connect_worker_drain_started_timestamp_seconds",
+            "Unix time the current drain started (SIGTERM); 0 while not draining.",
+            registry=r,
+        )
         self.steps_abandoned_total = Counter(
             "connect_worker_steps_abandoned_total",
             "Steps still running when the drain deadline passed.",
@@ -144,6 +155,13 @@ class WorkerMetrics:
         self.build_info.labels(
             version=version, app_version=app_version, deployment_id=deployment_id
         ).set(1)
+
+    def start_drain(self, budget_seconds: float | None = None) -> None:
+        """Mark the drain as started now (draining=1, start timestamp, optional budget)."""
+        if budget_seconds is not None:
+            self.drain_budget_seconds.set(budget_seconds)
+        self.drain_started_timestamp_seconds.set_to_current_time()
+        self.draining.set(1)
 
     def set_connection_state(self, state: str) -> None:
         """Set ``state`` to 1 and every other known state to 0."""

@@ -496,12 +496,14 @@ class Worker:
 
     async def _extend_leases(self) -> None:
         while True:
+            # The gateway tells the interval (lease / 4) in CONNECTION_READY.
+            await self._wait_until(lambda: self._live_session() is not None)
             session = self._live_session()
-            interval = session.ready.extend_lease_interval if session else 1.0
-            await anyio.sleep(interval)
+            assert session is not None
+            await anyio.sleep(session.ready.extend_lease_interval)
             session = self._live_session()
             if session is None:
-                continue  # leases last minutes; the next session extends them
+                continue  # leases outlive a reconnect; the next session extends them
             for step in list(self._steps.values()):
                 if step.extending and not step.delivered.is_set():
                     await session.send(session.conn.extend_lease(step.request, step.lease_id))

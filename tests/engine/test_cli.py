@@ -10,7 +10,8 @@ from connect_worker.config import SETTINGS
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("INNGEST_", "CONNECT_WORKER_"))}
+    ours = ("INNGEST_", "CONNECT_WORKER_")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     return subprocess.run(
         [sys.executable, "-m", "connect_worker", *args],
         env={**base, **(env or {})}, capture_output=True, text=True, timeout=60, check=False,

@@ -25,6 +25,8 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "connect_worker_lease_extensions": ("counter", ("outcome",)),
     "connect_worker_draining": ("gauge", ()),
     "connect_worker_drain_duration_seconds": ("gauge", ()),
+    "connect_worker_drain_budget_seconds": ("gauge", ()),
+    "connect_worker_drain_started_timestamp_seconds": ("gauge", ()),
     "connect_worker_steps_abandoned": ("counter", ()),
     "connect_worker_event_loop_lag_seconds": ("gauge", ()),
 }
@@ -103,6 +105,15 @@ def test_starts_disconnected_and_build_info_is_replaced(metrics: WorkerMetrics) 
     samples = [s for f in metrics.registry.collect() if f.name == "connect_worker_build_info"
                for s in f.samples]
     assert [s.labels["deployment_id"] for s in samples] == ["d2"]
+
+
+def test_start_drain_sets_flag_timestamp_and_budget(metrics: WorkerMetrics) -> None:
+    metrics.start_drain(55.0)
+    get = metrics.registry.get_sample_value
+    assert get("connect_worker_draining") == 1.0
+    assert get("connect_worker_drain_budget_seconds") == 55.0
+    started = get("connect_worker_drain_started_timestamp_seconds")
+    assert started is not None and started > 1_700_000_000
 
 
 def test_step_duration_buckets_reach_thirty_minutes(metrics: WorkerMetrics) -> None:

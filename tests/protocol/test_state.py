@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from connect_worker.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from connect_worker.protocol import (
@@ -501,12 +501,6 @@ class ConnectionMachine(RuleBasedStateMachine):
             self.closing_seen = True
         if event in SENDS and SENDS[event][1] is not None:
             assert peer.read_worker_frame(result)[0] == SENDS[event][1]
-
-    @precondition(lambda self: self.model is not S.CLOSED)
-    @rule()
-    def close(self) -> None:
-        self.conn.close()
-        self.model = S.CLOSED
 
     @rule(
         frame=st.sampled_from(

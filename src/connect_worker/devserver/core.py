@@ -71,7 +71,7 @@ class Core:
         (self.replies_list(via)).append(record)
         if stored:
             for d in reversed(self.state.dispatches):
-                if d.request_id == response.request_id:
+                if d.request_id == response.request_id and d.reply_via is None:
                     d.replied_at = record.ts
                     d.reply_via = via
                     break

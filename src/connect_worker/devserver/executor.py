@@ -326,7 +326,8 @@ class Executor:
             entry = (wanted, fut)
             self._event_waiters.append(entry)
             try:
-                event = await asyncio.wait_for(fut, timeout or None)
+                async with asyncio.timeout(timeout or None):
+                    event = await fut
                 self._memo(run, step_id, event.to_payload())
             except TimeoutError:
                 self._memo(run, step_id, None)
@@ -492,7 +493,8 @@ class Executor:
                 continue
             # Lease lapsed: give the worker a grace period for a late reply.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(reply), cfg.lease_grace)
+                async with asyncio.timeout(cfg.lease_grace):
+                    await asyncio.shield(reply)
             if reply.done() and not reply.cancelled():
                 self._mark(request_id, "replied")
                 return ProxyResult(reply.result(), None)

@@ -151,7 +151,8 @@ class Gateway:
             task.cancel()
         for server in self._servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2)
+                async with asyncio.timeout(2):
+                    await server.wait_closed()
         self._servers.clear()
 
     def _make_process_request(self, group: str) -> Any:
@@ -195,9 +196,11 @@ class Gateway:
         try:
             if lock is not None:
                 async with lock:
-                    await asyncio.wait_for(ws.send(frame), self.config.write_timeout)
+                    async with asyncio.timeout(self.config.write_timeout):
+                        await ws.send(frame)
             else:
-                await asyncio.wait_for(ws.send(frame), self.config.write_timeout)
+                async with asyncio.timeout(self.config.write_timeout):
+                    await ws.send(frame)
         except (ConnectionClosed, TimeoutError, OSError):
             return False
         self.state.record("out", kind_name(kind), conn_id, request_id)
@@ -232,7 +235,8 @@ class Gateway:
 
     async def _handshake(self, ws: ServerConnection) -> tuple[pb.WorkerConnectRequestData, Session]:
         try:
-            frame = await asyncio.wait_for(ws.recv(), self.config.hello_timeout)
+            async with asyncio.timeout(self.config.hello_timeout):
+                frame = await ws.recv()
         except TimeoutError:
             raise _HandshakeError(1008, HELLO_TIMEOUT) from None
         if not isinstance(frame, bytes):
@@ -530,7 +534,8 @@ class Gateway:
                                    request.SerializeToString(), request_id=request.request_id):
                 return False
             try:
-                return await asyncio.wait_for(fut, self.config.effective_ack_timeout)
+                async with asyncio.timeout(self.config.effective_ack_timeout):
+                    return await fut
             except TimeoutError:
                 return False
         finally:
@@ -561,7 +566,8 @@ class Gateway:
 
     async def _wait_closed(self, conn: GatewayConnection) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(conn.closed.wait(), 5)
+            async with asyncio.timeout(5):
+                await conn.closed.wait()
 
     async def gateway_closing(self, conn_id: str) -> None:
         """Real gateway drain for one connection (§5.4.2)."""
@@ -575,7 +581,8 @@ class Gateway:
         self.state.notify()
         await self.send(conn, Kind.GATEWAY_CLOSING)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(conn.closed.wait(), self.config.drain_window)
+            async with asyncio.timeout(self.config.drain_window):
+                await conn.closed.wait()
         if conn.closed.is_set():
             return
         if info.status is not ConnStatus.DISCONNECTING:

@@ -323,7 +323,8 @@ class DevState:
                 raise TimeoutError(f"condition not met within {timeout}s")
             changed = self._changed
             try:
-                await asyncio.wait_for(changed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await changed.wait()
             except TimeoutError:
                 if predicate():
                     return

@@ -20,6 +20,7 @@ import contextvars
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -49,6 +50,10 @@ log = logging.getLogger("connect_worker.llm")
 # Identical calls made outside an executor request are numbered per asyncio task.
 _task_scope: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "connect_worker_llm_scope", default=None)
+# Identical calls are numbered per (attempt, identity, request), process-wide, so two LLM
+# objects used by one step agree. Old attempts fall off the end.
+_occurrences: OrderedDict[tuple[str, str, str], int] = OrderedDict()
+_occurrences_lock = threading.Lock()
 _MAX_SCOPES = 10_000
 
 
@@ -82,7 +87,6 @@ class LLM:
         self._providers: dict[str, Provider] = dict(providers or {})
         self._drain = drain or draining()
         self._environ = environ
-        self._occurrences: OrderedDict[tuple[str, str, str], int] = OrderedDict()
         self._run_totals: dict[str, RunCost] = {}
 
     @classmethod
@@ -231,12 +235,14 @@ class LLM:
             _task_scope.set(scope)
         return _Identity(key, scope, run_id)
 
-    def _next_occurrence(self, scope: str, identity: str, digest: str) -> int:
+    @staticmethod
+    def _next_occurrence(scope: str, identity: str, digest: str) -> int:
         slot = (scope, identity, digest)
-        count = self._occurrences.pop(slot, 0)
-        self._occurrences[slot] = count + 1
-        while len(self._occurrences) > _MAX_SCOPES:
-            self._occurrences.popitem(last=False)
+        with _occurrences_lock:
+            count = _occurrences.pop(slot, 0)
+            _occurrences[slot] = count + 1
+            while len(_occurrences) > _MAX_SCOPES:
+                _occurrences.popitem(last=False)
         return count
 
     def _add_run_total(self, run_id: str, answer: Answer, cost: float) -> None:

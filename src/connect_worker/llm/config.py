@@ -31,8 +31,8 @@ from typing import Any, TypeVar
 from ..errors import ConfigError
 
 PROVIDERS = ("openai", "anthropic", "simulated")
-DEFAULT_MODELS = {"openai": "gpt-4.1", "anthropic": "claude-sonnet-4-5",
-                  "simulated": "claude-sonnet-4-5"}
+DEFAULT_MODELS = {"openai": "gpt-4.1", "anthropic": "claude-sonnet-4-6",
+                  "simulated": "claude-sonnet-4-6"}
 _T = TypeVar("_T")
 
 

@@ -43,7 +43,8 @@ def _price(input: float, output: float, cached: float, write: float | None = Non
     return Price(input, output, cached, input if write is None else write)
 
 
-# List prices, standard tier, as published by the providers (late 2025).
+# List prices, standard tier, as published by the providers (late 2025). Newer models
+# match by prefix (claude-sonnet-4-6 -> claude-sonnet-4); check and override when it matters.
 DEFAULT_PRICES: dict[str, Price] = {
     "gpt-5": _price(1.25, 10.00, 0.125),
     "gpt-5-mini": _price(0.25, 2.00, 0.025),

@@ -19,7 +19,9 @@ _UNIT_SECONDS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_TERM = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_TERM = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+# Go's Duration is int64 nanoseconds: ParseDuration rejects anything longer.
+_MAX_SECONDS = (2**63 - 1) / 1e9
 
 
 def parse_go_duration(text: str) -> float:
@@ -41,21 +43,35 @@ def parse_go_duration(text: str) -> float:
             raise ValueError(f"invalid duration {text!r}")
         total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         pos = match.end()
-    if pos == 0:
+    if pos == 0 or not total <= _MAX_SECONDS:
         raise ValueError(f"invalid duration {text!r}")
     return sign * total
 
 
+def _fraction(value: int, digits: int) -> str:
+    whole, frac = divmod(value, 10**digits)
+    text = f"{frac:0{digits}d}".rstrip("0")
+    return f"{whole}.{text}" if text else str(whole)
+
+
 def format_go_duration(seconds: float) -> str:
-    """Format seconds the way the gateway does for the values we use ("10s", "1.5s", "500ms")."""
-    if seconds == 0:
+    """Go's ``Duration.String()`` for ``seconds`` rounded to whole nanoseconds."""
+    nanos = round(seconds * 1e9)
+    sign, nanos = ("-", -nanos) if nanos < 0 else ("", nanos)
+    if nanos == 0:
         return "0s"
-    if seconds < 1:
-        millis = seconds * 1000
-        return f"{millis:g}ms"
-    minutes, rest = divmod(seconds, 60)
-    if minutes == 0:
-        return f"{rest:g}s"
-    hours, minutes = divmod(int(minutes), 60)
-    head = f"{hours}h{minutes}m" if hours else f"{minutes}m"
-    return f"{head}{rest:g}s"
+    if nanos < 1_000:
+        return f"{sign}{nanos}ns"
+    if nanos < 1_000_000:
+        return f"{sign}{_fraction(nanos, 3)}\u00b5s"
+    if nanos < 1_000_000_000:
+        return f"{sign}{_fraction(nanos, 6)}ms"
+    whole_seconds, frac = divmod(nanos, 1_000_000_000)
+    minutes, secs = divmod(whole_seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    tail = f"{_fraction(secs * 1_000_000_000 + frac, 9)}s"
+    if hours:
+        return f"{sign}{hours}h{minutes}m{tail}"
+    if minutes:
+        return f"{sign}{minutes}m{tail}"
+    return f"{sign}{tail}"

@@ -1,0 +1,45 @@
+"""Run an in-process Worker against a DevServer, with bounded start and stop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from connect_worker.config import Config
+from connect_worker.devserver import DevServer
+from connect_worker.worker import Worker
+
+from . import apps
+
+
+def worker_config(dev: DevServer, **overrides: Any) -> Config:
+    values: dict[str, Any] = {
+        "dev": True,
+        "api_base_url": dev.api_url,
+        "http_port": None,
+        "instance_id": "engine-test-1",
+        "drain_timeout": 15.0,
+        "reply_ack_timeout": 0.5,
+        "reconnect_min_backoff": 0.02,
+        "reconnect_max_backoff": 0.2,
+    }
+    values.update(overrides)
+    return Config(**values)
+
+
+@asynccontextmanager
+async def running_worker(dev: DevServer, **overrides: Any) -> AsyncIterator[Worker]:
+    worker = Worker(worker_config(dev, **overrides), [(apps.client, apps.functions)])
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.wait_ready(), 10)
+        yield worker
+    finally:
+        worker.request_shutdown()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 20)
+        except TimeoutError:
+            worker.abort()
+            await asyncio.wait_for(task, 5)

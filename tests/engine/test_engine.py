@@ -1,0 +1,287 @@
+"""The engine against the local gateway over real loopback sockets.
+
+Every test counts what matters: step bodies executed (in the body itself),
+dispatches per job, replies received and how (socket or flush), connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from connect_worker.devserver import ConnStatus, DevServer, DevServerConfig, RunStatus
+from connect_worker.protocol import pb
+
+from .apps import probe
+from .harness import running_worker
+
+
+@pytest.fixture(autouse=True)
+def _reset_probe() -> None:
+    probe.reset()
+
+
+@pytest.fixture
+async def dev() -> AsyncIterator[DevServer]:
+    async with DevServer(DevServerConfig.fast()) as server:
+        yield server
+
+
+def fast_dev(**changes: object) -> DevServer:
+    return DevServer(DevServerConfig.fast(**changes))
+
+
+def reply_for(dev: DevServer, request_id: str) -> list[float]:
+    """When each reply (socket or flush) for ``request_id`` reached the gateway."""
+    return [r.ts for r in dev.replies + dev.flushes if r.request_id == request_id]
+
+
+def step_dispatch(dev: DevServer, slug_suffix: str, dispatches: int = 2) -> str:
+    """The request that ran the function's step: the first dispatch (the second is the
+    discovery call that returns the function's result)."""
+    ids = [d.request_id for d in dev.dispatches if d.function_slug.endswith(slug_suffix)]
+    assert len(ids) == dispatches, ids
+    return ids[0]
+
+
+async def test_three_step_function_runs_each_step_exactly_once(dev: DevServer) -> None:
+    async with running_worker(dev):
+        [run_id] = await dev.send_event("t/three", {})
+        run = await dev.wait_for_run(run_id, timeout=15)
+    assert run.status is RunStatus.COMPLETED
+    assert run.output == ["A", "B", "C"]
+    assert probe.counts == {"a": 1, "b": 1, "c": 1}
+    assert set(dev.dispatch_counts_by_job().values()) == {1}
+    assert not dev.errors
+
+
+async def test_twenty_concurrent_runs_complete(dev: DevServer) -> None:
+    async with running_worker(dev):
+        run_ids = [rid for _ in range(20) for rid in await dev.send_event("t/three", {})]
+        runs = [await dev.wait_for_run(rid, timeout=30) for rid in run_ids]
+    assert {r.status for r in runs} == {RunStatus.COMPLETED}
+    assert probe.counts == {"a": 20, "b": 20, "c": 20}
+    assert set(dev.dispatch_counts_by_job().values()) == {1}
+
+
+async def test_step_lasting_several_leases_is_not_redispatched() -> None:
+    async with fast_dev(lease_duration=0.6, extend_lease_interval=0.15,
+                        lease_check_interval=0.1, lease_grace=0.1) as dev:
+        async with running_worker(dev):
+            [run_id] = await dev.send_event("t/slow", {"seconds": 2.5})
+            run = await dev.wait_for_run(run_id, timeout=20)
+        extensions = [e for e in dev.timeline if e.kind == "WORKER_REQUEST_EXTEND_LEASE"]
+    assert run.status is RunStatus.COMPLETED
+    assert probe.counts == {"slow": 1}
+    assert set(dev.dispatch_counts_by_job().values()) == {1}
+    assert len(extensions) >= 10  # 2.5 s of step / 0.15 s interval, minus slack
+
+
+@pytest.mark.parametrize("step_ends", ["after_swap", "during_reconnect"])
+async def test_gateway_closing_mid_step(step_ends: str) -> None:
+    async with fast_dev(gateway_groups=("gw-a", "gw-b"), drain_window=5.0) as dev:
+        async with running_worker(dev):
+            [run_id] = await dev.send_event("t/gated", {})
+            await probe.wait_started("gated")
+            [old] = dev.live_connections
+            if step_ends == "during_reconnect":
+                dev.faults.start_delay = 0.5
+                probe.gates["gated"].set()
+            closing = asyncio.create_task(dev.gateway_closing(old.conn_id))
+            await dev.wait_for(lambda: any(c.conn_id != old.conn_id and c.status is
+                                           ConnStatus.READY for c in dev.connections), 10)
+            probe.gates["gated"].set()
+            run = await dev.wait_for_run(run_id, timeout=15)
+            await asyncio.wait_for(closing, 10)
+        request_id = step_dispatch(dev, "gated")
+        new = next(c for c in dev.connections if c.conn_id != old.conn_id)
+        timeline = list(dev.timeline)
+    assert run.status is RunStatus.COMPLETED
+    assert probe.counts == {"gated": 1}
+    assert set(dev.dispatch_counts_by_job().values()) == {1}
+    # The reply reached the gateway within a second of the step's end.
+    assert min(reply_for(dev, request_id)) - probe.ended_at["gated"] < 1.0
+    # The replacement excluded the draining gateway and was READY before the old socket closed.
+    assert dev.start_calls[-1].exclude_gateways == [old.gateway_group]
+    assert new.gateway_group != old.gateway_group
+    ready_at = min(e.ts for e in timeline if e.kind == "WORKER_READY" and e.conn_id == new.conn_id)
+    assert old.closed_at is not None and ready_at < old.closed_at
+    assert old.close_code == 1000
+
+
+@pytest.mark.parametrize("step_ends", ["after_reconnect", "during_reconnect"])
+async def test_socket_drop_mid_step(step_ends: str) -> None:
+    async with fast_dev() as dev:
+        async with running_worker(dev) as worker:
+            [run_id] = await dev.send_event("t/gated", {})
+            await probe.wait_started("gated")
+            [old] = dev.live_connections
+            if step_ends == "during_reconnect":
+                dev.faults.start_delay = 1.5
+            await dev.drop_socket(old.conn_id)
+            if step_ends == "during_reconnect":
+                probe.gates["gated"].set()
+            await asyncio.wait_for(worker.wait_ready(), 10)
+            probe.gates["gated"].set()
+            run = await dev.wait_for_run(run_id, timeout=15)
+        request_id = step_dispatch(dev, "gated")
+    assert run.status is RunStatus.COMPLETED
+    assert probe.counts == {"gated": 1}
+    assert set(dev.dispatch_counts_by_job().values()) == {1}
+    assert min(reply_for(dev, request_id)) - probe.ended_at["gated"] < 1.0
+    instance_ids = {c.instance_id for c in dev.connections}
+    assert len(dev.connections) == 2 and instance_ids == {"engine-test-1"}
+
+
+async def test_withheld_reply_ack_is_flushed() -> None:
+    async with fast_dev() as dev:
+        dev.faults.withhold_reply_ack = True
+        async with running_worker(dev, reply_ack_timeout=0.3):
+            [run_id] = await dev.send_event("t/three", {})
+            run = await dev.wait_for_run(run_id, timeout=15)
+            await dev.wait_for(lambda: len(dev.flushes) >= 4, 5)
+    assert run.status is RunStatus.COMPLETED
+    assert probe.counts == {"a": 1, "b": 1, "c": 1}
+    flushed = {f.request_id for f in dev.flushes}
+    assert flushed == {d.request_id for d in dev.dispatches}
+
+
+def executor_request(app_name: str, slug: str, request_id: str) -> bytes:
+    return bytes(pb.GatewayExecutorRequestData(
+        request_id=request_id, app_name=app_name, function_slug=slug, run_id="01RUN",
+        lease_id="01LEASE", job_id="job-1", request_payload=b"{}",
+        system_trace_ctx=b"{}", user_trace_ctx=b"{}",
+    ).SerializeToString())
+
+
+@pytest.mark.parametrize(("app", "slug"), [("ghost-app", "ghost-app-x"), ("engine", "engine-nope")])
+async def test_unknown_app_or_function_gets_an_error_reply_at_once(
+    dev: DevServer, app: str, slug: str
+) -> None:
+    async with running_worker(dev):
+        [conn] = dev.live_connections
+        sent_at = time.time()
+        await dev.send_message(conn.conn_id, pb.GatewayMessageType.GATEWAY_EXECUTOR_REQUEST,
+                               executor_request(app, slug, "01UNKNOWN"))
+        await dev.wait_for(lambda: bool(reply_for(dev, "01UNKNOWN")), 5)
+    [reply] = [r for r in dev.replies if r.request_id == "01UNKNOWN"]
+    assert reply.response.status == pb.SDKResponseStatus.ERROR
+    assert reply.ts - sent_at < 1.0
+    assert slug in reply.response.body.decode() or app in reply.response.body.decode()
+
+
+async def test_garbage_and_unknown_kinds_do_not_break_the_connection(dev: DevServer) -> None:
+    async with running_worker(dev):
+        [conn] = dev.live_connections
+        await dev.send_raw(conn.conn_id, b"\xff\x00\x13 not protobuf")
+        await dev.send_raw(conn.conn_id, "a text frame")
+        await dev.send_message(conn.conn_id, 99, b"future payload")
+        await dev.send_message(conn.conn_id, pb.GatewayMessageType.GATEWAY_EXECUTOR_REQUEST,
+                               b"\x0a\xff\xff")  # truncated field
+        await dev.send_message(conn.conn_id, pb.GatewayMessageType.WORKER_REPLY, b"")
+        [run_id] = await dev.send_event("t/three", {})
+        run = await dev.wait_for_run(run_id, timeout=15)
+    assert run.status is RunStatus.COMPLETED
+    assert len(dev.connections) == 1 and len(dev.start_calls) == 1
+
+
+async def test_blocking_step_cannot_starve_heartbeats_or_leases() -> None:
+    # The step freezes its own event loop for > 5 heartbeat intervals and > 2 leases.
+    async with fast_dev(heartbeat_interval=0.2, heartbeat_miss_close=0.7, heartbeat_stale=0.5,
+                        lease_duration=0.6, extend_lease_interval=0.15,
+                        lease_check_interval=0.1, lease_grace=0.1) as dev:
+        async with running_worker(dev):
+            [conn] = dev.live_connections
+            before = conn.heartbeats
+            [run_id] = await dev.send_event("t/blocking", {"seconds": 1.5})
+            run = await dev.wait_for_run(run_id, timeout=15)
+            during = conn.heartbeats - before
+    assert run.status is RunStatus.COMPLETED
+    assert probe.counts == {"blocking": 1}
+    assert set(dev.dispatch_counts_by_job().values()) == {1}
+    assert len(dev.connections) == 1
+    assert during >= 5
+
+
+async def test_sync_function_sees_its_request_identity(dev: DevServer) -> None:
+    async with running_worker(dev):
+        [run_id] = await dev.send_event("t/sync", {})
+        run = await dev.wait_for_run(run_id, timeout=15)
+    assert run.status is RunStatus.COMPLETED
+    assert run.output in {d.job_id for d in dev.dispatches}
+
+
+async def test_shutdown_mid_step_pauses_finishes_and_closes_cleanly(dev: DevServer) -> None:
+    async with running_worker(dev) as worker:
+        [run_id] = await dev.send_event("t/gated", {})
+        await probe.wait_started("gated")
+        [conn] = dev.live_connections
+        worker.request_shutdown()
+        await dev.wait_for(lambda: conn.paused, 5)
+        assert not worker.ready
+        probe.gates["gated"].set()
+        await dev.wait_for(lambda: conn.close_code is not None, 10)
+    # Only the step ran here: the run's next call waits for another worker.
+    request_id = step_dispatch(dev, "gated", dispatches=1)
+    [reply] = [r for r in dev.replies if r.request_id == request_id]
+    assert reply.acked
+    assert (conn.close_code, conn.close_reason) == (1000, "WORKER_SHUTDOWN")
+    assert worker.exit_code == 0
+    assert probe.counts == {"gated": 1}
+    # The step's discovery continues elsewhere later; this worker took nothing after PAUSE.
+    pause_at = next(e.ts for e in dev.timeline if e.kind == "WORKER_PAUSE")
+    assert not [d for d in dev.dispatches if d.conn_id == conn.conn_id and d.sent_at > pause_at]
+    assert dev.runs[run_id].status is not RunStatus.FAILED
+
+
+async def test_lease_nack_cancels_the_step_and_sends_no_reply() -> None:
+    async with fast_dev(lease_duration=0.6, extend_lease_interval=0.15, lease_check_interval=0.1,
+                        lease_grace=0.1) as dev:
+        first: list[str] = []
+
+        def nack_first(request_id: str) -> bool:
+            first.append(request_id)
+            return request_id == first[0]
+
+        dev.faults.nack_extensions = nack_first
+        async with running_worker(dev):
+            [run_id] = await dev.send_event("t/gated", {})
+            await dev.wait_for(lambda: len(dev.dispatches) >= 2, 10)
+            probe.gates["gated"].set()
+            run = await dev.wait_for_run(run_id, timeout=15)
+    assert run.status is RunStatus.COMPLETED
+    assert probe.cancelled == {"gated": 1}
+    assert not reply_for(dev, first[0])
+
+
+async def test_start_failures_are_retried_until_it_connects() -> None:
+    async with fast_dev() as dev:
+        dev.faults.start_failures = [500, 502, 429, 500, 503, 500]
+        async with running_worker(dev, reconnect_max_backoff=0.05):
+            [run_id] = await dev.send_event("t/three", {})
+            run = await dev.wait_for_run(run_id, timeout=15)
+    assert run.status is RunStatus.COMPLETED
+    assert [c.status for c in dev.start_calls[:7]] == [500, 502, 429, 500, 503, 500, 200]
+
+
+async def test_max_worker_concurrency_is_honoured(dev: DevServer) -> None:
+    async with running_worker(dev, max_worker_concurrency=2):
+        run_ids = [rid for _ in range(6) for rid in await dev.send_event("t/slow",
+                                                                          {"seconds": 0.3})]
+        runs = [await dev.wait_for_run(rid, timeout=20) for rid in run_ids]
+    assert {r.status for r in runs} == {RunStatus.COMPLETED}
+    assert probe.max_running <= 2
+    assert dev.connections[0].max_worker_concurrency == 2
+
+
+async def test_handshake_uses_manual_readiness_and_identifies_the_worker(dev: DevServer) -> None:
+    async with running_worker(dev, app_version="build-42"):
+        [conn] = dev.live_connections
+    assert conn.manual_readiness is True
+    assert conn.app_version == {"engine": "build-42"}
+    request = conn.connect_request
+    assert request.instance_id == "engine-test-1"
+    assert request.framework == "connect"
