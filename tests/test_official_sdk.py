@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 from collections import Counter
 
 import inngest
@@ -65,3 +66,100 @@ async def test_official_sdk_completes_three_step_run() -> None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+
+class _SDKWorker:
+    """Runs the official SDK's Connect client as a task; always stopped on exit."""
+
+    def __init__(self, dev: DevServer, fns: list[inngest.Function[object]],
+                 client: inngest.Inngest, instance_id: str = "contract-1") -> None:
+        self.dev = dev
+        self.conn = connect([(client, fns)], instance_id=instance_id, shutdown_signals=[])
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _SDKWorker:
+        self.task = asyncio.create_task(self.conn.start())
+        await self.dev.wait_for_connection(timeout=15)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.task is not None
+        try:
+            await asyncio.wait_for(self.conn.close(wait=True), 15)
+            await asyncio.wait_for(self.task, 15)
+        finally:
+            if not self.task.done():
+                self.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self.task
+
+
+def _client(dev: DevServer, app_id: str = "contract-app") -> inngest.Inngest:
+    return inngest.Inngest(app_id=app_id, is_production=False, api_base_url=dev.api_url,
+                           event_api_base_url=dev.api_url)
+
+
+async def test_official_sdk_parallel_sleep_and_retry() -> None:
+    cfg = DevServerConfig.fast(interval_format="seconds")
+    async with DevServer(cfg) as dev:
+        client = _client(dev)
+        executions: Counter[str] = Counter()
+
+        @client.create_function(fn_id="mixed", trigger=inngest.TriggerEvent(event="contract/mixed"),
+                                retries=2)
+        async def mixed(ctx: inngest.Context) -> list[object]:
+            async def body(name: str) -> str:
+                executions[name] += 1
+                if name == "flaky" and ctx.attempt == 0:
+                    raise ValueError("first attempt fails")
+                return name
+
+            p = await ctx.group.parallel((
+                lambda: ctx.step.run("p1", body, "p1"),
+                lambda: ctx.step.run("p2", body, "p2"),
+            ))
+            await ctx.step.sleep("nap", datetime.timedelta(milliseconds=300))
+            flaky = await ctx.step.run("flaky", body, "flaky")
+            return [*p, flaky]
+
+        async with _SDKWorker(dev, [mixed], client):
+            run = await dev.wait_for_run((await dev.send_event("contract/mixed"))[0])
+            assert run.status is RunStatus.COMPLETED, dev.dump()
+            assert run.output == ["p1", "p2", "flaky"]
+            assert executions == {"p1": 1, "p2": 1, "flaky": 2}
+            kinds = [h["type"] for h in run.history]
+            assert kinds.count("step_planned") == 2
+            assert "sleep" in kinds and "step_errored" in kinds
+            targeted = {d.step_id for d in dev.dispatches} - {"step"}
+            assert len(targeted) == 2
+
+
+async def test_official_sdk_extends_leases_and_flushes_unacked_reply() -> None:
+    cfg = DevServerConfig.fast(interval_format="seconds", lease_duration=1.5,
+                               lease_check_interval=0.2, lease_grace=0.2)
+    async with DevServer(cfg) as dev:
+        client = _client(dev)
+        dev.faults.withhold_reply_ack = True
+
+        @client.create_function(fn_id="slow", trigger=inngest.TriggerEvent(event="contract/slow"))
+        async def slow(ctx: inngest.Context) -> str:
+            async def work() -> str:
+                await asyncio.sleep(2.5)  # longer than the lease: needs extensions
+                return "slept"
+
+            return await ctx.step.run("work", work)
+
+        async with _SDKWorker(dev, [slow], client):
+            run_id = (await dev.send_event("contract/slow"))[0]
+            # The step reply is never ACKed on the socket: the SDK flushes it over
+            # HTTP after extend_lease_interval; flush must accept its body.
+            await dev.wait_for(lambda: len(dev.flushes) >= 1, timeout=10)
+            dev.faults.withhold_reply_ack = False
+            run = await dev.wait_for_run(run_id, timeout=15)
+            assert run.status is RunStatus.COMPLETED, dev.dump()
+            assert run.output == "slept"
+            extends = [t for t in dev.timeline if t.kind == "WORKER_REQUEST_EXTEND_LEASE"]
+            assert len(extends) >= 2
+            # Every extension was granted: no step was retried.
+            assert all(n == 1 for n in dev.dispatch_counts_by_job().values())
+            assert dev.flushes[0].request_id == dev.replies[0].request_id

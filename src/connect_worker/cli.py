@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import anyio
+from anyio.abc import TaskStatus
 
 from . import __version__
 from .config import SETTINGS, Config
@@ -107,8 +108,18 @@ def _configure_logging(config: Config | None) -> None:
     )
 
 
+def _exit_before_start(signum: int, frame: object) -> None:
+    # Nothing can be in flight before the worker runs: stop at once, cleanly.
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        # Until the worker's own handlers are installed (after imports and config), a
+        # SIGTERM must still end the process cleanly rather than by the default action.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _exit_before_start)
     if args.command == "dev":
         _configure_logging(None)
         return _dev(args)
@@ -148,7 +159,7 @@ async def serve(config: Config, apps: Sequence[App]) -> int:
     metrics = WorkerMetrics(REGISTRY)
     worker = Worker(config, apps, metrics=metrics)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch_signals, worker)
+        await tg.start(_watch_signals, worker)
         if config.http_port is None:
             code = await worker.run()
         else:
@@ -162,8 +173,9 @@ async def serve(config: Config, apps: Sequence[App]) -> int:
     return code
 
 
-async def _watch_signals(worker: Worker) -> None:
+async def _watch_signals(worker: Worker, *, task_status: TaskStatus[None]) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         count = 0
         async for signum in signals:
             count += 1

@@ -131,7 +131,7 @@ class WorkerMetrics:
         )
         self.drain_started_timestamp_seconds = Gauge(
             "connect_worker_drain_started_timestamp_seconds",
-            "Unix time the current drain started (SIGTERM); 0 while not draining.",
+            "Unix time the last drain started (SIGTERM); 0 before any drain.",
             registry=r,
         )
         self.steps_abandoned_total = Counter(

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from ..protocol import pb
+from ..protocol.durations import parse_go_duration
 from .core import ACCOUNT_ID, ENV_ID, Core, app_uuid, function_uuid
 from .gateway import Gateway
 from .state import Dispatch, Event, Run, RunStatus
@@ -80,8 +81,6 @@ def _parse_wake(name: str, opts: Any) -> float:
     with contextlib.suppress(ValueError):
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
         return max(0.0, when.timestamp() - time.time())
-    from ..protocol.durations import parse_go_duration
-
     with contextlib.suppress(ValueError):
         return max(0.0, parse_go_duration(text))
     return 0.0

@@ -16,6 +16,7 @@ from .executor import Executor
 from .gateway import Gateway
 from .state import (
     ConnectionInfo,
+    ConnStatus,
     Dispatch,
     Event,
     Faults,
@@ -192,8 +193,6 @@ class DevServer:
         timeout: float = 10.0,  # noqa: ASYNC109
     ) -> ConnectionInfo:
         """Wait for a READY connection (matching ``predicate`` if given) and return it."""
-        from .state import ConnStatus
-
         def find() -> ConnectionInfo | None:
             for info in self.live_connections:
                 if info.status is ConnStatus.READY and (predicate is None or predicate(info)):

@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from ..protocol import pb
+from ..protocol.durations import parse_go_duration
 from .config import DevServerConfig
 from .server import DevServer
 
@@ -364,8 +365,6 @@ class ScriptedWorker:
     async def _heartbeats(self) -> None:
         interval = 1.0
         if self.ready is not None:
-            from ..protocol.durations import parse_go_duration
-
             interval = parse_go_duration(self.ready.heartbeat_interval or "10s")
         while True:
             with contextlib.suppress(ConnectionClosed):

@@ -1,0 +1,177 @@
+"""Worker processes for drain tests, the deploy simulator and the demo.
+
+``WorkerProcess`` runs ``python -m connect_worker run TARGET`` as a real
+subprocess against a DevServer, parses its JSON log lines as they arrive, and
+lets the caller wait for readiness, send real signals and collect the exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .server import DevServer
+from .state import ConnectionInfo
+
+
+@dataclass
+class WorkerProcess:
+    """One ``connect-worker run`` subprocess."""
+
+    target: str
+    api_url: str
+    instance_id: str
+    app_version: str | None = None
+    drain_timeout: float = 20.0
+    env: dict[str, str] = field(default_factory=dict)
+    autostart: bool = True
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    started_at: float = 0.0
+    signalled_at: float | None = None
+    exited_at: float | None = None
+    returncode: int | None = None
+    _proc: asyncio.subprocess.Process | None = None
+    _reader: asyncio.Task[None] | None = None
+    _log_changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def environment(self) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith(("INNGEST_", "CONNECT_WORKER_", "RAILWAY_"))}
+        env = {
+            **base,
+            "INNGEST_DEV": "1",
+            "INNGEST_API_BASE_URL": self.api_url,
+            "CONNECT_WORKER_INSTANCE_ID": self.instance_id,
+            "CONNECT_WORKER_HTTP_PORT": "off",
+            "CONNECT_WORKER_LOG_FORMAT": "json",
+            "CONNECT_WORKER_DRAIN_TIMEOUT": str(self.drain_timeout),
+            "CONNECT_WORKER_REPLY_ACK_TIMEOUT": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        if self.app_version:
+            env["CONNECT_WORKER_APP_VERSION"] = self.app_version
+        env.update(self.env)
+        return env
+
+    async def start(self) -> None:
+        if self._proc is not None:
+            return
+        self.started_at = time.time()
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "connect_worker", "run", self.target,
+            env=self.environment(), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.create_task(self._read_logs())
+
+    async def _read_logs(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        async for raw in self._proc.stderr:
+            line = raw.decode(errors="replace").strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = {"event": "stderr", "message": line}
+            record.setdefault("received_at", time.time())
+            self.logs.append(record)
+            self._log_changed.set()
+            self._log_changed = asyncio.Event()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.logs if r.get("event") == name]
+
+    async def wait_log(self, name: str, timeout: float = 10.0) -> dict[str, Any]:  # noqa: ASYNC109
+        """Wait until the process logged event ``name``; return the first such record."""
+        async with asyncio.timeout(timeout):
+            while True:
+                found = self.events(name)
+                if found:
+                    return found[0]
+                if self.returncode is not None or (self._reader and self._reader.done()):
+                    raise RuntimeError(f"{self.instance_id} exited before logging {name}:\n"
+                                       + self.tail())
+                await self._log_changed.wait()
+
+    async def wait_ready(self, dev: DevServer, timeout: float = 15.0) -> ConnectionInfo:  # noqa: ASYNC109
+        """Wait until this worker has a READY connection on ``dev``."""
+        try:
+            return await dev.wait_for_connection(
+                lambda c: c.instance_id == self.instance_id, timeout=timeout
+            )
+        except TimeoutError as exc:
+            raise TimeoutError(f"{self.instance_id} not ready:\n{self.tail()}") from exc
+
+    def send_signal(self, signum: int = signal.SIGTERM) -> None:
+        assert self._proc is not None
+        if self.signalled_at is None:
+            self.signalled_at = time.time()
+        self._proc.send_signal(signum)
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+
+    async def wait(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109
+        """Wait for exit; returns the exit code (kills the process on timeout)."""
+        assert self._proc is not None
+        try:
+            self.returncode = await asyncio.wait_for(self._proc.wait(), timeout)
+        except TimeoutError:
+            self.kill()
+            self.returncode = await self._proc.wait()
+            raise TimeoutError(f"{self.instance_id} did not exit in {timeout} s:\n"
+                               + self.tail()) from None
+        self.exited_at = time.time()
+        if self._reader is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reader, 5)
+        return self.returncode
+
+    async def stop(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109
+        """SIGTERM and wait (the normal way a deploy stops a worker)."""
+        if self._proc is None:
+            return 0
+        if self._proc.returncode is None:
+            self.send_signal(signal.SIGTERM)
+        return await self.wait(timeout)
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(json.dumps(r) for r in self.logs[-lines:])
+
+    async def __aenter__(self) -> WorkerProcess:
+        """Start the process (unless ``autostart`` is off); kill it on exit if still alive."""
+        if self.autostart:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGKILL)
+            await self._proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+
+def read_executions(path: str) -> list[dict[str, Any]]:
+    """Step-body executions recorded by examples.pipeline (one JSON line each)."""
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
