@@ -88,4 +88,17 @@ def sync_report(ctx: inngest.ContextSync) -> str:
     return ctx.step.run("work", work)
 
 
-functions = [report, blocking, sync_report]
+@client.create_function(fn_id="long-report", trigger=inngest.TriggerEvent(event="report/long"))
+async def long_report(ctx: inngest.Context) -> list[str]:
+    """A report of ``sections`` LLM-like steps (default 7), as the team's real reports are."""
+    sections = int(ctx.event.data.get("sections", 7))
+
+    async def write(index: int) -> str:
+        record(f"section-{index}", ctx.run_id)
+        await asyncio.sleep(_step_seconds())
+        return f"section {index}"
+
+    return [await ctx.step.run(f"section-{i}", write, i) for i in range(sections)]
+
+
+functions = [report, long_report, blocking, sync_report]

@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("target", metavar="TARGET", nargs="?", help="as for `run` (optional)")
     _add_settings(check)
 
+    commands.add_parser(
+        "simulate-deploy", add_help=False,
+        help="rolling deploys of real workers on the local gateway, under load "
+        "(see simulate-deploy --help)",
+    )
     dev = commands.add_parser("dev", help="run the local Connect gateway (for development)")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=8288, help="API port (start, flush, events)")
@@ -114,6 +119,11 @@ def _exit_before_start(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate-deploy"]:
+        from .simulate import main as simulate
+
+        return simulate(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "run":
         # Until the worker's own handlers are installed (after imports and config), a

@@ -243,3 +243,26 @@ async def test_weighted_routing_prefers_newest_group() -> None:
                 await dev.wait_for_run(r)
             picks = Counter(d.conn_id for d in dev.dispatches)
             assert picks[new.conn_id] > picks[old.conn_id] > 0
+
+
+async def test_worker_groups_sync_and_rollback_hazard() -> None:
+    """A group is synced once; a re-created old group reverts the app config (§5.5)."""
+    async with DevServer(fast_config()) as dev:
+        async with scripted_worker(dev, fn_ids=("one",), instance_id="v1") as v1:
+            await v1.connect()
+            async with scripted_worker(dev, fn_ids=("one",), instance_id="v1b") as v1b:
+                await v1b.connect()
+                await dev.wait_for(lambda: len(dev.live_connections) == 2)
+                assert len(dev.syncs) == 1  # same hash: reused, no second sync
+            async with scripted_worker(dev, fn_ids=("one", "two"), instance_id="v2") as v2:
+                await v2.connect()
+                await dev.wait_for(lambda: len(dev.syncs) == 2)
+                assert dev.syncs[-1].changed
+                assert set(dev.functions["test-app"]) == {"test-app-one", "test-app-two"}
+        await dev.wait_for(lambda: not dev.live_connections)
+        # v1's group vanished with its last connection: reconnecting re-syncs the
+        # old config (rollback).
+        async with scripted_worker(dev, fn_ids=("one",), instance_id="v1") as again:
+            await again.connect()
+            await dev.wait_for(lambda: len(dev.syncs) == 3)
+            assert set(dev.functions["test-app"]) == {"test-app-one"}

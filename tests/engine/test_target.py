@@ -30,8 +30,8 @@ def write(tmp_path: Path, name: str, body: str) -> Path:
 def test_module_default_attributes() -> None:
     [(client, functions)] = load_target("examples.pipeline")
     assert client.app_id == "pipeline"
-    assert {fn.id for fn in functions} == {"pipeline-report", "pipeline-blocking",
-                                           "pipeline-sync-report"}
+    assert {fn.id for fn in functions} == {"pipeline-report", "pipeline-long-report",
+                                           "pipeline-blocking", "pipeline-sync-report"}
 
 
 def test_file_path_and_attr(tmp_path: Path) -> None:

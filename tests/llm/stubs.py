@@ -132,7 +132,11 @@ class StubProvider:
             writer.write(body)
             await writer.drain()
             return
-        text = reply.text if reply.text is not None else f"answer to: {seen.prompt[-200:]}"
+        text = reply.text
+        if text is None:
+            json_mode = seen.body.get("response_format", {}).get("type") == "json_object"
+            text = (json.dumps({"answer": seen.prompt[-80:]}) if json_mode
+                    else f"answer to: {seen.prompt[-200:]}")
         model = str(seen.body.get("model"))
         out = reply.output_tokens if reply.output_tokens is not None else len(text.split())
         build = _openai if self.kind == "openai" else _anthropic

@@ -18,6 +18,7 @@ from .state import (
     Run,
     RunStatus,
     StartCall,
+    SyncRecord,
     TimelineEntry,
 )
 from .ulid import is_ulid, new_ulid
@@ -35,6 +36,7 @@ __all__ = [
     "Run",
     "RunStatus",
     "StartCall",
+    "SyncRecord",
     "TimelineEntry",
     "is_ulid",
     "new_ulid",

@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from google.protobuf.message import DecodeError
 
@@ -93,12 +94,23 @@ class API:
         self.state.notify()
         resp = pb.StartResponse(
             connection_id=conn_id,
-            gateway_endpoint=self.gateway.urls[group],
+            gateway_endpoint=self._endpoint(group, headers.get("host")),
             gateway_group=group,
             session_token=session.token,
             sync_token=bearer,
         )
         return Response(200, resp.SerializeToString(), PROTOBUF)
+
+    def _endpoint(self, group: str, host_header: str | None) -> str:
+        """Like the dev server: the gateway URL uses the hostname the client used."""
+        if not host_header:
+            return self.gateway.urls[group]
+        hostname = urlsplit(f"//{host_header}").hostname or ""
+        if not hostname:
+            return self.gateway.urls[group]
+        if ":" in hostname:
+            hostname = f"[{hostname}]"
+        return f"ws://{hostname}:{self.gateway.ports[group]}/v0/connect"
 
     async def flush(self, request: Request) -> Response:
         ok, _ = check_authorization(request.headers.get("authorization"), self.config.signing_key)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -29,7 +30,7 @@ from websockets.typing import Subprotocol
 from ..protocol import pb
 from ..protocol.durations import format_go_duration
 from .core import ACCOUNT_ID, Core, Session
-from .state import ConnectionInfo, ConnStatus, Phase, check
+from .state import ConnectionInfo, ConnStatus, Phase, SyncRecord, check
 from .ulid import is_ulid
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class Gateway:
         self.config = core.config
         self.live: dict[str, GatewayConnection] = {}
         self.urls: dict[str, str] = {}
+        self.ports: dict[str, int] = {}
         self.draining_groups: set[str] = set()
         self._servers: list[Server] = []
         self._handlers: set[asyncio.Task[None]] = set()
@@ -140,6 +142,7 @@ class Gateway:
             )
             self._servers.append(server)
             port = next(iter(server.sockets)).getsockname()[1]
+            self.ports[group] = port
             self.urls[group] = f"ws://{host}:{port}/v0/connect"
 
     async def close(self) -> None:
@@ -155,7 +158,9 @@ class Gateway:
                     await server.wait_closed()
         self._servers.clear()
 
-    def _make_process_request(self, group: str) -> Any:
+    def _make_process_request(
+        self, group: str
+    ) -> Callable[[ServerConnection, Request], Response | None]:
         def process_request(connection: ServerConnection, request: Request) -> Response | None:
             path = request.path.split("?", 1)[0]
             if path == "/ready":
@@ -168,7 +173,7 @@ class Gateway:
 
         return process_request
 
-    def _make_handler(self, group: str) -> Any:
+    def _make_handler(self, group: str) -> Callable[[ServerConnection], Awaitable[None]]:
         async def handler(ws: ServerConnection) -> None:
             task = asyncio.current_task()
             assert task is not None
@@ -244,11 +249,13 @@ class Gateway:
         msg = pb.ConnectMessage()
         if not _parse(msg, frame):
             raise _HandshakeError(1008, HELLO_INVALID_MSG)
-        self.state.record("in", kind_name(msg.kind))
         if msg.kind != Kind.WORKER_CONNECT:
+            self.state.record("in", kind_name(msg.kind))
             raise _HandshakeError(1008, HELLO_INVALID_MSG)
         req = pb.WorkerConnectRequestData()
-        if not _parse(req, msg.payload):
+        parsed = _parse(req, msg.payload)
+        self.state.record("in", "WORKER_CONNECT", req.connection_id if parsed else None)
+        if not parsed:
             raise _HandshakeError(1008, HELLO_INVALID_PAYLOAD)
         if not is_ulid(req.connection_id) or not req.instance_id:
             raise _HandshakeError(1008, HELLO_INVALID_PAYLOAD)
@@ -354,9 +361,16 @@ class Gateway:
             return False
         now = time.time()
         for app, functions in configs.items():
-            self.state.functions[app] = {f["id"]: f for f in functions}
             conn.info.functions[app] = [f["id"] for f in functions]
-            self.state.groups.setdefault(conn.info.group_hashes[app], now)
+            group = conn.info.group_hashes[app]
+            if group in self.state.groups:
+                # An existing, synced worker group is reused without a sync.
+                continue
+            self.state.groups[group] = now
+            new = {f["id"]: f for f in functions}
+            changed = self.state.functions.get(app) != new
+            self.state.functions[app] = new
+            self.state.syncs.append(SyncRecord(now, app, group, conn.info.conn_id, changed))
         self.state.notify()
         return True
 

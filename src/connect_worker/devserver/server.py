@@ -23,6 +23,7 @@ from .state import (
     ReplyRecord,
     Run,
     StartCall,
+    SyncRecord,
     TimelineEntry,
 )
 
@@ -143,6 +144,10 @@ class DevServer:
     @property
     def functions(self) -> dict[str, dict[str, dict[str, Any]]]:
         return self.core.state.functions
+
+    @property
+    def syncs(self) -> list[SyncRecord]:
+        return self.core.state.syncs
 
     @property
     def errors(self) -> list[str]:

@@ -156,6 +156,17 @@ class StartCall:
 
 
 @dataclass
+class SyncRecord:
+    """One app sync (the in-process ``/fn/register``): a new worker group appeared."""
+
+    ts: float
+    app: str
+    group_hash: str
+    conn_id: str
+    changed: bool  # the app's function configuration differs from before
+
+
+@dataclass
 class TimelineEntry:
     ts: float
     direction: str  # "in" (worker -> devserver) or "out"
@@ -295,6 +306,7 @@ class DevState:
         self.functions: dict[str, dict[str, dict[str, Any]]] = {}
         # worker group hash -> creation time (deleted with its last connection)
         self.groups: dict[str, float] = {}
+        self.syncs: list[SyncRecord] = []
         self.errors: list[str] = []
         self._changed = asyncio.Event()
         self._timeline_file: TextIO | None = None

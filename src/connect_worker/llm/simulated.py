@@ -73,9 +73,16 @@ class SimulatedProvider:
         return Answer(text, usage, f"sim_{call.digest()[:20]}", call.model, "stop")
 
 
+_SKIP = set("string return shaped heading title about write which their there these those "
+            "should would could section sections words sentence report using where exactly "
+            "answer order reading before after every".split())
+_SHORT_KEYS = {"title", "heading", "name", "question", "owner", "confidence", "signal"}
+
+
 def _words(call: Call) -> list[str]:
     found = re.findall(r"[A-Za-z][a-z]{4,}", " ".join(m.content for m in call.messages))
-    return [w.lower() for w in found][:200] or list(_FILLER)
+    words = [w.lower() for w in found if w.lower() not in _SKIP][:200]
+    return words or list(_FILLER)
 
 
 def _sentence(rng: random.Random, words: list[str]) -> str:
@@ -113,12 +120,14 @@ def _skeleton(call: Call) -> Any:
     return {"answer": "string"}
 
 
-def _fill(shape: Any, rng: random.Random, words: list[str]) -> Any:
+def _fill(shape: Any, rng: random.Random, words: list[str], key: str = "") -> Any:
     if isinstance(shape, dict):
-        return {key: _fill(value, rng, words) for key, value in shape.items()}
+        return {name: _fill(value, rng, words, name) for name, value in shape.items()}
     if isinstance(shape, list):
-        return [_fill(shape[0] if shape else "string", rng, words)
+        return [_fill(shape[0] if shape else "string", rng, words, key)
                 for _ in range(rng.randint(3, 5))]
+    if key in _SHORT_KEYS:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(3, 6))).capitalize()
     if isinstance(shape, bool):
         return rng.random() < 0.5
     if isinstance(shape, int | float):

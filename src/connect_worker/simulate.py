@@ -1,0 +1,243 @@
+"""The deploy simulator: K rolling deploys of R worker replicas under a steady load.
+
+Everything is real except Inngest: the local gateway runs in this process, every
+worker is a ``connect-worker run`` subprocess, and every stop is a SIGTERM. A
+deploy replaces replicas one by one the way Railway does with a healthcheck: the
+replacement starts and becomes READY before the old process gets SIGTERM. Load
+is kept steady: a fixed number of multi-step reports in flight, a new one sent
+whenever one completes, until the last deploy is done.
+
+The table counts what a deploy can break: reports that did not complete, step
+bodies executed more than once, replies that never reached the gateway, steps
+abandoned at a drain deadline, and how long drains took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .devserver import DevServer, DevServerConfig, RunStatus
+from .devserver.fleet import WorkerProcess, read_executions
+
+TARGET = "examples.pipeline"
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    replicas: int = 3
+    deploys: int = 5
+    reports_in_flight: int = 6
+    sections: int = 7
+    step_seconds: float = 0.5
+    deploy_interval: float = 4.0
+    drain_timeout: float = 20.0
+    settle_timeout: float = 120.0
+    seed: int | None = None
+
+
+@dataclass
+class SimulationResult:
+    settings: SimulationSettings
+    reports_started: int = 0
+    reports_completed: int = 0
+    reports_failed: int = 0
+    step_executions: int = 0
+    duplicate_executions: int = 0
+    lost_replies: int = 0
+    steps_abandoned: int = 0
+    drain_seconds: list[float] = field(default_factory=list)
+    exit_codes: Counter[int] = field(default_factory=Counter)
+    wall_seconds: float = 0.0
+    workers: list[WorkerProcess] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    executions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.reports_completed == self.reports_started
+            and self.duplicate_executions == 0
+            and self.lost_replies == 0
+            and self.steps_abandoned == 0
+            and set(self.exit_codes) <= {0}
+        )
+
+    def rows(self) -> list[tuple[str, str]]:
+        drains = sorted(self.drain_seconds)
+        p50 = f"{statistics.median(drains):.2f} s" if drains else "-"
+        worst = f"{drains[-1]:.2f} s" if drains else "-"
+        codes = ", ".join(f"{code}: {n}" for code, n in sorted(self.exit_codes.items()))
+        s = self.settings
+        return [
+            ("rolling deploys", f"{s.deploys} x {s.replicas} replicas"),
+            ("reports started", str(self.reports_started)),
+            ("reports completed", str(self.reports_completed)),
+            ("reports failed", str(self.reports_failed)),
+            ("step executions", str(self.step_executions)),
+            ("duplicate executions", str(self.duplicate_executions)),
+            ("lost replies", str(self.lost_replies)),
+            ("steps interrupted or abandoned", str(self.steps_abandoned)),
+            ("drain time p50 / max (SIGTERM to exit)", f"{p50} / {worst}"),
+            ("worker exit codes (all stopped)", codes or "-"),
+            ("wall time", f"{self.wall_seconds:.1f} s"),
+        ]
+
+    def table(self) -> str:
+        width = max(len(k) for k, _ in self.rows())
+        lines = [f"{k.ljust(width)}  {v}" for k, v in self.rows()]
+        verdict = "OK: no report interrupted, repeated or lost" if self.ok else "PROBLEMS FOUND"
+        return "\n".join([*lines, verdict])
+
+
+async def run_simulation(
+    settings: SimulationSettings, *, workdir: Path | None = None, quiet: bool = True
+) -> SimulationResult:
+    """Run the simulation; the caller prints ``result.table()``."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="connect-worker-sim-"))
+    exec_log = str(workdir / "executions.jsonl")
+    config = DevServerConfig.fast(
+        gateway_groups=("gw-a", "gw-b"), lease_duration=4.0, extend_lease_interval=1.0,
+        heartbeat_interval=1.0, seed=settings.seed, retry_backoff=0.2,
+    )
+    result = SimulationResult(settings=settings)
+    started = time.monotonic()
+    async with DevServer(config) as dev:
+        version = 0
+
+        def spawn(replica: int) -> WorkerProcess:
+            process = WorkerProcess(
+                TARGET, api_url=dev.api_url, instance_id=f"v{version}-r{replica}",
+                app_version=f"v{version}", drain_timeout=settings.drain_timeout,
+                env={"STEP_SECONDS": str(settings.step_seconds),
+                     "CONNECT_WORKER_EXECUTION_LOG": exec_log},
+            )
+            result.workers.append(process)
+            return process
+
+        live = [spawn(i) for i in range(settings.replicas)]
+        try:
+            for process in live:
+                await process.start()
+            for process in live:
+                await process.wait_ready(dev)
+            run_ids: list[str] = []
+            stop_load = asyncio.Event()
+            load = asyncio.create_task(_keep_load(dev, settings, run_ids, stop_load))
+            drains: list[asyncio.Task[int]] = []
+            for _ in range(settings.deploys):
+                await asyncio.sleep(settings.deploy_interval)
+                version += 1
+                for replica in range(settings.replicas):
+                    replacement = spawn(replica)
+                    await replacement.start()
+                    await replacement.wait_ready(dev)
+                    old, live[replica] = live[replica], replacement
+                    old.send_signal()
+                    drains.append(asyncio.create_task(old.wait(settings.drain_timeout + 30)))
+                    if not quiet:
+                        print(f"  deploy v{version}: replica {replica} replaced "
+                              f"({old.instance_id} -> {replacement.instance_id})", flush=True)
+            stop_load.set()
+            await load
+            for run_id in list(run_ids):
+                await dev.wait_for_run(run_id, timeout=settings.settle_timeout)
+            await asyncio.gather(*drains, return_exceptions=True)
+            for process in live:
+                await process.stop()
+        finally:
+            for process in result.workers:
+                process.kill()
+                await process.__aexit__(None, None, None)
+        _tally(result, dev, run_ids, exec_log)
+    result.wall_seconds = time.monotonic() - started
+    return result
+
+
+async def _keep_load(dev: DevServer, settings: SimulationSettings, run_ids: list[str],
+                     stop: asyncio.Event) -> None:
+    """Keep ``reports_in_flight`` reports running until ``stop`` is set."""
+    def in_flight() -> int:
+        return sum(1 for r in run_ids if not dev.runs[r].status.terminal)
+
+    while not stop.is_set():
+        while in_flight() < settings.reports_in_flight:
+            run_ids.extend(await dev.send_event("report/long", {"sections": settings.sections}))
+        waiter = asyncio.create_task(
+            dev.wait_for(lambda: in_flight() < settings.reports_in_flight or stop.is_set(),
+                          timeout=settings.settle_timeout)
+        )
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (waiter, stopper):
+            task.cancel()
+
+
+def _tally(result: SimulationResult, dev: DevServer, run_ids: list[str], exec_log: str) -> None:
+    result.reports_started = len(run_ids)
+    statuses = Counter(dev.runs[r].status for r in run_ids)
+    result.reports_completed = statuses[RunStatus.COMPLETED]
+    result.reports_failed = statuses[RunStatus.FAILED]
+    result.executions = read_executions(exec_log)
+    counts = Counter((e["run_id"], e["step"]) for e in result.executions)
+    result.step_executions = sum(counts.values())
+    result.duplicate_executions = sum(n - 1 for n in counts.values() if n > 1)
+    delivered = {r.request_id for r in dev.replies + dev.flushes}
+    abandoned = {e.get("request_id") for w in result.workers
+                 for e in w.events("drain.step_abandoned")}
+    result.lost_replies = sum(
+        1 for d in dev.dispatches
+        if d.acked_at is not None and d.request_id not in delivered
+        and d.request_id not in abandoned
+    )
+    result.steps_abandoned = len(abandoned)
+    for process in result.workers:
+        if process.signalled_at is not None and process.exited_at is not None:
+            result.drain_seconds.append(process.exited_at - process.signalled_at)
+        if process.signalled_at is not None and process.returncode is not None:
+            result.exit_codes[process.returncode] += 1
+    result.timeline = [e.to_json() for e in dev.timeline]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="connect-worker simulate-deploy",
+        description="Rolling deploys of real worker processes on the local gateway, under load.",
+    )
+    defaults = SimulationSettings()
+    parser.add_argument("--replicas", type=int, default=defaults.replicas)
+    parser.add_argument("--deploys", type=int, default=defaults.deploys)
+    parser.add_argument("--reports-in-flight", type=int, default=defaults.reports_in_flight)
+    parser.add_argument("--sections", type=int, default=defaults.sections,
+                        help="steps per report")
+    parser.add_argument("--step-seconds", type=float, default=defaults.step_seconds)
+    parser.add_argument("--deploy-interval", type=float, default=defaults.deploy_interval,
+                        help="seconds of steady load before each deploy")
+    parser.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--json", metavar="PATH", help="also write the counts as JSON")
+    args = parser.parse_args(argv)
+    for name in ("replicas", "deploys", "reports_in_flight", "sections"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    settings = SimulationSettings(
+        replicas=args.replicas, deploys=args.deploys, reports_in_flight=args.reports_in_flight,
+        sections=args.sections, step_seconds=args.step_seconds,
+        deploy_interval=args.deploy_interval, drain_timeout=args.drain_timeout, seed=args.seed,
+    )
+    print(f"simulating {settings.deploys} rolling deploys of {settings.replicas} replicas "
+          f"({settings.reports_in_flight} reports of {settings.sections} steps in flight)...",
+          flush=True)
+    result = asyncio.run(run_simulation(settings, quiet=False))
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(result.rows()), indent=2))
+    return 0 if result.ok else 1

@@ -1,0 +1,23 @@
+"""Several replicas rolled one by one under load: the simulator, small."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from connect_worker.simulate import SimulationSettings, run_simulation
+
+
+async def test_rolling_deploys_under_load_lose_and_repeat_nothing(tmp_path: Path) -> None:
+    settings = SimulationSettings(replicas=2, deploys=2, reports_in_flight=3, sections=4,
+                                  step_seconds=0.3, deploy_interval=1.0, drain_timeout=15)
+    result = await run_simulation(settings, workdir=tmp_path)
+    assert result.reports_started >= 3
+    assert result.reports_completed == result.reports_started, result.table()
+    assert result.step_executions == result.reports_started * 4
+    assert result.duplicate_executions == 0
+    assert result.lost_replies == 0
+    assert result.steps_abandoned == 0
+    # Every replaced replica (2 deploys x 2) and the last two drained with exit 0.
+    assert result.exit_codes == {0: 6}
+    # Work really moved across versions during the deploys.
+    assert len({e["pid"] for e in result.executions}) >= 3

@@ -1,0 +1,85 @@
+"""examples.reports: three report functions of 7-10 LLM steps, run offline."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from connect_worker.devserver import DevServer
+from connect_worker.devserver.state import RunStatus
+from connect_worker.llm import LLM, LLMConfig, SimulatedProvider, SqliteCache
+from examples.reports import client, functions
+from examples.reports.pipelines import PIPELINES, Pipeline, Writer
+
+from .util import sample
+
+ROOT = Path(__file__).resolve().parents[2]
+INPUT = {"topic": "Observability for LLM applications", "audience": "CTOs",
+         "problem": "Teams cannot tell why LLM answers got worse",
+         "interview_notes": "8 interviews: no eval suite (6/8), prompt changes untracked (5/8)"}
+
+
+def test_the_app_exposes_three_report_functions() -> None:
+    assert client.app_id == "reports"
+    assert sorted(f.id for f in functions) == [
+        "generate-discovery-report", "generate-hybrid-report", "generate-report"]
+
+
+async def run_offline(pipeline: Pipeline, llm: LLM, run_id: str) -> dict[str, object]:
+    state: dict[str, object] = {"input": INPUT}
+    for step_id, step in pipeline.steps:
+        writer = Writer(llm, key=f"{run_id}:{step_id}", run_id=run_id)
+        state[step_id] = await step(writer, dict(state))
+    final = state[pipeline.steps[-1][0]]
+    assert isinstance(final, dict)
+    return final
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=[p.fn_id for p in PIPELINES])
+async def test_each_report_runs_offline_and_a_rerun_pays_nothing(
+        pipeline: Pipeline, tmp_path: Path) -> None:
+    simulated = SimulatedProvider(speedup=5_000)
+    registry = CollectorRegistry()
+    llm = LLM(LLMConfig(provider="simulated"), cache=SqliteCache(tmp_path / "c.sqlite3"),
+              registry=registry, providers={"simulated": simulated})
+
+    final = await run_offline(pipeline, llm, "run-a")
+    calls = simulated.requests
+    assert 7 <= calls <= 10
+    cost = final["cost"]
+    assert isinstance(cost, dict) and cost["calls"] == calls and cost["cost_usd"] > 0
+    assert len(str(final["markdown"])) > 5_000
+
+    again = await run_offline(pipeline, llm, "run-a")  # every step retried, in effect
+    assert simulated.requests == calls
+    assert again["markdown"] == final["markdown"]
+    hits = sum(sample(registry, "cache_hits_total", provider="simulated", model=m)
+               for m in ("claude-sonnet-4-6", "claude-haiku-4-5"))
+    assert hits == calls
+
+
+async def test_a_report_runs_on_a_worker_with_the_simulated_provider(
+        devserver: DevServer, tmp_path: Path) -> None:
+    env = {**os.environ, "INNGEST_DEV": "1", "INNGEST_API_BASE_URL": devserver.api_url,
+           "CONNECT_WORKER_HTTP_PORT": "off", "CONNECT_WORKER_LLM_PROVIDER": "simulated",
+           "CONNECT_WORKER_LLM_SIM_SPEEDUP": "200",
+           "CONNECT_WORKER_LLM_CACHE": str(tmp_path / "c.sqlite3")}
+    with open(tmp_path / "worker.log", "wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "connect_worker", "run", "examples.reports", cwd=ROOT,
+            env=env, stdout=log, stderr=log)
+        try:
+            await devserver.wait_for_connection(timeout=30)
+            (run_id,) = await devserver.send_event("reports/hybrid.requested", INPUT)
+            run = await devserver.wait_for_run(run_id, timeout=60)
+        finally:
+            proc.kill()
+            await asyncio.wait_for(proc.wait(), 10)
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert run.output["cost"]["calls"] == 9 and run.output["cost"]["cost_usd"] > 0
+    assert run.output["markdown"].startswith("# ")
