@@ -148,7 +148,7 @@ async def run_simulation(
                               f"({old.instance_id} -> {replacement.instance_id})", flush=True)
             stop_load.set()
             await load
-            for run_id in list(run_ids):
+            for run_id in run_ids:
                 await dev.wait_for_run(run_id, timeout=settings.settle_timeout)
             await asyncio.gather(*drains, return_exceptions=True)
             for process in live:
