@@ -163,3 +163,68 @@ async def test_official_sdk_extends_leases_and_flushes_unacked_reply() -> None:
             # Every extension was granted: no step was retried.
             assert all(n == 1 for n in dev.dispatch_counts_by_job().values())
             assert dev.flushes[0].request_id == dev.replies[0].request_id
+
+
+async def test_official_sdk_gateway_closing_mid_step() -> None:
+    """Appendix A run 3: the SDK reconnects and replies on the new socket."""
+    cfg = DevServerConfig.fast(interval_format="seconds", drain_window=5.0)
+    async with DevServer(cfg) as dev:
+        client = _client(dev)
+        executions: Counter[str] = Counter()
+
+        @client.create_function(fn_id="slow", trigger=inngest.TriggerEvent(event="contract/gc"))
+        async def slow(ctx: inngest.Context) -> str:
+            async def work() -> str:
+                executions["work"] += 1
+                await asyncio.sleep(2.0)
+                return "done"
+
+            return await ctx.step.run("work", work)
+
+        async with _SDKWorker(dev, [slow], client):
+            run_id = (await dev.send_event("contract/gc"))[0]
+            await dev.wait_for(
+                lambda: bool(dev.dispatches) and dev.dispatches[0].acked_at is not None
+            )
+            old = dev.dispatches[0].conn_id
+            await dev.gateway_closing(old)
+            run = await dev.wait_for_run(run_id, timeout=20)
+            assert run.status is RunStatus.COMPLETED, dev.dump()
+            assert executions == {"work": 1}
+            first_reply = next(r for r in [*dev.replies, *dev.flushes]
+                               if r.request_id == dev.dispatches[0].request_id)
+            assert first_reply.conn_id != old
+            assert len(dev.start_calls) >= 2
+
+
+async def test_official_sdk_shutdown_pauses_and_finishes_step() -> None:
+    cfg = DevServerConfig.fast(interval_format="seconds")
+    async with DevServer(cfg) as dev:
+        client = _client(dev)
+
+        @client.create_function(fn_id="slow", trigger=inngest.TriggerEvent(event="contract/sd"))
+        async def slow(ctx: inngest.Context) -> str:
+            async def work() -> str:
+                await asyncio.sleep(1.0)
+                return "finished"
+
+            return await ctx.step.run("work", work)
+
+        worker = _SDKWorker(dev, [slow], client)
+        await worker.__aenter__()
+        try:
+            await dev.send_event("contract/sd")
+            await dev.wait_for(
+                lambda: bool(dev.dispatches) and dev.dispatches[0].acked_at is not None
+            )
+            conn_id = dev.dispatches[0].conn_id
+            await worker.conn.close(wait=False)
+            await dev.wait_for(lambda: dev.connection(conn_id).paused)
+            await dev.wait_for(lambda: dev.connection(conn_id).status is ConnStatus.DISCONNECTED,
+                               timeout=10)
+            # The step's reply made it before the close; the run then waits for a worker.
+            assert dev.dispatches[0].reply_via == "ws"
+            info = dev.connection(conn_id)
+            assert (info.close_code, info.close_class) == (1000, "UNEXPECTED")  # empty reason
+        finally:
+            await worker.__aexit__(None, None, None)

@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from connect_worker.llm import LLM
@@ -28,7 +29,7 @@ SAMPLE_INPUT = {
 }
 
 
-async def main() -> None:
+async def main() -> tuple[str | None, str]:
     parser = argparse.ArgumentParser(prog="python -m examples.reports")
     parser.add_argument("report", choices=[p.fn_id for p in PIPELINES])
     parser.add_argument("--topic", default=SAMPLE_INPUT["topic"])
@@ -49,11 +50,11 @@ async def main() -> None:
     print(f"{pipeline.fn_id} run {run_id}: {len(pipeline.steps)} steps in "
           f"{time.monotonic() - started:.1f} s, {len(final['markdown'])} characters")
     print("cost:", json.dumps(final["cost"]))
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(final["markdown"])
     await llm.aclose()
+    return args.out, str(final["markdown"])
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    out, markdown = asyncio.run(main())
+    if out:
+        Path(out).write_text(markdown)

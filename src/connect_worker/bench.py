@@ -228,7 +228,7 @@ def render(args: argparse.Namespace, cw: Summary, sdk: Summary, ncpu: int) -> st
 # -- driving the devserver -------------------------------------------------------
 
 
-async def drive(dev: DevServer, n: int, concurrency: int, timeout: float) -> list[str]:
+async def drive(dev: DevServer, n: int, concurrency: int, bound: float) -> list[str]:
     """Start ``n`` runs keeping ``concurrency`` in flight; return their IDs once all ended."""
     from .bench_app import EVENT
 
@@ -246,7 +246,7 @@ async def drive(dev: DevServer, n: int, concurrency: int, timeout: float) -> lis
                 raise RuntimeError(f"event started {len(ids)} runs (is the worker synced?)")
             started.append(ids[0])
             inflight.add(ids[0])
-        await dev.wait_for(any_done, timeout)
+        await dev.wait_for(any_done, bound)
         inflight.difference_update([r for r in inflight if runs[r].status.terminal])
     return started
 
@@ -360,14 +360,14 @@ async def measure(kind: str, round_no: int, args: argparse.Namespace,
     )
 
 
-async def sdk_cost_subprocess(runs: int, timeout: float) -> float:
+async def sdk_cost_subprocess(runs: int, bound: float) -> float:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "connect_worker.bench", "sdk-cost", "--runs", str(runs),
         env=_worker_env("http://127.0.0.1:9", "bench-sdk-cost"),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    out, err = await asyncio.wait_for(proc.communicate(), bound)
     if proc.returncode != 0:
         raise RuntimeError(f"sdk-cost failed ({proc.returncode}): {err.decode()[-4000:]}")
     return float(json.loads(out)["ms_per_run"])
@@ -402,7 +402,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "summary": {CW: asdict(cw), SDK: asdict(sdk)},
         "ratios": {attr: ratio(float(getattr(cw, attr)), float(getattr(sdk, attr)))
                    for attr, _, _ in FIELDS if attr not in ("sdk_ms_per_run", "failed_runs")},
-        "targets": {text: ok for text, ok in targets(cw, sdk)},
+        "targets": dict(targets(cw, sdk)),
     }
 
 

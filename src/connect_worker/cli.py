@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="rolling deploys of real workers on the local gateway, under load "
         "(see simulate-deploy --help)",
     )
+    commands.add_parser("demo", add_help=False,
+                        help="a rolling deploy in the middle of three reports, narrated, with "
+                        "a timeline picture (see demo --help)")
     dev = commands.add_parser("dev", help="run the local Connect gateway (for development)")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=8288, help="API port (start, flush, events)")
@@ -124,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .simulate import main as simulate
 
         return simulate(argv[1:])
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo
+
+        return demo(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "run":
         # Until the worker's own handlers are installed (after imports and config), a

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import time
@@ -67,22 +68,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
+        if address[0] == "::" and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            # IPv6 disabled in this kernel or container: serve IPv4 rather than nothing.
+            log.warning("IPv6 unavailable (%s); listening on 0.0.0.0:%d only", exc, port)
+            return bind_socket("0.0.0.0", port)
         raise
     return sock
-
-
-class _SocketHTTPServer(HTTPServer):
-    """``HTTPServer`` on a socket bound by :func:`bind_socket`."""
-
-    async def start(self) -> None:
-        sock = bind_socket(self._host, self._port)
-        try:
-            self._server = await asyncio.start_server(self._serve, sock=sock)
-        except BaseException:
-            sock.close()
-            raise
 
 
 class HealthServer:
@@ -112,14 +105,13 @@ class HealthServer:
         self._lag_threshold = lag_threshold
         self._metrics = metrics
         self._probe_interval = probe_interval
-        self._server = _SocketHTTPServer(
+        self._server = HTTPServer(
             {
                 ("GET", "/metrics"): self._handle_metrics,
                 ("GET", "/healthz"): self._handle_healthz,
                 ("GET", "/readyz"): self._handle_readyz,
             },
-            host=host,
-            port=port,
+            bind=lambda: bind_socket(host, port),
         )
         self._probe_task: asyncio.Task[None] | None = None
         self._last_probe = time.monotonic()

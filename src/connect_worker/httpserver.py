@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
@@ -52,8 +53,12 @@ class HTTPServer:
         host: str = "127.0.0.1",
         port: int = 0,
         max_body: int = 16 * 1024 * 1024,
+        bind: Callable[[], socket.socket] | None = None,
     ) -> None:
+        """``bind``, when given, returns the listening socket to use instead of host:port
+        (the health listener binds a dual-stack socket itself)."""
         self._routes = routes
+        self._bind = bind
         self._host = host
         self._port = port
         self._max_body = max_body
@@ -66,7 +71,15 @@ class HTTPServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self._host, self._port)
+        if self._bind is None:
+            self._server = await asyncio.start_server(self._serve, self._host, self._port)
+            return
+        sock = self._bind()
+        try:
+            self._server = await asyncio.start_server(self._serve, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     async def close(self) -> None:
         if self._server is None:

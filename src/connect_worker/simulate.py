@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,13 @@ class SimulationResult:
     workers: list[WorkerProcess] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)
     executions: list[dict[str, Any]] = field(default_factory=list)
+    # Run IDs in the order the reports were sent.
+    run_ids: list[str] = field(default_factory=list)
+    # Every GATEWAY_EXECUTOR_REQUEST write (dev.dispatches as dicts: request_id,
+    # run_id, conn_id, sent_at, acked_at, replied_at, reply_via, outcome, ...).
+    dispatches: list[dict[str, Any]] = field(default_factory=list)
+    # conn_id -> instance_id of every connection the gateway saw.
+    connections: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -183,6 +190,7 @@ async def _keep_load(dev: DevServer, settings: SimulationSettings, run_ids: list
 
 def _tally(result: SimulationResult, dev: DevServer, run_ids: list[str], exec_log: str) -> None:
     result.reports_started = len(run_ids)
+    result.run_ids = list(run_ids)
     statuses = Counter(dev.runs[r].status for r in run_ids)
     result.reports_completed = statuses[RunStatus.COMPLETED]
     result.reports_failed = statuses[RunStatus.FAILED]
@@ -205,6 +213,8 @@ def _tally(result: SimulationResult, dev: DevServer, run_ids: list[str], exec_lo
         if process.signalled_at is not None and process.returncode is not None:
             result.exit_codes[process.returncode] += 1
     result.timeline = [e.to_json() for e in dev.timeline]
+    result.dispatches = [asdict(d) for d in dev.dispatches]
+    result.connections = {c.conn_id: c.instance_id for c in dev.connections}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ from .errors import AuthError, ConnectWorkerError, GatewayError, ProtocolError, 
 from .executor import SDK_LANGUAGE, SDK_VERSION, App, Executor, Outcome, error_outcome
 from .gateway_api import GatewayAPI
 from .logs import event
+from .logs import set_context as set_log_context
 from .metrics import WorkerMetrics
 from .protocol import (
     ConnectionReady,
@@ -315,6 +316,7 @@ class Worker:
             await session.send(session.conn.send_ready())
             self.metrics.set_connection_state("ready")
         self._current = session
+        set_log_context(conn_id=session.id)
         event(log, "connection.ready", conn_id=session.id,
               gateway_group=session.start.gateway_group,
               paused=self._draining, heartbeat_interval=session.ready.heartbeat_interval,
@@ -514,7 +516,7 @@ class Worker:
         self._draining = True
         draining().set()
         self.drain_started_at = time.monotonic()
-        self.metrics.draining.set(1)
+        self.metrics.start_drain(self.config.drain_timeout)
         event(log, "drain.start", in_flight=len(self._steps),
               drain_timeout=self.config.drain_timeout)
         await self._pause_sessions()

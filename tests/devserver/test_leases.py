@@ -216,3 +216,23 @@ async def test_withheld_and_dropped_replies() -> None:
         dev.faults.drop_replies = False
         await w.reply(make_reply(retry, S.DONE, "retried"))
         assert (await dev.wait_for_run(run_id)).output == "retried"
+
+
+async def test_reply_close_race_discards_reply_then_lease_retry() -> None:
+    cfg = fast_config(lease_duration=0.3, lease_check_interval=0.05, lease_grace=0.05)
+    async with DevServer(cfg) as dev:
+        dev.faults.reply_close_race = 0.1
+        async with scripted_worker(dev, instance_id="a") as w1:
+            await w1.connect()
+            run_id = (await dev.send_event("test/evt"))[0]
+            req = await w1.next_request()
+            await w1.reply(make_reply(req, S.DONE, "lost"), wait_ack=False)
+            await w1.close()  # right after the reply, like the JS SDK
+        await dev.wait_for(lambda: any(t.kind == "REPLY_DISCARDED" for t in dev.timeline))
+        dev.faults.reply_close_race = 0.0
+        async with scripted_worker(dev, instance_id="b") as w2:
+            await w2.connect()
+            retry = await w2.next_request(timeout=5)
+            assert retry.job_id == req.job_id
+            await w2.reply(make_reply(retry, S.DONE, "second"))
+            assert (await dev.wait_for_run(run_id)).output == "second"

@@ -16,6 +16,7 @@ from connect_worker.llm import (
     LLMConfig,
     OpenAIProvider,
     PostgresCache,
+    Provider,
     ResultCache,
     SqliteCache,
 )
@@ -97,7 +98,7 @@ def make_llm(registry: CollectorRegistry, drain: DrainSignal, tmp_path: Path,
                                     "retry_budget": 10.0, "request_timeout": 5.0,
                                     "max_attempts": 5}
         settings.update(overrides)
-        providers = {
+        providers: dict[str, Provider] = {
             "openai": OpenAIProvider(api_key=SECRET, base_url=openai_stub.base_url),
             "anthropic": AnthropicProvider(api_key=SECRET, base_url=anthropic_stub.base_url),
         }

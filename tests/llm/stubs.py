@@ -40,6 +40,7 @@ class Reply:
     output_tokens: int | None = None  # default: one per word of text
     cached_tokens: int = 0
     chunk_delay: float = 0.0  # between SSE events
+    stream_error_after: int | None = None  # send an SSE error event after this many events
 
 
 @dataclass
@@ -142,7 +143,11 @@ class StubProvider:
         build = _openai if self.kind == "openai" else _anthropic
         if seen.body.get("stream"):
             _write_head(writer, 200, {"content-type": "text/event-stream", **headers})
-            for chunk in build(n, model, text, reply, out, stream=True):
+            for index, chunk in enumerate(build(n, model, text, reply, out, stream=True)):
+                if index == reply.stream_error_after:
+                    writer.write(self._stream_error())
+                    await writer.drain()
+                    return
                 writer.write(chunk)
                 await writer.drain()
                 if reply.chunk_delay:
@@ -157,10 +162,17 @@ class StubProvider:
         if self.on_answer is not None:
             self.on_answer(seen)
 
+    def _stream_error(self) -> bytes:
+        error = {"type": "overloaded_error", "message": "Overloaded"}
+        if self.kind == "openai":
+            return _sse({"error": error})
+        return _sse({"type": "error", "error": error}, "error")
+
     def _error_body(self, reply: Reply) -> bytes:
         if self.kind == "openai":
-            err = {"error": {"message": reply.error, "type": "invalid_request_error",
-                             "code": reply.error_code, "param": None}}
+            err: dict[str, Any] = {"error": {
+                "message": reply.error, "type": "invalid_request_error",
+                "code": reply.error_code, "param": None}}
         else:
             err = {"type": "error", "error": {"type": reply.error_code or "api_error",
                                               "message": reply.error}}

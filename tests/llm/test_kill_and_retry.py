@@ -20,7 +20,7 @@ from connect_worker.devserver.state import RunStatus
 
 from .kill_app import MARKER
 from .stubs import StubProvider
-from .util import SECRET
+from .util import SECRET, log_file
 
 ROOT = Path(__file__).resolve().parents[2]
 # analyze-brief, outline, section 1, section 2: the 4th answer is section 2's.
@@ -43,7 +43,7 @@ async def worker(dev: DevServer, stub: StubProvider, tmp_path: Path, name: str,
         "OPENAI_BASE_URL": stub.base_url,
         **extra,
     }
-    with open(tmp_path / f"{name}.log", "wb") as log:
+    with log_file(tmp_path / f"{name}.log") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "connect_worker", "run", "tests.llm.kill_app", cwd=ROOT,
             env=env, stdout=asyncio.subprocess.PIPE, stderr=log)

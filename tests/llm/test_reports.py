@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from connect_worker.llm import LLM, LLMConfig, SimulatedProvider, SqliteCache
 from examples.reports import client, functions
 from examples.reports.pipelines import PIPELINES, Pipeline, Writer
 
-from .util import sample
+from .util import log_file, sample
 
 ROOT = Path(__file__).resolve().parents[2]
 INPUT = {"topic": "Observability for LLM applications", "audience": "CTOs",
@@ -27,10 +28,17 @@ INPUT = {"topic": "Observability for LLM applications", "audience": "CTOs",
 def test_the_app_exposes_three_report_functions() -> None:
     assert client.app_id == "reports"
     assert sorted(f.id for f in functions) == [
-        "generate-discovery-report", "generate-hybrid-report", "generate-report"]
+        "reports-generate-discovery-report", "reports-generate-hybrid-report",
+        "reports-generate-report"]
 
 
 async def run_offline(pipeline: Pipeline, llm: LLM, run_id: str) -> dict[str, object]:
+    # A fresh context, as each request to a worker has: identical calls are numbered per
+    # context, so this is a new attempt of every step rather than more calls in the same one.
+    return await asyncio.create_task(_run(pipeline, llm, run_id), context=contextvars.Context())
+
+
+async def _run(pipeline: Pipeline, llm: LLM, run_id: str) -> dict[str, object]:
     state: dict[str, object] = {"input": INPUT}
     for step_id, step in pipeline.steps:
         writer = Writer(llm, key=f"{run_id}:{step_id}", run_id=run_id)
@@ -69,7 +77,7 @@ async def test_a_report_runs_on_a_worker_with_the_simulated_provider(
            "CONNECT_WORKER_HTTP_PORT": "off", "CONNECT_WORKER_LLM_PROVIDER": "simulated",
            "CONNECT_WORKER_LLM_SIM_SPEEDUP": "200",
            "CONNECT_WORKER_LLM_CACHE": str(tmp_path / "c.sqlite3")}
-    with open(tmp_path / "worker.log", "wb") as log:
+    with log_file(tmp_path / "worker.log") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "connect_worker", "run", "examples.reports", cwd=ROOT,
             env=env, stdout=log, stderr=log)

@@ -84,3 +84,18 @@ async def test_a_retry_after_beyond_the_budget_is_handed_to_inngest(
         await llm.complete("Go.")
 
     assert len(openai_stub.requests) == 1  # no pointless attempt inside the budget
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_an_error_inside_a_stream_is_retried(
+        provider: str, make_llm: MakeLLM, openai_stub: StubProvider,
+        anthropic_stub: StubProvider) -> None:
+    stub = openai_stub if provider == "openai" else anthropic_stub
+    text = "one two three four five six"
+    stub.script.extend([Reply(text=text, stream_error_after=4), Reply(text=text)])
+    pieces: list[str] = []
+    result = await make_llm(provider=provider).complete("Go.", stream=True,
+                                                        on_text=pieces.append)
+    assert result.text == text and result.attempts == 2 and len(stub.requests) == 2
+    # on_text saw the start of the failed attempt, then the whole answer.
+    assert "".join(pieces).endswith(text) and len(pieces) > len(text.split())

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
 
 from prometheus_client import CollectorRegistry
 
@@ -24,3 +26,8 @@ def serving(job_id: str, request_id: str, run_id: str = "run-1") -> Iterator[Non
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(f"connect_worker_llm_{name}", labels) or 0.0
+
+
+def log_file(path: Path) -> IO[bytes]:
+    """Where a worker subprocess writes its log (read when a test fails)."""
+    return open(path, "wb")  # local file, negligible blocking

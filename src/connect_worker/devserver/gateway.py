@@ -456,11 +456,33 @@ class Gateway:
                 # Assumption: an unparseable reply is logged and dropped.
                 self.state.error(f"undecodable WORKER_REPLY on {info.conn_id}")
                 return
-            await self._reply(conn, resp)
+            race = self.state.faults.reply_close_race
+            if race > 0:
+                self._spawn_background(self._reply_after_race(conn, resp, race))
+            else:
+                await self._reply(conn, resp)
         elif kind == Kind.WORKER_STATUS:
             self.state.record("in", "WORKER_STATUS", info.conn_id)
         else:
             self.state.record("in", kind_name(kind), info.conn_id, detail="ignored")
+
+    def _spawn_background(self, coro: Any) -> None:
+        """A task that outlives its connection (cancelled only when the gateway closes)."""
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _reply_after_race(
+        self, conn: GatewayConnection, resp: pb.SDKResponse, delay: float
+    ) -> None:
+        # The real gateway hands a read WORKER_REPLY to a data goroutine; if the
+        # socket closes first, the run context is cancelled and the reply can be
+        # discarded (§5.3). Model: the reply is lost if the socket closed meanwhile.
+        await asyncio.sleep(delay)
+        if conn.info.phase >= Phase.DISCONNECTING:
+            self.state.record("in", "REPLY_DISCARDED", conn.info.conn_id, resp.request_id)
+            return
+        await self._reply(conn, resp)
 
     def _spawn(self, conn: GatewayConnection, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)

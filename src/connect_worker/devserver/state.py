@@ -267,6 +267,10 @@ class Faults:
     # WORKER_REPLY: read the frame and drop it (not persisted, not ACKed): the
     # gateway's "reply read, then socket closed" window (§5.3).
     drop_replies: Predicate = False
+    # WORKER_REPLY: process it this many seconds after reading it, and discard it
+    # if the socket closed in the meantime (the "reply read, then socket
+    # closed" race of §5.3, for workers that close right after their last reply).
+    reply_close_race: float = 0.0
     # WORKER_REQUEST_EXTEND_LEASE: answer with a NACK (no new_lease_id).
     nack_extensions: Predicate = False
     # WORKER_REQUEST_EXTEND_LEASE: apply the extension but write no ACK.

@@ -84,6 +84,7 @@ def _provider_message(body: object) -> tuple[str, str]:
 _TOO_LONG = ("context_length_exceeded", "prompt is too long", "maximum context length",
              "too many tokens", "context window")
 _POLICY = ("content_policy", "content_filter", "safety")
+_TRANSIENT = {"overloaded_error", "api_error", "rate_limit_error", "timeout_error"}
 
 
 @contextmanager
@@ -103,7 +104,8 @@ def map_errors(sdk: Any, label: str, key_env: str, model: str, secrets: tuple[st
         message, code = _provider_message(exc.body)
         said = scrub(message, secrets)
         detail = f" ({label} said: {said})" if said else ""
-        if status in (408, 409, 429) or status >= 500:
+        # status < 400: an error event inside a 200 stream (Anthropic maps it this way).
+        if status in (408, 409, 429) or status >= 500 or status < 400 or code in _TRANSIENT:
             raise Transient(f"{label} answered HTTP {status}{detail}",
                             retry_after=retry_after(exc.response.headers)) from None
         if status == 401:
