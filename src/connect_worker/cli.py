@@ -162,7 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TargetError as exc:
         print(f"connect-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return anyio.run(serve, config, apps)
+    try:
+        return anyio.run(serve, config, apps)
+    except OSError as exc:
+        # Binding the health listener is the one OSError that reaches here.
+        print(f"connect-worker: cannot listen on CONNECT_WORKER_HTTP_PORT/PORT="
+              f"{config.http_port}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 async def serve(config: Config, apps: Sequence[App]) -> int:

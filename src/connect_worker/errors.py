@@ -9,7 +9,8 @@
     │   └── RemoteProtocolError  the gateway sent something we cannot decode or did not expect
     ├── TransportError         the WebSocket or HTTP connection failed (retryable)
     ├── GatewayError           the Connect API answered with an error (retryable)
-    │   └── AuthError          the signing key was refused (fatal: retrying cannot fix it)
+    │   ├── AuthError          the signing key was refused (fatal: retrying cannot fix it)
+    │   └── SyncError          the gateway could not register our apps (SYNC_FAILED)
     ├── TargetError            the TARGET module or its functions cannot be loaded
     └── ExecutionError         the SDK failed to run a request (not user-code errors)
 
@@ -55,6 +56,10 @@ class GatewayError(ConnectWorkerError):
 
 class AuthError(GatewayError):
     """The signing key (and its fallback) was refused; retrying cannot help."""
+
+
+class SyncError(GatewayError):
+    """The gateway answered WORKER_CONNECT with SYNC_FAILED; fatal if it keeps happening."""
 
 
 class TargetError(ConnectWorkerError):

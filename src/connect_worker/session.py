@@ -18,7 +18,7 @@ import websockets
 from anyio.abc import TaskStatus
 from websockets.asyncio.client import ClientConnection, connect
 
-from .errors import GatewayError, RemoteProtocolError, TransportError
+from .errors import GatewayError, RemoteProtocolError, SyncError, TransportError
 from .gateway_api import StartResult
 from .logs import event
 from .protocol import (
@@ -123,8 +123,8 @@ class Session:
             except RemoteProtocolError as exc:
                 raise GatewayError(f"unexpected frame during the handshake: {exc}") from exc
             if isinstance(received, SyncFailed):
-                raise GatewayError(f"the gateway could not sync the apps: {received.code}: "
-                                   f"{received.message}")
+                raise SyncError(f"the gateway could not sync the apps: {received.code}: "
+                                f"{received.message}")
             if not sent_connect and self.conn.state is State.SENDING_CONNECT:
                 connect_request.connection_id = self.id
                 connect_request.auth_data.session_token = self.start.session_token

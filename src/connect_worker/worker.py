@@ -36,7 +36,14 @@ from prometheus_client import CollectorRegistry
 from . import __version__
 from .config import Config
 from .context import draining
-from .errors import AuthError, ConnectWorkerError, GatewayError, ProtocolError, TransportError
+from .errors import (
+    AuthError,
+    ConnectWorkerError,
+    GatewayError,
+    ProtocolError,
+    SyncError,
+    TransportError,
+)
 from .executor import SDK_LANGUAGE, SDK_VERSION, App, Executor, Outcome, error_outcome
 from .gateway_api import GatewayAPI
 from .logs import event
@@ -76,9 +83,19 @@ def backoff_delays(minimum: float, maximum: float) -> Iterator[float]:
         ceiling = min(maximum, ceiling * 2)
 
 
-def is_fatal(exc: BaseException) -> bool:
+# SYNC_FAILED this many times in a row means our function configuration is rejected:
+# exiting (non-zero) makes the failure visible and lets the platform's restart policy
+# decide, instead of a worker that is alive but never routable.
+MAX_CONSECUTIVE_SYNC_FAILURES = 5
+
+
+def is_fatal(exc: BaseException, consecutive_sync_failures: int = 0) -> bool:
     """Whether reconnecting cannot help (the supervisor stops and the process exits)."""
-    return isinstance(exc, AuthError)
+    if isinstance(exc, AuthError):
+        return True
+    return isinstance(exc, SyncError) and (
+        consecutive_sync_failures >= MAX_CONSECUTIVE_SYNC_FAILURES
+    )
 
 
 @dataclass(eq=False)
@@ -271,6 +288,7 @@ class Worker:
         exclude: list[str] = []
         delays = backoff_delays(self.config.reconnect_min_backoff,
                                 self.config.reconnect_max_backoff)
+        sync_failures = 0
         while True:
             try:
                 start = await self._api.start(exclude)
@@ -279,16 +297,19 @@ class Worker:
                     handshake_timeout=HANDSHAKE_TIMEOUT, metrics=self.metrics,
                 )
             except (TransportError, GatewayError, ProtocolError) as exc:
-                if is_fatal(exc):
+                sync_failures = sync_failures + 1 if isinstance(exc, SyncError) else 0
+                if is_fatal(exc, sync_failures):
                     raise
                 delay = next(delays)
                 event(log, "connection.retry", level=logging.WARNING, error=str(exc),
                       retry_in=round(delay, 3), draining=self._draining)
-                self.metrics.reconnects_total.labels(reason="start_failed").inc()
+                reason = "sync_failed" if isinstance(exc, SyncError) else "start_failed"
+                self.metrics.reconnects_total.labels(reason=reason).inc()
                 await anyio.sleep(delay)
                 continue
             delays = backoff_delays(self.config.reconnect_min_backoff,
                                     self.config.reconnect_max_backoff)
+            sync_failures = 0
             await self._tg.start(session.run, self)
             await self._activate(session)
             await _first_of(session.closed, session.gateway_closing)

@@ -14,10 +14,10 @@ from connect_worker.worker import Worker
 from . import apps
 
 
-def worker_config(dev: DevServer, **overrides: Any) -> Config:
+def worker_config(server: DevServer, /, **overrides: Any) -> Config:
     values: dict[str, Any] = {
         "dev": True,
-        "api_base_url": dev.api_url,
+        "api_base_url": server.api_url,
         "http_port": None,
         "instance_id": "engine-test-1",
         "drain_timeout": 15.0,
@@ -30,8 +30,8 @@ def worker_config(dev: DevServer, **overrides: Any) -> Config:
 
 
 @asynccontextmanager
-async def running_worker(dev: DevServer, **overrides: Any) -> AsyncIterator[Worker]:
-    worker = Worker(worker_config(dev, **overrides), [(apps.client, apps.functions)])
+async def running_worker(server: DevServer, /, **overrides: Any) -> AsyncIterator[Worker]:
+    worker = Worker(worker_config(server, **overrides), [(apps.client, apps.functions)])
     task = asyncio.create_task(worker.run())
     try:
         await asyncio.wait_for(worker.wait_ready(), 10)

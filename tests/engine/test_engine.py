@@ -285,3 +285,30 @@ async def test_handshake_uses_manual_readiness_and_identifies_the_worker(dev: De
     request = conn.connect_request
     assert request.instance_id == "engine-test-1"
     assert request.framework == "connect"
+
+
+async def test_cloud_mode_authenticates_with_the_fallback_key() -> None:
+    primary = "signkey-prod-" + "aa" * 32
+    fallback = "signkey-prod-" + "bb" * 32
+    async with fast_dev(signing_key=fallback) as dev:
+        async with running_worker(dev, dev=False, signing_key=primary,
+                                  signing_key_fallback=fallback):
+            [run_id] = await dev.send_event("t/three", {})
+            run = await dev.wait_for_run(run_id, timeout=15)
+    assert run.status is RunStatus.COMPLETED
+    statuses = [c.status for c in dev.start_calls]
+    assert statuses[:2] == [401, 200]
+
+
+async def test_refused_signing_key_stops_the_worker_with_a_fatal_exit_code() -> None:
+    from connect_worker.worker import EXIT_FATAL, Worker
+
+    from . import apps
+    from .harness import worker_config
+
+    async with fast_dev(signing_key="signkey-prod-" + "cc" * 32) as dev:
+        config = worker_config(dev, dev=False, signing_key="signkey-prod-" + "dd" * 32)
+        worker = Worker(config, [(apps.client, apps.functions)])
+        code = await asyncio.wait_for(worker.run(), 10)
+    assert code == EXIT_FATAL
+    assert [c.status for c in dev.start_calls] == [401]
