@@ -133,36 +133,30 @@ def encode_heartbeat() -> bytes:
     return _envelope(Kind.WORKER_HEARTBEAT)
 
 
-def encode_request_ack(req: ExecutorRequest) -> bytes:
-    ack = pb.WorkerRequestAckData(
-        request_id=req.request_id,
-        account_id=req.account_id,
-        env_id=req.env_id,
-        app_id=req.app_id,
-        function_slug=req.function_slug,
-        system_trace_ctx=req.system_trace_ctx,
-        user_trace_ctx=req.user_trace_ctx,
-        run_id=req.run_id,
-    )
+def _echo(req: ExecutorRequest) -> dict[str, Any]:
+    """The request fields an ACK and a lease extension carry back to the gateway."""
+    fields: dict[str, Any] = {
+        "request_id": req.request_id,
+        "account_id": req.account_id,
+        "env_id": req.env_id,
+        "app_id": req.app_id,
+        "function_slug": req.function_slug,
+        "system_trace_ctx": req.system_trace_ctx,
+        "user_trace_ctx": req.user_trace_ctx,
+        "run_id": req.run_id,
+    }
     if req.step_id is not None:
-        ack.step_id = req.step_id
+        fields["step_id"] = req.step_id
+    return fields
+
+
+def encode_request_ack(req: ExecutorRequest) -> bytes:
+    ack = pb.WorkerRequestAckData(**_echo(req))
     return _envelope(Kind.WORKER_REQUEST_ACK, ack.SerializeToString())
 
 
 def encode_extend_lease(req: ExecutorRequest, lease_id: str) -> bytes:
-    data = pb.WorkerRequestExtendLeaseData(
-        request_id=req.request_id,
-        account_id=req.account_id,
-        env_id=req.env_id,
-        app_id=req.app_id,
-        function_slug=req.function_slug,
-        system_trace_ctx=req.system_trace_ctx,
-        user_trace_ctx=req.user_trace_ctx,
-        run_id=req.run_id,
-        lease_id=lease_id,
-    )
-    if req.step_id is not None:
-        data.step_id = req.step_id
+    data = pb.WorkerRequestExtendLeaseData(lease_id=lease_id, **_echo(req))
     return _envelope(Kind.WORKER_REQUEST_EXTEND_LEASE, data.SerializeToString())
 
 
