@@ -13,12 +13,13 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from connect_worker.llm import LLM
 
-from .pipelines import PIPELINES, Writer
+from .pipelines import PIPELINES, Writer, run_pipeline
 
 SAMPLE_INPUT = {
     "topic": "AI coding assistants for mid-size engineering teams",
@@ -39,14 +40,17 @@ async def main() -> tuple[str | None, str]:
     pipeline = next(p for p in PIPELINES if p.fn_id == args.report)
     run_id = args.run_id or f"offline-{uuid.uuid4().hex[:12]}"
     llm = LLM.from_env()
-    state: dict[str, Any] = {"input": {**SAMPLE_INPUT, "topic": args.topic}}
     started = time.monotonic()
-    for step_id, step in pipeline.steps:
+
+    async def run(step_id: str, step: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         step_started = time.monotonic()
-        state[step_id] = await step(Writer(llm, key=f"{run_id}:{step_id}", run_id=run_id),
-                                    dict(state))
+        out = await step(*args)
         print(f"  {step_id:<22} {time.monotonic() - step_started:6.2f} s")
-    final = state[pipeline.steps[-1][0]]
+        return out
+
+    final = await run_pipeline(pipeline, {**SAMPLE_INPUT, "topic": args.topic}, run,
+                               lambda step_id: Writer(llm, key=f"{run_id}:{step_id}",
+                                                      run_id=run_id))
     print(f"{pipeline.fn_id} run {run_id}: {len(pipeline.steps)} steps in "
           f"{time.monotonic() - started:.1f} s, {len(final['markdown'])} characters")
     print("cost:", json.dumps(final["cost"]))

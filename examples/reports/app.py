@@ -14,7 +14,7 @@ import inngest
 
 from connect_worker.llm import LLM
 
-from .pipelines import PIPELINES, Pipeline, Writer
+from .pipelines import PIPELINES, Pipeline, Writer, run_pipeline
 
 client = inngest.Inngest(app_id="reports")
 # One LLM per process: its metrics go on the registry the worker serves on /metrics.
@@ -25,11 +25,9 @@ def _function(pipeline: Pipeline) -> inngest.Function[Any]:
     @client.create_function(fn_id=pipeline.fn_id,
                             trigger=inngest.TriggerEvent(event=pipeline.event), retries=4)
     async def run(ctx: inngest.Context) -> Any:
-        state: dict[str, Any] = {"input": dict(ctx.event.data)}
-        writer = Writer(llm)
-        for step_id, step in pipeline.steps:
-            state[step_id] = await ctx.step.run(step_id, step, writer, dict(state))
-        return state[pipeline.steps[-1][0]]
+        writer = Writer(llm)  # inside the worker the step's job id keys the cache
+        return await run_pipeline(pipeline, dict(ctx.event.data), ctx.step.run,
+                                  lambda _step_id: writer)
 
     return run
 

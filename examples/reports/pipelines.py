@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from connect_worker.llm import LLM, Result
+from connect_worker.llm import LLM, Message, Result
 
 State = dict[str, Any]
 
@@ -43,6 +43,31 @@ class Writer:
                                          key=self.key, run_id=self.run_id)
         return result.text
 
+    async def draft(self, prompt: str, *, system: str, max_tokens: int = 1600) -> Any:
+        """Stream a long text. If the worker starts draining meanwhile, stop and return a
+        checkpoint instead, which :func:`run_pipeline` continues in a follow-up step
+        (probably on another worker) rather than losing the step at the drain deadline."""
+        large, _ = self._models()
+        result = await self.llm.complete(
+            prompt, system=system, model=large, max_tokens=max_tokens, temperature=0.4,
+            stream=True, stop_on_drain=True, key=self.key, run_id=self.run_id)
+        if not result.stopped_early:
+            return result.text
+        return {"checkpoint": {"prompt": prompt, "system": system, "model": large,
+                               "max_tokens": max_tokens, "text": result.text}}
+
+    async def resume(self, checkpoint: dict[str, Any]) -> Any:
+        result = await self.llm.complete(
+            messages=[Message("user", checkpoint["prompt"]),
+                      Message("assistant", checkpoint["text"]), Message("user", CONTINUE)],
+            system=checkpoint["system"], model=checkpoint["model"],
+            max_tokens=checkpoint["max_tokens"], temperature=0.4, stream=True,
+            stop_on_drain=True, key=self.key, run_id=self.run_id)
+        text = checkpoint["text"] + result.text
+        if result.stopped_early:
+            return {"checkpoint": {**checkpoint, "text": text}}
+        return text
+
     async def data(self, prompt: str, *, system: str, max_tokens: int = 1200,
                    small: bool = True) -> Any:
         large, fast = self._models()
@@ -57,6 +82,10 @@ class Writer:
 
 
 Step = Callable[[Writer, State], Awaitable[Any]]
+# ctx.step.run in an Inngest function; a direct call when running offline.
+StepRunner = Callable[..., Awaitable[Any]]
+CONTINUE = ("Your answer was cut off. Continue exactly where it stops, without repeating "
+            "anything and without commenting on the interruption.")
 
 
 @dataclass(frozen=True)
@@ -64,6 +93,26 @@ class Pipeline:
     fn_id: str
     event: str
     steps: tuple[tuple[str, Step], ...]
+
+
+async def _resume(w: Writer, checkpoint: dict[str, Any]) -> Any:
+    return await w.resume(checkpoint)
+
+
+async def run_pipeline(pipeline: Pipeline, data: dict[str, Any], run: StepRunner,
+                       writer_for: Callable[[str], Writer]) -> Any:
+    """Run the steps in order; a step that returned a checkpoint (the worker was draining)
+    is finished by ``<step>-continue-<n>`` steps before the next one starts."""
+    state: State = {"input": data}
+    for step_id, step in pipeline.steps:
+        out = await run(step_id, step, writer_for(step_id), dict(state))
+        part = 0
+        while isinstance(out, dict) and "checkpoint" in out:
+            part += 1
+            continue_id = f"{step_id}-continue-{part}"
+            out = await run(continue_id, _resume, writer_for(continue_id), out["checkpoint"])
+        state[step_id] = out
+    return state[pipeline.steps[-1][0]]
 
 
 ANALYST = ("You are a senior research analyst at a strategy consultancy. You write for busy "
@@ -106,17 +155,17 @@ async def outline(w: Writer, state: State) -> Any:
 
 
 def write_section(index: int) -> Step:
-    async def step(w: Writer, state: State) -> str:
+    async def step(w: Writer, state: State) -> Any:
         section = _sections(state)[index]
         earlier = [s["heading"] for s in _sections(state)[:index]]
-        return await w.write(
+        return await w.draft(
             f"Write section {index + 1} of the report \"{state['analyze-brief'].get('title')}\"."
             f"\n\nHeading: {section.get('heading')}\nIt must establish: {section.get('goal')}\n"
             f"Sections before it: {', '.join(earlier) or 'none'}.\n\n"
             "600-900 words of Markdown starting with the heading as '##'. Use concrete "
             "numbers where you can and mark estimates as such. Do not repeat earlier "
             "sections; end with one sentence that leads into the next.",
-            system=ANALYST, max_tokens=1600, stream=True)
+            system=ANALYST, max_tokens=1600)
     return step
 
 
@@ -270,12 +319,12 @@ async def plan_hybrid(w: Writer, state: State) -> Any:
         system=ANALYST)
 
 
-async def research_landscape(w: Writer, state: State) -> str:
-    return await w.write(
+async def research_landscape(w: Writer, state: State) -> Any:
+    return await w.draft(
         "Answer these research questions about the market: size and growth, main players "
         "and their positioning, pricing norms, recent shifts.\n\n"
         f"Questions: {json.dumps(state['plan'].get('research_questions', []))}",
-        system=ANALYST, max_tokens=1600, stream=True)
+        system=ANALYST, max_tokens=1600)
 
 
 async def discovery_findings(w: Writer, state: State) -> Any:
@@ -306,11 +355,11 @@ async def thesis(w: Writer, state: State) -> str:
         system=ANALYST, max_tokens=800)
 
 
-async def strategy(w: Writer, state: State) -> str:
-    return await w.write(
+async def strategy(w: Writer, state: State) -> Any:
+    return await w.draft(
         "Write the strategy section: target segment, positioning, pricing approach and "
         f"go-to-market motion, each justified by the evidence.\n\nThesis:\n{state['thesis']}",
-        system=ANALYST, max_tokens=1600, stream=True)
+        system=ANALYST, max_tokens=1600)
 
 
 async def roadmap(w: Writer, state: State) -> str:

@@ -10,7 +10,10 @@ dsn_file="${CONNECT_WORKER_TEST_POSTGRES_DSN_FILE:-/tmp/connect-worker-test-post
 user=connect_worker
 password=connect_worker
 db=connect_worker_test
-python_bin="$(command -v python || command -v python3)"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# The check needs psycopg: the project's venv has it (scripts/test creates it first).
+python_bin="$root/.venv/bin/python"
+[ -x "$python_bin" ] || python_bin="$(command -v python3 || command -v python)"
 
 reachable() {
   "$python_bin" - "$1" <<'PY' >/dev/null 2>&1

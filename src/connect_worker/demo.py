@@ -42,10 +42,10 @@ from .timeline import Note, from_simulation, render_svg
 class DemoSettings:
     reports: int = 3
     sections: int = 5
-    step_seconds: float = 1.5
+    step_seconds: float = 2.5
     replicas: int = 2
-    report_interval: float = 1.0  # seconds between sending one report and the next
-    deploy_after: float = 3.0  # seconds after the first report until the deploy starts
+    report_interval: float = 1.5  # seconds between sending one report and the next
+    deploy_after: float = 4.0  # seconds after the first report until the deploy starts
     drain_timeout: float = 30.0
     seed: int | None = None
 
@@ -75,7 +75,9 @@ class DemoResult:
         sim = self.simulation
         return (sim.ok and self.interrupted == 0
                 and sim.reports_started == self.settings.reports
-                and sim.step_executions == self.settings.reports * self.settings.sections)
+                and sim.step_executions == self.settings.reports * self.settings.sections
+                # every worker was stopped with SIGTERM and drained to exit code 0
+                and all(w.returncode == 0 for w in sim.workers))
 
     def steps_per_worker(self) -> dict[str, int]:
         by_pid = {w.pid: w.instance_id for w in self.simulation.workers if w.started_at}
@@ -231,10 +233,9 @@ class Demo:
         watcher = asyncio.create_task(self._watch_reports(dev))
         try:
             await asyncio.sleep(s.deploy_after)
-            drains = await self._rolling_deploy(dev, live)
+            await self._rolling_deploy(dev, live)
             await reports
             await asyncio.wait_for(watcher, s.settle_timeout)
-            await asyncio.gather(*drains)
         finally:
             for task in (reports, watcher):
                 task.cancel()
@@ -278,26 +279,29 @@ class Demo:
                 seen[by_pid.get(e["pid"], "?")] = None
         return list(seen)
 
-    async def _rolling_deploy(self, dev: DevServer,
-                              live: list[WorkerProcess]) -> list[asyncio.Task[None]]:
+    async def _rolling_deploy(self, dev: DevServer, live: list[WorkerProcess]) -> None:
+        """Start every v2 replica; stop each v1 replica once its replacement is READY."""
         self.result.deploy_started_at = time.time()
-        self.say("rolling deploy v1 -> v2 begins: each v2 replica must be READY before "
-                 "its v1 replica is stopped")
-        drains: list[asyncio.Task[None]] = []
-        for replica in range(self.settings.replicas):
-            replacement = self.spawn("v2", replica)
-            await replacement.start()
-            await replacement.wait_ready(dev)
-            old, live[replica] = live[replica], replacement
-            self.say(f"{replacement.instance_id} (pid {replacement.pid}) is READY")
-            flight = self.in_flight(old)
-            old.send_signal()
-            doing = ", ".join(self.describe(old, run_id, acked)
-                              for _, run_id, acked in flight) or "nothing"
-            self.say(f"SIGTERM -> {old.instance_id} (pid {old.pid}), in the middle of: {doing}",
-                     at=old.signalled_at)
-            drains.append(asyncio.create_task(self._narrate_drain(dev, old)))
-        return drains
+        self.say("rolling deploy v1 -> v2 begins: the v2 replicas start, and each v1 replica "
+                 "gets SIGTERM only once its v2 replacement is READY")
+        replacements = [self.spawn("v2", i) for i in range(len(live))]
+        for process in replacements:
+            await process.start()
+        await asyncio.gather(*(self._replace(dev, live, i, process)
+                               for i, process in enumerate(replacements)))
+
+    async def _replace(self, dev: DevServer, live: list[WorkerProcess], replica: int,
+                       replacement: WorkerProcess) -> None:
+        await replacement.wait_ready(dev)
+        old, live[replica] = live[replica], replacement
+        self.say(f"{replacement.instance_id} (pid {replacement.pid}) is READY")
+        flight = self.in_flight(old)
+        old.send_signal()
+        doing = ", ".join(self.describe(old, run_id, acked)
+                          for _, run_id, acked in flight) or "nothing"
+        self.say(f"SIGTERM -> {old.instance_id} (pid {old.pid}), in the middle of: {doing}",
+                 at=old.signalled_at)
+        await self._narrate_drain(dev, old)
 
     async def _narrate_drain(self, dev: DevServer, old: WorkerProcess) -> None:
         s = self.settings
@@ -356,6 +360,7 @@ def run_demo(settings: DemoSettings, workdir: Path,
     if result.deploy_started_at is not None:
         notes.append(Note(result.deploy_started_at, "rolling deploy v1 -> v2 begins"))
     verdict = ("nothing interrupted, repeated or lost" if result.ok else "PROBLEMS FOUND")
+    codes = ", ".join(f"{code} x {n}" for code, n in sorted(sim.exit_codes.items())) or "-"
     timeline = from_simulation(
         sim,
         title=f"connect-worker demo: {s.reports} reports x {s.sections} steps, "
@@ -363,7 +368,7 @@ def run_demo(settings: DemoSettings, workdir: Path,
         subtitle=(f"{sim.reports_completed}/{sim.reports_started} reports completed, "
                   f"{sim.step_executions} step executions, {sim.duplicate_executions} "
                   f"duplicates, {sim.lost_replies} lost replies, {result.interrupted} "
-                  f"interrupted: {verdict}"),
+                  f"interrupted, worker exit codes {codes}: {verdict}"),
         notes=notes, t0=say.started_at,
     )
     path = workdir / "timeline.svg"
@@ -433,7 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     def write(line: str) -> None:
         print(line, flush=True)
 
-    result = run_demo(settings, out, write)
+    try:
+        result = run_demo(settings, out, write)
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"connect-worker demo: failed: {exc}", file=sys.stderr)
+        return 1
     print(result.summary())
     shown = os.path.relpath(out) if not os.path.isabs(out) else str(out)
     print(f"timeline: {Path(shown) / 'timeline.svg'}")

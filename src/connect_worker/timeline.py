@@ -37,6 +37,7 @@ MARKERS: dict[str, tuple[str, str]] = {
     "ack": ("#17803d", "last WORKER_REPLY_ACK (or flush)"),
     "exit": ("#111827", "process exit"),
 }
+DRAINING = "#fbd9b5"  # the lane's band between SIGTERM and exit
 FONT = "font-family=\"DejaVu Sans, Helvetica, Arial, sans-serif\""
 
 
@@ -68,6 +69,7 @@ class Marker:
     kind: str  # a key of MARKERS, or "done" (a report's final request, in its colour)
     label: str
     group: int = 0
+    bad: bool = False  # e.g. a non-zero exit: drawn red
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,8 @@ def from_simulation(
         if w.exited_at is not None:
             drain = w.exited_at - w.signalled_at
             markers.append(Marker(w.instance_id, w.exited_at, "exit",
-                                  f"exit {w.returncode} (drain {drain:.1f} s)"))
+                                  f"exit {w.returncode} (drain {drain:.1f} s)",
+                                  bad=w.returncode != 0))
     groups = {n: f"report {n}" for n in sorted(set(reports.values()))}
     return Timeline(title=title, subtitle=subtitle, t0=start, lanes=lanes, bars=bars,
                     markers=markers, notes=list(notes), groups=groups)
@@ -246,104 +249,149 @@ def _pack(intervals: Sequence[tuple[float, float]], gap: float) -> list[int]:
     return rows
 
 
+def _rows(lane_bars: Sequence[Bar], lane_done: Sequence[Marker]) -> tuple[list[int], list[int]]:
+    """Row per bar and per "done" marker: one row per report, in report order (a report's
+    steps run one after another, so they share a row); anything overlapping within a
+    report's row (a repeated step) gets a row of its own below."""
+    groups = sorted({b.group for b in lane_bars} | {m.group for m in lane_done})
+    row_of = {g: i for i, g in enumerate(groups)}
+    ends: dict[int, float] = {}
+    extra: list[float] = []
+    bar_rows: list[int] = []
+    for bar in lane_bars:
+        row = row_of[bar.group]
+        if bar.start >= ends.get(row, -math.inf) - 0.01:
+            ends[row] = bar.end
+            bar_rows.append(row)
+            continue
+        for i, end in enumerate(extra):
+            if bar.start >= end:
+                extra[i] = bar.end
+                bar_rows.append(len(groups) + i)
+                break
+        else:
+            extra.append(bar.end)
+            bar_rows.append(len(groups) + len(extra) - 1)
+    return bar_rows, [row_of[m.group] for m in lane_done]
+
+
 def render_svg(tl: Timeline, *, px_per_second: float | None = None) -> str:
     """The timeline as a standalone SVG document."""
     span = max(tl.end() - tl.t0, 1.0)
     if px_per_second is None:
         durations = sorted(b.end - b.start for b in tl.bars) or [1.0]
         typical = durations[len(durations) // 2]
-        # Wide enough that a typical step bar holds "R3 section-4" (~80 px) ...
+        # Wide enough that a typical step bar holds "section-4" (~70 px) ...
         px_per_second = 84 / max(typical, 0.05)
-        # ... within a picture of 900-1700 px of plot.
-        px_per_second = min(max(px_per_second, 900 / span), max(1700 / span, 20.0))
+        # ... within a picture of 900-1600 px of plot.
+        px_per_second = min(max(px_per_second, 900 / span), max(1600 / span, 20.0))
     plot_w = span * px_per_second
 
     def x(ts: float) -> float:
         return LABEL_WIDTH + (ts - tl.t0) * px_per_second
 
+    right = LABEL_WIDTH + plot_w + RIGHT_PAD  # grows to fit labels
     out: list[str] = []
     y = 16.0
     out.append(f'<text x="16" y="{y + 14:.1f}" font-size="18" font-weight="bold">'
                f"{escape(tl.title)}</text>")
-    y += 22
-    if tl.subtitle:
-        for line in tl.subtitle.splitlines():
-            out.append(f'<text x="16" y="{y + 12:.1f}" font-size="12.5" fill="#374151">'
-                       f"{escape(line)}</text>")
-            y += 17
-    y += 6
-    y = _legend(out, tl, y)
-    y += 10
+    right = max(right, 16 + _text_width(tl.title, 18) * 1.05 + 16)
+    y += 24
+    for line in tl.subtitle.splitlines():
+        out.append(f'<text x="16" y="{y + 12:.1f}" font-size="12.5" fill="#374151">'
+                   f"{escape(line)}</text>")
+        right = max(right, 16 + _text_width(line, 12.5) + 16)
+        y += 17
+    y += 8
+    y, legend_right = _legend(out, tl, y)
+    right = max(right, legend_right + 16)
+    y += 12
 
     # Notes (vertical lines across every lane) get their labels above the lanes.
-    note_rows = _pack([(x(n.ts), x(n.ts) + _text_width(n.label, 11.5) + 10) for n in tl.notes],
-                      0)
+    note_spans = [(x(n.ts), x(n.ts) + _text_width(n.label, 11.5) + 10) for n in tl.notes]
+    note_rows = _pack(note_spans, 0)
+    right = max([right, *(end + 8 for _, end in note_spans)])
     notes_top = y
-    y += (max(note_rows, default=-1) + 1) * MARK_ROW + (4 if tl.notes else 0)
+    y += (max(note_rows, default=-1) + 1) * MARK_ROW + (6 if tl.notes else 0)
     lanes_top = y
 
     back: list[str] = []  # lane shading and process lifetimes, under the grid
+    separators: list[float] = []
+    label_size = 11.0
     for index, lane in enumerate(tl.lanes):
         lane_bars = sorted((b for b in tl.bars if b.lane == lane.key), key=lambda b: b.start)
-        bar_rows = _pack([(b.start, b.end) for b in lane_bars], 0.02)
-        lane_marks = sorted((m for m in tl.markers if m.lane == lane.key), key=lambda m: m.ts)
-        label_size = 11.0
-        mark_rows = _pack(
-            [(x(m.ts), x(m.ts) + _text_width(m.label, label_size) + 12) for m in lane_marks], 0
-        )
+        lane_marks = sorted((m for m in tl.markers if m.lane == lane.key and m.kind != "done"),
+                            key=lambda m: m.ts)
+        lane_done = [m for m in tl.markers if m.lane == lane.key and m.kind == "done"]
+        bar_rows, done_rows = _rows(lane_bars, lane_done)
+        spans = [(x(m.ts), x(m.ts) + _text_width(m.label, label_size) + 12) for m in lane_marks]
+        mark_rows = _pack(spans, 0)
+        right = max([right, *(end + 8 for _, end in spans)])
         n_mark_rows = max(mark_rows, default=-1) + 1
-        n_bar_rows = max(max(bar_rows, default=0) + 1, 1)
+        n_bar_rows = max([0, *(r + 1 for r in bar_rows), *(r + 1 for r in done_rows)]) or 1
         top = y
         marks_y = top + LANE_PAD
         bars_y = marks_y + n_mark_rows * MARK_ROW + 4
-        bottom = bars_y + n_bar_rows * (BAR_HEIGHT + BAR_GAP) - BAR_GAP + LANE_PAD
+        bars_bottom = bars_y + n_bar_rows * (BAR_HEIGHT + BAR_GAP) - BAR_GAP
+        bottom = bars_bottom + LANE_PAD
+        separators.append(top)
         shade = "#f6f7f9" if index % 2 == 0 else "#ffffff"
-        back.append(f'<rect x="0" y="{top:.1f}" width="{LABEL_WIDTH + plot_w + RIGHT_PAD:.1f}" '
-                   f'height="{bottom - top:.1f}" fill="{shade}"/>')
-        back.append(f'<line x1="0" x2="{LABEL_WIDTH + plot_w + RIGHT_PAD:.1f}" y1="{top:.1f}" '
-                   f'y2="{top:.1f}" stroke="#d1d5db"/>')
-        mid = (bars_y + bottom - LANE_PAD) / 2
-        out.append(f'<text x="14" y="{mid - 3:.1f}" font-size="14" font-weight="bold">'
-                   f"{escape(lane.title)}</text>")
-        out.append(f'<text x="14" y="{mid + 13:.1f}" font-size="11" fill="#4b5563">'
-                   f"{escape(lane.subtitle)}</text>")
+        back.append(f'<rect x="0" y="{top:.1f}" width="{{WIDTH}}" height="{bottom - top:.1f}" '
+                    f'fill="{shade}"/>')
+        mid = (bars_y + bars_bottom) / 2
+        out.append(f'<g class="lane" data-lane={quoteattr(lane.key)}>'
+                   f'<text x="14" y="{mid - 3:.1f}" font-size="14" font-weight="bold">'
+                   f"{escape(lane.title)}</text>"
+                   f'<text x="14" y="{mid + 13:.1f}" font-size="11" fill="#4b5563">'
+                   f"{escape(lane.subtitle)}</text></g>")
         # The process's life: hatched while starting, a band while it can take work.
-        band_y, band_h = bars_y - 2, bottom - LANE_PAD - bars_y + 4
+        band_y, band_h = bars_y - 3, bars_bottom - bars_y + 6
         ready = lane.ready if lane.ready is not None else lane.ended
         end = lane.ended if lane.ended is not None else tl.t0 + span
         if ready is not None and ready > lane.started:
             back.append(f'<rect x="{x(lane.started):.1f}" y="{band_y:.1f}" '
-                       f'width="{x(ready) - x(lane.started):.1f}" height="{band_h:.1f}" '
-                       f'fill="url(#starting)" stroke="#d1d5db" stroke-width="0.8">'
-                       f"<title>{escape(lane.title)} starting</title></rect>")
+                        f'width="{x(ready) - x(lane.started):.1f}" height="{band_h:.1f}" '
+                        f'fill="url(#starting)" stroke="#d1d5db" stroke-width="0.8"/>')
         alive_from = ready if ready is not None else lane.started
         back.append(f'<rect x="{x(alive_from):.1f}" y="{band_y:.1f}" '
-                   f'width="{max(x(end) - x(alive_from), 0):.1f}" height="{band_h:.1f}" '
-                   f'fill="#e5eaf2" stroke="#c9d2e0" stroke-width="0.8"/>')
+                    f'width="{max(x(end) - x(alive_from), 0):.1f}" height="{band_h:.1f}" '
+                    f'fill="#e3e9f2" stroke="#c9d2e0" stroke-width="0.8"/>')
+        sigterm = _first(m.ts for m in lane_marks if m.kind == "sigterm")
+        if sigterm is not None:
+            drain_end = _first(m.ts for m in lane_marks if m.kind == "exit") or end
+            back.append(f'<rect class="draining" x="{x(sigterm):.1f}" y="{band_y:.1f}" '
+                        f'width="{max(x(drain_end) - x(sigterm), 1):.1f}" '
+                        f'height="{band_h:.1f}" fill="{DRAINING}"/>')
         for bar, row in zip(lane_bars, bar_rows, strict=True):
             out.append(_bar(bar, row, bars_y, x))
+        for mark, row in zip(lane_done, done_rows, strict=True):
+            out.append(_done(mark, bars_y + row * (BAR_HEIGHT + BAR_GAP), x))
+            right = max(right, x(mark.ts) + 10 + _text_width(mark.label, label_size) + 8)
         for mark, row in zip(lane_marks, mark_rows, strict=True):
-            out.append(_marker(mark, row, marks_y, bars_y, bottom - LANE_PAD, x, label_size))
+            out.append(_marker(mark, row, marks_y, bars_bottom + 3, x, label_size))
         y = bottom
     lanes_bottom = y
-    out.append(f'<line x1="0" x2="{LABEL_WIDTH + plot_w + RIGHT_PAD:.1f}" y1="{y:.1f}" '
-               f'y2="{y:.1f}" stroke="#d1d5db"/>')
+    separators.append(y)
 
     for note, row in zip(tl.notes, note_rows, strict=True):
         nx = x(note.ts)
         ny = notes_top + row * MARK_ROW + 11
-        out.append(f'<line x1="{nx:.1f}" x2="{nx:.1f}" y1="{ny + 3:.1f}" y2="{lanes_bottom:.1f}"'
-                   f' stroke="#6d28d9" stroke-width="1.2" stroke-dasharray="5 4"/>')
-        out.append(f'<text x="{nx + 4:.1f}" y="{ny:.1f}" font-size="11.5" fill="#6d28d9" '
-                   f'font-weight="bold">{escape(note.label)}</text>')
+        out.append(f'<g class="note"><line x1="{nx:.1f}" x2="{nx:.1f}" y1="{ny + 3:.1f}" '
+                   f'y2="{lanes_bottom:.1f}" stroke="#6d28d9" stroke-width="1.3" '
+                   f'stroke-dasharray="6 4"/><text x="{nx + 4:.1f}" y="{ny:.1f}" '
+                   f'font-size="11.5" fill="#6d28d9" font-weight="bold">{escape(note.label)}'
+                   "</text></g>")
 
     grid, ticks, y = _axis(tl, span, px_per_second, x, lanes_top, lanes_bottom)
-    width = LABEL_WIDTH + plot_w + RIGHT_PAD
-    height = y + 12
+    width = math.ceil(right)
+    height = math.ceil(y + 8)
+    back = [b.replace("{WIDTH}", str(width)) for b in back]
+    back.extend(f'<line x1="0" x2="{width}" y1="{sy:.1f}" y2="{sy:.1f}" stroke="#d1d5db"/>'
+                for sy in separators)
     head = [
         '<?xml version="1.0" encoding="UTF-8"?>',
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-        f'viewBox="0 0 {width:.0f} {height:.0f}" {FONT} font-size="12" fill="#111827">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" {FONT} font-size="12" fill="#111827">',
         f"<title>{escape(tl.title)}</title>",
         "<defs>",
         '<pattern id="starting" width="6" height="6" patternUnits="userSpaceOnUse" '
@@ -353,44 +401,51 @@ def render_svg(tl: Timeline, *, px_per_second: float | None = None) -> str:
         'patternTransform="rotate(45)"><line x1="0" y1="0" x2="0" y2="6" stroke="#d62728" '
         'stroke-width="3"/></pattern>',
         "</defs>",
-        f'<rect x="0" y="0" width="{width:.0f}" height="{height:.0f}" fill="#ffffff"/>',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>',
     ]
     return "\n".join([*head, *back, *grid, *out, *ticks, "</svg>"]) + "\n"
 
 
-def _legend(out: list[str], tl: Timeline, y: float) -> float:
+def _legend(out: list[str], tl: Timeline, y: float) -> tuple[float, float]:
+    """Report colours on one line, marker kinds on the next; returns (y below, right edge)."""
     x0 = 16.0
     cursor = x0
     for number, text in tl.groups.items():
         colour = REPORT_COLOURS[(number - 1) % len(REPORT_COLOURS)]
-        out.append(f'<rect x="{cursor:.1f}" y="{y:.1f}" width="26" height="13" rx="3" '
+        out.append(f'<rect x="{cursor:.1f}" y="{y:.1f}" width="26" height="14" rx="3" '
                    f'fill="{colour}"/>')
         out.append(f'<text x="{cursor + 32:.1f}" y="{y + 11:.1f}" font-size="12">'
                    f"{escape(text)}</text>")
         cursor += 32 + _text_width(text, 12) + 18
+    explain = ("bar = one step body run, from the worker's ACK of the request to the gateway "
+               "receiving the reply; dot = the report's final request")
     out.append(f'<text x="{cursor:.1f}" y="{y + 11:.1f}" font-size="12" fill="#4b5563">'
-               "bar = one step, from the worker's ACK of the request to the gateway "
-               "receiving its reply</text>")
-    y += 20
+               f"{escape(explain)}</text>")
+    right = cursor + _text_width(explain, 12)
+    y += 21
     cursor = x0
     for colour, text in MARKERS.values():
         out.append(f'<line x1="{cursor + 4:.1f}" x2="{cursor + 4:.1f}" y1="{y:.1f}" '
                    f'y2="{y + 14:.1f}" stroke="{colour}" stroke-width="2.5"/>')
         out.append(f'<text x="{cursor + 11:.1f}" y="{y + 11:.1f}" font-size="12">'
                    f"{escape(text)}</text>")
-        cursor += 11 + _text_width(text, 12) + 20
-    out.append(f'<rect x="{cursor:.1f}" y="{y:.1f}" width="26" height="13" '
-               'fill="url(#starting)" stroke="#d1d5db"/>')
-    out.append(f'<text x="{cursor + 32:.1f}" y="{y + 11:.1f}" font-size="12">'
-               "process starting</text>")
-    return y + 20
+        cursor += 11 + _text_width(text, 12) + 22
+    for fill, text in (("url(#starting)", "starting"), (DRAINING, "draining")):
+        out.append(f'<rect x="{cursor:.1f}" y="{y:.1f}" width="26" height="14" '
+                   f'fill="{fill}" stroke="#d1d5db"/>')
+        out.append(f'<text x="{cursor + 32:.1f}" y="{y + 11:.1f}" font-size="12">'
+                   f"{text}</text>")
+        cursor += 32 + _text_width(text, 12) + 22
+    right = max(right, cursor)
+    return y + 20, right
 
 
 def _bar(bar: Bar, row: int, bars_y: float, x: Any) -> str:
     colour = REPORT_COLOURS[(bar.group - 1) % len(REPORT_COLOURS)] if bar.group else "#9ca3af"
     bx, bw = x(bar.start), max(x(bar.end) - x(bar.start), 1.5)
     by = bars_y + row * (BAR_HEIGHT + BAR_GAP)
-    parts = [f'<g><title>{escape(bar.detail or bar.label)}</title>',
+    parts = [f'<g class="step" data-lane={quoteattr(bar.lane)}>'
+             f"<title>{escape(bar.detail or bar.label)}</title>",
              f'<rect x="{bx:.1f}" y="{by:.1f}" width="{bw:.1f}" height="{BAR_HEIGHT}" rx="3" '
              f'fill="{colour}" stroke="#1f2937" stroke-opacity="0.35"/>']
     if bar.problem:
@@ -417,25 +472,28 @@ def _bar(bar: Bar, row: int, bars_y: float, x: Any) -> str:
     return "".join(parts)
 
 
-def _marker(mark: Marker, row: int, marks_y: float, bars_y: float, bottom: float, x: Any,
+def _done(mark: Marker, row_y: float, x: Any) -> str:
+    colour = REPORT_COLOURS[(mark.group - 1) % len(REPORT_COLOURS)] if mark.group else "#6b7280"
+    mx, cy = x(mark.ts), row_y + BAR_HEIGHT / 2
+    return (f'<g class="marker marker-done" data-lane={quoteattr(mark.lane)}>'
+            f"<title>{escape(mark.label)}</title>"
+            f'<circle cx="{mx:.1f}" cy="{cy:.1f}" r="5.5" fill="{colour}" stroke="#ffffff" '
+            f'stroke-width="1.5"/><text x="{mx + 9:.1f}" y="{cy + 4:.1f}" font-size="11" '
+            f'fill="{colour}" font-weight="bold">{escape(mark.label)}</text></g>')
+
+
+def _marker(mark: Marker, row: int, marks_y: float, line_bottom: float, x: Any,
             size: float) -> str:
     mx = x(mark.ts)
     ly = marks_y + row * MARK_ROW + 11
-    if mark.kind == "done":
-        colour = REPORT_COLOURS[(mark.group - 1) % len(REPORT_COLOURS)]
-        cy = bars_y + BAR_HEIGHT / 2
-        return (f'<g class="marker-done"><title>{escape(mark.label)}</title>'
-                f'<line x1="{mx:.1f}" x2="{mx:.1f}" y1="{ly + 3:.1f}" y2="{cy:.1f}" '
-                f'stroke="{colour}" stroke-width="1" stroke-dasharray="2 2"/>'
-                f'<circle cx="{mx:.1f}" cy="{cy:.1f}" r="5" fill="{colour}" stroke="#ffffff"/>'
-                f'<text x="{mx + 4:.1f}" y="{ly:.1f}" font-size="{size}" fill="{colour}" '
-                f'font-weight="bold">{escape(mark.label)}</text></g>')
     colour = MARKERS.get(mark.kind, ("#111827", ""))[0]
+    if mark.bad:
+        colour = "#d62728"
     width = 2.5 if mark.kind != "ready" else 1.5
     dash = ' stroke-dasharray="4 3"' if mark.kind == "ready" else ""
-    return (f'<g class="marker-{escape(mark.kind)}" data-ts={quoteattr(f"{mark.ts:.3f}")}>'
+    return (f'<g class="marker marker-{escape(mark.kind)}" data-lane={quoteattr(mark.lane)}>'
             f"<title>{escape(mark.label)}</title>"
-            f'<line x1="{mx:.1f}" x2="{mx:.1f}" y1="{ly + 3:.1f}" y2="{bottom:.1f}" '
+            f'<line x1="{mx:.1f}" x2="{mx:.1f}" y1="{ly + 3:.1f}" y2="{line_bottom:.1f}" '
             f'stroke="{colour}" stroke-width="{width}"{dash}/>'
             f'<text x="{mx + 4:.1f}" y="{ly:.1f}" font-size="{size}" fill="{colour}" '
             f'font-weight="bold">{escape(mark.label)}</text></g>')
@@ -459,6 +517,6 @@ def _axis(tl: Timeline, span: float, px_per_second: float, x: Any, top: float,
         ticks.append(f'<text x="{tx:.1f}" y="{bottom + 18:.1f}" font-size="11" '
                      f'text-anchor="middle" fill="#4b5563">{label}</text>')
         n += 1
-    ticks.append(f'<text x="{LABEL_WIDTH - 12:.1f}" y="{bottom + 18:.1f}" font-size="11" '
-                 'text-anchor="end" fill="#4b5563">seconds since start</text>')
-    return grid, ticks, bottom + AXIS_HEIGHT
+    ticks.append(f'<text x="{LABEL_WIDTH + 4:.1f}" y="{bottom + 34:.1f}" font-size="11" '
+                 'fill="#4b5563">time since the demo started</text>')
+    return grid, ticks, bottom + AXIS_HEIGHT + 8

@@ -8,7 +8,12 @@ import contextlib
 import httpx
 
 from connect_worker.devserver import DevServer, RunStatus, serve
-from connect_worker.devserver.testing import fast_config, scripted_worker, step_script
+from connect_worker.devserver.testing import (
+    devserver_fixture,
+    fast_config,
+    scripted_worker,
+    step_script,
+)
 
 
 async def test_serve_runs_until_cancelled() -> None:
@@ -33,3 +38,11 @@ async def test_devserver_fixture(devserver: DevServer) -> None:
         await w.connect()
         run = await devserver.wait_for_run((await devserver.send_event("test/evt"))[0])
         assert run.status is RunStatus.COMPLETED and run.output == "done"
+
+
+two_groups = devserver_fixture(gateway_groups=("gw-a", "gw-b"))
+
+
+async def test_fixture_factory(two_groups: DevServer) -> None:
+    assert set(two_groups.gateway_urls) == {"gw-a", "gw-b"}
+    assert two_groups.config.heartbeat_interval == 1.0

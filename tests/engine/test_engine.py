@@ -312,3 +312,29 @@ async def test_refused_signing_key_stops_the_worker_with_a_fatal_exit_code() -> 
         code = await asyncio.wait_for(worker.run(), 10)
     assert code == EXIT_FATAL
     assert [c.status for c in dev.start_calls] == [401]
+
+
+async def test_sync_rejected_again_and_again_stops_the_worker() -> None:
+    from connect_worker.worker import EXIT_FATAL, MAX_CONSECUTIVE_SYNC_FAILURES, Worker
+
+    from . import apps
+    from .harness import worker_config
+
+    async with fast_dev() as dev:
+        dev.faults.sync_failure = ("connect_invalid_function_config", "bad function config")
+        dev.faults.sync_failure_persistent = True
+        worker = Worker(worker_config(dev, reconnect_max_backoff=0.05),
+                        [(apps.client, apps.functions)])
+        code = await asyncio.wait_for(worker.run(), 15)
+    assert code == EXIT_FATAL
+    assert len(dev.start_calls) == MAX_CONSECUTIVE_SYNC_FAILURES
+    assert all(c.close_reason == "connect_invalid_function_config" for c in dev.connections)
+
+
+async def test_one_sync_failure_is_retried(dev: DevServer) -> None:
+    dev.faults.sync_failure = ("connect_sync_pending", "try again")
+    async with running_worker(dev):
+        [run_id] = await dev.send_event("t/three", {})
+        run = await dev.wait_for_run(run_id, timeout=15)
+    assert run.status is RunStatus.COMPLETED
+    assert [c.close_reason for c in dev.connections][:1] == ["connect_sync_pending"]

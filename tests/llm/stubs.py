@@ -41,6 +41,7 @@ class Reply:
     cached_tokens: int = 0
     chunk_delay: float = 0.0  # between SSE events
     stream_error_after: int | None = None  # send an SSE error event after this many events
+    on_chunk: Callable[[int], None] | None = None  # called after each SSE event is sent
 
 
 @dataclass
@@ -150,6 +151,8 @@ class StubProvider:
                     return
                 writer.write(chunk)
                 await writer.drain()
+                if reply.on_chunk is not None:
+                    reply.on_chunk(index)
                 if reply.chunk_delay:
                     await asyncio.sleep(reply.chunk_delay)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from connect_worker.errors import ConfigError
 from connect_worker.llm import Message, Tool, Usage
 from connect_worker.llm.pricing import DEFAULT_PRICES
 
@@ -97,13 +98,22 @@ async def test_tool_calls(provider: str, stream: bool, make_llm: MakeLLM,
     assert (sent["function"]["name"] if provider == "openai" else sent["name"]) == "search"
 
 
-async def test_json_output_retries_an_unparsable_answer(make_llm: MakeLLM,
-                                                         openai_stub: StubProvider) -> None:
-    openai_stub.script.extend([Reply(text="Sure! Here it is: {oops"),
-                               Reply(text='```json\n{"sections": ["a", "b"]}\n```')])
+async def test_json_output_retries_an_unparsable_answer(
+        make_llm: MakeLLM, openai_stub: StubProvider, registry: CollectorRegistry) -> None:
+    openai_stub.script.extend([Reply(text="Sure! Here it is: {oops", output_tokens=40),
+                               Reply(text='```json\n{"sections": ["a", "b"]}\n```',
+                                     output_tokens=40)])
     llm = make_llm()
     result = await llm.complete('Plan as {"sections": ["string"]}', json=True)
 
     assert result.json() == {"sections": ["a", "b"]}
     assert len(openai_stub.requests) == 2 and result.attempts == 2
+    # Both answers were paid for, though only the second was usable.
+    assert sample(registry, "cost_usd_total", provider="openai", model="gpt-4.1") == \
+        pytest.approx(2 * result.cost_usd)
     assert openai_stub.requests[0].body["response_format"] == {"type": "json_object"}
+
+
+async def test_unknown_provider_is_a_config_error(make_llm: MakeLLM) -> None:
+    with pytest.raises(ConfigError, match="unknown LLM provider 'gemini'"):
+        await make_llm().complete("Go.", provider="gemini")

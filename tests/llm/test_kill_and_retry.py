@@ -77,7 +77,7 @@ async def test_a_step_killed_after_the_answer_is_retried_without_new_requests(
 
         await asyncio.wait_for(read_until(w1, MARKER), 60)
         # Section 2 was answered and stored; its step has not replied yet.
-        assert len(stub.answered) == HOLD_AFTER
+        assert len(stub.requests) == len(stub.answered) == HOLD_AFTER
         assert "Write section 2" in stub.answered[-1].prompt
         held = [d for d in devserver.dispatches if d.conn_id == first.conn_id][-1]
         assert held.replied_at is None
@@ -96,6 +96,8 @@ async def test_a_step_killed_after_the_answer_is_retried_without_new_requests(
 
     section_2 = [seen for seen in stub.requests if "Write section 2" in seen.prompt]
     assert len(section_2) == 1, "the retried step asked the model again"
-    # All ten LLM calls of the report were made exactly once, across both workers.
+    # All ten LLM calls of the report were made exactly once: 4 by the killed worker,
+    # 0 by the retried step, 6 by the steps after it.
     assert len(stub.requests) == len(stub.answered) == 10
+    assert "Write section 3" in stub.requests[HOLD_AFTER].prompt
     assert run.output["cost"]["calls"] == 10

@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from connect_worker.devserver import DevServer
 from connect_worker.devserver.state import RunStatus
 from connect_worker.llm import LLM, LLMConfig, SimulatedProvider, SqliteCache
 from examples.reports import client, functions
-from examples.reports.pipelines import PIPELINES, Pipeline, Writer
+from examples.reports.pipelines import PIPELINES, Pipeline, Writer, run_pipeline
 
 from .util import log_file, sample
 
@@ -39,11 +40,13 @@ async def run_offline(pipeline: Pipeline, llm: LLM, run_id: str) -> dict[str, ob
 
 
 async def _run(pipeline: Pipeline, llm: LLM, run_id: str) -> dict[str, object]:
-    state: dict[str, object] = {"input": INPUT}
-    for step_id, step in pipeline.steps:
-        writer = Writer(llm, key=f"{run_id}:{step_id}", run_id=run_id)
-        state[step_id] = await step(writer, dict(state))
-    final = state[pipeline.steps[-1][0]]
+    async def direct(step_id: str, step: Callable[..., Awaitable[object]], *args: object
+                     ) -> object:
+        return await step(*args)
+
+    final = await run_pipeline(pipeline, INPUT, direct,
+                               lambda step_id: Writer(llm, key=f"{run_id}:{step_id}",
+                                                      run_id=run_id))
     assert isinstance(final, dict)
     return final
 

@@ -194,11 +194,14 @@ class Executor:
         items = [QueueItem(run.run_id, "step", new_ulid())]
         try:
             while items and not run.status.terminal:
-                results = await asyncio.gather(*(self._execute_item(run, it) for it in items))
+                # Planned (parallel) steps run concurrently; discovery resumes
+                # once all of them finished.
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(self._execute_item(run, it)) for it in items]
                 nxt: list[QueueItem] = []
                 discovery = False
-                for produced in results:
-                    for item in produced:
+                for task in tasks:
+                    for item in task.result():
                         if item.step_id == "step":
                             discovery = True
                         else:

@@ -353,7 +353,8 @@ class Gateway:
             await asyncio.sleep(self.state.faults.sync_delay)
         failure = self.state.faults.sync_failure
         if failure is not None:
-            self.state.faults.sync_failure = None
+            if not self.state.faults.sync_failure_persistent:
+                self.state.faults.sync_failure = None
             code, message = failure
             await self.send(conn, Kind.SYNC_FAILED,
                             pb.SystemError(code=code, message=message).SerializeToString())

@@ -286,6 +286,8 @@ class Faults:
     start_delay: float = 0.0
     # Next WORKER_CONNECT gets SYNC_FAILED{code, message} + close 1008 reason=code.
     sync_failure: tuple[str, str] | None = None
+    # Keep failing every sync (a function configuration the API always rejects).
+    sync_failure_persistent: bool = False
     sync_delay: float = 0.0
     # Router override: given candidate conn IDs, return the one to use (or None
     # to fall back to the weighted random pick).
@@ -314,10 +316,10 @@ class DevState:
         self.errors: list[str] = []
         self._changed = asyncio.Event()
         self._timeline_file: TextIO | None = None
-        if config.timeline_path:
-            self._timeline_file = open(config.timeline_path, "a", encoding="utf-8")
+        self._closed = False
 
     def close(self) -> None:
+        self._closed = True
         if self._timeline_file is not None:
             self._timeline_file.close()
             self._timeline_file = None
@@ -358,6 +360,9 @@ class DevState:
     ) -> None:
         entry = TimelineEntry(time.time(), direction, kind, conn_id, request_id or None, detail)
         self.timeline.append(entry)
+        path = self.config.timeline_path
+        if path and self._timeline_file is None and not self._closed:
+            self._timeline_file = open(path, "a", encoding="utf-8")
         if self._timeline_file is not None:
             self._timeline_file.write(json.dumps(entry.to_json()) + "\n")
             self._timeline_file.flush()

@@ -43,11 +43,22 @@ def fast_config(**changes: Any) -> DevServerConfig:
     return DevServerConfig.fast(**changes)
 
 
-@pytest_asyncio.fixture
-async def devserver() -> AsyncIterator[DevServer]:
-    """A running DevServer with fast timings, closed after the test."""
-    async with DevServer(fast_config()) as dev:
-        yield dev
+def devserver_fixture(**changes: Any) -> Any:
+    """Make a pytest fixture yielding a running DevServer with ``fast_config(**changes)``::
+
+        slow_leases = devserver_fixture(lease_duration=10.0)   # in a conftest / test module
+    """
+
+    @pytest_asyncio.fixture
+    async def _devserver() -> AsyncIterator[DevServer]:
+        async with DevServer(fast_config(**changes)) as dev:
+            yield dev
+
+    return _devserver
+
+
+#: A running DevServer with fast timings, closed after the test.
+devserver = devserver_fixture()
 
 
 def hash_step_id(step_id: str) -> str:

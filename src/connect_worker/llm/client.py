@@ -43,7 +43,7 @@ from .errors import LLMDrainingError, LLMFatalError, LLMUnavailableError, Transi
 from .metrics import LLMMetrics, metrics_for
 from .pricing import PriceTable
 from .providers import AnthropicProvider, OnText, OpenAIProvider, Provider
-from .types import Answer, Call, Message, Result, Tool, parse_json_text
+from .types import Answer, Call, Message, Result, Tool, Usage, parse_json_text
 
 log = logging.getLogger("connect_worker.llm")
 
@@ -143,8 +143,12 @@ class LLM:
         chat = tuple(messages) + ((Message("user", prompt),) if prompt is not None else ())
         if not chat:
             raise ValueError("complete() needs a prompt or messages")
-        call = Call(name, model or self.config.model or DEFAULT_MODELS[name], chat, system,
-                    max_tokens, temperature, tuple(tools), json)
+        self.provider(name)  # an unknown provider fails here, before anything else
+        model = model or self.config.model or DEFAULT_MODELS.get(name)
+        if not model:
+            raise ConfigError(f"no model for provider {name!r}: pass model= or set "
+                              "CONNECT_WORKER_LLM_MODEL")
+        call = Call(name, model, chat, system, max_tokens, temperature, tuple(tools), json)
         labels = (name, call.model)
         identity = self._identity(key, run_id)
         digest = call.digest()
@@ -192,10 +196,7 @@ class LLM:
         outcome = "stopped" if answer.partial else "ok"
         duration = time.monotonic() - started
         self.metrics.requests.labels(*labels, outcome).inc()
-        self.metrics.input_tokens.labels(*labels).inc(answer.usage.input_tokens)
-        self.metrics.cached_tokens.labels(*labels).inc(answer.usage.cached_tokens)
-        self.metrics.output_tokens.labels(*labels).inc(answer.usage.output_tokens)
-        self.metrics.cost.labels(*labels).inc(cost)
+        self._count_spend(labels, answer.usage, cost)
         self.metrics.duration.labels(*labels).observe(duration)
         event(log, "llm.call", outcome=outcome, request_id=answer.request_id,
               input_tokens=answer.usage.input_tokens, output_tokens=answer.usage.output_tokens,
@@ -244,6 +245,12 @@ class LLM:
             while len(_occurrences) > _MAX_SCOPES:
                 _occurrences.popitem(last=False)
         return count
+
+    def _count_spend(self, labels: tuple[str, str], usage: Usage, cost: float) -> None:
+        self.metrics.input_tokens.labels(*labels).inc(usage.input_tokens)
+        self.metrics.cached_tokens.labels(*labels).inc(usage.cached_tokens)
+        self.metrics.output_tokens.labels(*labels).inc(usage.output_tokens)
+        self.metrics.cost.labels(*labels).inc(cost)
 
     def _add_run_total(self, run_id: str, answer: Answer, cost: float) -> None:
         old = self._run_totals.get(run_id, RunCost())
@@ -308,7 +315,13 @@ class LLM:
                     answer = await provider.send(call, attempt_timeout=timeout, stream=stream,
                                                  on_text=on_text, should_stop=should_stop)
                     if call.json_output and not answer.partial and not answer.tool_calls:
-                        _check_json(answer)
+                        try:
+                            parse_json_text(answer.text)
+                        except ValueError:
+                            # Paid for but unusable: counted as spend, then asked again.
+                            self._count_spend(labels, answer.usage,
+                                              self.prices.cost(call.model, answer.usage))
+                            raise Transient("the model's answer was not valid JSON") from None
                     return answer, attempts
         except Transient as exc:
             waited = round(time.monotonic() - started, 1)
@@ -321,13 +334,6 @@ class LLM:
                     message, timedelta(seconds=math.ceil(exc.retry_after))) from None
             raise LLMUnavailableError(message) from None
         raise AssertionError("unreachable: tenacity either returns or raises")
-
-
-def _check_json(answer: Answer) -> None:
-    try:
-        parse_json_text(answer.text)
-    except ValueError:
-        raise Transient("the model's answer was not valid JSON") from None
 
 
 def _result(provider: str, call: Call, answer: Answer, cost: float, *, cached: bool,
