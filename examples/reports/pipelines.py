@@ -28,7 +28,7 @@ class Writer:
     run_id: str | None = None
 
     def _models(self) -> tuple[str, str]:
-        provider = self.llm.config.default_provider()
+        provider = self.llm.default_provider()
         large = os.environ.get("REPORTS_LARGE_MODEL") or self.llm.config.model or (
             "gpt-4.1" if provider == "openai" else "claude-sonnet-4-6")
         small = os.environ.get("REPORTS_SMALL_MODEL") or (

@@ -159,6 +159,9 @@ FIELDS: list[tuple[str, str, str]] = [
 ]
 
 
+PAIRED = ("runs_per_s", "cpu_ms_per_run", "reply_p50_ms", "reply_p99_ms")
+
+
 def summarize(worker: str, samples: list[Sample], sdk_costs: list[float]) -> Summary:
     mine = [s for s in samples if s.worker == worker]
 
@@ -202,7 +205,16 @@ def targets(cw: Summary, sdk: Summary) -> list[tuple[str, bool]]:
     ]
 
 
-def render(args: argparse.Namespace, cw: Summary, sdk: Summary, ncpu: int) -> str:
+def paired_ratios(samples: list[Sample], attr: str) -> list[float]:
+    """connect_worker / SDK client within each round (the two ran back to back)."""
+    by_round: dict[int, dict[str, float]] = {}
+    for s in samples:
+        by_round.setdefault(s.round, {})[s.worker] = float(getattr(s, attr))
+    return [ratio(r[CW], r[SDK]) for _, r in sorted(by_round.items()) if CW in r and SDK in r]
+
+
+def render(args: argparse.Namespace, cw: Summary, sdk: Summary, ncpu: int,
+           paired: dict[str, list[float]]) -> str:
     head = (
         f"N={args.runs} runs x {REQUESTS_PER_RUN} requests (1 no-op step), C={args.concurrency},"
         f" {args.rounds} round(s), warm-up {args.warmup}, idle {args.idle:g}s;"
@@ -214,10 +226,12 @@ def render(args: argparse.Namespace, cw: Summary, sdk: Summary, ncpu: int) -> st
     for attr, label, fmt in FIELDS:
         a = float(getattr(cw, attr))
         b = float(getattr(sdk, attr))
-        r = "" if attr == "sdk_ms_per_run" else f"{ratio(a, b):.2f}"
-        if attr == "failed_runs":
-            r = ""
-        lines.append(f"{label:<{width}}{fmt.format(a):>16}{fmt.format(b):>14}{r:>9}")
+        r = "" if attr in ("sdk_ms_per_run", "failed_runs") else f"{ratio(a, b):.2f}"
+        lines.append(f"{label:<{width}}{fmt.format(a):>16}{fmt.format(b):>14}{r:>9}".rstrip())
+    lines.append("")
+    lines.append("per-round ratios (back-to-back pairs, shows the spread):")
+    for attr, values in paired.items():
+        lines.append(f"  {attr:<{width - 2}}" + " ".join(f"{v:.2f}" for v in values))
     lines.append("")
     lines.append("targets (connect_worker vs SDK client):")
     for text, ok in targets(cw, sdk):
@@ -403,6 +417,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "ratios": {attr: ratio(float(getattr(cw, attr)), float(getattr(sdk, attr)))
                    for attr, _, _ in FIELDS if attr not in ("sdk_ms_per_run", "failed_runs")},
         "targets": dict(targets(cw, sdk)),
+        "paired_ratios": {attr: paired_ratios(samples, attr) for attr in PAIRED},
     }
 
 
@@ -560,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = asyncio.run(bench(args))
     cw = Summary(**result["summary"][CW])
     sdk = Summary(**result["summary"][SDK])
-    sys.stdout.write(render(args, cw, sdk, result["cpus"]) + "\n")
+    sys.stdout.write(render(args, cw, sdk, result["cpus"], result["paired_ratios"]) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from connect_worker.errors import ConfigError
-from connect_worker.llm import Message, Tool, Usage
+from connect_worker.llm import LLM, LLMConfig, LLMFatalError, Message, Tool, Usage
 from connect_worker.llm.pricing import DEFAULT_PRICES
 
 from .conftest import MakeLLM
@@ -114,6 +113,9 @@ async def test_json_output_retries_an_unparsable_answer(
     assert openai_stub.requests[0].body["response_format"] == {"type": "json_object"}
 
 
-async def test_unknown_provider_is_a_config_error(make_llm: MakeLLM) -> None:
-    with pytest.raises(ConfigError, match="unknown LLM provider 'gemini'"):
+async def test_configuration_errors_fail_the_step_for_good(make_llm: MakeLLM) -> None:
+    with pytest.raises(LLMFatalError, match="unknown LLM provider 'gemini'"):
         await make_llm().complete("Go.", provider="gemini")
+    llm = LLM(LLMConfig(cache="off"), registry=CollectorRegistry(), environ={})
+    with pytest.raises(LLMFatalError, match="CONNECT_WORKER_LLM_PROVIDER"):
+        await llm.complete("Go.")

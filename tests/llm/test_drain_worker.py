@@ -16,7 +16,7 @@ from connect_worker.devserver.state import RunStatus
 from examples.reports.pipelines import CONTINUE
 
 from .stubs import Reply, StubProvider
-from .util import SECRET, log_file
+from .util import SECRET, assert_no_secret_in_logs, log_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,3 +76,4 @@ async def test_a_drain_checkpoints_a_streaming_step_and_another_worker_resumes_i
     assert len(stub.requests) == 11
     assert run.output["cost"]["calls"] == 11
     assert partial["content"] + "answer to:" in run.output["markdown"]
+    assert_no_secret_in_logs(tmp_path)

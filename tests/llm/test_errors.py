@@ -8,7 +8,14 @@ import inngest
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from connect_worker.llm import LLMFatalError
+from connect_worker.llm import (
+    LLM,
+    AnthropicProvider,
+    LLMConfig,
+    LLMFatalError,
+    OpenAIProvider,
+    Provider,
+)
 
 from .conftest import MakeLLM
 from .stubs import Reply, StubProvider
@@ -71,3 +78,20 @@ async def test_api_keys_never_reach_errors_logs_or_metrics(
     for text in (*errors, logged, exported):
         assert SECRET not in text and "AbCdEf123456789" not in text
     assert "[redacted]" in errors[0]  # the provider's words are kept, the key is not
+
+
+@pytest.mark.parametrize(("provider", "env"), [("openai", "OPENAI_API_KEY"),
+                                               ("anthropic", "ANTHROPIC_API_KEY")])
+async def test_a_missing_api_key_names_the_variable(
+        provider: str, env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: object,
+        openai_stub: StubProvider, anthropic_stub: StubProvider) -> None:
+    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    providers: dict[str, Provider] = {
+        "openai": OpenAIProvider(base_url=openai_stub.base_url),
+        "anthropic": AnthropicProvider(base_url=anthropic_stub.base_url)}
+    llm = LLM(LLMConfig(provider=provider, cache="off"), registry=CollectorRegistry(),
+              providers=providers)
+    with pytest.raises(LLMFatalError, match=f"set {env}"):
+        await llm.complete("Go.")
+    assert not openai_stub.requests and not anthropic_stub.requests

@@ -20,7 +20,7 @@ from connect_worker.devserver.state import RunStatus
 
 from .kill_app import MARKER
 from .stubs import StubProvider
-from .util import SECRET, log_file
+from .util import SECRET, assert_no_secret_in_logs, log_file
 
 ROOT = Path(__file__).resolve().parents[2]
 # analyze-brief, outline, section 1, section 2: the 4th answer is section 2's.
@@ -101,3 +101,4 @@ async def test_a_step_killed_after_the_answer_is_retried_without_new_requests(
     assert len(stub.requests) == len(stub.answered) == 10
     assert "Write section 3" in stub.requests[HOLD_AFTER].prompt
     assert run.output["cost"]["calls"] == 10
+    assert_no_secret_in_logs(tmp_path)

@@ -31,3 +31,9 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 def log_file(path: Path) -> IO[bytes]:
     """Where a worker subprocess writes its log (read when a test fails)."""
     return open(path, "wb")  # local file, negligible blocking
+
+
+def assert_no_secret_in_logs(directory: Path) -> None:
+    """Worker subprocess logs (JSON lines) must never contain the API key."""
+    for path in directory.glob("*.log"):
+        assert SECRET not in path.read_text(), f"API key leaked into {path.name}"

@@ -94,6 +94,13 @@ class LLM:
                  registry: CollectorRegistry | None = None) -> LLM:
         return cls(LLMConfig.from_env(environ), registry=registry, environ=environ)
 
+    def default_provider(self) -> str:
+        """The configured provider, or the one whose API key is set (LLMFatalError if none)."""
+        try:
+            return self.config.default_provider(self._environ)
+        except ConfigError as exc:
+            raise LLMFatalError(str(exc), provider="none") from None
+
     def provider(self, name: str) -> Provider:
         found = self._providers.get(name)
         if found is None:
@@ -139,15 +146,19 @@ class LLM:
         connect_worker executor (e.g. ``f"{ctx.run_id}:{step_id}"``); inside it the
         request's job id is used.
         """
-        name = provider or self.config.default_provider(self._environ)
         chat = tuple(messages) + ((Message("user", prompt),) if prompt is not None else ())
         if not chat:
             raise ValueError("complete() needs a prompt or messages")
-        self.provider(name)  # an unknown provider fails here, before anything else
+        name = provider or self.default_provider()
         model = model or self.config.model or DEFAULT_MODELS.get(name)
-        if not model:
-            raise ConfigError(f"no model for provider {name!r}: pass model= or set "
-                              "CONNECT_WORKER_LLM_MODEL")
+        try:
+            self.provider(name)
+            if not model:
+                raise ConfigError(f"no model for provider {name!r}: pass model= or set "
+                                  "CONNECT_WORKER_LLM_MODEL")
+        except ConfigError as exc:
+            # Retrying the step cannot fix the configuration.
+            raise LLMFatalError(str(exc), provider=name) from None
         call = Call(name, model, chat, system, max_tokens, temperature, tuple(tools), json)
         labels = (name, call.model)
         identity = self._identity(key, run_id)

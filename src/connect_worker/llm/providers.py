@@ -42,7 +42,8 @@ class Provider(Protocol):
     ) -> Answer: ...
 
 
-_KEY_PATTERN = re.compile(r"\b(sk|key|token)[-_][A-Za-z0-9_\-*.]{6,}", re.IGNORECASE)
+# OpenAI (sk-..., sk-proj-...) and Anthropic (sk-ant-...) keys.
+_KEY_PATTERN = re.compile(r"\bsk-[A-Za-z0-9_\-*.]{8,}")
 
 
 def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
@@ -158,13 +159,25 @@ class _PerLoop:
         return client
 
 
+def _check_credentials(label: str, client_kwargs: dict[str, Any], *env_vars: str) -> None:
+    """Fail the step for good, naming the variable, when no credentials are configured
+    (explicit client options, e.g. another auth method, are trusted as they are)."""
+    if not client_kwargs.get("api_key") and not any(os.environ.get(v) for v in env_vars):
+        raise LLMFatalError(f"no {label} API key: set {env_vars[0]}", provider=label)
+
+
 class OpenAIProvider:
     name = "openai"
     label = "OpenAI"
     key_env = "OPENAI_API_KEY"
 
     def __init__(self, **client_kwargs: Any) -> None:
-        self._clients = _PerLoop(lambda: openai.AsyncOpenAI(max_retries=0, **client_kwargs))
+        def create() -> Any:
+            if not {"workload_identity", "admin_api_key"} & client_kwargs.keys():
+                _check_credentials(self.label, client_kwargs, self.key_env)
+            return openai.AsyncOpenAI(max_retries=0, **client_kwargs)
+
+        self._clients = _PerLoop(create)
         self._secrets = (str(client_kwargs.get("api_key") or os.environ.get(self.key_env, "")),)
 
     def _params(self, call: Call) -> dict[str, Any]:
@@ -254,8 +267,13 @@ class AnthropicProvider:
     key_env = "ANTHROPIC_API_KEY"
 
     def __init__(self, **client_kwargs: Any) -> None:
-        self._clients = _PerLoop(lambda: anthropic.AsyncAnthropic(max_retries=0,
-                                                                  **client_kwargs))
+        def create() -> Any:
+            if not {"auth_token", "credentials"} & client_kwargs.keys():
+                _check_credentials(self.label, client_kwargs, self.key_env,
+                                   "ANTHROPIC_AUTH_TOKEN")
+            return anthropic.AsyncAnthropic(max_retries=0, **client_kwargs)
+
+        self._clients = _PerLoop(create)
         self._secrets = (str(client_kwargs.get("api_key") or os.environ.get(self.key_env, "")),)
 
     def _params(self, call: Call) -> dict[str, Any]:
