@@ -49,6 +49,8 @@ class EventSink(Protocol):
 
     async def handle_event(self, session: Session, event: GatewayEvent) -> None: ...
 
+    def session_closed(self, session: Session) -> None: ...
+
 
 class Session:
     """A handshaken WebSocket to one gateway."""
@@ -169,6 +171,7 @@ class Session:
             finally:
                 self.closed.set()
                 tg.cancel_scope.cancel()
+                sink.session_closed(self)
 
     async def _read(self, sink: EventSink) -> None:
         try:

@@ -111,7 +111,10 @@ class Step:
     extending: bool = True
     lease_lost: bool = False
     sent_on: Session | None = None
-    delivered: anyio.Event = field(default_factory=anyio.Event)
+    delivered: bool = False
+    # Set when the reply is delivered or the socket that carried it closes; replaced by
+    # whoever waits on it again (one waiter at a time: the step's own task).
+    wake: anyio.Event = field(default_factory=anyio.Event)
 
 
 class Worker:
@@ -126,6 +129,13 @@ class Worker:
     ) -> None:
         self.config = config
         self.metrics = metrics or WorkerMetrics(CollectorRegistry())
+        # Computed at scrape time, so the hot path does no counting for them.
+        self.metrics.steps_in_flight.set_function(
+            lambda: sum(1 for s in self._steps.values() if s.reply is None)
+        )
+        self.metrics.replies_awaiting_ack.set_function(
+            lambda: sum(1 for s in self._steps.values() if s.reply is not None)
+        )
         self._executor = Executor(apps, app_version=config.app_version)
         self._api: GatewayAPI | None = None
         self._steps: dict[str, Step] = {}
@@ -226,14 +236,11 @@ class Worker:
     # ----- helpers -------------------------------------------------------------------
 
     def _notify(self) -> None:
-        """Wake everything waiting in ``_wait_until``."""
-        assert self._changed is not None
-        self._changed.set()
-        self._changed = anyio.Event()
-        self.metrics.steps_in_flight.set(sum(1 for s in self._steps.values() if s.reply is None))
-        self.metrics.replies_awaiting_ack.set(
-            sum(1 for s in self._steps.values() if s.reply is not None)
-        )
+        """Wake everything waiting in ``_wait_until`` (usually nobody: skip the work)."""
+        changed = self._changed
+        if changed is not None and changed.statistics().tasks_waiting:
+            changed.set()
+            self._changed = anyio.Event()
 
     async def _wait_until(self, predicate: Callable[[], bool]) -> None:
         while not predicate():
@@ -320,7 +327,6 @@ class Worker:
                 event(log, "connection.replace", conn_id=session.id, draining=self._draining)
             else:
                 exclude = []
-                self._on_session_lost(session)
                 self.metrics.reconnects_total.labels(reason="socket_closed").inc()
                 event(log, "connection.reconnect", level=logging.WARNING, conn_id=session.id,
                       draining=self._draining)
@@ -344,7 +350,7 @@ class Worker:
               extend_lease_interval=session.ready.extend_lease_interval)
         # Replies still waiting for an ACK go out again on the new socket at once.
         for step in list(self._steps.values()):
-            if step.reply is not None and not step.delivered.is_set():
+            if step.reply is not None and not step.delivered:
                 await self._send_reply(step, session)
         for stale in old:
             self._sessions.remove(stale)
@@ -356,12 +362,16 @@ class Worker:
         assert self._tg is not None
         self._tg.start_soon(func, *args)
 
-    def _on_session_lost(self, session: Session) -> None:
+    def session_closed(self, session: Session) -> None:
+        """Called by each session when its socket is gone, whatever the reason."""
         if session in self._sessions:
             self._sessions.remove(session)
         if self._current is session:
             self._current = None
             self.metrics.set_connection_state("disconnected")
+        for step in self._steps.values():
+            if step.sent_on is session and not step.delivered:
+                step.wake.set()  # its reply goes to the flush (and the next session) now
         self._notify()
 
     # ----- gateway events ------------------------------------------------------------
@@ -425,9 +435,10 @@ class Worker:
         self._delivered(step)
 
     def _delivered(self, step: Step) -> None:
-        if step.delivered.is_set():
+        if step.delivered:
             return
-        step.delivered.set()
+        step.delivered = True
+        step.wake.set()
         self._steps.pop(step.request.request_id, None)
         self._notify()
 
@@ -492,15 +503,15 @@ class Worker:
         session = self._live_session()
         if session is not None and await self._send_reply(step, session):
             with anyio.move_on_after(self.config.reply_ack_timeout):
-                await _first_of(step.delivered, session.closed)
-        if not step.delivered.is_set():
+                await step.wake.wait()
+        if not step.delivered:
             await self._flush(step)
 
     async def _flush(self, step: Step) -> None:
         """POST the reply to /v0/connect/flush until accepted or acknowledged another way."""
         assert self._api is not None and step.reply is not None
         delays = backoff_delays(0.1, FLUSH_MAX_BACKOFF)
-        while not step.delivered.is_set():
+        while not step.delivered:
             try:
                 await self._api.flush(step.reply)
             except ConnectWorkerError as exc:
@@ -509,8 +520,10 @@ class Worker:
                 event(log, "reply.flush_failed", level=logging.WARNING,
                       request_id=step.request.request_id, error=str(exc),
                       retry_in=round(delay, 3))
-                with anyio.move_on_after(delay):
-                    await step.delivered.wait()
+                step.wake = anyio.Event()
+                if not step.delivered:
+                    with anyio.move_on_after(delay):
+                        await step.wake.wait()
                 continue
             self.metrics.flushes_total.labels(outcome="ok").inc()
             event(log, "reply.flushed", request_id=step.request.request_id,
@@ -528,7 +541,7 @@ class Worker:
             if session is None:
                 continue  # leases outlive a reconnect; the next session extends them
             for step in list(self._steps.values()):
-                if step.extending and not step.delivered.is_set():
+                if step.extending and not step.delivered:
                     await session.send(session.conn.extend_lease(step.request, step.lease_id))
 
     # ----- drain ---------------------------------------------------------------------
