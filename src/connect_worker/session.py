@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -131,7 +132,7 @@ class Session:
                 connect_request.connection_id = self.id
                 connect_request.auth_data.session_token = self.start.session_token
                 connect_request.auth_data.sync_token = self.start.sync_token
-                await self._send_or_raise(self.conn.connect(connect_request))
+                await self._send_or_raise(lambda conn: conn.connect(connect_request))
                 sent_connect = True
 
     async def _recv_handshake_frame(self) -> bytes:
@@ -146,14 +147,20 @@ class Session:
             raise GatewayError("the gateway sent a text frame during the handshake")
         return frame
 
-    async def _send_or_raise(self, frame: bytes) -> None:
-        if not await self.send(frame):
+    async def _send_or_raise(self, build: Callable[[WorkerConnection], bytes]) -> None:
+        if not await self.send(build):
             raise TransportError("the gateway socket closed during the handshake")
 
-    async def send(self, frame: bytes) -> bool:
-        """Send one frame; False when the socket is gone (the caller picks the fallback)."""
-        if self.closed.is_set():
+    async def send(self, build: Callable[[WorkerConnection], bytes]) -> bool:
+        """Build one frame with the protocol object and send it.
+
+        False when the socket is gone or being closed (the caller picks the fallback).
+        Building happens only after that check, so a heartbeat or an extension racing
+        with ``close()`` is not a protocol violation, just a frame not sent.
+        """
+        if self.closed.is_set() or self.conn.state is State.CLOSED:
             return False
+        frame = build(self.conn)
         try:
             await self._ws.send(frame)
         except (websockets.ConnectionClosed, OSError):
@@ -215,7 +222,7 @@ class Session:
                 return
             self._unanswered += 1
             self._heartbeat_sent_at = time.monotonic()
-            if not await self.send(self.conn.heartbeat()):
+            if not await self.send(WorkerConnection.heartbeat):
                 return
             await anyio.sleep(self.ready.heartbeat_interval)
 

@@ -4,18 +4,90 @@ User functions run on their own event loop in a dedicated thread, so a step that
 blocks its loop (``time.sleep``, a synchronous HTTP client) cannot delay the
 engine's heartbeats or lease extensions. ``def`` functions go one step further,
 into the SDK's thread pool. The only traffic across the bridge is: a coroutine
-in (``submit``), its result or exception out, and cancellation.
+in (``run``), its result or exception out, and cancellation.
+
+Each direction is a queue drained by one callback on the receiving loop. Waking
+a loop from another thread costs a syscall and a GIL hand-off, so a wake-up is
+only sent when the receiving side has no drain pending: under load many jobs
+cross on one wake-up.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+class _Inbox:
+    """A queue of callables for one event loop, woken at most once per batch."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: deque[Callable[[], None]] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, item: Callable[[], None]) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, deque()
+            self._scheduled = False
+        for item in items:
+            item()
+
+
+class _Job(Generic[T]):
+    """One coroutine crossing the bridge: runs on the user loop, resolves on the engine's."""
+
+    def __init__(self, coro: Coroutine[Any, Any, T], result: asyncio.Future[T],
+                 reply_to: _Inbox) -> None:
+        self._coro = coro
+        self._result = result
+        self._reply_to = reply_to
+        self._task: asyncio.Task[T] | None = None
+        self._cancelled = False
+
+    def start(self) -> None:  # on the user loop
+        if self._cancelled:
+            self._coro.close()
+            self._reply_to.put(self._resolve_cancelled)
+            return
+        self._task = asyncio.get_running_loop().create_task(self._coro)
+        self._task.add_done_callback(self._done)
+
+    def cancel(self) -> None:  # on the user loop
+        self._cancelled = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def _done(self, task: asyncio.Task[T]) -> None:  # on the user loop
+        self._reply_to.put(lambda: self._resolve(task))
+
+    def _resolve(self, task: asyncio.Task[T]) -> None:  # on the engine loop
+        if self._result.done():
+            return
+        if task.cancelled():
+            self._result.cancel()
+        elif (exc := task.exception()) is not None:
+            self._result.set_exception(exc)
+        else:
+            self._result.set_result(task.result())
+
+    def _resolve_cancelled(self) -> None:  # on the engine loop
+        if not self._result.done():
+            self._result.cancel()
 
 
 class UserLoop:
@@ -23,6 +95,8 @@ class UserLoop:
 
     def __init__(self, name: str = "connect-worker-user") -> None:
         self._loop = asyncio.new_event_loop()
+        self._inbox = _Inbox(self._loop)
+        self._replies: dict[asyncio.AbstractEventLoop, _Inbox] = {}
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -37,9 +111,7 @@ class UserLoop:
             for task in pending:
                 task.cancel()
             if pending:
-                self._loop.run_until_complete(
-                    asyncio.wait(pending, timeout=1.0)
-                )
+                self._loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
             self._loop.run_until_complete(self._loop.shutdown_default_executor())
             self._loop.close()
 
@@ -52,13 +124,24 @@ class UserLoop:
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Schedule ``coro`` on the user loop; cancelling the future cancels the task."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
-
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the user loop and await it from the engine's loop."""
-        return await asyncio.wrap_future(self.submit(coro))
+        """Run ``coro`` on the user loop and await it from the calling loop.
+
+        Cancelling the caller cancels the user task.
+        """
+        engine = asyncio.get_running_loop()
+        reply_to = self._replies.get(engine)
+        if reply_to is None:
+            reply_to = self._replies[engine] = _Inbox(engine)
+        result: asyncio.Future[T] = engine.create_future()
+        job = _Job(coro, result, reply_to)
+        self._inbox.put(job.start)
+        try:
+            return await asyncio.shield(result)
+        except asyncio.CancelledError:
+            if not result.done():
+                self._inbox.put(job.cancel)
+            raise
 
     def stop(self, timeout: float = 1.0) -> None:
         """Stop the loop (running user tasks are abandoned; the thread is a daemon)."""

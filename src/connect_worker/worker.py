@@ -28,6 +28,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -55,6 +56,7 @@ from .protocol import (
     GatewayEvent,
     LeaseExtended,
     ReplyAck,
+    WorkerConnection,
     pb,
 )
 from .protocol.codec import build_sdk_response
@@ -336,11 +338,11 @@ class Worker:
         old = [s for s in self._sessions if s is not session]
         self._sessions.append(session)
         if self._draining:
-            sent = await session.send(session.conn.pause())
+            sent = await session.send(WorkerConnection.pause)
             self.metrics.set_connection_state("paused")
             event(log, "drain.pause_on_reconnect", conn_id=session.id, sent=sent)
         else:
-            await session.send(session.conn.send_ready())
+            await session.send(WorkerConnection.send_ready)
             self.metrics.set_connection_state("ready")
         self._current = session
         set_log_context(conn_id=session.id)
@@ -392,7 +394,7 @@ class Worker:
         if existing is not None:
             # The same dispatch again (our ACK got lost): confirm it, never run it twice.
             if session.conn.accepts_work:
-                await session.send(session.conn.ack(request))
+                await session.send(lambda conn: conn.ack(request))
             return
         if self._draining or not session.conn.accepts_work:
             # Not acking makes the gateway re-route it at once (it fails un-ACKed
@@ -401,7 +403,7 @@ class Worker:
             event(log, "request.not_acked", level=logging.DEBUG, conn_id=session.id,
                   request_id=request.request_id, reason="paused")
             return
-        if not await session.send(session.conn.ack(request)):
+        if not await session.send(lambda conn: conn.ack(request)):
             return  # never acked: the gateway re-routes it
         self._last_ack_at = time.monotonic()
         self.metrics.requests_acked_total.inc()
@@ -489,10 +491,11 @@ class Worker:
             return error_outcome("ExecutionError", "connect_worker could not run the step")
 
     async def _send_reply(self, step: Step, session: Session) -> bool:
-        assert step.reply is not None
+        reply = step.reply
+        assert reply is not None
         if not session.conn.live:
             return False
-        if await session.send(session.conn.reply(step.reply)):
+        if await session.send(lambda conn: conn.reply(reply)):
             step.sent_on = session
             self.metrics.replies_sent_total.inc()
             return True
@@ -542,7 +545,10 @@ class Worker:
                 continue  # leases outlive a reconnect; the next session extends them
             for step in list(self._steps.values()):
                 if step.extending and not step.delivered:
-                    await session.send(session.conn.extend_lease(step.request, step.lease_id))
+                    await session.send(partial(
+                        WorkerConnection.extend_lease, request=step.request,
+                        lease_id=step.lease_id,
+                    ))
 
     # ----- drain ---------------------------------------------------------------------
 
@@ -591,7 +597,7 @@ class Worker:
             await anyio.sleep(settle)
         for session in list(self._sessions):
             if session.conn.state in (State.CONNECTED, State.ACTIVE):
-                sent = await session.send(session.conn.pause())
+                sent = await session.send(WorkerConnection.pause)
                 event(log, "drain.pause", conn_id=session.id, sent=sent)
         self.metrics.set_connection_state("paused")
 

@@ -338,3 +338,21 @@ async def test_one_sync_failure_is_retried(dev: DevServer) -> None:
         run = await dev.wait_for_run(run_id, timeout=15)
     assert run.status is RunStatus.COMPLETED
     assert [c.close_reason for c in dev.connections][:1] == ["connect_sync_pending"]
+
+
+async def test_heartbeats_racing_a_close_never_crash_the_worker() -> None:
+    # Regression: a heartbeat built while close() awaited the close handshake raised
+    # LocalProtocolError (state CLOSED) and crashed the worker after a clean drain, or
+    # mid-step when the old socket was retired after GATEWAY_CLOSING.
+    async with fast_dev(heartbeat_interval=0.002, gateway_groups=("gw-a", "gw-b")) as dev:
+        for attempt in range(4):
+            async with running_worker(dev, instance_id=f"race-{attempt}") as worker:
+                [run_id] = await dev.send_event("t/gated", {"key": f"race-{attempt}"})
+                await probe.wait_started(f"race-{attempt}")
+                [conn] = [c for c in dev.live_connections
+                          if c.instance_id == f"race-{attempt}"]
+                await dev.gateway_closing(conn.conn_id)
+                probe.gates[f"race-{attempt}"].set()
+                run = await dev.wait_for_run(run_id, timeout=15)
+                assert run.status is RunStatus.COMPLETED
+            assert worker.exit_code == 0
