@@ -51,7 +51,6 @@ from .logs import event
 from .logs import set_context as set_log_context
 from .metrics import WorkerMetrics
 from .protocol import (
-    ConnectionReady,
     ExecutorRequest,
     GatewayEvent,
     LeaseExtended,
@@ -111,7 +110,6 @@ class Step:
     reply: bytes | None = None
     outcome: str = "running"
     extending: bool = True
-    lease_lost: bool = False
     sent_on: Session | None = None
     delivered: bool = False
     # Set when the reply is delivered or the socket that carried it closes; replaced by
@@ -385,9 +383,8 @@ class Worker:
             self._on_lease_extended(received)
         elif isinstance(received, ReplyAck):
             self._on_reply_ack(received)
-        elif isinstance(received, ConnectionReady):
-            pass  # only during the handshake; Session.open consumed it
-        # Heartbeats and GATEWAY_CLOSING are handled by the session and the supervisor.
+        # CONNECTION_READY is consumed by the handshake; heartbeats and GATEWAY_CLOSING
+        # are handled by the session and the supervisor; unknown kinds are ignored.
 
     async def _on_request(self, session: Session, request: ExecutorRequest) -> None:
         existing = self._steps.get(request.request_id)
@@ -424,7 +421,7 @@ class Worker:
         step.extending = False
         if step.reply is None and step.scope is not None:
             # Someone else owns the lease now: stop, and send no reply.
-            step.lease_lost = True
+            step.outcome = "lease_lost"
             step.scope.cancel()
             event(log, "lease.lost", level=logging.WARNING, request_id=ack.request_id,
                   function=step.request.function_slug, run_id=step.request.run_id)
