@@ -21,6 +21,8 @@ go under the steps: a GATEWAY_CLOSING or a dropped socket never touches user cod
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import platform
@@ -106,15 +108,17 @@ class Step:
     request: ExecutorRequest
     lease_id: str
     started_at: float
-    scope: anyio.CancelScope | None = None
+    task: asyncio.Task[None] | None = None
     reply: bytes | None = None
     outcome: str = "running"
     extending: bool = True
     sent_on: Session | None = None
     delivered: bool = False
     # Set when the reply is delivered or the socket that carried it closes; replaced by
-    # whoever waits on it again (one waiter at a time: the step's own task).
-    wake: anyio.Event = field(default_factory=anyio.Event)
+    # whoever waits on it again (one waiter at a time: the step's own task). Steps are
+    # plain asyncio tasks: they are the hot path, and the engine runs on asyncio anyway
+    # (websockets' asyncio client).
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Worker:
@@ -139,6 +143,7 @@ class Worker:
         self._executor = Executor(apps, app_version=config.app_version)
         self._api: GatewayAPI | None = None
         self._steps: dict[str, Step] = {}
+        self._step_tasks: set[asyncio.Task[None]] = set()
         self._current: Session | None = None
         self._sessions: list[Session] = []
         self._limiter: anyio.CapacityLimiter | None = None
@@ -407,7 +412,21 @@ class Worker:
         step = Step(request=request, lease_id=request.lease_id, started_at=time.monotonic())
         self._steps[request.request_id] = step
         self._notify()
-        self._tg_start(self._run_step, step)
+        task = asyncio.get_running_loop().create_task(self._run_step(step))
+        step.task = task
+        self._step_tasks.add(task)
+        task.add_done_callback(self._step_done)
+
+    def _step_done(self, task: asyncio.Task[None]) -> None:
+        self._step_tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug in the engine, not in user code (that becomes an error reply): stop with
+        # a non-zero exit rather than run on in an unknown state.
+        exc = task.exception()
+        log.error("a step task failed", exc_info=exc)
+        self._fatal = exc
+        self.abort()
 
     def _on_lease_extended(self, ack: LeaseExtended) -> None:
         step = self._steps.get(ack.request_id)
@@ -419,10 +438,10 @@ class Worker:
             return
         self.metrics.lease_extensions_total.labels(outcome="nack").inc()
         step.extending = False
-        if step.reply is None and step.scope is not None:
+        if step.reply is None and step.task is not None:
             # Someone else owns the lease now: stop, and send no reply.
             step.outcome = "lease_lost"
-            step.scope.cancel()
+            step.task.cancel()
             event(log, "lease.lost", level=logging.WARNING, request_id=ack.request_id,
                   function=step.request.function_slug, run_id=step.request.run_id)
 
@@ -445,13 +464,11 @@ class Worker:
 
     async def _run_step(self, step: Step) -> None:
         request = step.request
-        outcome: Outcome | None = None
-        with anyio.CancelScope() as scope:
-            step.scope = scope
-            outcome = self._executor.check_served(request)
-            if outcome is None:
-                outcome = await self._execute(request)
-        if scope.cancelled_caught or outcome is None:
+        try:
+            outcome = self._executor.check_served(request) or await self._execute(request)
+        except asyncio.CancelledError:
+            if step.outcome != "lease_lost":
+                raise
             self._steps.pop(request.request_id, None)
             self.metrics.steps_total.labels(function=request.function_slug,
                                             outcome="lease_lost").inc()
@@ -502,8 +519,9 @@ class Worker:
         """Get the reply acknowledged: socket first, flush when the ACK does not come."""
         session = self._live_session()
         if session is not None and await self._send_reply(step, session):
-            with anyio.move_on_after(self.config.reply_ack_timeout):
-                await step.wake.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.reply_ack_timeout):
+                    await step.wake.wait()
         if not step.delivered:
             await self._flush(step)
 
@@ -520,10 +538,11 @@ class Worker:
                 event(log, "reply.flush_failed", level=logging.WARNING,
                       request_id=step.request.request_id, error=str(exc),
                       retry_in=round(delay, 3))
-                step.wake = anyio.Event()
+                step.wake = asyncio.Event()
                 if not step.delivered:
-                    with anyio.move_on_after(delay):
-                        await step.wake.wait()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await step.wake.wait()
                 continue
             self.metrics.flushes_total.labels(outcome="ok").inc()
             event(log, "reply.flushed", request_id=step.request.request_id,
@@ -572,6 +591,10 @@ class Worker:
                   request_id=request.request_id, state=step.outcome,
                   running_for=round(now - step.started_at, 3))
         self.metrics.steps_abandoned_total.inc(len(abandoned))
+        for task in list(self._step_tasks):
+            task.cancel()  # the user task on the user loop gets the cancellation too
+        if self._step_tasks:
+            await asyncio.wait(self._step_tasks, timeout=1.0)
         for session in list(self._sessions):
             await session.close("WORKER_SHUTDOWN")
         duration = time.monotonic() - self.drain_started_at

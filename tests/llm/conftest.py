@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from connect_worker.context import DrainSignal
+from connect_worker.context import DrainSignal, draining
 from connect_worker.llm import (
     LLM,
     AnthropicProvider,
@@ -38,6 +38,12 @@ async def openai_stub() -> AsyncIterator[StubProvider]:
 async def anthropic_stub() -> AsyncIterator[StubProvider]:
     async with StubProvider("anthropic") as stub:
         yield stub
+
+
+@pytest.fixture(autouse=True)
+def not_draining() -> None:
+    """In-process workers of other tests set the process-wide drain signal for good."""
+    draining().clear()
 
 
 @pytest.fixture

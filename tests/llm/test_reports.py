@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from connect_worker.context import DrainSignal
 from connect_worker.devserver import DevServer
 from connect_worker.devserver.state import RunStatus
 from connect_worker.llm import LLM, LLMConfig, SimulatedProvider, SqliteCache
 from examples.reports import client, functions
-from examples.reports.pipelines import PIPELINES, Pipeline, Writer, run_pipeline
+from examples.reports.pipelines import MAX_PARTS, PIPELINES, Pipeline, Writer, run_pipeline
 
 from .util import log_file, sample
 
@@ -94,3 +95,16 @@ async def test_a_report_runs_on_a_worker_with_the_simulated_provider(
     assert run.status is RunStatus.COMPLETED, run.error
     assert run.output["cost"]["calls"] == 9 and run.output["cost"]["cost_usd"] > 0
     assert run.output["markdown"].startswith("# ")
+
+
+async def test_continuations_end_even_if_every_worker_is_draining(tmp_path: Path) -> None:
+    drain = DrainSignal()
+    drain.set()
+    simulated = SimulatedProvider(speedup=5_000)
+    llm = LLM(LLMConfig(provider="simulated"), cache=SqliteCache(tmp_path / "c.sqlite3"),
+              registry=CollectorRegistry(), providers={"simulated": simulated}, drain=drain)
+    final = await run_offline(PIPELINES[0], llm, "run-d")
+    # Each of the 5 streamed sections: the draft and MAX_PARTS - 1 stopped continuations,
+    # then one that runs to the end.
+    assert simulated.requests == 10 + 5 * MAX_PARTS
+    assert "## " in str(final["markdown"])

@@ -8,6 +8,8 @@ request the way the gateway expects (§3.2 of the spec).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -28,7 +30,8 @@ from .events import (
     UnknownMessage,
 )
 
-Kind = pb.GatewayMessageType
+# Plain ints, read once: protobuf's enum attribute lookup is slow on a hot path.
+Kind = SimpleNamespace(**dict(pb.GatewayMessageType.items()))
 
 # Defaults the gateway uses when a field is empty (consts.go); "0s" for status = off.
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
@@ -56,60 +59,79 @@ def _interval(text: str, default: float, name: str) -> float:
     return seconds
 
 
+def _connection_ready(payload: bytes) -> ConnectionReady:
+    data = _parse(pb.GatewayConnectionReadyData, payload, "GATEWAY_CONNECTION_READY")
+    heartbeat = _interval(data.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL, "heartbeat")
+    extend = _interval(
+        data.extend_lease_interval, DEFAULT_EXTEND_LEASE_INTERVAL, "extend_lease_interval"
+    )
+    status = _interval(data.status_interval, 0.0, "status_interval")
+    # "0s" for heartbeats or extensions would mean a busy loop: use the gateway defaults.
+    return ConnectionReady(
+        heartbeat or DEFAULT_HEARTBEAT_INTERVAL, extend or DEFAULT_EXTEND_LEASE_INTERVAL, status
+    )
+
+
+def _sync_failed(payload: bytes) -> SyncFailed:
+    error = _parse(pb.SystemError, payload, "SYNC_FAILED")
+    return SyncFailed(code=error.code, message=error.message)
+
+
+def _executor_request(payload: bytes) -> ExecutorRequest:
+    req = _parse(pb.GatewayExecutorRequestData, payload, "GATEWAY_EXECUTOR_REQUEST")
+    if not req.request_id:
+        raise RemoteProtocolError("GATEWAY_EXECUTOR_REQUEST without request_id")
+    return ExecutorRequest(
+        request_id=req.request_id,
+        account_id=req.account_id,
+        env_id=req.env_id,
+        app_id=req.app_id,
+        app_name=req.app_name,
+        function_id=req.function_id,
+        function_slug=req.function_slug,
+        step_id=req.step_id if req.HasField("step_id") else None,
+        request_payload=req.request_payload,
+        system_trace_ctx=req.system_trace_ctx,
+        user_trace_ctx=req.user_trace_ctx,
+        run_id=req.run_id,
+        lease_id=req.lease_id,
+        job_id=req.job_id,
+    )
+
+
+def _lease_extended(payload: bytes) -> LeaseExtended:
+    ack = _parse(pb.WorkerRequestExtendLeaseAckData, payload, "EXTEND_LEASE_ACK")
+    new_lease = ack.new_lease_id if ack.HasField("new_lease_id") else None
+    return LeaseExtended(request_id=ack.request_id, new_lease_id=new_lease or None)
+
+
+def _reply_ack(payload: bytes) -> ReplyAck:
+    ack = _parse(pb.WorkerReplyAckData, payload, "WORKER_REPLY_ACK")
+    return ReplyAck(request_id=ack.request_id)
+
+
+_HELLO, _HEARTBEAT, _CLOSING = Hello(), GatewayHeartbeat(), GatewayClosing()
+# kind -> payload decoder, for every gateway-to-worker kind; anything else is unknown.
+_DECODERS: dict[int, Callable[[bytes], GatewayEvent]] = {
+    Kind.GATEWAY_EXECUTOR_REQUEST: _executor_request,
+    Kind.WORKER_REPLY_ACK: _reply_ack,
+    Kind.WORKER_REQUEST_EXTEND_LEASE_ACK: _lease_extended,
+    Kind.GATEWAY_HEARTBEAT: lambda _: _HEARTBEAT,
+    Kind.GATEWAY_HELLO: lambda _: _HELLO,
+    Kind.GATEWAY_CLOSING: lambda _: _CLOSING,
+    Kind.GATEWAY_CONNECTION_READY: _connection_ready,
+    Kind.SYNC_FAILED: _sync_failed,
+}
+
+
 def decode(frame: bytes) -> GatewayEvent:
     """Decode one binary WebSocket frame from the gateway."""
     envelope = _parse(pb.ConnectMessage, frame, "ConnectMessage")
-    kind = int(envelope.kind)
-    payload = bytes(envelope.payload)
-    if kind == Kind.GATEWAY_HELLO:
-        return Hello()
-    if kind == Kind.GATEWAY_HEARTBEAT:
-        return GatewayHeartbeat()
-    if kind == Kind.GATEWAY_CLOSING:
-        return GatewayClosing()
-    if kind == Kind.GATEWAY_CONNECTION_READY:
-        data = _parse(pb.GatewayConnectionReadyData, payload, "GATEWAY_CONNECTION_READY")
-        heartbeat = _interval(data.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL, "heartbeat")
-        if heartbeat == 0:
-            heartbeat = DEFAULT_HEARTBEAT_INTERVAL
-        extend = _interval(
-            data.extend_lease_interval, DEFAULT_EXTEND_LEASE_INTERVAL, "extend_lease_interval"
-        )
-        if extend == 0:
-            extend = DEFAULT_EXTEND_LEASE_INTERVAL
-        status = _interval(data.status_interval, 0.0, "status_interval")
-        return ConnectionReady(heartbeat, extend, status)
-    if kind == Kind.SYNC_FAILED:
-        error = _parse(pb.SystemError, payload, "SYNC_FAILED")
-        return SyncFailed(code=error.code, message=error.message)
-    if kind == Kind.GATEWAY_EXECUTOR_REQUEST:
-        req = _parse(pb.GatewayExecutorRequestData, payload, "GATEWAY_EXECUTOR_REQUEST")
-        if not req.request_id:
-            raise RemoteProtocolError("GATEWAY_EXECUTOR_REQUEST without request_id")
-        return ExecutorRequest(
-            request_id=req.request_id,
-            account_id=req.account_id,
-            env_id=req.env_id,
-            app_id=req.app_id,
-            app_name=req.app_name,
-            function_id=req.function_id,
-            function_slug=req.function_slug,
-            step_id=req.step_id if req.HasField("step_id") else None,
-            request_payload=bytes(req.request_payload),
-            system_trace_ctx=bytes(req.system_trace_ctx),
-            user_trace_ctx=bytes(req.user_trace_ctx),
-            run_id=req.run_id,
-            lease_id=req.lease_id,
-            job_id=req.job_id,
-        )
-    if kind == Kind.WORKER_REQUEST_EXTEND_LEASE_ACK:
-        ack = _parse(pb.WorkerRequestExtendLeaseAckData, payload, "EXTEND_LEASE_ACK")
-        new_lease = ack.new_lease_id if ack.HasField("new_lease_id") else None
-        return LeaseExtended(request_id=ack.request_id, new_lease_id=new_lease or None)
-    if kind == Kind.WORKER_REPLY_ACK:
-        reply_ack = _parse(pb.WorkerReplyAckData, payload, "WORKER_REPLY_ACK")
-        return ReplyAck(request_id=reply_ack.request_id)
-    return UnknownMessage(kind=kind)
+    kind = envelope.kind
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        return UnknownMessage(kind=kind)
+    return decoder(envelope.payload)
 
 
 def _envelope(kind: Any, payload: bytes = b"") -> bytes:
