@@ -348,6 +348,8 @@ class Worker:
             await session.send(WorkerConnection.send_ready)
             self.metrics.set_connection_state("ready")
         self._current = session
+        if session.ready.status_interval > 0:
+            self._tg_start(self._report_status, session)
         set_log_context(conn_id=session.id)
         event(log, "connection.ready", conn_id=session.id,
               gateway_group=session.start.gateway_group,
@@ -565,6 +567,15 @@ class Worker:
                         WorkerConnection.extend_lease, request=step.request,
                         lease_id=step.lease_id,
                     ))
+
+    async def _report_status(self, session: Session) -> None:
+        """WORKER_STATUS at the interval the gateway asked for (it only logs them today)."""
+        while not session.closed.is_set():
+            await anyio.sleep(session.ready.status_interval)
+            await session.send(partial(
+                WorkerConnection.status, in_flight_request_ids=list(self._steps),
+                shutdown_requested=self._draining,
+            ))
 
     # ----- drain ---------------------------------------------------------------------
 

@@ -356,3 +356,28 @@ async def test_heartbeats_racing_a_close_never_crash_the_worker() -> None:
                 run = await dev.wait_for_run(run_id, timeout=15)
                 assert run.status is RunStatus.COMPLETED
             assert worker.exit_code == 0
+
+
+async def test_worker_status_reports_in_flight_requests_when_the_gateway_asks() -> None:
+    async with fast_dev(status_interval=0.1) as dev:
+        async with running_worker(dev) as worker:
+            [run_id] = await dev.send_event("t/gated", {})
+            await probe.wait_started("gated")
+            request_id = dev.dispatches[0].request_id
+
+            def reported(text: str) -> bool:
+                return any(e.kind == "WORKER_STATUS" and text in (e.detail or "")
+                           for e in dev.timeline)
+
+            await dev.wait_for(lambda: reported(f"in_flight={request_id} shutdown=False"), 5)
+            worker.request_shutdown()
+            await dev.wait_for(lambda: reported("shutdown=True"), 5)
+            probe.gates["gated"].set()
+    assert dev.runs[run_id].status is not RunStatus.FAILED
+
+
+async def test_no_worker_status_by_default(dev: DevServer) -> None:
+    async with running_worker(dev):
+        [run_id] = await dev.send_event("t/three", {})
+        await dev.wait_for_run(run_id, timeout=15)
+    assert not [e for e in dev.timeline if e.kind == "WORKER_STATUS"]

@@ -16,6 +16,8 @@ class DevServerConfig:
     # Values sent to the worker in GATEWAY_CONNECTION_READY.
     heartbeat_interval: float = 10.0
     extend_lease_interval: float = 30.0
+    # WORKER_STATUS reports (0 = disabled, the gateway's default).
+    status_interval: float = 0.0
     # Request lease; each extension renews it for this long.
     lease_duration: float = 120.0
     # The proxy checks the lease this often, and gives up ``lease_grace`` after

@@ -235,7 +235,8 @@ class Gateway:
         return pb.GatewayConnectionReadyData(
             heartbeat_interval=fmt(self.config.heartbeat_interval),
             extend_lease_interval=fmt(self.config.extend_lease_interval),
-            status_interval="0s",
+            status_interval=fmt(self.config.status_interval) if self.config.status_interval
+            else "0s",
         )
 
     async def _handshake(self, ws: ServerConnection) -> tuple[pb.WorkerConnectRequestData, Session]:
@@ -463,7 +464,13 @@ class Gateway:
             else:
                 await self._reply(conn, resp)
         elif kind == Kind.WORKER_STATUS:
-            self.state.record("in", "WORKER_STATUS", info.conn_id)
+            status = pb.WorkerStatusData()
+            _parse(status, msg.payload)
+            # The real gateway only logs these; record what they said for tests.
+            self.state.record("in", "WORKER_STATUS", info.conn_id, detail=(
+                f"in_flight={','.join(status.in_flight_request_ids)} "
+                f"shutdown={status.shutdown_requested}"
+            ))
         else:
             self.state.record("in", kind_name(kind), info.conn_id, detail="ignored")
 
