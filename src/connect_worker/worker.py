@@ -206,6 +206,8 @@ class Worker:
     async def run(self) -> int:
         """Serve until shut down; returns the process exit code."""
         self._stop = anyio.Event()
+        # One worker per process drains once; a new run (embedding, tests) starts clear.
+        draining().clear()
         if self._changed is None:
             self._changed = anyio.Event()
         if self.config.max_worker_concurrency:
