@@ -124,4 +124,21 @@ def sync_fn(ctx: inngest.ContextSync) -> str:
     return ctx.step.run("work", work)
 
 
-functions = [three_steps, gated, slow, blocking, sync_fn]
+@client.create_function(fn_id="drain-aware", trigger=inngest.TriggerEvent(event="t/drain-aware"))
+async def drain_aware(ctx: inngest.Context) -> str:
+    """A long step that checkpoints as soon as the worker starts draining."""
+
+    async def long_loop() -> str:
+        probe.enter("drain-aware")
+        try:
+            await asyncio.wait_for(connect_worker.draining().wait(), 30)
+            return "checkpointed"
+        except TimeoutError:
+            return "ran to the end"
+        finally:
+            probe.leave("drain-aware")
+
+    return await ctx.step.run("loop", long_loop)
+
+
+functions = [three_steps, gated, slow, blocking, sync_fn, drain_aware]

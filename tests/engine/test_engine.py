@@ -381,3 +381,17 @@ async def test_no_worker_status_by_default(dev: DevServer) -> None:
         [run_id] = await dev.send_event("t/three", {})
         await dev.wait_for_run(run_id, timeout=15)
     assert not [e for e in dev.timeline if e.kind == "WORKER_STATUS"]
+
+
+async def test_user_code_sees_the_drain_and_checkpoints(dev: DevServer) -> None:
+    async with running_worker(dev) as worker:
+        [run_id] = await dev.send_event("t/drain-aware", {})
+        await probe.wait_started("drain-aware")
+        worker.request_shutdown()
+        request_id = dev.dispatches[0].request_id
+        await dev.wait_for(lambda: any(r.request_id == request_id and r.acked
+                                       for r in dev.replies), 10)
+    [reply] = [r for r in dev.replies if r.request_id == request_id]
+    assert b"checkpointed" in reply.response.body
+    assert worker.exit_code == 0
+    assert dev.runs[run_id].status is not RunStatus.FAILED
