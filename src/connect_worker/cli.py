@@ -9,6 +9,7 @@ what it accepts, and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -181,18 +182,19 @@ async def serve(config: Config, apps: Sequence[App]) -> int:
 
     metrics = WorkerMetrics(REGISTRY)
     worker = Worker(config, apps, metrics=metrics)
-    async with anyio.create_task_group() as tg:
-        await tg.start(_watch_signals, worker)
-        if config.http_port is None:
+    async with contextlib.AsyncExitStack() as stack:
+        # Bound before anything connects (a taken port is a configuration error) and
+        # closed last, so /readyz answers 503 throughout the drain.
+        if config.http_port is not None:
+            health = await stack.enter_async_context(
+                HealthServer(config.http_port, REGISTRY, lambda: worker.ready, metrics=metrics)
+            )
+            log.info("health listener on port %d", health.port,
+                     extra={"event": "health.listening", "fields": {"port": health.port}})
+        async with anyio.create_task_group() as tg:
+            await tg.start(_watch_signals, worker)
             code = await worker.run()
-        else:
-            async with HealthServer(
-                config.http_port, REGISTRY, lambda: worker.ready, metrics=metrics
-            ) as health:
-                log.info("health listener on port %d", health.port,
-                         extra={"event": "health.listening", "fields": {"port": health.port}})
-                code = await worker.run()
-        tg.cancel_scope.cancel()
+            tg.cancel_scope.cancel()
     return code
 
 

@@ -601,7 +601,8 @@ class Worker:
             event(log, "drain.step_abandoned", level=logging.ERROR,
                   function=request.function_slug, run_id=request.run_id,
                   step_id=request.step_id or "step", job_id=request.job_id,
-                  request_id=request.request_id, state=step.outcome,
+                  request_id=request.request_id,
+                  state="running" if step.reply is None else "reply_unacknowledged",
                   running_for=round(now - step.started_at, 3))
         self.metrics.steps_abandoned_total.inc(len(abandoned))
         for task in list(self._step_tasks):

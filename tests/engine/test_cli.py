@@ -52,3 +52,21 @@ def test_secret_never_echoed_in_errors() -> None:
                      env={"INNGEST_SIGNING_KEY": secret, "CONNECT_WORKER_DRAIN_TIMEOUT": "x"})
     assert result.returncode == 2
     assert "cd" * 32 not in result.stderr + result.stdout
+
+
+def test_taken_health_port_is_one_line_and_exit_2() -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as taken:
+        taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        taken.bind(("::", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("run", "examples.pipeline",
+                         env={"INNGEST_DEV": "1", "INNGEST_API_BASE_URL": "http://127.0.0.1:9",
+                              "CONNECT_WORKER_HTTP_PORT": str(port),
+                              "CONNECT_WORKER_LOG_FORMAT": "json"})
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("connect-worker:")]
+    assert errors == [f"connect-worker: cannot listen on CONNECT_WORKER_HTTP_PORT/PORT={port}: "
+                      "Address already in use"]
