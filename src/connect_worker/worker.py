@@ -1,6 +1,7 @@
 """The worker: supervisor, in-flight steps, reply delivery, lease extension and drain.
 
-Task tree (one anyio task group, so leaving it *is* the wait)::
+Task tree (an anyio task group for the long-lived tasks; steps are asyncio tasks the
+worker tracks and cancels at the drain deadline)::
 
     Worker.run
     ├─ supervisor      start -> WebSocket -> handshake -> READY (or PAUSE when draining);
@@ -9,6 +10,7 @@ Task tree (one anyio task group, so leaving it *is* the wait)::
     ├─ lease extender  every extend interval, each unfinished step's newest lease id,
     │                  over the newest live session
     ├─ one task per step: ACKed request -> SDK on the user loop -> reply -> delivered
+    ├─ status reports  WORKER_STATUS, only when the gateway asks for them
     └─ drain           on request: stop acking, PAUSE, wait for every step's reply to be
                        acknowledged (WORKER_REPLY_ACK or flush 200) within the deadline,
                        close 1000 WORKER_SHUTDOWN
@@ -75,7 +77,7 @@ FLUSH_MAX_BACKOFF = 5.0
 
 EXIT_OK = 0
 EXIT_ABANDONED = 3  # the drain deadline passed with steps still running
-EXIT_FATAL = 2  # stopped without being asked (auth refused, a bug)
+EXIT_FATAL = 2  # stopped without being asked (key refused, sync rejected, a bug)
 
 
 def backoff_delays(minimum: float, maximum: float) -> Iterator[float]:
@@ -156,7 +158,6 @@ class Worker:
         self._draining = False
         self._last_ack_at = 0.0
         self._fatal: BaseException | None = None
-        self.drain_started_at: float | None = None
         self.exit_code: int | None = None
 
     # ----- public surface -------------------------------------------------------------
@@ -171,14 +172,6 @@ class Worker:
             and current.conn.state is State.ACTIVE
             and not current.closed.is_set()
         )
-
-    @property
-    def draining_now(self) -> bool:
-        return self._draining
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._steps)
 
     async def wait_ready(self) -> None:
         """Wait until the worker is routable (for embedding and tests)."""
@@ -584,7 +577,7 @@ class Worker:
     async def _drain(self) -> int:
         self._draining = True
         draining().set()
-        self.drain_started_at = time.monotonic()
+        drain_started_at = time.monotonic()
         self.metrics.start_drain(self.config.drain_timeout)
         event(log, "drain.start", in_flight=len(self._steps),
               drain_timeout=self.config.drain_timeout)
@@ -611,7 +604,7 @@ class Worker:
             await asyncio.wait(self._step_tasks, timeout=1.0)
         for session in list(self._sessions):
             await session.close("WORKER_SHUTDOWN")
-        duration = time.monotonic() - self.drain_started_at
+        duration = time.monotonic() - drain_started_at
         self.metrics.drain_duration_seconds.set(duration)
         self.metrics.draining.set(0)
         if self._fatal is not None:
