@@ -2,39 +2,26 @@
 
 Each step stands in for a slow LLM call (``STEP_SECONDS``, default 0.2 s) and
 counts its executions in a file named by ``CONNECT_WORKER_EXECUTION_LOG`` (one
-line per step body run), so tests can prove exactly-once execution across
-processes.
+line per step body run, see :mod:`examples.execution_log`), so tests can prove
+exactly-once execution across processes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 
 import inngest
 
 import connect_worker
+from examples.execution_log import record
 
 client = inngest.Inngest(app_id="pipeline", is_production=False)
 
 
 def _step_seconds() -> float:
     return float(os.environ.get("STEP_SECONDS", "0.2"))
-
-
-def record(step: str, run_id: str) -> None:
-    """Append one execution record; O_APPEND writes of one line are atomic."""
-    path = os.environ.get("CONNECT_WORKER_EXECUTION_LOG")
-    if not path:
-        return
-    line = json.dumps({"step": step, "run_id": run_id, "pid": os.getpid(), "ts": time.time()})
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 @client.create_function(fn_id="report", trigger=inngest.TriggerEvent(event="report/requested"))

@@ -1,19 +1,30 @@
-"""``connect-worker demo``: a rolling deploy in the middle of a few reports.
+"""``connect-worker demo``: a rolling deploy in the middle of a few LLM reports.
 
 Small-scale version of the problem connect_worker exists for: reports made of
-slow LLM-like steps are running on two replicas of version v1 when a rolling
-deploy to v2 starts. Each v1 replica is replaced the way Railway does it with a
+slow LLM steps are running on two replicas of version v1 when a rolling deploy
+to v2 starts. Each v1 replica is replaced the way Railway does it with a
 healthcheck (the v2 replica is READY before the v1 one gets SIGTERM), and the v1
 replica drains: it stops taking steps (``WORKER_PAUSE``), finishes the step it
-is running, waits for the gateway's ``WORKER_REPLY_ACK``, closes and exits 0.
+is running (a long streamed section stops at the drain and returns a checkpoint
+that a v2 replica continues), waits for the gateway's ``WORKER_REPLY_ACK``,
+closes and exits 0.
 
-Everything is real except Inngest: the local gateway (``connect_worker.devserver``)
-runs in this process and every worker is a ``connect-worker run examples.pipeline``
-subprocess. The demo narrates as it goes, prints a summary (reports completed,
-step executions, duplicates, lost replies, interrupted steps, per-worker steps,
-drain times) and writes ``timeline.svg`` (one lane per worker, one bar per step)
-under its output directory. Exit code 0 only if nothing was interrupted,
-repeated or lost.
+Everything is real except Inngest and the model: the local gateway
+(``connect_worker.devserver``) runs in this process, every worker is a
+``connect-worker run examples.reports`` subprocess running the example report
+functions (``generate-report``, ``generate-discovery-report``,
+``generate-hybrid-report``), and their model calls go to the simulated provider
+(``CONNECT_WORKER_LLM_PROVIDER=simulated``: realistic latency divided by
+``--speedup``, streaming, token usage) through one SQLite result cache that every
+worker shares, so a step retried on another worker would reuse answers already
+paid for.
+
+The demo narrates as it goes, prints a summary (reports completed, step
+executions, duplicates, lost replies, interrupted steps, per-worker steps, model
+requests per worker, answers paid twice, tokens and estimated cost, drain times)
+and writes ``timeline.svg`` (one lane per worker, one bar per step) under its
+output directory. Exit code 0 only if nothing was interrupted, repeated or lost
+and no answer was paid for twice.
 """
 
 from __future__ import annotations
@@ -27,38 +38,134 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .devserver import DevServer, DevServerConfig, RunStatus
 from .devserver.fleet import WorkerProcess, read_executions
-from .simulate import TARGET, SimulationResult, SimulationSettings, _tally
+from .simulate import SimulationResult, SimulationSettings, _tally
 from .timeline import Note, from_simulation, render_svg
+
+TARGET = "examples.reports"
+
+
+@dataclass(frozen=True)
+class ReportKind:
+    """One of the example report functions (examples/reports/pipelines.py)."""
+
+    fn_id: str
+    event: str
+    steps: int  # LLM steps, before any continuation of a checkpointed one
+
+
+REPORT_KINDS = (
+    ReportKind("generate-report", "reports/report.requested", 10),
+    ReportKind("generate-discovery-report", "reports/discovery.requested", 9),
+    ReportKind("generate-hybrid-report", "reports/hybrid.requested", 9),
+)
+# What each report is about (report n gets TOPICS[(n - 1) % len(TOPICS)]).
+TOPICS: tuple[dict[str, str], ...] = (
+    {"topic": "AI coding assistants for mid-size engineering teams",
+     "audience": "VP Engineering deciding on a 2026 tooling budget"},
+    {"topic": "Invoice reconciliation for independent pharmacies",
+     "problem": "Month-end reconciliation takes owners two days",
+     "interview_notes": "9 interviews: spreadsheets everywhere (8/9), wholesaler credit "
+                        "notes arrive late (6/9), accountants paid by the hour (5/9)"},
+    {"topic": "Heat pumps for small multi-family landlords",
+     "audience": "Product leadership of a home-energy start-up",
+     "interview_notes": "7 landlords: upfront cost (7/7), tenant complaints about noise "
+                        "(3/7), confusion about subsidies (6/7)"},
+)
+# Seconds of one model call at speed-up 1 for a typical step of these reports (the
+# simulated provider: ~1 s to the first token, then ~70 tokens/s).
+TYPICAL_STEP_SECONDS = 10.5
+# llm.call outcomes that reached the model, i.e. were paid for ("stopped": a stream
+# stopped by the drain, paid for the tokens it produced).
+PAID = frozenset({"ok", "stopped"})
+FAILED = frozenset({"fatal", "gave_up", "refused"})
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     reports: int = 3
-    sections: int = 5
-    step_seconds: float = 2.5
+    # CONNECT_WORKER_LLM_SIM_SPEEDUP: the simulated model's latency is divided by this;
+    # 5 makes a step take ~1-4 s (~2 s typical), so the deploy lands mid-step.
+    speedup: float = 5.0
     replicas: int = 2
     report_interval: float = 1.5  # seconds between sending one report and the next
     deploy_after: float = 4.0  # seconds after the first report until the deploy starts
     drain_timeout: float = 30.0
     # Seed of the local gateway's random pick among READY workers, so the demo tells the
-    # same story every run (with this one the v1 replicas take turns at the start).
+    # same story every run.
     seed: int | None = 51
+
+    @property
+    def step_seconds(self) -> float:
+        """A typical step's duration (they range from about a third to twice this)."""
+        return TYPICAL_STEP_SECONDS / self.speedup
 
     @property
     def settle_timeout(self) -> float:
         """Upper bound for everything to finish (a bounded wait, never a sleep)."""
-        return 60.0 + self.reports * self.sections * self.step_seconds * 2
+        return 60.0 + self.reports * 12 * self.step_seconds * 2
+
+    def kinds(self) -> list[ReportKind]:
+        """The report functions, in the order the reports are sent."""
+        return [REPORT_KINDS[n % len(REPORT_KINDS)] for n in range(self.reports)]
 
 
-QUICK = DemoSettings(reports=2, sections=4, step_seconds=0.4, report_interval=0.2,
-                     deploy_after=0.2, drain_timeout=15.0)
+QUICK = DemoSettings(reports=2, speedup=60.0, report_interval=0.2, deploy_after=0.2,
+                     drain_timeout=15.0)
+
+
+@dataclass
+class LLMStats:
+    """What the workers' ``llm.call`` log lines say about the model requests."""
+
+    paid: int = 0  # requests that reached the model
+    cached: int = 0  # answered from the shared result cache, not paid again
+    stopped: int = 0  # streams stopped early by a drain (paid for what they produced)
+    failed: int = 0  # fatal, gave up or refused
+    # The same question asked of the model twice in one run, i.e. paid twice. The
+    # simulated provider's request id is derived from the request itself, so a repeat
+    # of a request has the same id.
+    duplicates: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    models: list[str] = field(default_factory=list)
+    paid_per_worker: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_workers(cls, workers: list[WorkerProcess]) -> LLMStats:
+        stats = cls()
+        asked: Counter[tuple[Any, Any, Any]] = Counter()
+        models: set[str] = set()
+        for w in workers:
+            if not w.started_at:
+                continue
+            stats.paid_per_worker[w.instance_id] = 0
+            for call in w.events("llm.call"):
+                outcome = call.get("outcome")
+                if outcome == "cached":
+                    stats.cached += 1
+                elif outcome in FAILED:
+                    stats.failed += 1
+                if outcome not in PAID:
+                    continue
+                stats.paid += 1
+                stats.paid_per_worker[w.instance_id] += 1
+                stats.stopped += outcome == "stopped"
+                stats.input_tokens += int(call.get("input_tokens") or 0)
+                stats.output_tokens += int(call.get("output_tokens") or 0)
+                stats.cost_usd += float(call.get("cost_usd") or 0.0)
+                models.add(str(call.get("model")))
+                asked[(call.get("run_id"), call.get("request_id"), call.get("occurrence"))] += 1
+        stats.duplicates = sum(n - 1 for n in asked.values() if n > 1)
+        stats.models = sorted(models)
+        return stats
 
 
 @dataclass
@@ -68,18 +175,33 @@ class DemoResult:
     started_at: float
     deploy_started_at: float | None = None
     interrupted: int = 0
+    # Step results the gateway memoised (what the step executions must add up to).
+    memoised: int = 0
     # instance id -> seconds from SIGTERM to exit, and steps in flight at SIGTERM
     drains: dict[str, tuple[float, int]] = field(default_factory=dict)
+    llm: LLMStats = field(default_factory=LLMStats)
     timeline_path: Path | None = None
+
+    @property
+    def expected_steps(self) -> int:
+        """Steps of the reports sent, without continuations of checkpointed steps."""
+        return sum(k.steps for k in self.settings.kinds())
+
+    @property
+    def continuations(self) -> list[str]:
+        return sorted({str(e["step"]) for e in self.simulation.executions
+                       if "-continue-" in str(e["step"])})
 
     @property
     def ok(self) -> bool:
         sim = self.simulation
         return (sim.ok and self.interrupted == 0
                 and sim.reports_started == self.settings.reports
-                and sim.step_executions == self.settings.reports * self.settings.sections
+                and sim.step_executions == self.memoised
+                and self.memoised >= self.expected_steps
                 # every worker was stopped with SIGTERM and drained to exit code 0
-                and all(w.returncode == 0 for w in sim.workers))
+                and all(w.returncode == 0 for w in sim.workers)
+                and self.llm.paid > 0 and self.llm.duplicates == 0 and self.llm.failed == 0)
 
     def steps_per_worker(self) -> dict[str, int]:
         by_pid = {w.pid: w.instance_id for w in self.simulation.workers if w.started_at}
@@ -88,18 +210,34 @@ class DemoResult:
                 for w in self.simulation.workers if w.started_at}
 
     def rows(self) -> list[tuple[str, str]]:
-        sim, s = self.simulation, self.settings
+        sim, llm = self.simulation, self.llm
         per_worker = ", ".join(f"{k} {v}" for k, v in self.steps_per_worker().items())
+        requests = ", ".join(f"{k} {v}" for k, v in llm.paid_per_worker.items())
         drains = ", ".join(f"{k} {secs:.2f} s ({n} in flight at SIGTERM)"
                            for k, (secs, n) in self.drains.items())
         codes = ", ".join(f"{code} x {n}" for code, n in sorted(sim.exit_codes.items()))
+        continued = self.continuations
+        expected = f"the gateway memoised {self.memoised} step results: " + (
+            f"{self.expected_steps} report steps + {len(continued)} continuation"
+            f"{'s' * (len(continued) != 1)} of a step checkpointed at the drain"
+            if continued else f"{self.expected_steps} report steps")
+        stopped = (f" ({llm.stopped} of them streams stopped by the drain and checkpointed)"
+                   if llm.stopped else "")
+        failed = f", {llm.failed} FAILED" if llm.failed else ""
         return [
             ("reports completed", f"{sim.reports_completed} of {sim.reports_started}"),
-            ("step executions", f"{sim.step_executions} (expected {s.reports * s.sections})"),
+            ("step executions", f"{sim.step_executions} ({expected})"),
             ("duplicate executions", str(sim.duplicate_executions)),
             ("lost replies", str(sim.lost_replies)),
             ("interrupted steps", str(self.interrupted)),
             ("steps per worker", per_worker or "-"),
+            ("model requests", f"{llm.paid} paid{stopped}, {llm.cached} answered from the "
+                               f"shared cache{failed}"),
+            ("model requests per worker", requests or "-"),
+            ("answers paid twice", str(llm.duplicates)),
+            ("tokens", f"{llm.input_tokens:,} input, {llm.output_tokens:,} output"),
+            ("estimated cost", f"${llm.cost_usd:.4f} (simulated provider, list prices of "
+                               f"{', '.join(llm.models) or '-'})"),
             ("drain (SIGTERM to exit)", drains or "-"),
             ("worker exit codes", codes or "-"),
             ("wall time", f"{sim.wall_seconds:.1f} s"),
@@ -109,8 +247,8 @@ class DemoResult:
         rows = self.rows()
         width = max(len(k) for k, _ in rows)
         lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
-        verdict = ("OK: no report was interrupted, no step ran twice, no reply was lost"
-                   if self.ok else "PROBLEMS FOUND (see above)")
+        verdict = ("OK: no report was interrupted, no step ran twice, no reply was lost, "
+                   "no answer was paid for twice" if self.ok else "PROBLEMS FOUND (see above)")
         return "\n".join(["summary", *lines, verdict])
 
 
@@ -131,12 +269,14 @@ class Demo:
         self.settings = settings
         self.workdir = workdir
         self.say = say
-        self.exec_log = str(workdir / "executions.jsonl")
+        self.exec_log = str((workdir / "executions.jsonl").resolve())
+        self.llm_cache = str((workdir / "llm-cache.sqlite3").resolve())
         self.run_ids: list[str] = []
         self.dev: DevServer | None = None
         sim = SimulationSettings(
             replicas=settings.replicas, deploys=1, reports_in_flight=settings.reports,
-            sections=settings.sections, step_seconds=settings.step_seconds,
+            sections=max(k.steps for k in settings.kinds()),
+            step_seconds=settings.step_seconds,
             deploy_interval=settings.deploy_after, drain_timeout=settings.drain_timeout,
             settle_timeout=settings.settle_timeout, seed=settings.seed,
         )
@@ -153,14 +293,22 @@ class Demo:
         process = WorkerProcess(
             TARGET, api_url=self.dev.api_url, instance_id=f"{version}-r{replica}",
             app_version=version, drain_timeout=self.settings.drain_timeout,
-            env={"STEP_SECONDS": str(self.settings.step_seconds),
-                 "CONNECT_WORKER_EXECUTION_LOG": self.exec_log},
+            env={"CONNECT_WORKER_EXECUTION_LOG": self.exec_log,
+                 "CONNECT_WORKER_LLM_PROVIDER": "simulated",
+                 "CONNECT_WORKER_LLM_SIM_SPEEDUP": f"{self.settings.speedup:g}",
+                 # One cache for every worker: a step retried elsewhere reuses answers.
+                 "CONNECT_WORKER_LLM_CACHE": self.llm_cache},
         )
         self.workers.append(process)
         return process
 
     def report_no(self, run_id: str) -> int:
         return self.run_ids.index(run_id) + 1 if run_id in self.run_ids else 0
+
+    def stopped_streams(self, worker: WorkerProcess, run_id: str) -> list[dict[str, Any]]:
+        """The worker's model calls of this run whose stream the drain stopped early."""
+        return [c for c in worker.events("llm.call")
+                if c.get("outcome") == "stopped" and c.get("run_id") == run_id]
 
     def conns(self, worker: WorkerProcess) -> set[str]:
         assert self.dev is not None
@@ -219,6 +367,8 @@ class Demo:
             self.result.interrupted = self.result.simulation.steps_abandoned + sum(
                 1 for d in dev.dispatches if d.outcome == "lease_lost"
             )
+            self.result.memoised = sum(len(dev.runs[r].stack) for r in self.run_ids)
+        self.result.llm = LLMStats.from_workers(self.workers)
         self.result.simulation.wall_seconds = time.monotonic() - started
         return self.result
 
@@ -247,12 +397,13 @@ class Demo:
 
     async def _send_reports(self, dev: DevServer) -> None:
         s = self.settings
-        for n in range(1, s.reports + 1):
+        for n, kind in enumerate(s.kinds(), start=1):
             if n > 1:
                 await asyncio.sleep(s.report_interval)
-            self.run_ids.extend(await dev.send_event("report/long", {"sections": s.sections}))
-            self.say(f"report {n} requested ({s.sections} sections, ~{s.step_seconds:g} s "
-                     "of simulated LLM work each)")
+            data = TOPICS[(n - 1) % len(TOPICS)]
+            self.run_ids.extend(await dev.send_event(kind.event, dict(data)))
+            self.say(f"report {n} requested: {kind.fn_id} on \"{data['topic']}\" "
+                     f"({kind.steps} LLM steps)")
 
     async def _watch_reports(self, dev: DevServer) -> None:
         done: set[str] = set()
@@ -269,9 +420,17 @@ class Demo:
                 workers = self._workers_of(run_id)
                 status = ("completed" if run.status is RunStatus.COMPLETED
                           else run.status.value.upper())
-                self.say(f"report {self.report_no(run_id)} {status}: "
-                         f"{len(run.stack)} steps, run on {', '.join(workers)}",
-                         at=run.ended_at)
+                by_pid = {w.pid: w.instance_id for w in self.workers if w.started_at}
+                continued = [f"{e['step']} on {by_pid.get(e['pid'], '?')}"
+                             for e in read_executions(self.exec_log)
+                             if e["run_id"] == run_id and "-continue-" in str(e["step"])]
+                steps = f"{len(run.stack)} steps" + (
+                    f" (incl. {', '.join(continued)})" if continued else "")
+                cost = run.output.get("cost") if isinstance(run.output, dict) else None
+                paid = (f"; {cost.get('calls')} model answers, ${cost.get('cost_usd', 0):.4f}"
+                        if isinstance(cost, dict) else "")
+                self.say(f"report {self.report_no(run_id)} {status}: {steps}, run on "
+                         f"{', '.join(workers)}{paid}", at=run.ended_at)
 
     def _workers_of(self, run_id: str) -> list[str]:
         by_pid = {w.pid: w.instance_id for w in self.workers if w.started_at}
@@ -328,18 +487,29 @@ class Demo:
                        else "nothing was running there")
             self.say(f"  {name} paused (WORKER_PAUSE): the gateway routes no new steps to it; "
                      f"{running}", at=pause_seen())
+            finished: list[tuple[str, str, float, float]] = []
             for request_id, run_id, acked in flight:
                 await dev.wait_for(functools.partial(self.reply_acked, request_id),
                                    timeout=s.drain_timeout + 5)
-                what = self.describe(old, run_id, acked)
                 at = self.acked_at(request_id)
                 assert at is not None
-                self.say(f"  {name} finished {what} ({at - acked:.1f} s) and the gateway "
-                         "acknowledged the reply (WORKER_REPLY_ACK)", at=at)
+                finished.append((self.describe(old, run_id, acked), run_id, acked, at))
+            # Told once the process has exited, when all of its log lines have been read.
             code = await old.wait(s.drain_timeout + 30)
         except (TimeoutError, RuntimeError) as exc:
             self.say(f"  {name}: drain did not go as expected: {exc}")
             return
+        for what, run_id, acked, at in finished:
+            stopped = self.stopped_streams(old, run_id)
+            if stopped:
+                tokens = sum(int(c.get("output_tokens") or 0) for c in stopped)
+                self.say(f"  {name} stopped streaming {what} at the drain ({tokens} tokens "
+                         "in) and replied with a checkpoint, which the gateway acknowledged "
+                         "(WORKER_REPLY_ACK): a v2 replica continues the text from there",
+                         at=at)
+            else:
+                self.say(f"  {name} finished {what} ({at - acked:.1f} s) and the gateway "
+                         "acknowledged the reply (WORKER_REPLY_ACK)", at=at)
         assert old.exited_at is not None
         drain = old.exited_at - old.signalled_at
         self.result.drains[name] = (drain, len(flight))
@@ -354,23 +524,32 @@ def run_demo(settings: DemoSettings, workdir: Path,
              write: Callable[[str], None] = print) -> DemoResult:
     """Run the demo, writing ``timeline.svg`` (and the raw records) into ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
+    # A fresh count and a fresh cache when an output directory is reused.
+    for stale in ("executions.jsonl", "llm-cache.sqlite3", "llm-cache.sqlite3-wal",
+                  "llm-cache.sqlite3-shm"):
+        (workdir / stale).unlink(missing_ok=True)
     say = Narrator(time.time(), write)
     result = asyncio.run(Demo(settings, workdir, say).run())
-    sim = result.simulation
+    sim, llm = result.simulation, result.llm
     s = settings
     notes = []
     if result.deploy_started_at is not None:
         notes.append(Note(result.deploy_started_at, "rolling deploy v1 -> v2 begins"))
-    verdict = ("nothing interrupted, repeated or lost" if result.ok else "PROBLEMS FOUND")
+    verdict = ("nothing interrupted, repeated, lost or paid twice" if result.ok
+               else "PROBLEMS FOUND")
     codes = ", ".join(f"{code} x {n}" for code, n in sorted(sim.exit_codes.items())) or "-"
     timeline = from_simulation(
         sim,
-        title=f"connect-worker demo: {s.reports} reports x {s.sections} steps, "
-              f"rolling deploy v1 -> v2 on {s.replicas} replicas",
-        subtitle=(f"{sim.reports_completed}/{sim.reports_started} reports completed, "
-                  f"{sim.step_executions} step executions, {sim.duplicate_executions} "
-                  f"duplicates, {sim.lost_replies} lost replies, {result.interrupted} "
-                  f"interrupted, worker exit codes {codes}: {verdict}"),
+        title=f"connect-worker demo: {s.reports} LLM reports on {s.replicas} replicas, "
+              f"rolling deploy v1 -> v2 mid-report",
+        subtitle=(f"{sim.reports_completed}/{sim.reports_started} reports completed "
+                  f"({', '.join(k.fn_id for k in s.kinds())}; simulated model, "
+                  f"speed-up {s.speedup:g}), {sim.step_executions} step executions, "
+                  f"{sim.duplicate_executions} duplicates, {sim.lost_replies} lost replies, "
+                  f"{result.interrupted} interrupted, worker exit codes {codes}\n"
+                  f"{llm.paid} model requests paid, {llm.duplicates} paid twice, "
+                  f"{llm.input_tokens + llm.output_tokens:,} tokens, ~${llm.cost_usd:.2f}: "
+                  f"{verdict}"),
         notes=notes, t0=say.started_at,
     )
     path = workdir / "timeline.svg"
@@ -380,6 +559,7 @@ def run_demo(settings: DemoSettings, workdir: Path,
         "summary": dict(result.rows()),
         "ok": result.ok,
         "run_ids": sim.run_ids,
+        "llm": asdict(llm),
         "connections": sim.connections,
         "dispatches": sim.dispatches,
         "timeline": sim.timeline,
@@ -409,14 +589,17 @@ def _seed(text: str) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="connect-worker demo",
-        description="A rolling deploy in the middle of a few reports, on the local gateway "
-        "with real worker processes: narrates it, prints a summary and writes a timeline SVG.",
+        description="A rolling deploy in the middle of a few LLM reports (examples.reports "
+        "on a simulated model), on the local gateway with real worker processes: narrates "
+        "it, prints a summary and writes a timeline SVG.",
     )
     d = DemoSettings()
-    parser.add_argument("--reports", type=int, default=d.reports)
-    parser.add_argument("--sections", type=int, default=d.sections, help="steps per report")
-    parser.add_argument("--step-seconds", type=float, default=d.step_seconds,
-                        help="simulated LLM time per step")
+    parser.add_argument("--reports", type=int, default=d.reports,
+                        help="reports to send, taking turns among "
+                        f"{', '.join(k.fn_id for k in REPORT_KINDS)}")
+    parser.add_argument("--speedup", type=float, default=d.speedup,
+                        help="divide the simulated model's latency by this (default "
+                        f"{d.speedup:g}: a step takes ~{d.step_seconds:.0f} s; 1 = realistic)")
     parser.add_argument("--replicas", type=int, default=d.replicas)
     parser.add_argument("--deploy-after", type=float, default=d.deploy_after,
                         help="seconds after the first report until the rolling deploy starts")
@@ -428,20 +611,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tiny timings (for tests): 2 short reports, the deploy at once")
     args = parser.parse_args(argv)
-    for name in ("reports", "sections", "replicas"):
+    for name in ("reports", "replicas"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if not 0 < args.speedup < float("inf"):
+        parser.error("--speedup must be a number > 0")
     if args.quick:
         settings = DemoSettings(**{**QUICK.__dict__, "seed": args.seed})
     else:
         settings = DemoSettings(
-            reports=args.reports, sections=args.sections, step_seconds=args.step_seconds,
-            replicas=args.replicas, deploy_after=args.deploy_after, seed=args.seed,
+            reports=args.reports, speedup=args.speedup, replicas=args.replicas,
+            deploy_after=args.deploy_after, seed=args.seed,
         )
     out = args.out or _default_out()
-    print(f"connect-worker demo: {settings.reports} reports of {settings.sections} steps "
-          f"(~{settings.step_seconds:g} s each) on {settings.replicas} replicas of v1; "
-          "a rolling deploy to v2 lands mid-report", flush=True)
+    steps = sorted({k.steps for k in settings.kinds()})
+    print(f"connect-worker demo: {settings.reports} reports of {'-'.join(map(str, steps))} "
+          f"LLM steps (simulated model, ~{settings.step_seconds:.1f} s a step) on "
+          f"{settings.replicas} replicas of v1; a rolling deploy to v2 lands mid-report",
+          flush=True)
 
     def write(line: str) -> None:
         print(line, flush=True)
@@ -454,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     print(result.summary())
     shown = os.path.relpath(out) if not os.path.isabs(out) else str(out)
     print(f"timeline: {Path(shown) / 'timeline.svg'}")
-    print(f"raw records: {Path(shown) / 'demo.json'}, {Path(shown) / 'executions.jsonl'}")
+    print(f"raw records: {Path(shown) / 'demo.json'}, {Path(shown) / 'executions.jsonl'}, "
+          f"{Path(shown) / 'llm-cache.sqlite3'}")
     sys.stdout.flush()
     return 0 if result.ok else 1
