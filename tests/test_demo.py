@@ -1,4 +1,4 @@
-"""The README's demo: a rolling deploy in the middle of reports, and its timeline SVG."""
+"""The README's demo: a rolling deploy in the middle of LLM reports, and its timeline SVG."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from connect_worker import cli, demo
-from connect_worker.timeline import Bar, Lane, Marker, Note, Timeline, render_svg
+from connect_worker.devserver.fleet import WorkerProcess
+from connect_worker.timeline import Bar, Lane, Marker, Note, Timeline, _fit_label, render_svg
+from examples.reports.pipelines import PIPELINES
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -33,14 +35,29 @@ def test_quick_demo_interrupts_repeats_and_loses_nothing(
     assert code == 0, output
     settings = demo.QUICK
     assert _row(output, "reports completed") == f"{settings.reports} of {settings.reports}"
-    assert _row(output, "step executions").startswith(
-        str(settings.reports * settings.sections))
+    # Every step body of the example reports ran once (and a checkpointed one was
+    # continued once): the count recorded by the workers is what the gateway memoised.
+    executions = int(_row(output, "step executions").split()[0])
+    assert executions >= sum(k.steps for k in settings.kinds())
+    assert f"the gateway memoised {executions} step results" in output
     assert _row(output, "duplicate executions") == "0"
     assert _row(output, "lost replies") == "0"
     assert _row(output, "interrupted steps") == "0"
     assert _row(output, "worker exit codes") == "0 x 4"
     assert "SIGTERM -> v1-r0" in output and "SIGTERM -> v1-r1" in output
-    assert "OK: no report was interrupted" in output
+    # The LLM side, from the workers' llm.call log lines: one model request per step
+    # body, none asked twice (every worker shares one result cache in the output dir).
+    paid = int(_row(output, "model requests").split()[0])
+    assert paid == executions, output
+    per_worker = dict(part.rsplit(" ", 1) for part in
+                      _row(output, "model requests per worker").split(", "))
+    assert sorted(per_worker) == ["v1-r0", "v1-r1", "v2-r0", "v2-r1"]
+    assert sum(map(int, per_worker.values())) == paid
+    assert _row(output, "answers paid twice") == "0"
+    assert re.fullmatch(r"[\d,]+ input, [\d,]+ output", _row(output, "tokens"))
+    assert re.match(r"\$0\.\d{4} \(simulated provider", _row(output, "estimated cost"))
+    assert "no answer was paid for twice" in output
+    assert (tmp_path / "demo" / "llm-cache.sqlite3").exists()
 
     printed = re.search(r"^timeline: (.+\.svg)$", output, re.MULTILINE)
     assert printed, output
@@ -52,7 +69,22 @@ def test_quick_demo_interrupts_repeats_and_loses_nothing(
     lanes = [g.get("data-lane") for g in _groups(root, "lane")]
     assert sorted(lanes) == ["v1-r0", "v1-r1", "v2-r0", "v2-r1"]  # one lane per worker
     steps = _groups(root, "step")
-    assert len(steps) == settings.reports * settings.sections
+    assert len(steps) == executions
+    # Bars are labelled with the reports' step names (whole in the tooltip).
+    tooltips = " ".join(g.findtext(f"{SVG}title") or "" for g in steps)
+    for pipeline in PIPELINES[:settings.reports]:
+        for step_id, _ in pipeline.steps:
+            assert f" {step_id} on " in tooltips, (step_id, tooltips)
+    labelled = 0
+    for g in steps:
+        step_id = (g.findtext(f"{SVG}title") or "").split(" on ")[0].split(" ", 2)[2]
+        lines = [t.text or "" for t in g.iter(f"{SVG}text")]
+        text = "".join(line for line in lines if not re.fullmatch(r"R\d+", line))
+        # The whole name (maybe broken at hyphens over lines), or its start and "…".
+        assert text == step_id or (text.endswith("\u2026") and
+                                   step_id.startswith(text[:-1])) or not lines, (text, step_id)
+        labelled += text == step_id
+    assert labelled >= len(steps) // 2, tooltips
     busy = {g.get("data-lane") for g in steps}
     markers: dict[str, set[str]] = {}
     for g in _groups(root, "marker"):
@@ -67,6 +99,47 @@ def test_quick_demo_interrupts_repeats_and_loses_nothing(
     texts = "".join(root.itertext())
     assert "SIGTERM" in texts and "PAUSE" in texts and "last ACK" in texts
     assert "exit 0" in texts
+
+
+def test_report_kinds_match_the_example_pipelines() -> None:
+    assert [(k.fn_id, k.event, k.steps) for k in demo.REPORT_KINDS] == [
+        (p.fn_id, p.event, len(p.steps)) for p in PIPELINES]
+    assert [k.fn_id for k in demo.DemoSettings().kinds()] == [p.fn_id for p in PIPELINES]
+
+
+def test_llm_stats_count_paid_cached_and_repeated_requests() -> None:
+    def worker(name: str, *calls: dict[str, object]) -> WorkerProcess:
+        logs = [{"event": "llm.call", "provider": "simulated", "model": "m", "run_id": "r1",
+                 "occurrence": 0, "input_tokens": 10, "output_tokens": 5, "cost_usd": 0.01,
+                 **call} for call in calls]
+        return WorkerProcess("t", "http://x", name, logs=[*logs, {"event": "drain.end"}],
+                             started_at=1.0)
+
+    stats = demo.LLMStats.from_workers([
+        worker("a", {"request_id": "q1", "outcome": "ok"},
+               {"request_id": "q2", "outcome": "stopped", "output_tokens": 2}),
+        worker("b", {"request_id": "q3", "outcome": "ok"},
+               {"request_id": "q1", "outcome": "cached", "cost_usd": 0.01},
+               {"request_id": "q1", "outcome": "ok", "run_id": "r2"},  # another run
+               {"request_id": "q1", "outcome": "ok", "occurrence": 1}),  # asked again
+        worker("c", {"request_id": "q3", "outcome": "ok"},  # paid again: a duplicate
+               {"request_id": "q4", "outcome": "gave_up"}),
+    ])
+    assert (stats.paid, stats.cached, stats.stopped, stats.failed) == (6, 1, 1, 1)
+    assert stats.duplicates == 1
+    assert stats.paid_per_worker == {"a": 2, "b": 3, "c": 1}
+    assert (stats.input_tokens, stats.output_tokens) == (60, 27)
+    assert round(stats.cost_usd, 6) == 0.06
+
+
+def test_long_step_names_are_broken_at_hyphens_or_shortened() -> None:
+    assert _fit_label("R1", "outline", 100) == (11.0, ["R1", "outline"], True)
+    assert _fit_label("R1", "existing-solutions", 70) == (11.0, ["existing-", "solutions"],
+                                                          False)
+    assert _fit_label("R1", "write-section-2-continue-1", 70) == (
+        9.5, ["write-", "section-2-", "continue-1"], False)
+    assert _fit_label("R1", "research-landscape", 40) == (9.5, ["resear\u2026"], False)
+    assert _fit_label("R1", "research-landscape", 10) is None
 
 
 def test_render_svg_is_standalone_xml_with_escaped_text() -> None:
@@ -104,3 +177,6 @@ def test_cli_lists_and_dispatches_demo(capsys: pytest.CaptureFixture[str]) -> No
         cli.main(["demo", "--help"])
     assert exit_info.value.code == 0
     assert "connect-worker demo" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--speedup", "0"])
+    assert exit_info.value.code == 2

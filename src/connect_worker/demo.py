@@ -116,7 +116,7 @@ class DemoSettings:
         return [REPORT_KINDS[n % len(REPORT_KINDS)] for n in range(self.reports)]
 
 
-QUICK = DemoSettings(reports=2, speedup=60.0, report_interval=0.2, deploy_after=0.2,
+QUICK = DemoSettings(reports=2, speedup=40.0, report_interval=0.2, deploy_after=0.2,
                      drain_timeout=15.0)
 
 
@@ -310,6 +310,17 @@ class Demo:
         return [c for c in worker.events("llm.call")
                 if c.get("outcome") == "stopped" and c.get("run_id") == run_id]
 
+    @staticmethod
+    async def _model_call_logged(worker: WorkerProcess, run_id: str, since: float) -> None:
+        """Wait (at most a second) until the worker's ``llm.call`` line for the step that
+        started at ``since`` has been read: it is logged before the step's reply is sent,
+        but arrives on another pipe than the reply."""
+        for _ in range(50):
+            if any(c.get("run_id") == run_id and float(c.get("received_at", 0)) >= since
+                   for c in worker.events("llm.call")):
+                return
+            await asyncio.sleep(0.02)
+
     def conns(self, worker: WorkerProcess) -> set[str]:
         assert self.dev is not None
         return {c.conn_id for c in self.dev.connections if c.instance_id == worker.instance_id}
@@ -392,8 +403,7 @@ class Demo:
             for task in (reports, watcher):
                 task.cancel()
         self.say("all reports done; stopping the v2 replicas too (nothing in flight)")
-        for process in live:
-            await process.stop(s.drain_timeout + 10)
+        await asyncio.gather(*(process.stop(s.drain_timeout + 10) for process in live))
 
     async def _send_reports(self, dev: DevServer) -> None:
         s = self.settings
@@ -487,29 +497,28 @@ class Demo:
                        else "nothing was running there")
             self.say(f"  {name} paused (WORKER_PAUSE): the gateway routes no new steps to it; "
                      f"{running}", at=pause_seen())
-            finished: list[tuple[str, str, float, float]] = []
             for request_id, run_id, acked in flight:
                 await dev.wait_for(functools.partial(self.reply_acked, request_id),
                                    timeout=s.drain_timeout + 5)
+                what = self.describe(old, run_id, acked)
                 at = self.acked_at(request_id)
                 assert at is not None
-                finished.append((self.describe(old, run_id, acked), run_id, acked, at))
-            # Told once the process has exited, when all of its log lines have been read.
+                if self.step_name(old, run_id, acked) is not None:
+                    await self._model_call_logged(old, run_id, acked)
+                stopped = self.stopped_streams(old, run_id)
+                if stopped:
+                    tokens = sum(int(c.get("output_tokens") or 0) for c in stopped)
+                    self.say(f"  {name} stopped streaming {what} at the drain ({tokens} "
+                             "tokens in) and replied with a checkpoint, which the gateway "
+                             "acknowledged (WORKER_REPLY_ACK): a v2 replica continues the "
+                             "text from there", at=at)
+                else:
+                    self.say(f"  {name} finished {what} ({at - acked:.1f} s) and the gateway "
+                             "acknowledged the reply (WORKER_REPLY_ACK)", at=at)
             code = await old.wait(s.drain_timeout + 30)
         except (TimeoutError, RuntimeError) as exc:
             self.say(f"  {name}: drain did not go as expected: {exc}")
             return
-        for what, run_id, acked, at in finished:
-            stopped = self.stopped_streams(old, run_id)
-            if stopped:
-                tokens = sum(int(c.get("output_tokens") or 0) for c in stopped)
-                self.say(f"  {name} stopped streaming {what} at the drain ({tokens} tokens "
-                         "in) and replied with a checkpoint, which the gateway acknowledged "
-                         "(WORKER_REPLY_ACK): a v2 replica continues the text from there",
-                         at=at)
-            else:
-                self.say(f"  {name} finished {what} ({at - acked:.1f} s) and the gateway "
-                         "acknowledged the reply (WORKER_REPLY_ACK)", at=at)
         assert old.exited_at is not None
         drain = old.exited_at - old.signalled_at
         self.result.drains[name] = (drain, len(flight))

@@ -16,6 +16,7 @@ acknowledged its last reply and when the process exited.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -281,8 +282,9 @@ def render_svg(tl: Timeline, *, px_per_second: float | None = None) -> str:
     if px_per_second is None:
         durations = sorted(b.end - b.start for b in tl.bars) or [1.0]
         typical = durations[len(durations) // 2]
-        # Wide enough that a typical step bar holds "section-4" (~70 px) ...
-        px_per_second = 84 / max(typical, 0.05)
+        # Wide enough that a typical step bar holds a step name like "write-section-4"
+        # broken in two (~70 px) ...
+        px_per_second = 96 / max(typical, 0.05)
         # ... within a picture of 900-1600 px of plot.
         px_per_second = min(max(px_per_second, 900 / span), max(1600 / span, 20.0))
     plot_w = span * px_per_second
@@ -451,25 +453,58 @@ def _bar(bar: Bar, row: int, bars_y: float, x: Any) -> str:
     if bar.problem:
         parts.append(f'<rect x="{bx:.1f}" y="{by:.1f}" width="{bw:.1f}" height="{BAR_HEIGHT}" '
                      'rx="3" fill="url(#problem)" stroke="#d62728" stroke-width="2"/>')
-    top_text = f"R{bar.group}" if bar.group else ""
-    short = bar.label.replace("section-", "s")
-    for line1, line2 in ((top_text, bar.label), (top_text, short), ("", f"{top_text}{short}")):
-        size = 11.0
-        widest = max(_text_width(line1, size), _text_width(line2, size))
-        if widest + 6 <= bw:
-            cx = bx + bw / 2
-            if line1:
-                parts.append(f'<text x="{cx:.1f}" y="{by + 14:.1f}" font-size="{size}" '
-                             f'text-anchor="middle" fill="#ffffff" font-weight="bold">'
-                             f"{escape(line1)}</text>")
-                parts.append(f'<text x="{cx:.1f}" y="{by + 28:.1f}" font-size="{size}" '
-                             f'text-anchor="middle" fill="#ffffff">{escape(line2)}</text>')
-            else:
-                parts.append(f'<text x="{cx:.1f}" y="{by + 21:.1f}" font-size="{size}" '
-                             f'text-anchor="middle" fill="#ffffff">{escape(line2)}</text>')
-            break
+    fitted = _fit_label(f"R{bar.group}" if bar.group else "", bar.label, bw - 6)
+    if fitted is not None:
+        size, lines, tagged = fitted
+        cx = bx + bw / 2
+        step = size + 2.5
+        first = by + BAR_HEIGHT / 2 - step * (len(lines) - 1) / 2 + size * 0.36
+        for index, line in enumerate(lines):
+            bold = ' font-weight="bold"' if tagged and index == 0 else ""
+            parts.append(f'<text x="{cx:.1f}" y="{first + index * step:.1f}" '
+                         f'font-size="{size}" text-anchor="middle" fill="#ffffff"{bold}>'
+                         f"{escape(line)}</text>")
     parts.append("</g>")
     return "".join(parts)
+
+
+def _split(label: str, lines: int) -> list[str] | None:
+    """``label`` cut at hyphens into ``lines`` lines of the most even length (None if it
+    has too few hyphens)."""
+    words = label.split("-")
+    if len(words) < lines:
+        return None
+    best: list[str] | None = None
+    for cuts in itertools.combinations(range(1, len(words)), lines - 1):
+        bounds = (0, *cuts, len(words))
+        parts = ["-".join(words[a:b]) + ("-" if b < len(words) else "")
+                 for a, b in itertools.pairwise(bounds)]
+        if best is None or max(map(len, parts)) < max(map(len, best)):
+            best = parts
+    return best
+
+
+def _fit_label(tag: str, label: str, room: float) -> tuple[float, list[str], bool] | None:
+    """The largest way to write a bar's report tag (e.g. "R1") and step name in ``room``
+    pixels: (font size, lines, whether the first line is the tag), or None if even a
+    shortened name does not fit. Long step names are broken at hyphens; as a last
+    resort the name is cut short with an ellipsis (the tooltip has it whole)."""
+    options: list[tuple[float, list[str], bool]] = []
+    for size in (11.0, 9.5):
+        if tag:
+            options.append((size, [tag, label], True))
+        options.extend((size, parts, False)
+                       for parts in (_split(label, 2), _split(label, 3) if size < 11 else None)
+                       if parts is not None)
+    for size, lines, tagged in options:
+        if max(_text_width(line, size) for line in lines) <= room:
+            return size, lines, tagged
+    size = 9.5
+    for keep in range(len(label) - 1, 2, -1):
+        short = label[:keep].rstrip("-") + "\u2026"
+        if _text_width(short, size) <= room:
+            return size, [short], False
+    return None
 
 
 def _done(mark: Marker, row_y: float, x: Any) -> str:
