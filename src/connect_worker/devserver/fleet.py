@@ -169,7 +169,7 @@ class WorkerProcess:
 
 
 def read_executions(path: str) -> list[dict[str, Any]]:
-    """Step-body executions recorded by examples.pipeline (one JSON line each)."""
+    """Step-body executions recorded by examples.execution_log (one JSON line each)."""
     try:
         with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]

@@ -23,9 +23,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-import anthropic
-import openai
-
 from .errors import LLMFatalError, Transient
 from .types import Answer, Call, ToolCall, Usage
 
@@ -173,6 +170,8 @@ class OpenAIProvider:
 
     def __init__(self, **client_kwargs: Any) -> None:
         def create() -> Any:
+            import openai  # loaded on first use: it takes ~0.4 s to import
+
             if not {"workload_identity", "admin_api_key"} & client_kwargs.keys():
                 _check_credentials(self.label, client_kwargs, self.key_env)
             return openai.AsyncOpenAI(max_retries=0, **client_kwargs)
@@ -201,6 +200,8 @@ class OpenAIProvider:
         self, call: Call, *, attempt_timeout: float, stream: bool, on_text: OnText | None,
         should_stop: ShouldStop | None,
     ) -> Answer:
+        import openai
+
         client = self._clients.get()
         with map_errors(openai, self.label, self.key_env, call.model, self._secrets):
             if stream:
@@ -268,6 +269,8 @@ class AnthropicProvider:
 
     def __init__(self, **client_kwargs: Any) -> None:
         def create() -> Any:
+            import anthropic  # loaded on first use: it takes ~1 s to import
+
             if not {"auth_token", "credentials"} & client_kwargs.keys():
                 _check_credentials(self.label, client_kwargs, self.key_env,
                                    "ANTHROPIC_AUTH_TOKEN")
@@ -298,6 +301,8 @@ class AnthropicProvider:
         self, call: Call, *, attempt_timeout: float, stream: bool, on_text: OnText | None,
         should_stop: ShouldStop | None,
     ) -> Answer:
+        import anthropic
+
         client = self._clients.get()
         with map_errors(anthropic, self.label, self.key_env, call.model, self._secrets):
             if stream:
