@@ -45,7 +45,7 @@ from typing import Any
 
 from .devserver import DevServer, DevServerConfig, RunStatus
 from .devserver.fleet import WorkerProcess, read_executions
-from .simulate import SimulationResult, SimulationSettings, _tally
+from .simulate import SimulationResult, SimulationSettings, tally
 from .timeline import Note, from_simulation, render_svg
 
 TARGET = "examples.reports"
@@ -374,7 +374,7 @@ class Demo:
                 for process in self.workers:
                     process.kill()
                     await process.__aexit__(None, None, None)
-            _tally(self.result.simulation, dev, self.run_ids, self.exec_log)
+            tally(self.result.simulation, dev, self.run_ids, self.exec_log)
             self.result.interrupted = self.result.simulation.steps_abandoned + sum(
                 1 for d in dev.dispatches if d.outcome == "lease_lost"
             )

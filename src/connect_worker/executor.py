@@ -36,6 +36,11 @@ STATUS_ERROR = pb.SDKResponseStatus.ERROR
 SDK_LANGUAGE = const.LANGUAGE
 SDK_VERSION = const.VERSION
 SDK_VERSION_HEADER = f"inngest-py:v{const.VERSION}"
+# Read once: enum `.value` lookups add up on the per-request path.
+_REQUEST_ID = server_lib.HeaderKey.REQUEST_ID.value
+_JOB_ID = server_lib.HeaderKey.JOB_ID.value
+_FUNCTION_ID = server_lib.QueryParamKey.FUNCTION_ID.value
+_STEP_ID = server_lib.QueryParamKey.STEP_ID.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,9 +168,9 @@ class Executor:
             step_id=request.step_id,
             attempt=_attempt(request.request_payload),
         )
-        headers = {server_lib.HeaderKey.REQUEST_ID.value: request.request_id}
+        headers = {_REQUEST_ID: request.request_id}
         if request.job_id:
-            headers[server_lib.HeaderKey.JOB_ID.value] = request.job_id
+            headers[_JOB_ID] = request.job_id
         token = _current.set(identity)
         try:
             response = await handler.post(
@@ -175,8 +180,8 @@ class Executor:
                     is_connect=True,
                     public_path=None,
                     query_params={
-                        server_lib.QueryParamKey.FUNCTION_ID.value: request.function_slug,
-                        server_lib.QueryParamKey.STEP_ID.value: request.step_id or "step",
+                        _FUNCTION_ID: request.function_slug,
+                        _STEP_ID: request.step_id or "step",
                     },
                     raw_request=request,
                     request_url="",

@@ -169,12 +169,3 @@ class WorkerMetrics:
             raise ValueError(f"unknown connection state {state!r}")
         for name in CONNECTION_STATES:
             self.connection_state.labels(state=name).set(1 if name == state else 0)
-
-
-def metric_names(registry: CollectorRegistry) -> set[str]:
-    """Every sample name the registry exposes (with _bucket/_sum/_count/_total suffixes)."""
-    names: set[str] = set()
-    for family in registry.collect():
-        for sample in family.samples:
-            names.add(sample.name)
-    return names

@@ -118,7 +118,6 @@ class Session:
         return session
 
     async def _handshake(self, connect_request: Any) -> None:
-        sent_connect = False
         while self.conn.ready is None:
             frame = await self._recv_handshake_frame()
             try:
@@ -128,12 +127,11 @@ class Session:
             if isinstance(received, SyncFailed):
                 raise SyncError(f"the gateway could not sync the apps: {received.code}: "
                                 f"{received.message}")
-            if not sent_connect and self.conn.state is State.SENDING_CONNECT:
+            if self.conn.state is State.SENDING_CONNECT:  # HELLO arrived: answer it once
                 connect_request.connection_id = self.id
                 connect_request.auth_data.session_token = self.start.session_token
                 connect_request.auth_data.sync_token = self.start.sync_token
                 await self._send_or_raise(lambda conn: conn.connect(connect_request))
-                sent_connect = True
 
     async def _recv_handshake_frame(self) -> bytes:
         try:

@@ -164,7 +164,7 @@ async def run_simulation(
             for process in result.workers:
                 process.kill()
                 await process.__aexit__(None, None, None)
-        _tally(result, dev, run_ids, exec_log)
+        tally(result, dev, run_ids, exec_log)
     result.wall_seconds = time.monotonic() - started
     return result
 
@@ -188,7 +188,7 @@ async def _keep_load(dev: DevServer, settings: SimulationSettings, run_ids: list
             task.cancel()
 
 
-def _tally(result: SimulationResult, dev: DevServer, run_ids: list[str], exec_log: str) -> None:
+def tally(result: SimulationResult, dev: DevServer, run_ids: list[str], exec_log: str) -> None:
     result.reports_started = len(run_ids)
     result.run_ids = list(run_ids)
     statuses = Counter(dev.runs[r].status for r in run_ids)

@@ -120,10 +120,6 @@ class UserLoop:
             self._thread.start()
             self._ready.wait()
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the user loop and await it from the calling loop.
 

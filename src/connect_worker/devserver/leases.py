@@ -22,7 +22,6 @@ class Lease:
     expires_at: float
     previous_lease_id: str | None = None
     instance_id: str | None = None  # the instance the request was assigned to
-    extensions: int = 0
 
     def live(self, now: float) -> bool:
         return now < self.expires_at
@@ -97,7 +96,6 @@ class LeaseStore:
         lease.previous_lease_id = lease.lease_id
         lease.lease_id = new_id
         lease.expires_at = expires
-        lease.extensions += 1
         return new_id
 
     # -- capacity ------------------------------------------------------------
@@ -174,8 +172,3 @@ class ReplyBuffer:
         fut = self._waiters.pop(request_id, None)
         if fut is not None and not fut.done():
             fut.cancel()
-
-    def purge(self) -> None:
-        now = time.monotonic()
-        for key in [k for k, v in self._items.items() if v.expires_at <= now]:
-            del self._items[key]
