@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .config import Config
-    from .worker import Worker
+    from .engine.worker import Worker
 
 __all__ = [
     "Config",
@@ -31,7 +31,7 @@ def __getattr__(name: str) -> Any:
     # Imported lazily so `import connect_worker` in user code stays cheap and never
     # pulls the engine (websockets, anyio) into a process that only wants draining().
     if name == "Worker":
-        from .worker import Worker
+        from .engine.worker import Worker
 
         return Worker
     if name == "Config":

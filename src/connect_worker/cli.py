@@ -25,8 +25,8 @@ from .config import SETTINGS, Config
 from .errors import ConfigError, TargetError
 
 if TYPE_CHECKING:
-    from .executor import App
-    from .worker import Worker
+    from .engine.executor import App
+    from .engine.worker import Worker
 
 log = logging.getLogger("connect_worker")
 
@@ -99,7 +99,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _configure_logging(config: Config | None) -> None:
-    from .logs import configure_logging, register_secret
+    from .ops.logs import configure_logging, register_secret
 
     if config is None:
         configure_logging("auto", "info", {})
@@ -125,11 +125,11 @@ def _exit_before_start(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["simulate-deploy"]:
-        from .simulate import main as simulate
+        from .lab.simulate import main as simulate
 
         return simulate(argv[1:])
     if argv[:1] == ["demo"]:
-        from .demo import main as demo
+        from .lab.demo import main as demo
 
         return demo(argv[1:])
     args = build_parser().parse_args(argv)
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _configure_logging(None)
         return _dev(args)
     if args.command == "check":
-        from .check import run_check
+        from .ops.check import run_check
 
         env = dict(os.environ)
         for setting in SETTINGS:
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"connect-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _configure_logging(config)
-    from .target import load_target
+    from .engine.target import load_target
 
     try:
         apps = load_target(args.target)
@@ -176,9 +176,9 @@ async def serve(config: Config, apps: Sequence[App]) -> int:
     """Run one worker with its health listener and signal handling; returns the exit code."""
     from prometheus_client import REGISTRY
 
-    from .health import HealthServer
-    from .metrics import WorkerMetrics
-    from .worker import Worker
+    from .engine.worker import Worker
+    from .ops.health import HealthServer
+    from .ops.metrics import WorkerMetrics
 
     metrics = WorkerMetrics(REGISTRY)
     worker = Worker(config, apps, metrics=metrics)

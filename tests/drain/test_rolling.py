@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from connect_worker.simulate import SimulationSettings, run_simulation
+from connect_worker.lab.simulate import SimulationSettings, run_simulation
 
 
 async def test_rolling_deploys_under_load_lose_and_repeat_nothing(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from connect_worker.config import Config
 from connect_worker.devserver import DevServer
-from connect_worker.worker import Worker
+from connect_worker.engine.worker import Worker
 
 from . import apps
 

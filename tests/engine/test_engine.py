@@ -301,7 +301,7 @@ async def test_cloud_mode_authenticates_with_the_fallback_key() -> None:
 
 
 async def test_refused_signing_key_stops_the_worker_with_a_fatal_exit_code() -> None:
-    from connect_worker.worker import EXIT_FATAL, Worker
+    from connect_worker.engine.worker import EXIT_FATAL, Worker
 
     from . import apps
     from .harness import worker_config
@@ -315,7 +315,7 @@ async def test_refused_signing_key_stops_the_worker_with_a_fatal_exit_code() -> 
 
 
 async def test_sync_rejected_again_and_again_stops_the_worker() -> None:
-    from connect_worker.worker import EXIT_FATAL, MAX_CONSECUTIVE_SYNC_FAILURES, Worker
+    from connect_worker.engine.worker import EXIT_FATAL, MAX_CONSECUTIVE_SYNC_FAILURES, Worker
 
     from . import apps
     from .harness import worker_config

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 
 from connect_worker.config import Config
+from connect_worker.engine.gateway_api import GatewayAPI, hash_signing_key
 from connect_worker.errors import AuthError, GatewayError
-from connect_worker.gateway_api import GatewayAPI, hash_signing_key
-from connect_worker.httpserver import HTTPServer, Request, Response
+from connect_worker.ops.httpserver import HTTPServer, Request, Response
 from connect_worker.protocol import pb
 
 PRIMARY = "signkey-prod-" + "11" * 32

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from connect_worker.engine.target import load_target
 from connect_worker.errors import TargetError
-from connect_worker.target import load_target
 
 APP = '''
 import inngest

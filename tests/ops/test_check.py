@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from connect_worker.check import ERRORS, OK, WARNINGS, run_check
+from connect_worker.ops.check import ERRORS, OK, WARNINGS, run_check
 
 KEY = "signkey-prod-" + "ab" * 32
 # A production-shaped Railway service set up the way docs/deploy-railway.md says.

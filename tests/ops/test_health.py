@@ -11,8 +11,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from connect_worker.health import HealthServer
-from connect_worker.metrics import WorkerMetrics
+from connect_worker.ops.health import HealthServer
+from connect_worker.ops.metrics import WorkerMetrics
 
 BOUND = 5.0  # seconds any single wait in these tests may take
 

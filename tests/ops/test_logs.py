@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from connect_worker import logs
-from connect_worker.logs import configure_logging, event, resolve_format, set_context
+from connect_worker.ops import logs
+from connect_worker.ops.logs import configure_logging, event, resolve_format, set_context
 
 STATIC = {"deployment_id": "dep-42", "replica_id": "rep-7", "instance_id": "worker-rep-7-1"}
 
@@ -75,10 +75,10 @@ def test_level_filters_and_reconfiguring_replaces_the_handler(log_stream: io.Str
 
 def test_text_format_is_readable(log_stream: io.StringIO) -> None:
     configure_logging("text", "info", STATIC, stream=log_stream)
-    event(logging.getLogger("connect_worker.session"), "connection.ready",
+    event(logging.getLogger("connect_worker.engine.session"), "connection.ready",
           connection_id="01J", note="two words")
     (line,) = log_stream.getvalue().splitlines()
-    assert " INFO " in line and "connect_worker.session connection.ready" in line
+    assert " INFO " in line and "connect_worker.engine.session connection.ready" in line
     assert "deployment_id=dep-42" in line and 'note="two words"' in line
 
 

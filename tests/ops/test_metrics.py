@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from connect_worker.metrics import CONNECTION_STATES, WorkerMetrics
+from connect_worker.ops.metrics import CONNECTION_STATES, WorkerMetrics
 
 # name -> (type, labels) — the contract with the engine, alerts and the dashboard.
 EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from connect_worker.check import OK, run_check
 from connect_worker.config import RAILWAY_DRAIN_SAFETY_MARGIN
+from connect_worker.ops.check import OK, run_check
 
 REPO = Path(__file__).resolve().parents[2]
 SHELL_SYNTAX = set("$&|;<>`()*?~\\'\"")

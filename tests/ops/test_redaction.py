@@ -9,11 +9,11 @@ import logging
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from connect_worker.check import run_check
 from connect_worker.config import Config
 from connect_worker.errors import ConfigError
-from connect_worker.logs import REDACTED, configure_logging, event, redact
-from connect_worker.metrics import WorkerMetrics
+from connect_worker.ops.check import run_check
+from connect_worker.ops.logs import REDACTED, configure_logging, event, redact
+from connect_worker.ops.metrics import WorkerMetrics
 
 KEY_BODY = "9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a0"
 SIGNING_KEY = f"signkey-prod-{KEY_BODY}"

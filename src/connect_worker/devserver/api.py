@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from google.protobuf.message import DecodeError
 
-from ..httpserver import Handler, Request, Response
+from ..ops.httpserver import Handler, Request, Response
 from ..protocol import pb
 from .auth import check_authorization
 from .core import Core

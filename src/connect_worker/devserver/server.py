@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..httpserver import HTTPServer
+from ..ops.httpserver import HTTPServer
 from ..protocol import pb
 from .api import API
 from .config import DevServerConfig

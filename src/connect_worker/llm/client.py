@@ -36,7 +36,7 @@ from tenacity.wait import wait_random_exponential
 
 from ..context import DrainSignal, current_request, draining
 from ..errors import ConfigError
-from ..logs import event
+from ..ops.logs import event
 from .cache import ResultCache, RunCost, cache_key, open_cache
 from .config import DEFAULT_MODELS, LLMConfig
 from .errors import LLMDrainingError, LLMFatalError, LLMUnavailableError, Transient

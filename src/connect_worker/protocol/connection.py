@@ -1,7 +1,7 @@
 """``WorkerConnection``: the sans-I/O protocol object for one WebSocket.
 
 Bytes in, typed events out; calls in, bytes out. No sockets, no clock, no tasks:
-the session (``connect_worker.session``) pumps frames through it. State changes go
+the session (``connect_worker.engine.session``) pumps frames through it. State changes go
 through the table in ``state.py`` so an out-of-order frame is an error, never a
 silent surprise.
 """

@@ -38,10 +38,10 @@ from typing import Any
 import anyio
 from prometheus_client import CollectorRegistry
 
-from . import __version__
-from .config import Config
-from .context import draining
-from .errors import (
+from .. import __version__
+from ..config import Config
+from ..context import draining
+from ..errors import (
     AuthError,
     ConnectWorkerError,
     GatewayError,
@@ -49,12 +49,10 @@ from .errors import (
     SyncError,
     TransportError,
 )
-from .executor import SDK_LANGUAGE, SDK_VERSION, App, Executor, Outcome, error_outcome
-from .gateway_api import GatewayAPI
-from .logs import event
-from .logs import set_context as set_log_context
-from .metrics import WorkerMetrics
-from .protocol import (
+from ..ops.logs import event
+from ..ops.logs import set_context as set_log_context
+from ..ops.metrics import WorkerMetrics
+from ..protocol import (
     ExecutorRequest,
     GatewayEvent,
     LeaseExtended,
@@ -62,8 +60,10 @@ from .protocol import (
     WorkerConnection,
     pb,
 )
-from .protocol.codec import build_sdk_response
-from .protocol.state import State
+from ..protocol.codec import build_sdk_response
+from ..protocol.state import State
+from .executor import SDK_LANGUAGE, SDK_VERSION, App, Executor, Outcome, error_outcome
+from .gateway_api import GatewayAPI
 from .session import Session
 
 log = logging.getLogger(__name__)

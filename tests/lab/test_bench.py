@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 POSITIVE = (
     "runs_per_s", "cpu_ms_per_run", "sdk_ms_per_run", "ack_p50_ms", "ack_p99_ms",
     "reply_p50_ms", "reply_p99_ms", "peak_rss_mb", "idle_rss_mb", "devserver_cpu_ms_per_run",
@@ -20,7 +20,7 @@ POSITIVE = (
 def test_bench_reports_both_workers(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "connect_worker.bench", "--runs", "20", "--concurrency", "4",
+        [sys.executable, "-m", "connect_worker.lab.bench", "--runs", "20", "--concurrency", "4",
          "--rounds", "1", "--warmup", "2", "--idle", "0.3", "--settle", "0.2",
          "--timeout", "30", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=90, check=False,

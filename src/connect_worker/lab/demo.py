@@ -43,8 +43,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .devserver import DevServer, DevServerConfig, RunStatus
-from .devserver.fleet import WorkerProcess, read_executions
+from ..devserver import DevServer, DevServerConfig, RunStatus
+from ..devserver.fleet import WorkerProcess, read_executions
 from .simulate import SimulationResult, SimulationSettings, tally
 from .timeline import Note, from_simulation, render_svg
 

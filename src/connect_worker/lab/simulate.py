@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .devserver import DevServer, DevServerConfig, RunStatus
-from .devserver.fleet import WorkerProcess, read_executions
+from ..devserver import DevServer, DevServerConfig, RunStatus
+from ..devserver.fleet import WorkerProcess, read_executions
 
 TARGET = "examples.pipeline"
 

@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from .config import RAILWAY_DRAIN_SAFETY_MARGIN, SETTINGS, Config
-from .errors import ConfigError, ConnectWorkerError
+from ..config import RAILWAY_DRAIN_SAFETY_MARGIN, SETTINGS, Config
+from ..errors import ConfigError, ConnectWorkerError
 from .logs import redact, register_secret
 
 OK, WARNINGS, ERRORS = 0, 1, 2
@@ -90,7 +90,7 @@ def _number(
 
 def _load_target_function() -> Callable[[str], Any] | None:
     try:
-        module = importlib.import_module("connect_worker.target")
+        module = importlib.import_module("connect_worker.engine.target")
     except ImportError:
         return None
     loader = getattr(module, "load_target", None)

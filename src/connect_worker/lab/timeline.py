@@ -1,6 +1,6 @@
 """A timeline picture of a deploy: one lane per worker process, one bar per step.
 
-:func:`from_simulation` turns a :class:`~connect_worker.simulate.SimulationResult`
+:func:`from_simulation` turns a :class:`~connect_worker.lab.simulate.SimulationResult`
 (real worker processes on the local gateway) into a :class:`Timeline`;
 :func:`render_svg` draws it as one self-contained SVG file (no scripts, no external
 fonts or styles; hovering a bar shows its details in browsers that support

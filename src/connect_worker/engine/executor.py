@@ -20,9 +20,9 @@ import inngest
 import pydantic_core
 from inngest._internal import comm_lib, const, server_lib
 
-from .context import RequestIdentity, _current
-from .errors import ExecutionError
-from .protocol import ExecutorRequest, pb
+from ..context import RequestIdentity, _current
+from ..errors import ExecutionError
+from ..protocol import ExecutorRequest, pb
 from .userloop import UserLoop
 
 log = logging.getLogger(__name__)

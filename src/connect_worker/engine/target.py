@@ -19,7 +19,7 @@ from typing import Any
 
 import inngest
 
-from .errors import TargetError
+from ..errors import TargetError
 from .executor import App
 
 

@@ -19,10 +19,9 @@ import websockets
 from anyio.abc import TaskStatus
 from websockets.asyncio.client import ClientConnection, connect
 
-from .errors import GatewayError, RemoteProtocolError, SyncError, TransportError
-from .gateway_api import StartResult
-from .logs import event
-from .protocol import (
+from ..errors import GatewayError, RemoteProtocolError, SyncError, TransportError
+from ..ops.logs import event
+from ..protocol import (
     ConnectionReady,
     GatewayClosing,
     GatewayEvent,
@@ -31,9 +30,10 @@ from .protocol import (
     SyncFailed,
     WorkerConnection,
 )
+from .gateway_api import StartResult
 
 if TYPE_CHECKING:
-    from .metrics import WorkerMetrics
+    from ..ops.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 

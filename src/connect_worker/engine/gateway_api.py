@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from .config import Config
-from .errors import AuthError, GatewayError, TransportError
-from .protocol import pb
+from ..config import Config
+from ..errors import AuthError, GatewayError, TransportError
+from ..protocol import pb
 
 log = logging.getLogger(__name__)
 

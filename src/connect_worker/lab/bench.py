@@ -2,7 +2,7 @@
 
 One run of this module measures both workers against the local devserver
 (``connect_worker.devserver``, running in this process) with the same no-op
-function (``connect_worker.bench_app``: one step, so two executor requests per
+function (``connect_worker.lab.bench_app``: one step, so two executor requests per
 run), alternating which goes first, for ``--rounds`` rounds, and prints the
 medians and their ratios (connect_worker / SDK client).
 
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .devserver import DevServer
+    from ..devserver import DevServer
 
 CW = "connect_worker"
 SDK = "sdk_client"
@@ -267,8 +267,8 @@ async def drive(dev: DevServer, n: int, concurrency: int, bound: float) -> list[
 
 def _worker_command(kind: str, instance_id: str) -> list[str]:
     if kind == CW:
-        return [sys.executable, "-m", "connect_worker", "run", "connect_worker.bench_app"]
-    return [sys.executable, "-m", "connect_worker.bench", "sdk-worker",
+        return [sys.executable, "-m", "connect_worker", "run", "connect_worker.lab.bench_app"]
+    return [sys.executable, "-m", "connect_worker.lab.bench", "sdk-worker",
             "--instance-id", instance_id]
 
 
@@ -302,7 +302,7 @@ async def _stop(proc: asyncio.subprocess.Process, grace: float) -> int | None:
 
 async def measure(kind: str, round_no: int, args: argparse.Namespace,
                   log_dir: Path) -> Sample:
-    from .devserver import DevServer, DevServerConfig, RunStatus
+    from ..devserver import DevServer, DevServerConfig, RunStatus
 
     instance_id = f"bench-{kind}-{round_no}"
     cfg = DevServerConfig(interval_format="seconds")
@@ -376,7 +376,7 @@ async def measure(kind: str, round_no: int, args: argparse.Namespace,
 
 async def sdk_cost_subprocess(runs: int, bound: float) -> float:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "connect_worker.bench", "sdk-cost", "--runs", str(runs),
+        sys.executable, "-m", "connect_worker.lab.bench", "sdk-cost", "--runs", str(runs),
         env=_worker_env("http://127.0.0.1:9", "bench-sdk-cost"),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -435,7 +435,7 @@ async def run_sdk_worker(instance_id: str) -> None:
 
     from inngest.connect import connect
 
-    from . import bench_app
+    from .. import bench_app
 
     logging.basicConfig(level=logging.WARNING)
     conn = connect([(bench_app.client, list(bench_app.functions))], instance_id=instance_id)
@@ -475,7 +475,7 @@ async def sdk_cost(runs: int, warmup: int = 50) -> float:
     straight through ``CommHandler.post`` (no transport, no protobuf)."""
     from inngest._internal import comm_lib, const, server_lib
 
-    from . import bench_app
+    from .. import bench_app
 
     handler = comm_lib.CommHandler(
         client=bench_app.client,

@@ -1,0 +1,1 @@
+"""The engine: supervisor, sessions, steps, the user-code thread, the SDK bridge."""

@@ -1,0 +1,1 @@
+"""The operations surface: health and metrics listeners, logs, the preflight check."""
