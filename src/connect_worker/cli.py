@@ -1,4 +1,5 @@
-"""``connect-worker``: run | dev | check. Logging is configured here and nowhere else.
+"""``connect-worker``: run | check | dev | send | runs | workers | fault | demo |
+simulate-deploy. Logging is configured here and nowhere else.
 
 Every setting of ``config.SETTINGS`` is both an environment variable and a flag of
 ``run`` and ``check``; ``--help`` lists them all with their variables. An invalid
@@ -82,10 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("demo", add_help=False,
                         help="a rolling deploy in the middle of three reports, narrated, with "
                         "a timeline picture (see demo --help)")
-    dev = commands.add_parser("dev", help="run the local Connect gateway (for development)")
+    dev = commands.add_parser(
+        "dev", help="run the local Connect gateway (for development); its page is at "
+        "http://127.0.0.1:8288/")
     dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8288, help="API port (start, flush, events)")
+    dev.add_argument("--port", type=int, default=8288,
+                     help="API port (start, flush, events, the page at /)")
     dev.add_argument("--gateway-port", type=int, default=8289, help="WebSocket gateway port")
+    dev.add_argument("--fast", action="store_true",
+                     help="short timings for rehearsals and tests: 1 s heartbeats and lease "
+                     "extensions, 4 s leases, 3 s drain window (default: production timings)")
+    from .devclient import add_commands
+
+    add_commands(commands)
     return parser
 
 
@@ -139,8 +149,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, _exit_before_start)
     if args.command == "dev":
-        _configure_logging(None)
+        from .ops.logs import configure_logging
+
+        # Text lines by default: the dev gateway's log is read in a terminal.
+        configure_logging(os.environ.get("CONNECT_WORKER_LOG_FORMAT", "text"), "info", {})
         return _dev(args)
+    if args.command in ("send", "runs", "workers", "fault"):
+        from .devclient import run_command
+
+        return run_command(args)
     if args.command == "check":
         from .ops.check import run_check
 
@@ -216,19 +233,39 @@ async def _watch_signals(worker: Worker, *, task_status: TaskStatus[None]) -> No
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from .devserver import DevServerConfig
+    from .devserver import DevServer, DevServerConfig
     from .devserver import serve as serve_devserver
+
+    config = DevServerConfig.fast() if args.fast else DevServerConfig()
+
+    def ready(dev: DevServer) -> None:
+        log.info("dev gateway ready: page %s/ ; start a worker with INNGEST_DEV=%s "
+                 "connect-worker run TARGET%s", dev.api_url, dev.api_url,
+                 " (fast timings)" if args.fast else "")
 
     try:
         anyio.run(
             lambda: serve_devserver(
-                DevServerConfig(), host=args.host, api_port=args.port,
-                gateway_port=args.gateway_port,
+                config, host=args.host, api_port=args.port,
+                gateway_port=args.gateway_port, ready=ready,
             )
         )
     except KeyboardInterrupt:
         pass
+    except OSError as exc:
+        # Binding is the one OSError that gets here: say which ports, in one line.
+        print(f"connect-worker: dev gateway cannot listen on {args.host} ports {args.port} "
+              f"(--port) and {args.gateway_port} (--gateway-port): "
+              f"{_bind_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
+
+
+def _bind_error(exc: OSError) -> str:
+    text = str(exc.strerror or exc)
+    # asyncio: "error while attempting to bind on address ('127.0.0.1', 8288): address
+    # already in use" -> the part after the address.
+    return text.rsplit("): ", 1)[-1] if "): " in text else text
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..protocol import pb
 from ..protocol.durations import parse_go_duration
+from . import logfmt
 from .core import ACCOUNT_ID, ENV_ID, Core, app_uuid, function_uuid
 from .gateway import Gateway
 from .state import Dispatch, Event, Run, RunStatus
@@ -132,6 +133,8 @@ class Executor:
                     run = self.start_run(app, slug, event)
                     event.run_ids.append(run.run_id)
         self.state.notify()
+        log.info("event received: %s id %s, runs started: %s", name, event.id,
+                 ", ".join(event.run_ids) or "none (no synced function has this trigger)")
         return event
 
     def invoke(self, slug: str, data: Any) -> Run:
@@ -158,6 +161,8 @@ class Executor:
         )
         self.state.runs[run.run_id] = run
         self._history(run, "run_started", event=event.name)
+        log.info("run started: %s run %s (%s attempts per step)", slug, run.run_id,
+                 run.max_attempts)
         task = asyncio.create_task(self._drive(run), name=f"run-{run.run_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -187,6 +192,8 @@ class Executor:
         run.error = error
         run.ended_at = time.time()
         self._history(run, f"run_{status.value}", output=output, error=error)
+        log.info("run %s: %s run %s in %.2f s%s", status.value, run.function_slug, run.run_id,
+                 run.ended_at - run.started_at, f": {logfmt.error(error)}" if error else "")
 
     # -- driving a run ---------------------------------------------------------
 
@@ -240,6 +247,9 @@ class Executor:
                               job_id=item.job_id, error=result.error)
                 if item.attempt + 1 < run.max_attempts:
                     item.attempt += 1
+                    log.info("retrying %s of run %s (attempt %d of %d): %s",
+                             logfmt.step(run, item.step_id), run.run_id, item.attempt + 1,
+                             run.max_attempts, result.error)
                     await self._backoff()
                     continue
                 error = {"name": "StepError", "message": result.error}
@@ -263,6 +273,8 @@ class Executor:
                     self._finish(run, RunStatus.FAILED, error=body)
                     return []
                 item.attempt += 1
+                log.info("retrying run %s (attempt %d of %d): the function raised %s",
+                         run.run_id, item.attempt + 1, run.max_attempts, logfmt.error(body))
                 await self._backoff(resp.retry_after if resp.HasField("retry_after") else None)
                 continue
             # NOT_COMPLETED: a list of opcodes.
@@ -278,6 +290,8 @@ class Executor:
             if retry_same:
                 if item.attempt + 1 < run.max_attempts:
                     item.attempt += 1
+                    log.info("retrying a step of run %s (attempt %d of %d): it raised an error",
+                             run.run_id, item.attempt + 1, run.max_attempts)
                     await self._backoff(resp.retry_after if resp.HasField("retry_after") else None)
                     continue
                 self._finish(run, RunStatus.FAILED, error={"message": "step attempts exhausted"})
@@ -461,11 +475,18 @@ class Executor:
             )
             self.state.dispatches.append(dispatch)
             self.state.notify()
+            log.info("dispatching %s of %s run %s (attempt %d) to %s: request %s",
+                     logfmt.step(run, item.step_id), run.function_slug, run.run_id,
+                     item.attempt + 1, logfmt.who(conn.info if conn else None),
+                     request.request_id)
             if await self.gateway.forward(route.conn_id, request):
                 dispatch.acked_at = time.time()
                 dispatch.outcome = "acked"
                 self.state.notify()
+                log.info("request %s ACKed by %s", request.request_id, instance)
                 return None
+            log.info("request %s not ACKed by %s (forward %d of %d)", request.request_id,
+                     instance, attempt, self.config.forward_attempts)
             dispatch.outcome = "forward_failed"
             core.leases.assign(request.request_id, None)
             self.state.notify()
@@ -503,6 +524,8 @@ class Executor:
             if leases.is_live(request_id):
                 continue  # extended during the grace period
             self._mark(request_id, "lease_lost")
+            log.info("lease expired: request %s got no reply or lease extension for %.0f s "
+                     "(the worker stopped responding)", request_id, cfg.lease_duration)
             return ProxyResult(None, STOPPED_RESPONDING)
 
     def _mark(self, request_id: str, outcome: str) -> None:

@@ -292,6 +292,8 @@ class Faults:
     # Router override: given candidate conn IDs, return the one to use (or None
     # to fall back to the weighted random pick).
     route: Callable[[list[str]], str | None] | None = None
+    # The next N forwards go to two READY connections at once (a request run twice).
+    dual_dispatch: int = 0
 
 
 class DevState:

@@ -1,0 +1,259 @@
+"""What a person wants to see of the recorded state: runs with their steps by name
+(which worker ran each, when, how many attempts, replied by socket or flush) and
+connections with their in-flight steps. Served as JSON by ``GET /v1/runs`` and
+``GET /v1/connections``; the page at ``/`` and ``connect-worker runs`` render it.
+
+Everything is derived from the records the gateway and the executor already keep
+(dispatches, replies, run history); nothing here changes state.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..protocol import pb
+from .state import ConnectionInfo, DevState, Dispatch, ReplyRecord, Run
+
+DISCOVERY = "step"
+# Opcodes that report a step body having run (or failed to) in that request.
+_RAN = ("StepRun", "StepError", "StepFailed")
+
+
+def _ops(response: pb.SDKResponse) -> list[dict[str, Any]]:
+    if response.status != pb.SDKResponseStatus.NOT_COMPLETED:
+        return []
+    try:
+        body = json.loads(response.body or b"[]")
+    except ValueError:
+        return []
+    return [op for op in body if isinstance(op, dict)] if isinstance(body, list) else []
+
+
+def _body(response: pb.SDKResponse) -> Any:
+    try:
+        return json.loads(response.body) if response.body else None
+    except ValueError:
+        return response.body.decode("utf-8", "replace")
+
+
+def _error_text(error: Any) -> str | None:
+    """One line out of an SDK error object, a string or None."""
+    if error is None:
+        return None
+    if isinstance(error, dict):
+        name, message = error.get("name"), error.get("message")
+        if message:
+            return f"{name}: {message}" if name else str(message)
+        inner = error.get("error")
+        if inner is not None:
+            return _error_text(inner)
+    return str(error)[:300]
+
+
+def _worker(conn: ConnectionInfo | None, app: str) -> dict[str, Any]:
+    if conn is None:
+        return {"conn_id": None, "worker": None, "app_version": None}
+    return {
+        "conn_id": conn.conn_id,
+        "worker": conn.instance_id,
+        "app_version": conn.app_version.get(app) or None,
+    }
+
+
+@dataclass
+class _Step:
+    id: str
+    name: str | None = None
+    status: str = "planned"
+    attempts: int = 0
+    requests: list[str] = field(default_factory=list)
+    worker: dict[str, Any] = field(default_factory=dict)
+    started_at: float | None = None
+    ended_at: float | None = None
+    reply_via: str | None = None
+    error: str | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        duration = (self.ended_at - self.started_at
+                    if self.ended_at is not None and self.started_at is not None else None)
+        return {
+            "id": self.id, "name": self.name or self.id[:12], "status": self.status,
+            "attempts": self.attempts, "requests": self.requests, **self.worker,
+            "started_at": self.started_at, "ended_at": self.ended_at, "duration": duration,
+            "reply_via": self.reply_via, "error": self.error, "errors": self.errors,
+        }
+
+
+def run_view(state: DevState, run: Run) -> dict[str, Any]:
+    """The run with its steps by name and every request the executor sent for it."""
+    replies: dict[str, ReplyRecord] = {}
+    for rec in [*state.replies, *state.flushes]:
+        if rec.stored and rec.request_id not in replies:
+            replies[rec.request_id] = rec
+    by_request: dict[str, list[Dispatch]] = {}
+    for d in state.dispatches:
+        if d.run_id == run.run_id:
+            by_request.setdefault(d.request_id, []).append(d)
+    requests: list[dict[str, Any]] = []
+    steps: dict[str, _Step] = {}
+    # job_id -> step that a request of that job reported (names a failed discovery call).
+    job_step: dict[str, str] = {}
+    for request_id, forwards in by_request.items():
+        last = forwards[-1]
+        conn = state.connections.get(last.conn_id)
+        record = replies.get(request_id)
+        entry: dict[str, Any] = {
+            "request_id": request_id, "job_id": last.job_id,
+            "step_id": None if last.step_id == DISCOVERY else last.step_id,
+            "attempt": last.attempt + 1, "forwards": len(forwards),
+            **_worker(conn, run.app_name),
+            "sent_at": forwards[0].sent_at, "acked_at": last.acked_at,
+            "replied_at": last.replied_at, "reply_via": last.reply_via,
+            "outcome": last.outcome, "ops": [], "result": None,
+        }
+        if record is not None:
+            status = record.response.status
+            if status == pb.SDKResponseStatus.DONE:
+                entry["result"] = "function returned"
+            elif status == pb.SDKResponseStatus.ERROR:
+                entry["result"] = "function error: " + (_error_text(_body(record.response)) or "")
+            for op in _ops(record.response):
+                code, step_id = str(op.get("op")), str(op.get("id", ""))
+                name = op.get("displayName") or op.get("name")
+                entry["ops"].append({"op": code, "step_id": step_id, "name": name})
+                step = steps.setdefault(step_id, _Step(step_id))
+                step.name = step.name or (str(name) if name else None)
+                if code in _RAN:
+                    job_step.setdefault(last.job_id, step_id)
+                    step.attempts += 1
+                    step.requests.append(request_id)
+                    step.worker = _worker(conn, run.app_name)
+                    step.started_at = step.started_at or entry["sent_at"]
+                    step.ended_at = last.replied_at
+                    step.reply_via = last.reply_via
+                if code == "StepRun":
+                    step.status, step.error = "completed", None
+                elif code == "StepFailed":
+                    step.status, step.error = "failed", _error_text(op.get("error"))
+                elif code == "StepError":
+                    step.status, step.error = "retrying", _error_text(op.get("error"))
+                    step.errors.append({"attempt": entry["attempt"], "worker": conn and
+                                        conn.instance_id, "error": step.error})
+                elif code in ("Sleep", "WaitForEvent", "InvokeFunction"):
+                    step.status = "completed" if step_id in run.steps else code.lower()
+                    step.started_at = step.started_at or last.replied_at
+        elif last.outcome == "acked":
+            entry["result"] = "running"
+        elif last.outcome in ("lease_lost", "forward_failed", "abandoned", "no_ack"):
+            entry["result"] = "lost: " + ("worker stopped responding (lease expired)"
+                                          if last.outcome == "lease_lost"
+                                          else "no worker ACKed the request")
+        requests.append(entry)
+    # Transport failures and in-flight requests: attribute them to their step.
+    for entry in requests:
+        result = entry["result"] or ""
+        if entry["ops"] or not (result == "running" or result.startswith("lost")):
+            continue
+        sid: str | None = entry["step_id"] or job_step.get(entry["job_id"])
+        entry["step_id"] = sid
+        if sid is None:
+            continue
+        step = steps.setdefault(sid, _Step(sid))
+        entry["ops"] = [{"op": None, "step_id": sid, "name": step.name}]
+        if entry["result"] == "running":
+            step.status = "running"
+            step.worker = {k: entry[k] for k in ("conn_id", "worker", "app_version")}
+            step.started_at = step.started_at or entry["sent_at"]
+        else:
+            step.attempts += 1
+            step.errors.append({"attempt": entry["attempt"], "worker": entry["worker"],
+                                "error": entry["result"]})
+    # History names planned steps (parallel) before any request reports them.
+    for h in run.history:
+        if h.get("type") == "step_planned" and h.get("step") in steps:
+            step = steps[h["step"]]
+            step.name = step.name or h.get("name")
+    running = [e for e in requests if e["result"] == "running" and e["step_id"] is None]
+    ended = run.ended_at
+    return {
+        "run_id": run.run_id,
+        "function": run.function_slug,
+        "app": run.app_name,
+        "status": run.status.value,
+        "event": {"id": run.event.id, "name": run.event.name},
+        "started_at": run.started_at,
+        "ended_at": ended,
+        "duration": (ended or time.time()) - run.started_at,
+        "output": run.output,
+        "error": _error_text(run.error),
+        "steps": [s.to_json() for s in steps.values()],
+        # Requests in flight whose step is not known yet (a discovery call running
+        # the next step: its name comes with the reply).
+        "running": running,
+        "requests": requests,
+    }
+
+
+def runs_view(state: DevState, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest ``limit`` runs, newest first."""
+    runs = sorted(state.runs.values(), key=lambda r: r.started_at, reverse=True)[:limit]
+    return [run_view(state, run) for run in runs]
+
+
+def connection_view(state: DevState, conn: ConnectionInfo, live: bool) -> dict[str, Any]:
+    in_flight = []
+    seen: set[str] = set()
+    for d in reversed(state.dispatches):
+        if d.request_id in seen or d.conn_id != conn.conn_id:
+            continue
+        seen.add(d.request_id)
+        if d.outcome == "acked" and d.replied_at is None:
+            run = state.runs.get(d.run_id)
+            in_flight.append({
+                "request_id": d.request_id, "run_id": d.run_id, "function": d.function_slug,
+                "step_id": None if d.step_id == DISCOVERY else d.step_id,
+                "step": _step_name(run, d.step_id), "attempt": d.attempt + 1,
+                "since": d.acked_at or d.sent_at,
+            })
+    return {
+        "conn_id": conn.conn_id,
+        "worker": conn.instance_id,
+        "apps": conn.apps,
+        "app_version": conn.app_version,
+        "functions": conn.functions,
+        "sdk": f"{conn.connect_request.sdk_language} {conn.connect_request.sdk_version}",
+        "gateway_group": conn.gateway_group,
+        "live": live,
+        "status": conn.status.value,
+        "phase": conn.phase.name,
+        "paused": conn.paused,
+        "gateway_closing_sent": conn.gateway_closing_sent,
+        "connected_at": conn.connected_at,
+        "closed_at": conn.closed_at,
+        "close": (f"{conn.close_code} {conn.close_class}" if conn.close_code is not None
+                  else None),
+        "heartbeats": conn.heartbeats,
+        "in_flight": list(reversed(in_flight)),
+    }
+
+
+def _step_name(run: Run | None, step_id: str) -> str | None:
+    if step_id == DISCOVERY:
+        return None
+    for h in run.history if run else []:
+        if h.get("step") == step_id and h.get("name"):
+            return str(h["name"])
+    return step_id[:12]
+
+
+def connections_view(
+    state: DevState, live_ids: set[str], limit: int = 50
+) -> list[dict[str, Any]]:
+    """Live connections first, then the most recently closed ones."""
+    conns = sorted(state.connections.values(),
+                   key=lambda c: (c.conn_id in live_ids, c.connected_at), reverse=True)
+    return [connection_view(state, c, c.conn_id in live_ids) for c in conns[:limit]]
