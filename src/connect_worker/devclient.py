@@ -87,7 +87,8 @@ def _worker(item: dict[str, Any]) -> str:
 
 
 def _reply(via: str | None) -> str:
-    return {"ws": "socket", "flush": "HTTP flush"}.get(via or "", "")
+    names = {"ws": "socket", "flush": "HTTP flush"}
+    return ", then ".join(names.get(v, v) for v in (via or "").split("+") if v)
 
 
 def format_run(run: dict[str, Any], now: float, *, requests: bool = False) -> list[str]:

@@ -91,9 +91,15 @@ class _Step:
 def run_view(state: DevState, run: Run) -> dict[str, Any]:
     """The run with its steps by name and every request the executor sent for it."""
     replies: dict[str, ReplyRecord] = {}
-    for rec in [*state.replies, *state.flushes]:
+    # Every way a request's reply arrived, in order: "ws", "flush" or "ws+flush" (the
+    # worker flushed over HTTP too, e.g. because its WORKER_REPLY_ACK never came).
+    vias: dict[str, list[str]] = {}
+    for rec in sorted([*state.replies, *state.flushes], key=lambda r: r.ts):
         if rec.stored and rec.request_id not in replies:
             replies[rec.request_id] = rec
+        seen = vias.setdefault(rec.request_id, [])
+        if rec.via not in seen:
+            seen.append(rec.via)
     by_request: dict[str, list[Dispatch]] = {}
     for d in state.dispatches:
         if d.run_id == run.run_id:
@@ -112,7 +118,8 @@ def run_view(state: DevState, run: Run) -> dict[str, Any]:
             "attempt": last.attempt + 1, "forwards": len(forwards),
             **_worker(conn, run.app_name),
             "sent_at": forwards[0].sent_at, "acked_at": last.acked_at,
-            "replied_at": last.replied_at, "reply_via": last.reply_via,
+            "replied_at": last.replied_at,
+            "reply_via": "+".join(vias.get(request_id, [])) or last.reply_via,
             "outcome": last.outcome, "ops": [], "result": None,
         }
         if record is not None:
@@ -134,7 +141,7 @@ def run_view(state: DevState, run: Run) -> dict[str, Any]:
                     step.worker = _worker(conn, run.app_name)
                     step.started_at = step.started_at or entry["sent_at"]
                     step.ended_at = last.replied_at
-                    step.reply_via = last.reply_via
+                    step.reply_via = entry["reply_via"]
                 if code == "StepRun":
                     step.status, step.error = "completed", None
                 elif code == "StepFailed":
