@@ -25,10 +25,11 @@ from ..errors import TargetError
 from .executor import App
 
 # Frames from these directories are the interpreter's and the libraries', not the user's.
-_NOT_USER = tuple(
-    str(Path(p).resolve()) + os.sep
-    for p in {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-) + (str(Path(__file__).resolve().parents[1]) + os.sep,)
+_LIBRARY_DIRS = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+_NOT_USER = (
+    *(str(Path(p).resolve()) + os.sep for p in _LIBRARY_DIRS),
+    str(Path(__file__).resolve().parents[1]) + os.sep,  # connect_worker itself
+)
 MAX_FRAMES = 3
 
 
