@@ -689,14 +689,18 @@ class Worker:
         for step in steps:
             request = step.request
             running = step.reply is None
+            # Only a copy the gateway confirmed as the lease holder may speak for the
+            # step: an unconfirmed one may have lost a re-route race, and its error
+            # reply would beat the real owner's answer into the reply buffer.
+            hand_back = running and step.confirmed
             name = names.get(request.run_id) or request.step_id or "step"
             running_for = now - step.started_at
             event(log, "drain.step_abandoned", level=logging.ERROR,
                   function=request.function_slug, run_id=request.run_id,
                   step_id=name, job_id=request.job_id, request_id=request.request_id,
                   state="running" if running else "reply_unacknowledged",
-                  running_for=round(running_for, 3), handed_back=running)
-            if running:
+                  running_for=round(running_for, 3), handed_back=hand_back)
+            if hand_back:
                 step.reply = self._reply(request, error_outcome(
                     "StepAbandoned",
                     f"connect_worker instance {self.config.instance_id} gave up step "
