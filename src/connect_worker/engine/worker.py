@@ -172,7 +172,8 @@ class Worker:
         self._api: GatewayAPI | None = None
         self._steps: dict[str, Step] = {}
         self._step_tasks: set[asyncio.Task[None]] = set()
-        self._checks: set[asyncio.Task[None]] = set()  # early ownership checks being sent
+        self._due_checks: list[Step] = []  # early ownership checks to send now
+        self._checks_task: asyncio.Task[None] | None = None
         self._current: Session | None = None
         self._sessions: list[Session] = []
         self._limiter: anyio.CapacityLimiter | None = None
@@ -469,11 +470,23 @@ class Worker:
             return
         if self._tg is None:  # the worker has stopped
             return
-        session = self._live_session()
-        if session is not None:  # otherwise the next session checks it on activation
-            task = asyncio.get_running_loop().create_task(self._send_extension(session, step))
-            self._checks.add(task)
-            task.add_done_callback(self._checks.discard)
+        # Checks due together (a burst of dispatches) go out from one task.
+        self._due_checks.append(step)
+        if self._checks_task is None:
+            self._checks_task = asyncio.get_running_loop().create_task(self._send_checks())
+
+    async def _send_checks(self) -> None:
+        try:
+            while self._due_checks:
+                due, self._due_checks = self._due_checks, []
+                session = self._live_session()
+                if session is None:
+                    return  # the next session checks every unconfirmed step on activation
+                for step in due:
+                    if step.reply is None and not step.confirmed and step.extending:
+                        await self._send_extension(session, step)
+        finally:
+            self._checks_task = None
 
     async def _send_extension(self, session: Session, step: Step) -> None:
         await session.send(partial(
