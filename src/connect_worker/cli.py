@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -253,19 +254,24 @@ def _dev(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     except OSError as exc:
-        # Binding is the one OSError that gets here: say which ports, in one line.
-        print(f"connect-worker: dev gateway cannot listen on {args.host} ports {args.port} "
-              f"(--port) and {args.gateway_port} (--gateway-port): "
-              f"{_bind_error(exc)}", file=sys.stderr)
+        # Binding is the one OSError that gets here: name the port and its flag, in one line.
+        print(f"connect-worker: dev gateway {_bind_error(exc, args)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 
 
-def _bind_error(exc: OSError) -> str:
+def _bind_error(exc: OSError, args: argparse.Namespace) -> str:
     text = str(exc.strerror or exc)
     # asyncio: "error while attempting to bind on address ('127.0.0.1', 8288): address
-    # already in use" -> the part after the address.
-    return text.rsplit("): ", 1)[-1] if "): " in text else text
+    # already in use".
+    found = re.search(r"address \('?([^',]*)'?, (\d+)[^)]*\): (.*)", text)
+    if found is None:
+        return (f"cannot listen on {args.host} (--port {args.port}, --gateway-port "
+                f"{args.gateway_port}): {text}")
+    host, port, reason = found.groups()
+    flag = "--port" if int(port) == args.port else "--gateway-port"
+    return (f"cannot listen on {host}:{port} ({flag}): {reason}; stop what uses it or "
+            f"pass another {flag}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -233,5 +233,5 @@ def test_dev_with_a_taken_port_is_one_line_and_exit_2() -> None:
                                 timeout=30, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"connect-worker: dev gateway cannot listen on 127.0.0.1 ports {port} (--port) and 0 "
-        "(--gateway-port): address already in use"]
+        f"connect-worker: dev gateway cannot listen on 127.0.0.1:{port} (--port): address "
+        "already in use; stop what uses it or pass another --port"]
