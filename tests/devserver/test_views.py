@@ -188,3 +188,42 @@ async def test_page_is_served_at_root(devserver: DevServer) -> None:
     # Self-contained: no script, style or font from anywhere else.
     assert "http://" not in res.text and "https://" not in res.text
     assert "/v1/runs" in res.text and "/v1/connections" in res.text
+
+
+def test_a_request_sent_to_two_workers_shows_both() -> None:
+    """Records as Faults.dual_dispatch leaves them: one request, two ACKed dispatches; the
+    step is credited to the worker whose reply was stored and lists both copies."""
+    from connect_worker.devserver import (
+        ConnectionInfo,
+        DevServerConfig,
+        Dispatch,
+        Event,
+        ReplyRecord,
+        Run,
+    )
+    from connect_worker.devserver.state import DevState
+    from connect_worker.devserver.views import connection_view, run_view
+
+    state = DevState(DevServerConfig.fast())
+    for conn_id, worker in (("C1", "w-old"), ("C2", "w-new")):
+        state.connections[conn_id] = ConnectionInfo(
+            conn_id=conn_id, instance_id=worker, gateway_group="gw-a", env="dev",
+            connect_request=pb.WorkerConnectRequestData(), start_headers={},
+            manual_readiness=False, apps=["app"], app_version={"app": worker[2:]},
+            functions={"app": ["app-fn"]}, group_hashes={}, max_worker_concurrency=None)
+    run = Run("R1", "app-fn", "app", Event("E1", "e", {}, 0), [], 4)
+    state.runs["R1"] = run
+    for conn_id, acked in (("C1", 10.2), ("C2", 10.1)):
+        state.dispatches.append(Dispatch("Q1", "J1", "R1", "app-fn", "step", 0, conn_id, 1,
+                                         10.0, acked_at=acked, outcome="acked"))
+    state.dispatches[1].replied_at, state.dispatches[1].reply_via = 11.0, "ws"
+    op = {"op": "StepRun", "id": hash_step_id("charge"), "displayName": "charge", "data": 1}
+    response = pb.SDKResponse(request_id="Q1", run_id="R1", body=json.dumps([op]).encode(),
+                              status=pb.SDKResponseStatus.NOT_COMPLETED)
+    state.replies.append(ReplyRecord(11.0, "ws", "C2", "Q1", response, stored=True))
+
+    [step] = run_view(state, run)["steps"]
+    assert (step["name"], step["worker"], step["app_version"]) == ("charge", "w-new", "new")
+    assert step["copies"] == ["w-new", "w-old"] and step["attempts"] == 1
+    # Replied: in flight on neither connection any more.
+    assert connection_view(state, state.connections["C1"], True)["in_flight"] == []

@@ -76,6 +76,8 @@ class _Step:
     reply_via: str | None = None
     error: str | None = None
     errors: list[dict[str, Any]] = field(default_factory=list)
+    # Workers one request for this step was sent to at once (dual dispatch), if > 1.
+    copies: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         duration = (self.ended_at - self.started_at
@@ -85,7 +87,18 @@ class _Step:
             "attempts": self.attempts, "requests": self.requests, **self.worker,
             "started_at": self.started_at, "ended_at": self.ended_at, "duration": duration,
             "reply_via": self.reply_via, "error": self.error, "errors": self.errors,
+            "copies": self.copies,
         }
+
+
+def _instances(state: DevState, conn_ids: list[str]) -> list[str]:
+    names: list[str] = []
+    for conn_id in conn_ids:
+        conn = state.connections.get(conn_id)
+        name = conn.instance_id if conn is not None else conn_id
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def run_view(state: DevState, run: Run) -> dict[str, Any]:
@@ -110,17 +123,31 @@ def run_view(state: DevState, run: Run) -> dict[str, Any]:
     job_step: dict[str, str] = {}
     for request_id, forwards in by_request.items():
         last = forwards[-1]
-        conn = state.connections.get(last.conn_id)
         record = replies.get(request_id)
+        # In the order the ACKs came: the first one owns the lease.
+        acked = sorted((d for d in forwards if d.acked_at is not None),
+                       key=lambda d: d.acked_at or 0.0)
+        # The worker whose reply was stored, else the one that ACKed first. A request
+        # sent to two workers at once (Faults.dual_dispatch) lists both in sent_to.
+        conn_id = (record.conn_id if record is not None and record.conn_id
+                   else acked[0].conn_id if acked else last.conn_id)
+        conn = state.connections.get(conn_id)
+        replied_at = next((d.replied_at for d in forwards if d.replied_at is not None), None)
+        outcomes = {d.outcome for d in forwards}
+        outcome = ("replied" if replied_at is not None or "replied" in outcomes
+                   else "lease_lost" if "lease_lost" in outcomes
+                   else "acked" if acked else last.outcome)
         entry: dict[str, Any] = {
             "request_id": request_id, "job_id": last.job_id,
             "step_id": None if last.step_id == DISCOVERY else last.step_id,
             "attempt": last.attempt + 1, "forwards": len(forwards),
             **_worker(conn, run.app_name),
-            "sent_at": forwards[0].sent_at, "acked_at": last.acked_at,
-            "replied_at": last.replied_at,
+            "sent_to": _instances(state, [d.conn_id for d in acked]),
+            "sent_at": forwards[0].sent_at,
+            "acked_at": min((d.acked_at for d in acked if d.acked_at), default=None),
+            "replied_at": replied_at,
             "reply_via": "+".join(vias.get(request_id, [])) or last.reply_via,
-            "outcome": last.outcome, "ops": [], "result": None,
+            "outcome": outcome, "ops": [], "result": None,
         }
         if record is not None:
             status = record.response.status
@@ -136,11 +163,13 @@ def run_view(state: DevState, run: Run) -> dict[str, Any]:
                 step.name = step.name or (str(name) if name else None)
                 if code in _RAN:
                     job_step.setdefault(last.job_id, step_id)
+                    if len(entry["sent_to"]) > 1:
+                        step.copies = entry["sent_to"]
                     step.attempts += 1
                     step.requests.append(request_id)
                     step.worker = _worker(conn, run.app_name)
                     step.started_at = step.started_at or entry["sent_at"]
-                    step.ended_at = last.replied_at
+                    step.ended_at = replied_at
                     step.reply_via = entry["reply_via"]
                 if code == "StepRun":
                     step.status, step.error = "completed", None
@@ -152,12 +181,12 @@ def run_view(state: DevState, run: Run) -> dict[str, Any]:
                                         conn.instance_id, "error": step.error})
                 elif code in ("Sleep", "WaitForEvent", "InvokeFunction"):
                     step.status = "completed" if step_id in run.steps else code.lower()
-                    step.started_at = step.started_at or last.replied_at
-        elif last.outcome == "acked":
+                    step.started_at = step.started_at or replied_at
+        elif outcome == "acked":
             entry["result"] = "running"
-        elif last.outcome in ("lease_lost", "forward_failed", "abandoned", "no_ack"):
+        elif outcome in ("lease_lost", "forward_failed", "abandoned", "no_ack"):
             entry["result"] = "lost: " + ("worker stopped responding (lease expired)"
-                                          if last.outcome == "lease_lost"
+                                          if outcome == "lease_lost"
                                           else "no worker ACKed the request")
         requests.append(entry)
     # Transport failures and in-flight requests: attribute them to their step.
@@ -213,9 +242,11 @@ def runs_view(state: DevState, limit: int = 50) -> list[dict[str, Any]]:
 
 def connection_view(state: DevState, conn: ConnectionInfo, live: bool) -> dict[str, Any]:
     in_flight = []
+    finished = {d.request_id for d in state.dispatches
+                if d.replied_at is not None or d.outcome in ("replied", "lease_lost")}
     seen: set[str] = set()
     for d in reversed(state.dispatches):
-        if d.request_id in seen or d.conn_id != conn.conn_id:
+        if d.request_id in seen or d.conn_id != conn.conn_id or d.request_id in finished:
             continue
         seen.add(d.request_id)
         if d.outcome == "acked" and d.replied_at is None:
