@@ -171,14 +171,19 @@ async def test_fault_commands(devserver: DevServer) -> None:
                 ).status_code == 400
 
 
-async def test_faults_refuse_clients_that_are_not_loopback(devserver: DevServer) -> None:
+async def test_admin_endpoints_refuse_clients_that_are_not_loopback(devserver: DevServer) -> None:
     def request(peer: str) -> Request:
         return Request("POST", "/v1/faults/dual-dispatch", {}, {}, b"{}", peer=peer)
 
-    assert (await devserver.api.fault(request("192.0.2.7"))).status == 403
-    assert (await devserver.api.fault(request("::ffff:127.0.0.1"))).status == 200
-    assert (await devserver.api.fault(request("::1"))).status == 200
+    routes = devserver.api.routes()
+    fault = routes[("POST", "/v1/faults/*")]
+    assert (await fault(request("192.0.2.7"))).status == 403
+    assert (await fault(request("::ffff:127.0.0.1"))).status == 200
+    assert (await fault(request("::1"))).status == 200
     assert devserver.faults.dual_dispatch == 2
+    for path in ("/", "/v1/runs", "/v1/connections", "/v1/faults"):
+        get = Request("GET", path, {}, {}, b"", peer="192.0.2.7")
+        assert (await routes[("GET", path)](get)).status == 403, path
 
 
 async def test_page_is_served_at_root(devserver: DevServer) -> None:

@@ -46,6 +46,15 @@ def _is_loopback(peer: str) -> bool:
     return address.is_loopback
 
 
+def _loopback_only(handler: Handler) -> Handler:
+    async def guarded(request: Request) -> Response:
+        if not _is_loopback(request.peer):
+            return _json({"error": "answered for loopback clients only"}, 403)
+        return await handler(request)
+
+    return guarded
+
+
 def _count(request: Request) -> int:
     """``{"count": N}`` from the body (default 1); ValueError if not a whole number >= 1."""
     body = json.loads(request.body or b"{}")
@@ -91,11 +100,13 @@ class API:
             ("GET", "/v0/connect/envs/*"): self.conns,
             ("GET", "/v0/connect/conns"): self.conns,
             ("GET", "/health"): self.health,
-            ("GET", "/"): self.page,
-            ("GET", "/v1/runs"): self.list_runs,
-            ("GET", "/v1/connections"): self.connections,
-            ("GET", "/v1/faults"): self.faults_status,
-            ("POST", "/v1/faults/*"): self.fault,
+            # For the person at this machine only, even on a --host 0.0.0.0 gateway:
+            # the page and lists show event data; faults disturb workers.
+            ("GET", "/"): _loopback_only(self.page),
+            ("GET", "/v1/runs"): _loopback_only(self.list_runs),
+            ("GET", "/v1/connections"): _loopback_only(self.connections),
+            ("GET", "/v1/faults"): _loopback_only(self.faults_status),
+            ("POST", "/v1/faults/*"): _loopback_only(self.fault),
         }
 
     async def health(self, request: Request) -> Response:
@@ -288,9 +299,6 @@ class API:
                 or (len(wanted) >= 4 and c.conn_id.endswith(wanted.upper()))]
 
     async def fault(self, request: Request) -> Response:
-        # Only the machine's own user may disturb workers, even on a --host 0.0.0.0 gateway.
-        if not _is_loopback(request.peer):
-            return _json({"error": "fault commands are accepted from loopback only"}, 403)
         name = request.path[len("/v1/faults/"):].strip("/")
         faults = self.state.faults
         try:
