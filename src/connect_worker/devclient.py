@@ -181,7 +181,8 @@ def _watch(render: Callable[[], str], out: TextIO, interval: float,
     while True:
         text = render()
         if tty:
-            out.write("\x1b[H\x1b[2J" + text + "\n")
+            out.write(f"\x1b[H\x1b[2J{clock(time.time())}  (refreshing every {interval:g} s; "
+                      f"Ctrl-C stops)\n\n{text}\n")
         elif text != last:
             out.write(f"--- {clock(time.time())}\n{text}\n")
         out.flush()
