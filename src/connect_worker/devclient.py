@@ -107,12 +107,15 @@ def format_run(run: dict[str, Any], now: float, *, requests: bool = False) -> li
             f"attempt {e['attempt']} on {e['worker'] or '-'}: {e['error']}"
             for e in step["errors"]
         ] + ([f"error: {step['error']}"] if step["status"] == "failed" and step["error"] else [])
+        if step.get("note"):
+            notes[len(rows) - 1].append(step["note"])
         if len(step.get("copies") or []) > 1:
             notes[len(rows) - 1].append("sent to several workers at once: "
                                         + ", ".join(step["copies"]))
-    rows.extend(["(next step)", "running", str(req["attempt"]), _worker(req),
-                 clock(req["sent_at"]), secs(now - req["sent_at"]) + " so far", ""]
-                for req in run["running"])
+    for req in run["running"]:
+        rows.append(["(next step)", "running", str(req["attempt"]), _worker(req),
+                     clock(req["sent_at"]), secs(now - req["sent_at"]) + " so far", ""])
+        notes[len(rows) - 1] = [req["note"]] if req.get("note") else []
     if len(rows) > 1:
         table = _table(rows, "    ")
         lines.append(table[0])

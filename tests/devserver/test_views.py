@@ -232,3 +232,20 @@ def test_a_request_sent_to_two_workers_shows_both() -> None:
     assert step["copies"] == ["w-new", "w-old"] and step["attempts"] == 1
     # Replied: in flight on neither connection any more.
     assert connection_view(state, state.connections["C1"], True)["in_flight"] == []
+
+
+async def test_a_step_whose_worker_vanished_says_why_it_is_still_running(
+    devserver: DevServer,
+) -> None:
+    async with scripted_worker(devserver, replier=lambda req: None) as w:
+        await w.connect()
+        [run_id] = await devserver.send_event("test/evt")
+        await w.next_request()
+        await devserver.wait_for(lambda: bool(devserver.dispatches)
+                                 and devserver.dispatches[0].outcome == "acked")
+        await w.abort()
+        await devserver.wait_for(lambda: devserver.connection(w.conn_id).closed_at is not None)
+        [running] = (await _get(devserver, f"/v1/runs/{run_id}"))["data"]["view"]["running"]
+    assert running["worker"] == "scripted-1"
+    assert running["note"].startswith("scripted-1's connection closed (UNEXPECTED)")
+    assert "leases last 4 s" in running["note"]

@@ -78,6 +78,7 @@ class _Step:
     errors: list[dict[str, Any]] = field(default_factory=list)
     # Workers one request for this step was sent to at once (dual dispatch), if > 1.
     copies: list[str] = field(default_factory=list)
+    note: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         duration = (self.ended_at - self.started_at
@@ -87,7 +88,7 @@ class _Step:
             "attempts": self.attempts, "requests": self.requests, **self.worker,
             "started_at": self.started_at, "ended_at": self.ended_at, "duration": duration,
             "reply_via": self.reply_via, "error": self.error, "errors": self.errors,
-            "copies": self.copies,
+            "copies": self.copies, "note": self.note,
         }
 
 
@@ -184,6 +185,12 @@ def run_view(state: DevState, run: Run) -> dict[str, Any]:
                     step.started_at = step.started_at or replied_at
         elif outcome == "acked":
             entry["result"] = "running"
+            if conn is not None and conn.closed_at is not None:
+                # The "why is it still running?" answer: its worker is gone.
+                entry["note"] = (
+                    f"{conn.instance_id}'s connection closed ({conn.close_class}); the reply "
+                    "can still come on a new connection, else the step is retried once its "
+                    f"lease lapses (leases last {state.config.lease_duration:g} s)")
         elif outcome in ("lease_lost", "forward_failed", "abandoned", "no_ack"):
             entry["result"] = "lost: " + ("worker stopped responding (lease expired)"
                                           if outcome == "lease_lost"
@@ -202,6 +209,7 @@ def run_view(state: DevState, run: Run) -> dict[str, Any]:
         entry["ops"] = [{"op": None, "step_id": sid, "name": step.name}]
         if entry["result"] == "running":
             step.status = "running"
+            step.note = entry.get("note")
             step.worker = {k: entry[k] for k in ("conn_id", "worker", "app_version")}
             step.started_at = step.started_at or entry["sent_at"]
         else:
