@@ -109,12 +109,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     return values
 
 
-def _configure_logging(config: Config | None) -> None:
+def _configure_logging(config: Config) -> None:
     from .ops.logs import configure_logging, register_secret
 
-    if config is None:
-        configure_logging("auto", "info", {})
-        return
     for secret in (config.signing_key, config.signing_key_fallback):
         register_secret(secret)
     configure_logging(
@@ -153,7 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .ops.logs import configure_logging
 
         # Text lines by default: the dev gateway's log is read in a terminal.
-        configure_logging(os.environ.get("CONNECT_WORKER_LOG_FORMAT", "text"), "info", {})
+        try:
+            configure_logging(os.environ.get("CONNECT_WORKER_LOG_FORMAT", "text"), "info", {})
+        except ValueError as exc:
+            print(f"connect-worker: CONNECT_WORKER_LOG_FORMAT: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         return _dev(args)
     if args.command in ("send", "runs", "workers", "fault"):
         from .devclient import run_command
