@@ -102,22 +102,36 @@ def _instances(state: DevState, conn_ids: list[str]) -> list[str]:
     return names
 
 
-def run_view(state: DevState, run: Run) -> dict[str, Any]:
-    """The run with its steps by name and every request the executor sent for it."""
-    replies: dict[str, ReplyRecord] = {}
+@dataclass
+class _Index:
+    """The records grouped once per API call (the page asks every second)."""
+
+    replies: dict[str, ReplyRecord]  # request_id -> the reply stored
     # Every way a request's reply arrived, in order: "ws", "flush" or "ws+flush" (the
     # worker flushed over HTTP too, e.g. because its WORKER_REPLY_ACK never came).
-    vias: dict[str, list[str]] = {}
-    for rec in sorted([*state.replies, *state.flushes], key=lambda r: r.ts):
-        if rec.stored and rec.request_id not in replies:
-            replies[rec.request_id] = rec
-        seen = vias.setdefault(rec.request_id, [])
-        if rec.via not in seen:
-            seen.append(rec.via)
-    by_request: dict[str, list[Dispatch]] = {}
-    for d in state.dispatches:
-        if d.run_id == run.run_id:
+    vias: dict[str, list[str]]
+    dispatches: dict[str, dict[str, list[Dispatch]]]  # run_id -> request_id -> forwards
+
+    @classmethod
+    def of(cls, state: DevState) -> _Index:
+        index = cls({}, {}, {})
+        for rec in sorted([*state.replies, *state.flushes], key=lambda r: r.ts):
+            if rec.stored and rec.request_id not in index.replies:
+                index.replies[rec.request_id] = rec
+            seen = index.vias.setdefault(rec.request_id, [])
+            if rec.via not in seen:
+                seen.append(rec.via)
+        for d in state.dispatches:
+            by_request = index.dispatches.setdefault(d.run_id, {})
             by_request.setdefault(d.request_id, []).append(d)
+        return index
+
+
+def run_view(state: DevState, run: Run, index: _Index | None = None) -> dict[str, Any]:
+    """The run with its steps by name and every request the executor sent for it."""
+    index = index or _Index.of(state)
+    replies, vias = index.replies, index.vias
+    by_request = index.dispatches.get(run.run_id, {})
     requests: list[dict[str, Any]] = []
     steps: dict[str, _Step] = {}
     # job_id -> step that a request of that job reported (names a failed discovery call).
@@ -245,13 +259,19 @@ def run_view(state: DevState, run: Run) -> dict[str, Any]:
 def runs_view(state: DevState, limit: int = 50) -> list[dict[str, Any]]:
     """The newest ``limit`` runs, newest first."""
     runs = sorted(state.runs.values(), key=lambda r: r.started_at, reverse=True)[:limit]
-    return [run_view(state, run) for run in runs]
+    index = _Index.of(state)
+    return [run_view(state, run, index) for run in runs]
 
 
-def connection_view(state: DevState, conn: ConnectionInfo, live: bool) -> dict[str, Any]:
+def _finished(state: DevState) -> set[str]:
+    return {d.request_id for d in state.dispatches
+            if d.replied_at is not None or d.outcome in ("replied", "lease_lost")}
+
+
+def connection_view(state: DevState, conn: ConnectionInfo, live: bool,
+                    finished: set[str] | None = None) -> dict[str, Any]:
     in_flight = []
-    finished = {d.request_id for d in state.dispatches
-                if d.replied_at is not None or d.outcome in ("replied", "lease_lost")}
+    finished = _finished(state) if finished is None else finished
     seen: set[str] = set()
     for d in reversed(state.dispatches):
         if d.request_id in seen or d.conn_id != conn.conn_id or d.request_id in finished:
@@ -302,4 +322,5 @@ def connections_view(
     """Live connections first, then the most recently closed ones."""
     conns = sorted(state.connections.values(),
                    key=lambda c: (c.conn_id in live_ids, c.connected_at), reverse=True)
-    return [connection_view(state, c, c.conn_id in live_ids) for c in conns[:limit]]
+    finished = _finished(state)
+    return [connection_view(state, c, c.conn_id in live_ids, finished) for c in conns[:limit]]
