@@ -249,3 +249,30 @@ async def test_a_step_whose_worker_vanished_says_why_it_is_still_running(
     assert running["worker"] == "scripted-1"
     assert running["note"].startswith("scripted-1's connection closed (UNEXPECTED)")
     assert "leases last 4 s" in running["note"]
+
+
+async def test_a_step_handed_back_counts_as_an_attempt_of_that_step(
+    devserver: DevServer,
+) -> None:
+    """A draining worker gives a step back with an error reply; the retry of the same job
+    runs it: the page names the step, two attempts, and why the first one ended."""
+    answer = step_script(["summarise"])
+    calls = 0
+
+    def hand_back_first(req: pb.GatewayExecutorRequestData) -> pb.SDKResponse:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return make_reply(req, pb.SDKResponseStatus.ERROR,
+                              {"name": "StepAbandoned", "message": "w gave up"})
+        return answer(req)
+
+    async with scripted_worker(devserver, replier=hand_back_first) as w:
+        await w.connect()
+        [run_id] = await devserver.send_event("test/evt")
+        await devserver.wait_for_run(run_id)
+        view = (await _get(devserver, "/v1/runs"))["data"][0]
+    step = _steps(view)["summarise"]
+    assert step["attempts"] == 2 and step["status"] == "completed"
+    assert step["errors"] == [{"attempt": 1, "worker": "scripted-1",
+                               "error": "function error: StepAbandoned: w gave up"}]

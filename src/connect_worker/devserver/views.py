@@ -197,6 +197,8 @@ def run_view(state: DevState, run: Run, index: _Index | None = None) -> dict[str
                 elif code in ("Sleep", "WaitForEvent", "InvokeFunction"):
                     step.status = "completed" if step_id in run.steps else code.lower()
                     step.started_at = step.started_at or replied_at
+        elif outcome == "acked" and run.status.terminal:
+            entry["result"] = "lost: no reply before the run ended"
         elif outcome == "acked":
             entry["result"] = "running"
             if conn is not None and conn.closed_at is not None:
@@ -210,10 +212,11 @@ def run_view(state: DevState, run: Run, index: _Index | None = None) -> dict[str
                                           if outcome == "lease_lost"
                                           else "no worker ACKed the request")
         requests.append(entry)
-    # Transport failures and in-flight requests: attribute them to their step.
+    # Transport failures, error replies (a step handed back by a draining worker) and
+    # in-flight requests: attribute them to the step their job ran.
     for entry in requests:
         result = entry["result"] or ""
-        if entry["ops"] or not (result == "running" or result.startswith("lost")):
+        if entry["ops"] or not result.startswith(("running", "lost", "function error")):
             continue
         sid: str | None = entry["step_id"] or job_step.get(entry["job_id"])
         entry["step_id"] = sid
