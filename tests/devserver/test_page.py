@@ -56,8 +56,13 @@ async def test_page_shows_connections_runs_and_steps_live(
         assert "READY" in await row.inner_text()
         await page.evaluate("window.__notReloaded = true")
 
-        # A finished run of three steps: each step by name, by this worker, over the socket.
-        [done_id] = await dev.send_event("t/three")
+        # Sent from the page's form: a run of three steps; each step by name, by this
+        # worker, over the socket.
+        await page.fill('#send input[name="name"]', "t/three")
+        await page.click('#send button[type="submit"]')
+        await dev.wait_for(lambda: len(dev.runs) == 1)
+        [done_id] = list(dev.runs)
+        assert done_id in await page.locator("#sent").inner_text()
         await dev.wait_for_run(done_id)
         done = page.locator(f'.run[data-run-id="{done_id}"][data-status="completed"]')
         await done.wait_for(timeout=10_000)
@@ -82,6 +87,14 @@ async def test_page_shows_connections_runs_and_steps_live(
         apps.probe.gates["page"].set()
         await dev.wait_for_run(held_id)
         await page.locator(f'.run[data-run-id="{held_id}"][data-status="completed"]'
+                           ).wait_for(timeout=10_000)
+
+        # Rehearse a gateway deploy from the page: the worker reconnects.
+        [old] = dev.live_connections
+        await row.locator('button[data-fault="gateway-closing"]').click()
+        await dev.wait_for_connection(lambda c: c.conn_id != old.conn_id)
+        await dev.wait_for(lambda: old.close_code is not None)
+        await page.locator(f'#connections tr.closed[data-conn="{old.conn_id}"]'
                            ).wait_for(timeout=10_000)
         assert await page.evaluate("window.__notReloaded") is True
     assert (tmp_path / "page.png").stat().st_size > 10_000
