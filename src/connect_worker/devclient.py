@@ -91,6 +91,19 @@ def _reply(via: str | None) -> str:
     return ", then ".join(names.get(v, v) for v in (via or "").split("+") if v)
 
 
+def _step_notes(step: dict[str, Any]) -> list[str]:
+    """Lines under a step's row: earlier attempts and why they ended, and anything odd."""
+    notes = [f"attempt {e['attempt']} on {e['worker'] or '-'}: {e['error']}"
+             for e in step["errors"]]
+    if step["status"] == "failed" and step["error"]:
+        notes.append(f"error: {step['error']}")
+    if step.get("note"):
+        notes.append(step["note"])
+    if len(step.get("copies") or []) > 1:
+        notes.append("sent to several workers at once: " + ", ".join(step["copies"]))
+    return notes
+
+
 def format_run(run: dict[str, Any], now: float, *, requests: bool = False) -> list[str]:
     took = secs(run["duration"]) + ("" if run["ended_at"] else " so far")
     lines = [f"{clock(run['started_at'])}  {run['function']}  {run['status']}  {took}  "
@@ -103,15 +116,7 @@ def format_run(run: dict[str, Any], now: float, *, requests: bool = False) -> li
             took = secs(now - step["started_at"]) + " so far"
         rows.append([step["name"], step["status"], str(step["attempts"]), _worker(step),
                      clock(step["started_at"]), took, _reply(step["reply_via"])])
-        notes[len(rows) - 1] = [
-            f"attempt {e['attempt']} on {e['worker'] or '-'}: {e['error']}"
-            for e in step["errors"]
-        ] + ([f"error: {step['error']}"] if step["status"] == "failed" and step["error"] else [])
-        if step.get("note"):
-            notes[len(rows) - 1].append(step["note"])
-        if len(step.get("copies") or []) > 1:
-            notes[len(rows) - 1].append("sent to several workers at once: "
-                                        + ", ".join(step["copies"]))
+        notes[len(rows) - 1] = _step_notes(step)
     for req in run["running"]:
         rows.append(["(next step)", "running", str(req["attempt"]), _worker(req),
                      clock(req["sent_at"]), secs(now - req["sent_at"]) + " so far", ""])
