@@ -193,7 +193,7 @@ class Executor:
         run.ended_at = time.time()
         self._history(run, f"run_{status.value}", output=output, error=error)
         log.info("run %s: %s run %s in %.2f s%s", status.value, run.function_slug, run.run_id,
-                 run.ended_at - run.started_at, f": {logfmt.error(error)}" if error else "")
+                 run.ended_at - run.started_at, logfmt.error(error, ": "))
 
     # -- driving a run ---------------------------------------------------------
 

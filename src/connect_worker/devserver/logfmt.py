@@ -1,13 +1,42 @@
-"""Short, readable names for the dev gateway's info log lines (one line per event)."""
+"""Short, readable names for the dev gateway's info log lines (one line per event).
+
+Each helper returns an object that formats itself only when the line is emitted: the
+gateway also carries benchmarks, where parsing every reply for a silent logger would
+cost time.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec
 
 from ..protocol import pb
 from .state import ConnectionInfo, Run
 
+P = ParamSpec("P")
+
+
+class _Lazy:
+    __slots__ = ("_render",)
+
+    def __init__(self, render: Callable[[], str]) -> None:
+        self._render = render
+
+    def __str__(self) -> str:
+        return self._render()
+
+
+def _lazy(fn: Callable[P, str]) -> Callable[P, object]:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> object:
+        return _Lazy(lambda: fn(*args, **kwargs))
+
+    return wrapper
+
+
+@_lazy
 
 def who(info: ConnectionInfo | None) -> str:
     """``worker-a (pipeline@v2, conn 01J…)`` — the worker a person recognises first."""
@@ -18,6 +47,7 @@ def who(info: ConnectionInfo | None) -> str:
     return f"{info.instance_id} ({apps}, conn {info.conn_id})"
 
 
+@_lazy
 def step(run: Run | None, step_id: str) -> str:
     """The step's name when the run has told it, "next step" for a discovery call."""
     if step_id == "step":
@@ -28,7 +58,15 @@ def step(run: Run | None, step_id: str) -> str:
     return step_id[:12]
 
 
-def error(value: Any) -> str:
+@_lazy
+def error(value: Any, prefix: str = "") -> str:
+    """An SDK error as ``Name: message``; ``prefix`` + it, or "" when there is none."""
+    if not value:
+        return ""
+    return prefix + _error(value)
+
+
+def _error(value: Any) -> str:
     if isinstance(value, dict):
         name, message = value.get("name"), value.get("message")
         if message:
@@ -36,6 +74,7 @@ def error(value: Any) -> str:
     return str(value)[:200]
 
 
+@_lazy
 def reply(response: pb.SDKResponse) -> str:
     """What a worker's reply says: ``run R: step 'draft' done`` or ``function returned``."""
     head = f"run {response.run_id} request {response.request_id}"
