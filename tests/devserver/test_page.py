@@ -51,9 +51,8 @@ async def test_page_shows_connections_runs_and_steps_live(
             running_worker(dev, instance_id="page-worker-1", app_version="v7"):
         await page.goto(dev.api_url + "/")
         row = page.locator('#connections tr[data-worker="page-worker-1"]')
-        await row.wait_for(timeout=10_000)
+        await row.filter(has_text="READY").wait_for(timeout=10_000)
         assert "engine @ v7" in await row.inner_text()
-        assert "READY" in await row.inner_text()
         await page.evaluate("window.__notReloaded = true")
 
         # Sent from the page's form: a run of three steps; each step by name, by this
@@ -62,7 +61,7 @@ async def test_page_shows_connections_runs_and_steps_live(
         await page.click('#send button[type="submit"]')
         await dev.wait_for(lambda: len(dev.runs) == 1)
         [done_id] = list(dev.runs)
-        assert done_id in await page.locator("#sent").inner_text()
+        await page.locator("#sent", has_text=f"started run {done_id}").wait_for(timeout=10_000)
         await dev.wait_for_run(done_id)
         done = page.locator(f'.run[data-run-id="{done_id}"][data-status="completed"]')
         await done.wait_for(timeout=10_000)
