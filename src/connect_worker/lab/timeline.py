@@ -399,6 +399,7 @@ def render_svg(tl: Timeline, *, px_per_second: float | None = None) -> str:
 
     drains = _drains(tl)
     links = continuations(tl.bars)
+    titles = {lane.key: lane.title for lane in tl.lanes}
     right = max(plot_right + RIGHT_PAD, MIN_WIDTH)  # grows to fit text
     out: list[str] = []
     y = 16.0
@@ -488,7 +489,8 @@ def render_svg(tl: Timeline, *, px_per_second: float | None = None) -> str:
             bx, bw = x(bar.start), max(x(bar.end) - x(bar.start), 1.5)
             by = bars_y + row * (BAR_HEIGHT + BAR_GAP)
             placed[id(bar)] = (bx, by, bw)
-            svg, needs_key = _bar(bar, bx, by, bw, len(keyed) + 1, _link_note(bar, links))
+            svg, needs_key = _bar(bar, bx, by, bw, len(keyed) + 1,
+                                  _link_note(bar, links, titles))
             if needs_key:
                 keyed.append((len(keyed) + 1, bar))
             out.append(svg)
@@ -520,7 +522,7 @@ def render_svg(tl: Timeline, *, px_per_second: float | None = None) -> str:
                    "</text></g>")
     for before, after in links:
         if id(before) in placed and id(after) in placed:
-            out.append(_link(before, after, placed[id(before)], placed[id(after)]))
+            out.append(_link(before, after, placed[id(before)], placed[id(after)], titles))
 
     grid, ticks, y = _axis(tl, span, px_per_second, x, lanes_top, lanes_bottom)
     width = math.ceil(right)
@@ -528,7 +530,7 @@ def render_svg(tl: Timeline, *, px_per_second: float | None = None) -> str:
     if drains:
         y = _closeups(tail, tl, drains, links, y + 10, width)
     if keyed:
-        y = _key_table(tail, keyed, y + 10, width)
+        y = _key_table(tail, keyed, y + 10, width, titles)
     height = math.ceil(y + 8)
     back = [b.replace("{WIDTH}", str(width)) for b in back]
     back.extend(f'<line x1="0" x2="{width}" y1="{sy:.1f}" y2="{sy:.1f}" stroke="#d1d5db"/>'
@@ -609,12 +611,14 @@ def _legend(out: list[str], tl: Timeline, y: float, max_right: float, *,
     return y + 20
 
 
-def _link_note(bar: Bar, links: Sequence[tuple[Bar, Bar]]) -> str:
+def _link_note(bar: Bar, links: Sequence[tuple[Bar, Bar]], titles: dict[str, str]) -> str:
     for before, after in links:
         if after is bar:
-            return f"; continues {before.label}, checkpointed on {before.lane} at its drain"
+            where = titles.get(before.lane, before.lane)
+            return f"; continues {before.label}, checkpointed on {where} at its drain"
         if before is bar:
-            return f"; stopped at the drain, continued on {after.lane} as {after.label}"
+            where = titles.get(after.lane, after.lane)
+            return f"; stopped at the drain, continued on {where} as {after.label}"
     return ""
 
 
@@ -692,7 +696,7 @@ def _fit_label(tag: str, label: str, room: float) -> tuple[float, list[str], boo
 
 
 def _link(before: Bar, after: Bar, a: tuple[float, float, float],
-          b: tuple[float, float, float]) -> str:
+          b: tuple[float, float, float], titles: dict[str, str]) -> str:
     """A dashed arrow from a checkpointed step's end to the start of its continuation."""
     x1, y1 = a[0] + a[2], a[1] + BAR_HEIGHT / 2
     x2, y2 = b[0], b[1] + BAR_HEIGHT / 2
@@ -700,7 +704,8 @@ def _link(before: Bar, after: Bar, a: tuple[float, float, float],
     colour = _colour(after.group)
     return (f'<g class="continuation" data-from={quoteattr(before.lane)} '
             f'data-to={quoteattr(after.lane)}><title>{escape(after.label)} continues '
-            f'{escape(before.label)} from {escape(before.lane)}</title>'
+            f'{escape(before.label)} from {escape(titles.get(before.lane, before.lane))}'
+            "</title>"
             f'<path d="M{x1:.1f},{y1:.1f} C{x1 + bow:.1f},{y1:.1f} {x2 - bow:.1f},{y2:.1f} '
             f'{x2:.1f},{y2:.1f}" fill="none" stroke="{colour}" stroke-width="2.2" '
             f'stroke-dasharray="6 4" marker-end="url(#arrow-{after.group})"/>'
@@ -786,6 +791,7 @@ def _closeup(out: list[str], tl: Timeline, drain: _Drain, links: Sequence[tuple[
     """One drain: its markers, each on its own row, over the steps it was running.
     Returns the height used."""
     lane, s = drain.lane, drain.sigterm
+    titles = {lane.key: lane.title for lane in tl.lanes}
     pad = max((drain.end - s) * 0.08, 0.004)
     lo, hi = s - pad, drain.end + pad
     inner_l, inner_r = left + 12, left + width - 12
@@ -825,14 +831,15 @@ def _closeup(out: list[str], tl: Timeline, drain: _Drain, links: Sequence[tuple[
         outcome = ""
         for before, after in links:
             if before is bar:
-                outcome = f"checkpointed at the drain, continued on {after.lane}"
+                outcome = ("checkpointed at the drain, continued on "
+                           f"{titles.get(after.lane, after.lane)}")
             elif after is bar:
-                outcome = f"continues {before.label} from {before.lane}"
+                outcome = f"continues {before.label} from {titles.get(before.lane, before.lane)}"
         if not outcome and bar.end <= hi:
             outcome = f"result {_offset(bar.end - s)}"
         text = f"{text}: {outcome}" if outcome else text
         parts.append(f'<g class="closeup-step" data-lane={quoteattr(bar.lane)}>'
-                     f"<title>{escape((bar.detail or bar.label) + _link_note(bar, links))}"
+                     f"<title>{escape((bar.detail or bar.label) + _link_note(bar, links, titles))}"
                      "</title>"
                      f'<rect x="{bx:.1f}" y="{by:.1f}" width="{bw:.1f}" '
                      f'height="{CLOSEUP_BAR}" rx="3" fill="{_colour(bar.group)}"/></g>')
@@ -905,7 +912,7 @@ def _spread(xs: Sequence[float], gap: float, limit: float) -> list[float]:
 
 
 def _key_table(out: list[str], keyed: Sequence[tuple[int, Bar]], y: float,
-               width: int) -> float:
+               width: int, titles: dict[str, str]) -> float:
     """The names of the bars too short to carry them, by key number, in columns."""
     out.append(f'<text x="16" y="{y + 14:.1f}" font-size="14" font-weight="bold">'
                "Steps too short to name in the chart</text>")
@@ -913,7 +920,7 @@ def _key_table(out: list[str], keyed: Sequence[tuple[int, Bar]], y: float,
     entries = []
     for key, bar in keyed:
         tag = f"R{bar.group} " if bar.group else ""
-        entries.append((key, bar, f"{tag}{bar.label} on {bar.lane}, "
+        entries.append((key, bar, f"{tag}{bar.label} on {titles.get(bar.lane, bar.lane)}, "
                                   f"{bar.end - bar.start:.2f} s"))
     col_w = max(_text_width(text, 11.5) for _, _, text in entries) + 48
     columns = max(1, min(len(entries), int((width - 32) // col_w)))
