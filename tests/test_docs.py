@@ -6,7 +6,9 @@ For every Markdown file of the repository (README.md, docs/, package READMEs):
   heading), every other link is a public https:// URL;
 * every repository path in backticks (`engine/userloop.py`, `deploy/kubernetes/`)
   exists, every `connect_worker.x.y` names an importable module or attribute, and
-  every `test_name` is a test that exists.
+  every `test_name` is a test that exists;
+* every environment variable it names (`CONNECT_WORKER_*`, `INNGEST_*`, `RAILWAY_*`)
+  is read somewhere in the code.
 
 And no file of the repository names an absolute path of the machine it was written on,
 or the private notes the first versions were written from.
@@ -173,6 +175,27 @@ def test_paths_modules_and_tests_named_in_the_docs_exist(doc: Path) -> None:
     assert missing == []
 
 
+ENV_NAME = re.compile(r"\b(?:CONNECT_WORKER|INNGEST|RAILWAY)_[A-Z0-9_]*[A-Z0-9]\b")
+
+
+@cache
+def _env_names_in_code() -> set[str]:
+    names: set[str] = set()
+    this = Path(__file__).resolve()
+    for folder in ("src", "examples", "scripts", "tests", ".railway"):
+        for path in (REPO / folder).rglob("*"):
+            if path.is_file() and path.suffix in (".py", ".sh", "") and path != this:
+                names.update(ENV_NAME.findall(path.read_text(encoding="utf-8", errors="ignore")))
+    return names
+
+
+@pytest.mark.parametrize("doc", MARKDOWN, ids=lambda p: str(p.relative_to(REPO)))
+def test_environment_variables_named_in_the_docs_are_read_by_the_code(doc: Path) -> None:
+    unknown = sorted(set(ENV_NAME.findall(doc.read_text(encoding="utf-8")))
+                     - _env_names_in_code())
+    assert unknown == []
+
+
 def test_the_checks_above_can_fail() -> None:
     """Guards the helpers: a wrong path, module, test or link is noticed."""
     doc = REPO / "docs" / "design.md"
@@ -183,6 +206,8 @@ def test_the_checks_above_can_fail() -> None:
     assert not _importable("connect_worker.userloop")
     assert "test_lost_reroute_race_is_cancelled_early" in _test_names()
     assert "what-the-official-clients-get-wrong-and-what-we-do-protocol-56" in _anchors(doc)
+    assert "CONNECT_WORKER_DRAIN_TIMEOUT" in _env_names_in_code()
+    assert "CONNECT_WORKER_DRAIN_BUDGET" not in _env_names_in_code()
 
 
 def test_no_file_names_a_path_of_this_machine_or_the_private_notes() -> None:
