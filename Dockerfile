@@ -36,6 +36,9 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links=/wheels /wheels/connect_worker-*.whl \
     && rm -rf /wheels
 WORKDIR /app
+# Local state (the LLM toolkit's default SQLite result cache) goes to /app/.connect-worker:
+# the one directory the worker's user may write (Kubernetes mounts a volume there).
+RUN install -d -o 10001 -g 10001 /app/.connect-worker
 COPY examples/ /app/examples/
 USER 10001:10001
 EXPOSE 9090

@@ -95,6 +95,22 @@ def test_runs_as_the_unprivileged_user_the_pod_expects() -> None:
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(user)
 
 
+def test_the_default_state_directory_is_writable_by_the_worker() -> None:
+    """The LLM toolkit's default cache lives under the working directory; the image makes
+    that one directory the user's, and the pod mounts a volume on it."""
+    from connect_worker.llm.config import LLMConfig
+
+    state = Path(LLMConfig().cache).parent.as_posix()
+    workdir = _last("WORKDIR")
+    user = _last("USER").split(":")[0]
+    assert any(word == "RUN" and f"-o {user}" in rest and f"{workdir}/{state}" in rest
+               for word, rest in _final_stage()), (workdir, state)
+    deployment = yaml.safe_load((REPO / "deploy" / "kubernetes" / "deployment.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert f"{workdir}/{state}" in mounts and "/tmp" in mounts
+
+
 def test_port_from_the_platform_wins_and_9090_is_the_default() -> None:
     env = {**_image_env(), "INNGEST_DEV": "1"}
     assert "CONNECT_WORKER_HTTP_PORT" not in env and "PORT" not in env
