@@ -87,7 +87,7 @@ def _worker(item: dict[str, Any]) -> str:
 
 
 def _reply(via: str | None) -> str:
-    names = {"ws": "socket", "flush": "HTTP flush"}
+    names = {"ws": "socket", "flush": "HTTP flush", "checkpoint": "HTTP checkpoint"}
     return ", then ".join(names.get(v, v) for v in (via or "").split("+") if v)
 
 

@@ -11,13 +11,23 @@ from typing import Any
 import httpx
 import pytest
 
-from connect_worker.devserver import DevServer
+from connect_worker.devserver import (
+    ConnectionInfo,
+    DevServer,
+    DevServerConfig,
+    Dispatch,
+    Event,
+    ReplyRecord,
+    Run,
+)
+from connect_worker.devserver.state import DevState
 from connect_worker.devserver.testing import (
     hash_step_id,
     make_reply,
     scripted_worker,
     step_script,
 )
+from connect_worker.devserver.views import connection_view, run_view
 from connect_worker.ops.httpserver import Request
 from connect_worker.protocol import pb
 
@@ -195,20 +205,8 @@ async def test_page_is_served_at_root(devserver: DevServer) -> None:
     assert "/v1/runs" in res.text and "/v1/connections" in res.text
 
 
-def test_a_request_sent_to_two_workers_shows_both() -> None:
-    """Records as Faults.dual_dispatch leaves them: one request, two ACKed dispatches; the
-    step is credited to the worker whose reply was stored and lists both copies."""
-    from connect_worker.devserver import (
-        ConnectionInfo,
-        DevServerConfig,
-        Dispatch,
-        Event,
-        ReplyRecord,
-        Run,
-    )
-    from connect_worker.devserver.state import DevState
-    from connect_worker.devserver.views import connection_view, run_view
-
+def _records() -> tuple[DevState, Run]:
+    """A DevState with two connections and one run, filled by hand as the gateway would."""
     state = DevState(DevServerConfig.fast())
     for conn_id, worker in (("C1", "w-old"), ("C2", "w-new")):
         state.connections[conn_id] = ConnectionInfo(
@@ -218,20 +216,52 @@ def test_a_request_sent_to_two_workers_shows_both() -> None:
             functions={"app": ["app-fn"]}, group_hashes={}, max_worker_concurrency=None)
     run = Run("R1", "app-fn", "app", Event("E1", "e", {}, 0), [], 4)
     state.runs["R1"] = run
+    return state, run
+
+
+def _reply(request_id: str, ops: list[dict[str, Any]]) -> pb.SDKResponse:
+    return pb.SDKResponse(request_id=request_id, run_id="R1", body=json.dumps(ops).encode(),
+                          status=pb.SDKResponseStatus.NOT_COMPLETED)
+
+
+def test_a_request_sent_to_two_workers_shows_both() -> None:
+    """Records as Faults.dual_dispatch leaves them: one request, two ACKed dispatches; the
+    step is credited to the worker whose reply was stored and lists both copies."""
+    state, run = _records()
     for conn_id, acked in (("C1", 10.2), ("C2", 10.1)):
         state.dispatches.append(Dispatch("Q1", "J1", "R1", "app-fn", "step", 0, conn_id, 1,
                                          10.0, acked_at=acked, outcome="acked"))
     state.dispatches[1].replied_at, state.dispatches[1].reply_via = 11.0, "ws"
     op = {"op": "StepRun", "id": hash_step_id("charge"), "displayName": "charge", "data": 1}
-    response = pb.SDKResponse(request_id="Q1", run_id="R1", body=json.dumps([op]).encode(),
-                              status=pb.SDKResponseStatus.NOT_COMPLETED)
-    state.replies.append(ReplyRecord(11.0, "ws", "C2", "Q1", response, stored=True))
+    state.replies.append(ReplyRecord(11.0, "ws", "C2", "Q1", _reply("Q1", [op]), stored=True))
 
     [step] = run_view(state, run)["steps"]
     assert (step["name"], step["worker"], step["app_version"]) == ("charge", "w-new", "new")
     assert step["copies"] == ["w-new", "w-old"] and step["attempts"] == 1
     # Replied: in flight on neither connection any more.
     assert connection_view(state, state.connections["C1"], True)["in_flight"] == []
+
+
+def test_steps_checkpointed_over_http_are_listed_with_their_worker() -> None:
+    """An SDK that checkpoints (the TypeScript SDK 4.x) reports steps over HTTP while its
+    request runs and ends with RunComplete: the steps come from the run's history, the
+    worker from the request running then; RunComplete is no step."""
+    state, run = _records()
+    state.dispatches.append(Dispatch("Q1", "J1", "R1", "app-fn", "step", 0, "C1", 1, 10.0,
+                                     acked_at=10.1, replied_at=12.0, reply_via="ws",
+                                     outcome="replied"))
+    run.history += [{"ts": 10.5, "type": "step_completed", "step": "S1", "name": "fetch",
+                     "via": "checkpoint"},
+                    {"ts": 11.5, "type": "step_completed", "step": "S2", "name": "store",
+                     "via": "checkpoint"}]
+    done = {"op": "RunComplete", "id": "X", "data": "ok"}
+    state.replies.append(ReplyRecord(12.0, "ws", "C1", "Q1", _reply("Q1", [done]),
+                                     stored=True))
+    view = run_view(state, run)
+    assert [(s["name"], s["status"], s["worker"], s["reply_via"]) for s in view["steps"]] == [
+        ("fetch", "completed", "w-old", "checkpoint"), ("store", "completed", "w-old",
+                                                        "checkpoint")]
+    assert view["requests"][0]["result"] == "function returned"
 
 
 async def test_a_step_whose_worker_vanished_says_why_it_is_still_running(

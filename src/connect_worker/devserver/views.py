@@ -19,7 +19,9 @@ from .state import ConnectionInfo, DevState, Dispatch, ReplyRecord, Run
 
 DISCOVERY = "step"
 # Opcodes that report a step body having run (or failed to) in that request.
-_RAN = ("StepRun", "StepError", "StepFailed")
+_RAN = ("StepRun", "Step", "StepError", "StepFailed")
+# Opcodes that name a step; others (RunComplete, unknown ones) do not make a step row.
+_STEP_OPS = (*_RAN, "StepPlanned", "Sleep", "WaitForEvent", "InvokeFunction")
 
 
 def _ops(response: pb.SDKResponse) -> list[dict[str, Any]]:
@@ -173,6 +175,10 @@ def run_view(state: DevState, run: Run, index: _Index | None = None) -> dict[str
             for op in _ops(record.response):
                 code, step_id = str(op.get("op")), str(op.get("id", ""))
                 name = op.get("displayName") or op.get("name")
+                if code == "RunComplete":  # an SDK that checkpoints ends the run this way
+                    entry["result"] = "function returned"
+                if code not in _STEP_OPS:
+                    continue
                 entry["ops"].append({"op": code, "step_id": step_id, "name": name})
                 step = steps.setdefault(step_id, _Step(step_id))
                 step.name = step.name or (str(name) if name else None)
@@ -186,7 +192,7 @@ def run_view(state: DevState, run: Run, index: _Index | None = None) -> dict[str
                     step.started_at = step.started_at or entry["sent_at"]
                     step.ended_at = replied_at
                     step.reply_via = entry["reply_via"]
-                if code == "StepRun":
+                if code in ("StepRun", "Step"):
                     step.status, step.error = "completed", None
                 elif code == "StepFailed":
                     step.status, step.error = "failed", _error_text(op.get("error"))
@@ -233,11 +239,22 @@ def run_view(state: DevState, run: Run, index: _Index | None = None) -> dict[str
             step.attempts += 1
             step.errors.append({"attempt": entry["attempt"], "worker": entry["worker"],
                                 "error": entry["result"]})
-    # History names planned steps (parallel) before any request reports them.
+    # History names planned steps (parallel) before any request reports them, and
+    # has the steps an SDK checkpointed over HTTP while its request kept running.
     for h in run.history:
         if h.get("type") == "step_planned" and h.get("step") in steps:
             step = steps[h["step"]]
             step.name = step.name or h.get("name")
+        elif h.get("type") == "step_completed" and str(h.get("step")) not in steps:
+            step = steps.setdefault(str(h.get("step")), _Step(str(h.get("step"))))
+            step.name, step.status, step.attempts = h.get("name"), "completed", 1
+            step.ended_at = h.get("ts")
+            step.reply_via = str(h.get("via") or "checkpoint")
+            during = _request_at(requests, step.ended_at)
+            if during is not None:
+                step.started_at = during["sent_at"]
+                step.requests.append(during["request_id"])
+                step.worker = {k: during[k] for k in ("conn_id", "worker", "app_version")}
     running = [e for e in requests if e["result"] == "running" and e["step_id"] is None]
     ended = run.ended_at
     return {
@@ -257,6 +274,18 @@ def run_view(state: DevState, run: Run, index: _Index | None = None) -> dict[str
         "running": running,
         "requests": requests,
     }
+
+
+def _request_at(requests: list[dict[str, Any]], ts: float | None) -> dict[str, Any] | None:
+    """The request that was running at ``ts`` (the one a checkpoint came from)."""
+    if ts is None:
+        return None
+    found = None
+    for req in requests:
+        started = req["acked_at"] or req["sent_at"]
+        if started <= ts and (req["replied_at"] is None or req["replied_at"] >= ts):
+            found = req
+    return found
 
 
 def runs_view(state: DevState, limit: int = 50) -> list[dict[str, Any]]:
