@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from connect_worker.devserver import ConnStatus, DevServer, RunStatus
-from connect_worker.devserver.testing import fast_config
+from connect_worker.devserver.testing import fast_config, realistic_races
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ async def test_ts_sdk_default_settings_steps_parallel_sleep_retry_and_drain(
     node = _node()
     exec_log = tmp_path / "executions.log"
     async with DevServer(fast_config()) as dev:
+        realistic_races(dev)
         worker_a = NodeWorker(node, dev.api_url, "ts-a", exec_log)
         worker_b = NodeWorker(node, dev.api_url, "ts-b", exec_log)
         try:
