@@ -445,9 +445,11 @@ class Executor:
         for hashed_id, entry in self._defers.pop(run.run_id, {}).items():
             if entry.status != "after_run":
                 continue
+            # The routing metadata Inngest adds (event.DeferredScheduleMetadata).
             data = {**entry.input, "_inngest": {
-                "fn_slug": entry.fn_slug, "parent_fn_slug": run.function_slug,
-                "parent_run_id": run.run_id}}
+                "fn_slug": entry.fn_slug, "parent_app_id": app_uuid(run.app_name),
+                "parent_fn_id": function_uuid(run.function_slug),
+                "parent_fn_slug": run.function_slug, "parent_run_id": run.run_id}}
             target = self._resolve_slug(run.app_name, entry.fn_slug)
             if target is None:
                 log.warning("run %s: deferred function %r not found; defer %s dropped",
