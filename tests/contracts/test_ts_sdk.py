@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -131,15 +132,20 @@ def _executions(exec_log: Path) -> list[tuple[str, str, int]]:
 
 
 def _run_list(dev: DevServer) -> str:
+    """One line per run, then its dispatches: which worker, which step, how it ended."""
+    names = {c.conn_id: c.instance_id for c in dev.connections}
     lines = []
     for run in dev.runs.values():
-        jobs = {d.job_id for d in dev.dispatches if d.run_id == run.run_id}
         dispatches = [d for d in dev.dispatches if d.run_id == run.run_id]
         checkpointed = sum(1 for h in run.history if h.get("via") == "checkpoint")
         lines.append(
-            f"{run.function_slug:<26} {run.status.value:<9} steps={len(run.steps)}"
-            f" (checkpointed {checkpointed}) dispatches={len(dispatches)} jobs={len(jobs)}"
-            f" output={run.output!r}"
+            f"{run.function_slug:<24} {run.status.value:<9} steps={len(run.steps)}"
+            f" (checkpointed {checkpointed}) dispatches={len(dispatches)}"
+            f" output={json.dumps(run.output)}"
+        )
+        lines.extend(
+            f"    {names.get(d.conn_id, d.conn_id)} step={d.step_id[:8]} attempt={d.attempt}"
+            f" {d.outcome}" for d in dispatches
         )
     return "\n".join(lines)
 
@@ -151,13 +157,18 @@ async def test_ts_sdk_default_settings_steps_parallel_sleep_retry_and_drain(
     exec_log = tmp_path / "executions.log"
     async with DevServer(fast_config()) as dev:
         realistic_races(dev)
-        worker_a = NodeWorker(node, dev.api_url, "ts-a", exec_log)
+        worker_a = NodeWorker(node, dev.api_url, "ts-a", exec_log, slow_ms=2000)
         worker_b = NodeWorker(node, dev.api_url, "ts-b", exec_log)
         try:
             await worker_a.start()
             conn_a = (await dev.wait_for_connection(timeout=15)).conn_id
             info = dev.connection(conn_a)
             assert info.connect_request.sdk_language in {"typescript", "js"}, info
+            await worker_b.start()
+            await dev.wait_for(lambda: sum(c.status is ConnStatus.READY
+                                           for c in dev.connections) == 2, timeout=15)
+            # A gets every request while it is routable; B only what comes after A paused.
+            dev.faults.route = lambda conns: conn_a if conn_a in conns else None
 
             # 3 steps, checkpointed inside one request; then parallel + sleep + a retry.
             three = (await dev.send_event("ts/three", {"n": 7}))[0]
@@ -180,10 +191,8 @@ async def test_ts_sdk_default_settings_steps_parallel_sleep_retry_and_drain(
             slow = (await dev.send_event("ts/slow"))[0]
             await dev.wait_for(lambda: ("ts-a", "work", 0) in _executions(exec_log),
                                timeout=15)
-            await worker_b.start()
-            await dev.wait_for(lambda: sum(c.status is ConnStatus.READY
-                                           for c in dev.connections) == 2, timeout=15)
             worker_a.terminate()
+            assert ("ts-a", "after", 0) not in _executions(exec_log)  # still in "work"
             await dev.wait_for(lambda: dev.connection(conn_a).paused, timeout=10)
             after_drain = (await dev.send_event("ts/three", {"n": 8}))[0]
             assert await worker_a.wait(timeout=30) == 0, worker_a.tail()

@@ -41,7 +41,7 @@ const mixed = client.createFunction(
       step.run("p1", () => { executed("p1", attempt); return "p1"; }),
       step.run("p2", () => { executed("p2", attempt); return "p2"; }),
     ]);
-    await step.sleep("nap", "300ms");
+    await step.sleep("nap", "1s"); // the SDK rounds durable waits up to 1 s
     const flaky = await step.run("flaky", () => {
       executed("flaky", attempt);
       if (attempt === 0) throw new Error("first attempt fails");
