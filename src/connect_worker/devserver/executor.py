@@ -603,7 +603,12 @@ class Executor:
             live.attempt = 0
 
     def _check_dispatch(self, run: Run, body: dict[str, Any]) -> None:
-        """409 for a checkpoint from a dispatch the executor has given up on."""
+        """409 for a checkpoint from a dispatch the executor has given up on.
+
+        Inngest skips this check for requests younger than 10 s (``request_started_at``),
+        a shortcut that holds with its 2-minute leases but not with test timings, so the
+        dev gateway always checks.
+        """
         generation = body.get("generation_id")
         if not isinstance(generation, int) or generation == 0:
             return  # SDKs that send none are not validated (as in Inngest)
