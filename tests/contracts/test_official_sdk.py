@@ -19,12 +19,14 @@ from inngest.connect import connect
 
 from connect_worker.config import Config
 from connect_worker.devserver import ConnStatus, DevServer, DevServerConfig, RunStatus
+from connect_worker.devserver.testing import realistic_races
 from connect_worker.engine.worker import Worker
 
 
 async def test_official_sdk_completes_three_step_run() -> None:
     cfg = DevServerConfig.fast(interval_format="seconds")
     async with DevServer(cfg) as dev:
+        realistic_races(dev)  # e.g. a reply read just before its socket closes is lost
         client = inngest.Inngest(
             app_id="contract-app", is_production=False, api_base_url=dev.api_url,
             event_api_base_url=dev.api_url,
@@ -109,6 +111,7 @@ def _client(dev: DevServer, app_id: str = "contract-app") -> inngest.Inngest:
 async def test_official_sdk_parallel_sleep_and_retry() -> None:
     cfg = DevServerConfig.fast(interval_format="seconds")
     async with DevServer(cfg) as dev:
+        realistic_races(dev)  # e.g. a reply read just before its socket closes is lost
         client = _client(dev)
         executions: Counter[str] = Counter()
 
@@ -147,6 +150,7 @@ async def test_official_sdk_extends_leases_and_flushes_unacked_reply() -> None:
     cfg = DevServerConfig.fast(interval_format="seconds", lease_duration=1.5,
                                lease_check_interval=0.2, lease_grace=0.2)
     async with DevServer(cfg) as dev:
+        realistic_races(dev)  # e.g. a reply read just before its socket closes is lost
         client = _client(dev)
         dev.faults.withhold_reply_ack = True
 
@@ -178,6 +182,7 @@ async def test_official_sdk_gateway_closing_mid_step() -> None:
     """Appendix A run 3: the SDK reconnects and replies on the new socket."""
     cfg = DevServerConfig.fast(interval_format="seconds", drain_window=5.0)
     async with DevServer(cfg) as dev:
+        realistic_races(dev)  # e.g. a reply read just before its socket closes is lost
         client = _client(dev)
         executions: Counter[str] = Counter()
 
@@ -209,6 +214,7 @@ async def test_official_sdk_gateway_closing_mid_step() -> None:
 async def test_official_sdk_shutdown_pauses_and_finishes_step() -> None:
     cfg = DevServerConfig.fast(interval_format="seconds")
     async with DevServer(cfg) as dev:
+        realistic_races(dev)  # e.g. a reply read just before its socket closes is lost
         client = _client(dev)
 
         @client.create_function(fn_id="slow", trigger=inngest.TriggerEvent(event="contract/sd"))
@@ -253,6 +259,7 @@ async def test_defer_runs_after_the_parent_completes(client_kind: str) -> None:
     starts each deferred function when the parent finishes, aborted ones never."""
     deferred = _deferred()
     async with DevServer(DevServerConfig.fast(interval_format="seconds")) as dev:
+        realistic_races(dev)  # e.g. a reply read just before its socket closes is lost
         client = _client(dev, "defer-app")
         executions: Counter[str] = Counter()
 
