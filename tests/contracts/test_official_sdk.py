@@ -285,7 +285,7 @@ async def test_defer_runs_after_the_parent_completes(client_kind: str) -> None:
             if client_kind == "official":
                 await stack.enter_async_context(_SDKWorker(dev, fns, client))
             else:
-                await stack.enter_async_context(running_worker(dev, client, fns))
+                worker = await stack.enter_async_context(running_worker(dev, client, fns))
             run_id = (await dev.send_event("contract/defer"))[0]
             run = await dev.wait_for_run(run_id)
             assert run.status is RunStatus.COMPLETED and run.output == "A", dev.dump()
@@ -297,6 +297,11 @@ async def test_defer_runs_after_the_parent_completes(client_kind: str) -> None:
             assert child.parent_run_id == run_id
             assert executions == {"a": 1, "later-1": 1}
             assert not dev.errors, dev.errors
+            if client_kind == "connect_worker":
+                # The parent ended in [DeferAdd, RunComplete]: counted as done, not a step.
+                done = worker.metrics.steps_total.labels(
+                    function="defer-app-parent", outcome="done")._value.get()
+                assert done == 1
 
 
 @contextlib.asynccontextmanager
