@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from connect_worker.devserver import ConnStatus, DevServer, RunStatus
 from connect_worker.devserver.testing import fast_config, realistic_races
@@ -164,6 +165,12 @@ async def test_ts_sdk_default_settings_steps_parallel_sleep_retry_and_drain(
             conn_a = (await dev.wait_for_connection(timeout=15)).conn_id
             info = dev.connection(conn_a)
             assert info.connect_request.sdk_language in {"typescript", "js"}, info
+            # The SDK reports its feature observations; our schema decodes every field.
+            app = info.connect_request.apps[0]
+            assert app.HasField("feature_observations"), app
+            for message in (info.connect_request, app, app.feature_observations):
+                assert len(UnknownFieldSet(message)) == 0, message
+            log.info("TS feature observations: %s", app.feature_observations)
             await worker_b.start()
             await dev.wait_for(lambda: sum(c.status is ConnStatus.READY
                                            for c in dev.connections) == 2, timeout=15)
