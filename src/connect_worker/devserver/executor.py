@@ -532,6 +532,8 @@ class Executor:
             payload = opts.get("payload") if isinstance(opts.get("payload"), dict) else {}
             assert isinstance(payload, dict)
             child = self._find_and_start(target, payload.get("data"), run.run_id)
+            self._history(run, "invoke", step=step_id, function=target,
+                          child_run_id=child.run_id if child else None)
             if child is None:
                 self._memo(run, step_id, {"error": {"name": "Error",
                                                     "message": f"no function {target}"}})
