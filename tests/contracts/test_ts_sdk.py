@@ -177,7 +177,7 @@ async def test_ts_sdk_default_settings_steps_parallel_sleep_retry_and_drain(
             # A gets every request while it is routable; B only what comes after A paused.
             dev.faults.route = lambda conns: conn_a if conn_a in conns else None
 
-            # 3 steps, checkpointed inside one request; then parallel + sleep + a retry.
+            # 3 steps, checkpointed inside one request; a retry, a sleep, parallel steps.
             three = (await dev.send_event("ts/three", {"n": 7}))[0]
             mixed = (await dev.send_event("ts/mixed"))[0]
             run3 = await dev.wait_for_run(three, timeout=30)
@@ -185,14 +185,16 @@ async def test_ts_sdk_default_settings_steps_parallel_sleep_retry_and_drain(
             assert run3.status is RunStatus.COMPLETED, dev.dump()
             assert run3.output == {"a": "a-ok", "b": "b-ok", "c": "c-ok", "n": 7}
             assert runm.status is RunStatus.COMPLETED, dev.dump()
-            assert runm.output == ["p1", "p2", "flaky"]
+            assert runm.output == ["p1", "p2", "flaky", "last"]
             # The checkpointing path: all three steps stored via the API, one dispatch.
             assert [h.get("via") for h in run3.history if h["type"] == "step_completed"] == [
                 "checkpoint"] * 3
             assert sum(d.run_id == three for d in dev.dispatches) == 1
-            # After the parallel fan-out the run plans each step (no checkpointing).
-            assert [h["type"] for h in runm.history].count("step_planned") >= 3
-            assert "sleep" in [h["type"] for h in runm.history]
+            kinds = [h["type"] for h in runm.history]
+            assert "step_errored" in kinds and "sleep" in kinds
+            # After the parallel fan-out the run plans each step, "last" too.
+            assert [h["name"] for h in runm.history if h["type"] == "step_planned"] == [
+                "p1", "p2", "last"]
 
             # Drain: a slow step is in flight on A when A gets SIGTERM; B takes new work.
             slow = (await dev.send_event("ts/slow"))[0]
@@ -214,7 +216,7 @@ async def test_ts_sdk_default_settings_steps_parallel_sleep_retry_and_drain(
             log.info("step bodies executed (worker, step, attempt): %s", executions)
             counts = Counter(step for _, step, _ in executions)
             # Each body once, except the deliberate retry; a and b, c twice (two runs).
-            assert counts == {"a": 2, "b": 2, "c": 2, "p1": 1, "p2": 1, "flaky": 2,
+            assert counts == {"a": 2, "b": 2, "c": 2, "flaky": 2, "p1": 1, "p2": 1, "last": 1,
                               "work": 1, "after": 1}, executions
             assert [a for _, s, a in executions if s == "flaky"] == [0, 1]
             # The in-flight run finished on A during its drain; work sent after A

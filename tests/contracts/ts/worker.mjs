@@ -34,20 +34,23 @@ const threeSteps = client.createFunction(
   },
 );
 
+// A retry and a sleep while the SDK checkpoints, then a parallel fan-out (after which
+// Inngest plans every step: no more checkpointing in this run).
 const mixed = client.createFunction(
   { id: "mixed", retries: 2, triggers: [{ event: "ts/mixed" }] },
   async ({ step, attempt }) => {
-    const parallel = await Promise.all([
-      step.run("p1", () => { executed("p1", attempt); return "p1"; }),
-      step.run("p2", () => { executed("p2", attempt); return "p2"; }),
-    ]);
-    await step.sleep("nap", "1s"); // the SDK rounds durable waits up to 1 s
     const flaky = await step.run("flaky", () => {
       executed("flaky", attempt);
       if (attempt === 0) throw new Error("first attempt fails");
       return "flaky";
     });
-    return [...parallel, flaky];
+    await step.sleep("nap", "1s"); // the SDK rounds durable waits up to 1 s
+    const parallel = await Promise.all([
+      step.run("p1", () => { executed("p1", attempt); return "p1"; }),
+      step.run("p2", () => { executed("p2", attempt); return "p2"; }),
+    ]);
+    const last = await step.run("last", () => { executed("last", attempt); return "last"; });
+    return [...parallel, flaky, last];
   },
 );
 
