@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from .errors import LLMRejectedError
 
 Role = Literal["user", "assistant"]
 
@@ -109,10 +112,27 @@ class Result:
     cached: bool = False  # served from the result cache: nothing was paid this time
     stopped_early: bool = False  # a streaming call stopped because the worker is draining
     attempts: int = 0  # HTTP requests made for this result (0 when cached)
+    # Evicts this answer from the result cache (set by LLM.complete when it was stored).
+    _evict: Callable[[Result, str | None], Awaitable[None]] | None = field(
+        default=None, repr=False, compare=False)
 
     def json(self) -> Any:
         """The text parsed as JSON (code fences around it are tolerated)."""
         return parse_json_text(self.text)
+
+    async def reject(self, reason: str | None = None) -> LLMRejectedError:
+        """Throw this answer away so that the step's retry asks the model again (telling
+        it ``reason``), and return the error to raise::
+
+            if not looks_right(result.text):
+                raise await result.reject("the summary has no title")
+
+        Other answers of the step stay cached; the rejected one still counts in
+        ``run_cost`` (it was paid for).
+        """
+        if self._evict is not None:
+            await self._evict(self, reason)
+        return LLMRejectedError(reason)
 
 
 def parse_json_text(text: str) -> Any:
