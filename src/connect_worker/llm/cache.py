@@ -176,24 +176,39 @@ class SqliteCache:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         if not self._ready:
             with self._lock:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS llm_results (key TEXT PRIMARY KEY,"
-                    " run_id TEXT, answer TEXT NOT NULL, cost_usd REAL NOT NULL,"
-                    " input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,"
-                    " created_at REAL NOT NULL, expires_at REAL NOT NULL)"
-                )
-                conn.execute("CREATE INDEX IF NOT EXISTS llm_results_run ON llm_results(run_id)")
-                conn.execute(
-                    "CREATE INDEX IF NOT EXISTS llm_results_exp ON llm_results(expires_at)"
-                )
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS llm_claims (key TEXT PRIMARY KEY, owner TEXT,"
-                    " expires_at REAL NOT NULL, partial TEXT, rejected TEXT,"
-                    " updated_at REAL NOT NULL)"
-                )
-                self._ready = True
+                self._create(conn)
         return conn
+
+    def _create(self, conn: sqlite3.Connection) -> None:
+        for attempt in range(100):
+            try:
+                self._create_once(conn)
+                return
+            except sqlite3.OperationalError as exc:
+                # Processes opening a new file at once can deadlock on switching it to WAL;
+                # SQLite then fails one of them at once instead of waiting its timeout.
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.01)
+
+    def _create_once(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS llm_results (key TEXT PRIMARY KEY,"
+            " run_id TEXT, answer TEXT NOT NULL, cost_usd REAL NOT NULL,"
+            " input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,"
+            " created_at REAL NOT NULL, expires_at REAL NOT NULL)"
+        )
+        conn.execute("CREATE INDEX IF NOT EXISTS llm_results_run ON llm_results(run_id)")
+        conn.execute(
+            "CREATE INDEX IF NOT EXISTS llm_results_exp ON llm_results(expires_at)"
+        )
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS llm_claims (key TEXT PRIMARY KEY, owner TEXT,"
+            " expires_at REAL NOT NULL, partial TEXT, rejected TEXT,"
+            " updated_at REAL NOT NULL)"
+        )
+        self._ready = True
 
     def _run(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         conn = self._connect()

@@ -223,7 +223,7 @@ class LLM:
                           entry if reuse else None, claim, abandon)
         if entry is None or self.cache is None:
             return await work  # nowhere to store an answer nobody waits for
-        return await _finish_if_cancelled(work, abandon, self.metrics, labels, fields)
+        return await _finish_if_cancelled(work, abandon, fields)
 
     async def _call(self, call: Call, stream: bool, on_text: OnText | None,
                     stop_on_drain: bool, labels: tuple[str, str], fields: dict[str, Any],
@@ -263,11 +263,13 @@ class LLM:
             raise
         if keeper is not None:
             keeper.cancel()
+        if abandon.is_set():
+            self.metrics.background.labels(*labels).inc()
         if prefix is not None:
             answer = replace(answer, text=prefix.text + answer.text,
                              usage=_add(prefix.usage, answer.usage))
         cost = self.prices.cost(call.model, answer.usage)
-        if self.cache is not None and (entry is not None or answer.partial):
+        if self.cache is not None and (identity.key is not None or answer.partial):
             # Stored before anything else: from here on a retry of this step reuses it.
             # A partial or unreusable answer is stored under a key nobody looks up, for
             # run_cost only.
@@ -627,7 +629,6 @@ class _Progress:
 
 
 async def _finish_if_cancelled(work: Coroutine[Any, Any, Result], abandon: _Abandon,
-                               metrics: LLMMetrics, labels: tuple[str, str],
                                fields: dict[str, Any]) -> Result:
     """Run ``work`` in a task of its own. If the caller is cancelled (e.g. the step lost its
     lease to another copy, which now waits on our claim), the request in flight finishes
@@ -641,14 +642,8 @@ async def _finish_if_cancelled(work: Coroutine[Any, Any, Result], abandon: _Aban
         if not task.done():
             abandon.set()
             event(log, "llm.call.detached", level=logging.WARNING, **fields)
-
-            def finished(task: asyncio.Task[Result]) -> None:
-                if task.cancelled():
-                    return
-                if task.exception() is None:
-                    metrics.background.labels(*labels).inc()
-
-            task.add_done_callback(finished)
+            # Nobody awaits it any more: its failure is logged by _call, not re-raised.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
         raise
 
 
