@@ -234,13 +234,13 @@ class LLM:
         request, prefix = call, None
         if claim is not None:
             request, prefix = self._prepare(call, claim.state, fields)
-        progress = _Progress(prefix.text if prefix else "", on_text, abandon,
+        progress = _Progress(request, prefix, on_text, abandon,
                              savable=not call.tools and not call.json_output)
         if prefix is not None and on_text is not None:
             on_text(prefix.text)
         keeper = None
         if claim is not None:
-            keeper = asyncio.ensure_future(self._keep_claim(claim, progress, call))
+            keeper = asyncio.ensure_future(self._keep_claim(claim, progress))
         started = time.monotonic()
         should_stop = self._drain.is_set if stop_on_drain else None
         try:
@@ -386,16 +386,14 @@ class LLM:
         raise LLMDrainingError("the worker began draining while this step waited for another "
                                "copy's model call (the step's retry will reuse its answer)")
 
-    async def _keep_claim(self, claim: _Claimed, progress: _Progress, call: Call) -> None:
+    async def _keep_claim(self, claim: _Claimed, progress: _Progress) -> None:
         """Refresh the claim every third of its lifetime, saving the streamed text so far."""
         saved = 0
         while True:
             await asyncio.sleep(self.config.claim_ttl / 3)
             partial = None
-            if progress.version != saved and progress.savable:
-                text = progress.text()
-                if text:
-                    partial = Partial(text, _estimate(call, text))
+            if progress.version != saved:
+                partial = progress.partial()
                 saved = progress.version
             try:
                 kept = await claim.store.refresh(claim.entry, claim.owner, self.config.claim_ttl,
@@ -604,8 +602,9 @@ class _Abandon:
 class _Progress:
     """The text streamed so far (after ``prefix``, a resumed partial), for saving it."""
 
-    def __init__(self, prefix: str, on_text: OnText | None, abandon: _Abandon, *,
-                 savable: bool) -> None:
+    def __init__(self, request: Call, prefix: Partial | None, on_text: OnText | None,
+                 abandon: _Abandon, *, savable: bool) -> None:
+        self.request = request
         self.prefix = prefix
         self.pieces: list[str] = []
         self.version = 0
@@ -624,8 +623,18 @@ class _Progress:
         self.pieces.clear()
         self.version += 1
 
-    def text(self) -> str:
-        return self.prefix + "".join(self.pieces)
+    def partial(self) -> Partial | None:
+        """What to save: the text so far and an estimate of what it cost (a stream reports
+        its usage only at the end). A streamed piece is about a token (OpenAI) or a few
+        (Anthropic): the larger of the piece count and 4 characters a token."""
+        if not self.savable or not self.pieces:
+            return None
+        text = "".join(self.pieces)
+        used = Usage(_estimate(self.request, "").input_tokens,
+                     max(len(self.pieces), len(text) // 4))
+        if self.prefix is None:
+            return Partial(text, used)
+        return Partial(self.prefix.text + text, _add(self.prefix.usage, used))
 
 
 async def _finish_if_cancelled(work: Coroutine[Any, Any, Result], abandon: _Abandon,
