@@ -214,8 +214,8 @@ class LLM:
             assert entry is not None
             owner = f"{_HOST}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
             got = await self._acquire(self.cache, entry, owner, labels, fields)
-            if isinstance(got, Answer):
-                return self._reused(call, got, entry, "waited", fields)
+            if isinstance(got, tuple):
+                return self._reused(call, got[0], entry, got[1], fields)
             if got is not None:
                 claim = _Claimed(self.cache, entry, owner, got)
         abandon = _Abandon()
@@ -320,10 +320,12 @@ class LLM:
 
     async def _acquire(self, claims: Claims, entry: str, owner: str,
                        labels: tuple[str, str], fields: dict[str, Any],
-                       ) -> ClaimState | Answer | None:
-        """Claim ``entry``; while another copy holds it, wait for its answer. None: the
-        claims store failed, so the call goes ahead unclaimed."""
+                       ) -> ClaimState | tuple[Answer, str] | None:
+        """Claim ``entry``; while another copy holds it, wait for its answer (returned with
+        how it came: ``waited`` or ``cached``). None: the claims store failed, so the call
+        goes ahead unclaimed."""
         deadline = time.monotonic() + self.config.retry_budget
+        waited = False
         while True:
             try:
                 state = await claims.claim(entry, owner, self.config.claim_ttl)
@@ -332,7 +334,7 @@ class LLM:
                     hit = await self._cache_get(entry)
                     if hit is not None:
                         await claims.release(entry, owner, keep_partial=False)
-                        return hit
+                        return hit, "waited" if waited else "cached"
             except Exception as exc:
                 event(log, "llm.cache.error", level=logging.ERROR, op="claim", error=repr(exc))
                 return None
@@ -370,7 +372,8 @@ class LLM:
                 event(log, "llm.cache.error", level=logging.ERROR, op="wait", error=repr(exc))
                 return None
             if answer is not None:
-                return answer
+                return answer, "waited"
+            waited = True
 
     async def _wait_or_drain(self, claims: Claims, entry: str, timeout: float  # noqa: ASYNC109
                              ) -> Answer | None:
