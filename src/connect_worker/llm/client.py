@@ -648,14 +648,14 @@ async def _finish_if_cancelled(work: Coroutine[Any, Any, Result], abandon: _Aban
     task = asyncio.ensure_future(work)
     _background.add(task)
     task.add_done_callback(_background.discard)
+    # Once nobody awaits it, its failure is logged by _call; retrieved here, not re-raised.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         if not task.done():
             abandon.set()
             event(log, "llm.call.detached", level=logging.WARNING, **fields)
-            # Nobody awaits it any more: its failure is logged by _call, not re-raised.
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
         raise
 
 
