@@ -23,7 +23,7 @@ from connect_worker.llm import (
     Usage,
 )
 from connect_worker.llm.cache import cache_key
-from connect_worker.llm.types import Call
+from connect_worker.llm.types import Answer, Call
 
 from .conftest import MakeLLM
 from .stubs import Reply, StubProvider
@@ -43,6 +43,19 @@ def requested(stub: StubProvider) -> asyncio.Event:
 JOB = f"job-{uuid.uuid4()}"  # calls are numbered per request id, process-wide
 
 
+def waits(cache: ResultCache) -> asyncio.Event:
+    """Set once a copy starts waiting on another copy's claim."""
+    assert isinstance(cache, Claims)
+    started, inner = asyncio.Event(), cache.wait
+
+    async def wait(key: str, timeout: float) -> Answer | None:  # noqa: ASYNC109
+        started.set()
+        return await inner(key, timeout)
+
+    cache.wait = wait  # type: ignore[method-assign]
+    return started
+
+
 async def copy(make_llm: MakeLLM, cache: ResultCache, request_id: str, **kwargs: object
                ) -> Result:
     """One copy of the step ``JOB`` (attempt ``request_id``) asking one question."""
@@ -55,11 +68,11 @@ async def test_two_copies_of_a_step_at_once_make_one_request(
         registry: CollectorRegistry) -> None:
     hold = asyncio.Event()
     openai_stub.script.append(Reply(text="the summary", hold=hold))
-    seen = requested(openai_stub)
+    seen, waiting = requested(openai_stub), waits(cache)
     first = asyncio.create_task(copy(make_llm, cache, "req-a"))
     await asyncio.wait_for(seen.wait(), 10)
     second = asyncio.create_task(copy(make_llm, cache, "req-b"))  # finds the live claim
-    await asyncio.sleep(0)
+    await asyncio.wait_for(waiting.wait(), 10)
     hold.set()
     a, b = await asyncio.wait_for(asyncio.gather(first, second), 10)
     assert len(openai_stub.requests) == 1
@@ -73,10 +86,11 @@ async def test_a_cancelled_owner_finishes_its_call_for_the_copy_waiting_on_it(
         registry: CollectorRegistry) -> None:
     hold = asyncio.Event()
     openai_stub.script.append(Reply(text="paid once", hold=hold))
-    seen = requested(openai_stub)
+    seen, waiting = requested(openai_stub), waits(cache)
     owner = asyncio.create_task(copy(make_llm, cache, "req-a"))
     await asyncio.wait_for(seen.wait(), 10)
     waiter = asyncio.create_task(copy(make_llm, cache, "req-b"))
+    await asyncio.wait_for(waiting.wait(), 10)
     owner.cancel()  # its lease went to the other copy: the engine cancels it
     with pytest.raises(asyncio.CancelledError):
         await owner
@@ -92,11 +106,11 @@ async def test_a_draining_worker_does_not_wait_for_another_copy(
         drain: DrainSignal) -> None:
     hold = asyncio.Event()
     openai_stub.script.append(Reply(hold=hold))
-    seen = requested(openai_stub)
+    seen, waiting = requested(openai_stub), waits(cache)
     owner = asyncio.create_task(copy(make_llm, cache, "req-a"))
     await asyncio.wait_for(seen.wait(), 10)
     waiter = asyncio.create_task(copy(make_llm, cache, "req-b"))
-    await asyncio.sleep(0.2)  # let it start waiting
+    await asyncio.wait_for(waiting.wait(), 10)
     drain.set()  # a wait in progress ends at once...
     with pytest.raises(LLMDrainingError):
         await asyncio.wait_for(waiter, 5)
