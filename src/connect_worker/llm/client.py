@@ -680,6 +680,8 @@ def _ask_again(call: Call, rejections: Sequence[Rejection]) -> Call:
 
 def _result(provider: str, call: Call, answer: Answer, cost: float, *, cached: bool,
             attempts: int, evict: Any = None) -> Result:
-    return Result(answer.text, answer.usage, answer.request_id, provider, answer.model, cost,
-                  answer.stop_reason, answer.tool_calls, cached, answer.partial, attempts,
-                  evict)
+    result = Result(answer.text, answer.usage, answer.request_id, provider, answer.model, cost,
+                    answer.stop_reason, answer.tool_calls, cached, answer.partial, attempts)
+    if evict is not None:
+        object.__setattr__(result, "_evict", evict)  # frozen; see Result._evict
+    return result

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
 
 from .errors import LLMRejectedError
 
@@ -97,7 +97,7 @@ class Answer:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Result:
     """What ``LLM.complete`` returns: the answer plus how it was obtained."""
 
@@ -112,9 +112,9 @@ class Result:
     cached: bool = False  # served from the result cache: nothing was paid this time
     stopped_early: bool = False  # a streaming call stopped because the worker is draining
     attempts: int = 0  # HTTP requests made for this result (0 when cached)
-    # Evicts this answer from the result cache (set by LLM.complete when it was stored).
-    _evict: Callable[[Result, str | None], Awaitable[None]] | None = field(
-        default=None, repr=False, compare=False)
+    # Evicts this answer from the result cache: set on the instance by LLM.complete when
+    # the answer is stored. Not a field, so asdict(), ==, repr and pickling ignore it.
+    _evict: ClassVar[Callable[[Result, str | None], Awaitable[None]] | None] = None
 
     def json(self) -> Any:
         """The text parsed as JSON (code fences around it are tolerated)."""
@@ -130,8 +130,10 @@ class Result:
         Other answers of the step stay cached; the rejected one still counts in
         ``run_cost`` (it was paid for).
         """
-        if self._evict is not None:
-            await self._evict(self, reason)
+        # Read off the instance: a callable class attribute would be bound as a method.
+        evict: Callable[[Result, str | None], Awaitable[None]] | None = vars(self).get("_evict")
+        if evict is not None:
+            await evict(self, reason)
         return LLMRejectedError(reason)
 
 
