@@ -207,3 +207,21 @@ async def test_reuse_false_always_asks(
             assert not (await llm.complete("Roll a die.", reuse=False)).cached
     assert len(openai_stub.requests) == 2
     assert (await llm.run_cost(run)).calls == 2
+
+
+async def test_a_stream_that_failed_midway_is_continued_by_the_steps_retry(
+        make_llm: MakeLLM, openai_stub: StubProvider, cache: ResultCache,
+        registry: CollectorRegistry) -> None:
+    # 20 words, then an error event; the call gives up (one attempt), the step fails.
+    openai_stub.script.extend([Reply(text=WORDS, stream_error_after=21), Reply(text=WORDS)])
+    job = f"job-{uuid.uuid4()}"
+    llm = make_llm(cache=cache, max_attempts=1)
+    with serving(job_id=job, request_id=f"{job}-1"), pytest.raises(LLMUnavailableError):
+        await llm.complete("Write the section.", stream=True)
+    with serving(job_id=job, request_id=f"{job}-2"):
+        result = await llm.complete("Write the section.", stream=True)
+    assert result.text == WORDS
+    assert openai_stub.requests[1].body["messages"][-2]["content"].split() == WORDS.split()[:20]
+    assert openai_stub.generated == [60]  # the failed stream was never billed as answered
+    assert sample(registry, "requests_total", outcome="resumed", **LABELS) == 1
+    assert sample(registry, "claim_takeovers_total", **LABELS) == 0  # released, not lapsed

@@ -250,8 +250,12 @@ class LLM:
             if keeper is not None:
                 keeper.cancel()
             if claim is not None:
-                # The partial text stays for the next owner, unless retrying cannot help.
-                await self._release(claim, keep_partial=not isinstance(exc, LLMFatalError))
+                # The text received so far stays for the next owner to continue, unless
+                # retrying cannot help.
+                fatal = isinstance(exc, LLMFatalError)
+                if not fatal and (partial := progress.partial()) is not None:
+                    await self._refresh(claim, partial)
+                await self._release(claim, keep_partial=not fatal)
             if isinstance(exc, LLMFatalError):
                 self.metrics.requests.labels(*labels, "fatal").inc()
                 event(log, "llm.call", level=logging.WARNING, outcome="fatal", error=str(exc),
@@ -398,16 +402,19 @@ class LLM:
             if progress.version != saved:
                 partial = progress.partial()
                 saved = progress.version
-            try:
-                kept = await claim.store.refresh(claim.entry, claim.owner, self.config.claim_ttl,
-                                                 partial)
-            except Exception as exc:
-                event(log, "llm.cache.error", level=logging.ERROR, op="refresh", error=repr(exc))
-                continue
-            if not kept:
+            if await self._refresh(claim, partial) is False:
                 # Another copy took it over (we were too slow to refresh): both pay now.
                 event(log, "llm.claim.lost", level=logging.WARNING, owner=claim.owner)
                 return
+
+    async def _refresh(self, claim: _Claimed, partial: Partial | None) -> bool | None:
+        """Extend the claim (saving ``partial``): False if it was lost, None on a cache error."""
+        try:
+            return await claim.store.refresh(claim.entry, claim.owner, self.config.claim_ttl,
+                                             partial)
+        except Exception as exc:
+            event(log, "llm.cache.error", level=logging.ERROR, op="refresh", error=repr(exc))
+            return None
 
     async def _release(self, claim: _Claimed, *, keep_partial: bool) -> None:
         try:
