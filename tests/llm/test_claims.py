@@ -225,3 +225,25 @@ async def test_a_stream_that_failed_midway_is_continued_by_the_steps_retry(
     assert openai_stub.generated == [60]  # the failed stream was never billed as answered
     assert sample(registry, "requests_total", outcome="resumed", **LABELS) == 1
     assert sample(registry, "claim_takeovers_total", **LABELS) == 0  # released, not lapsed
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_a_stream_error_midway_is_continued_by_the_next_attempt(
+        make_llm: MakeLLM, openai_stub: StubProvider, anthropic_stub: StubProvider,
+        registry: CollectorRegistry, kind: str) -> None:
+    stub = openai_stub if kind == "openai" else anthropic_stub
+    model = "gpt-4.1" if kind == "openai" else "claude-sonnet-4-6"
+    first_piece = 1 if kind == "openai" else 2
+    # 30 words, then an overloaded error event inside the stream; the retry continues.
+    stub.script.extend([Reply(text=WORDS, stream_error_after=first_piece + 30),
+                        Reply(text=WORDS)])
+    streamed: list[str] = []
+    result = await make_llm().complete("Write the section.", provider=kind, model=model,
+                                       stream=True, max_tokens=200, on_text=streamed.append)
+    assert result.text == "".join(streamed) == WORDS  # nothing repeated to on_text
+    assert result.attempts == 2
+    assert stub.requests[1].body["messages"][-2]["content"].split() == WORDS.split()[:30]
+    assert stub.generated == [50]
+    labels = {"provider": kind, "model": model}
+    assert sample(registry, "requests_total", outcome="resumed", **labels) == 1
+    assert sample(registry, "saved_tokens_total", via="resumed", **labels) == 30

@@ -377,6 +377,7 @@ class PostgresCache:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._conn: Any = None
+        self._closed = False
         self._last_sweep = 0.0
 
     def _open(self) -> Any:
@@ -413,6 +414,11 @@ class PostgresCache:
         import psycopg
 
         with self._lock:
+            if self._closed:
+                # A call that outlived close() (e.g. one finishing in the background)
+                # still stores its answer, on a connection of its own.
+                with self._open() as conn:
+                    return body(conn)
             for attempt in (1, 2):
                 try:
                     return body(self._connection())
@@ -570,6 +576,7 @@ class PostgresCache:
     async def close(self) -> None:
         def _close() -> None:
             with self._lock:
+                self._closed = True
                 if self._conn is not None:
                     self._conn.close()
                 self._conn = None

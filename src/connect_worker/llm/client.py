@@ -231,11 +231,11 @@ class LLM:
                     abandon: _Abandon) -> Result:
         """Ask the model (continuing a dead owner's partial answer, or asking again after
         a rejection), store the answer and release the claim."""
-        request, prefix = call, None
+        base, prefix = call, None
         if claim is not None:
-            request, prefix = self._prepare(call, claim.state, fields)
-        progress = _Progress(request, prefix, on_text, abandon,
-                             savable=not call.tools and not call.json_output)
+            base, prefix = self._prepare(call, claim.state, fields)
+        progress = _Progress(base, prefix, on_text, abandon,
+                             savable=stream and not call.tools and not call.json_output)
         if prefix is not None and on_text is not None:
             on_text(prefix.text)
         keeper = None
@@ -244,8 +244,8 @@ class LLM:
         started = time.monotonic()
         should_stop = self._drain.is_set if stop_on_drain else None
         try:
-            answer, attempts = await self._send(request, stream, progress.on_text, should_stop,
-                                                labels, progress.reset, abandon)
+            answer, attempts = await self._send(base, stream, progress.on_text, should_stop,
+                                                labels, progress.next_request, abandon)
         except BaseException as exc:
             if keeper is not None:
                 keeper.cancel()
@@ -269,6 +269,7 @@ class LLM:
             keeper.cancel()
         if abandon.is_set():
             self.metrics.background.labels(*labels).inc()
+        prefix = progress.prefix  # what was continued: a dead owner's, or a failed attempt's
         if prefix is not None:
             answer = replace(answer, text=prefix.text + answer.text,
                              usage=_add(prefix.usage, answer.usage))
@@ -305,8 +306,8 @@ class LLM:
 
     def _prepare(self, call: Call, state: ClaimState, fields: dict[str, Any]
                  ) -> tuple[Call, Partial | None]:
-        """The request to send for a won claim: the call, asked again after rejections
-        and/or continuing the partial text a dead owner left."""
+        """For a won claim: the call (asked again after rejections), and the partial text a
+        dead or failed owner left if it can be continued."""
         request = call
         if state.rejections:
             request = _ask_again(call, state.rejections)
@@ -318,9 +319,7 @@ class LLM:
             event(log, "llm.resume.skipped", reason="tools" if call.tools else "json",
                   partial_chars=len(partial.text), **fields)
             return request, None
-        remaining = max(call.max_tokens - partial.usage.output_tokens, 64)
-        turns = (*request.messages, Message("assistant", partial.text), Message("user", CONTINUE))
-        return replace(request, max_tokens=remaining, messages=turns), partial
+        return request, partial
 
     async def _acquire(self, claims: Claims, entry: str, owner: str,
                        labels: tuple[str, str], fields: dict[str, Any],
@@ -524,7 +523,7 @@ class LLM:
 
     async def _send(self, call: Call, stream: bool, on_text: OnText | None,
                     should_stop: Callable[[], bool] | None, labels: tuple[str, str],
-                    on_attempt: Callable[[], None] | None = None,
+                    next_request: Callable[[], Call] | None = None,
                     abandon: _Abandon | None = None) -> tuple[Answer, int]:
         cfg = self.config
         provider = self.provider(call.provider)
@@ -560,11 +559,10 @@ class LLM:
                         raise LLMUnavailableError("the step was cancelled; its model call is "
                                                   "not retried in the background")
                     attempts += 1
-                    if on_attempt is not None:
-                        on_attempt()
+                    sent = next_request() if next_request is not None else call
                     remaining = cfg.retry_budget - (time.monotonic() - started)
                     timeout = max(min(cfg.request_timeout, remaining), 1.0)
-                    answer = await provider.send(call, attempt_timeout=timeout, stream=stream,
+                    answer = await provider.send(sent, attempt_timeout=timeout, stream=stream,
                                                  on_text=on_text, should_stop=should_stop)
                     if call.json_output and not answer.partial and not answer.tool_calls:
                         try:
@@ -610,11 +608,12 @@ class _Abandon:
 
 
 class _Progress:
-    """The text streamed so far (after ``prefix``, a resumed partial), for saving it."""
+    """The text streamed so far, after ``prefix`` (text already received: a dead owner's
+    partial, or a failed attempt's), for saving it and for continuing from it."""
 
-    def __init__(self, request: Call, prefix: Partial | None, on_text: OnText | None,
+    def __init__(self, base: Call, prefix: Partial | None, on_text: OnText | None,
                  abandon: _Abandon, *, savable: bool) -> None:
-        self.request = request
+        self.base = base
         self.prefix = prefix
         self.pieces: list[str] = []
         self.version = 0
@@ -628,19 +627,33 @@ class _Progress:
         if self._on_text is not None and not self._abandon.is_set():
             self._on_text(piece)
 
-    def reset(self) -> None:
-        """A new HTTP attempt starts from scratch."""
-        self.pieces.clear()
-        self.version += 1
+    def next_request(self) -> Call:
+        """The request for the next HTTP attempt: the text a failed attempt streamed is
+        continued rather than paid for again (when it can be; else asked from scratch)."""
+        if self.pieces:
+            if self.savable:
+                self.prefix = self.partial()
+            self.pieces.clear()
+            self.version += 1
+        return self.request()
+
+    def request(self) -> Call:
+        if self.prefix is None:
+            return self.base
+        # max_tokens counts what the continuation may add to what is there already.
+        remaining = max(self.base.max_tokens - self.prefix.usage.output_tokens, 64)
+        turns = (*self.base.messages, Message("assistant", self.prefix.text),
+                 Message("user", CONTINUE))
+        return replace(self.base, max_tokens=remaining, messages=turns)
 
     def partial(self) -> Partial | None:
         """What to save: the text so far and an estimate of what it cost (a stream reports
         its usage only at the end). A streamed piece is about a token (OpenAI) or a few
         (Anthropic): the larger of the piece count and 4 characters a token."""
         if not self.savable or not self.pieces:
-            return None
+            return self.prefix
         text = "".join(self.pieces)
-        used = Usage(_estimate(self.request, "").input_tokens,
+        used = Usage(_estimate(self.request(), "").input_tokens,
                      max(len(self.pieces), len(text) // 4))
         if self.prefix is None:
             return Partial(text, used)
