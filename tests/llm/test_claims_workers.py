@@ -30,7 +30,7 @@ from connect_worker.devserver import DevServer
 from connect_worker.devserver.state import RunStatus
 from connect_worker.llm import CONTINUE
 
-from .stubs import Reply, StubProvider
+from .stubs import Kind, Reply, StubProvider
 from .util import SECRET, assert_no_secret_in_logs, log_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,17 +38,20 @@ Process = asyncio.subprocess.Process
 # The numbers the report quotes: pytest tests/llm/test_claims_workers.py -o log_cli=true
 log = logging.getLogger(__name__)
 WORDS = " ".join(f"w{i}" for i in range(80))
+MODELS = {"openai": "gpt-4.1", "anthropic": "claude-sonnet-4-6"}
+MAX_TOKENS = {"openai": "max_completion_tokens", "anthropic": "max_tokens"}
 
 
 @contextlib.asynccontextmanager
 async def workers(dev: DevServer, stub: StubProvider, tmp_path: Path, cache: str,
                   *names: str, **extra: str) -> AsyncIterator[dict[str, Process]]:
     procs: dict[str, Process] = {}
+    sdk = stub.kind.upper()  # OPENAI_API_KEY / ANTHROPIC_API_KEY, ..._BASE_URL
     env = {**os.environ, "INNGEST_DEV": "1", "INNGEST_API_BASE_URL": dev.api_url,
            "CONNECT_WORKER_HTTP_PORT": "off", "CONNECT_WORKER_LOG_FORMAT": "json",
-           "CONNECT_WORKER_LLM_PROVIDER": "openai", "CONNECT_WORKER_LLM_MODEL": "gpt-4.1",
-           "CONNECT_WORKER_LLM_CACHE": cache, "OPENAI_API_KEY": SECRET,
-           "OPENAI_BASE_URL": stub.base_url, **extra}
+           "CONNECT_WORKER_LLM_PROVIDER": stub.kind, "CONNECT_WORKER_LLM_MODEL": MODELS[stub.kind],
+           "CONNECT_WORKER_LLM_CACHE": cache, f"{sdk}_API_KEY": SECRET,
+           f"{sdk}_BASE_URL": stub.base_url, **extra}
     try:
         for name in names:
             with log_file(tmp_path / f"{name}.log") as log:
@@ -91,9 +94,8 @@ async def until(predicate: Any, timeout: float = 30) -> None:  # noqa: ASYNC109
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def cache_spec(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
+def cache_spec(request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> str:
+    if backend == "sqlite":
         return str(tmp_path / "llm-cache.sqlite3")
     dsn: str = request.getfixturevalue("pg_dsn")
     with psycopg.connect(dsn, autocommit=True) as conn:  # claim rows of this test only
@@ -102,10 +104,14 @@ def cache_spec(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return dsn
 
 
+# Each cache backend once, each SDK once.
+@pytest.mark.parametrize(("backend", "kind"), [("sqlite", "openai"), ("postgres", "anthropic")])
 async def test_one_request_sent_to_two_workers_at_once_pays_once(
-        devserver: DevServer, tmp_path: Path, cache_spec: str) -> None:
-    async with StubProvider("openai") as stub, \
-            workers(devserver, stub, tmp_path, cache_spec, "w1", "w2"):
+        devserver: DevServer, tmp_path: Path, request: pytest.FixtureRequest, backend: str,
+        kind: Kind) -> None:
+    cache = cache_spec(request, tmp_path, backend)
+    async with StubProvider(kind) as stub, \
+            workers(devserver, stub, tmp_path, cache, "w1", "w2"):
         # Longer than a lease extension interval: the copy that lost the lease is
         # cancelled mid-call (or mid-wait).
         stub.script.append(Reply(text="the one answer", delay=2.5))
@@ -127,8 +133,8 @@ async def test_one_request_sent_to_two_workers_at_once_pays_once(
     # waiting), or it waited while the lease loser's call, cancelled, finished anyway.
     assert outcomes in (["ok"], ["ok", "waited"])
     assert (outcomes == ["ok", "waited"]) == bool(detached)
-    log.info("dual dispatch [%s]: requests=%d outcomes=%s finished_in_background=%d",
-             cache_spec[:10], len(stub.requests), outcomes, len(detached))
+    log.info("dual dispatch [%s, %s]: requests=%d outcomes=%s finished_in_background=%d",
+             backend, kind, len(stub.requests), outcomes, len(detached))
     assert_no_secret_in_logs(tmp_path)
 
 
@@ -158,10 +164,11 @@ async def test_a_claim_owner_killed_mid_call_is_taken_over_once_its_claim_lapses
     log.info("claim owner killed: requests=%d", len(stub.requests))
 
 
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
 async def test_a_stream_killed_halfway_is_continued_not_asked_again(
-        devserver: DevServer, tmp_path: Path) -> None:
+        devserver: DevServer, tmp_path: Path, kind: Kind) -> None:
     cache = str(tmp_path / "llm-cache.sqlite3")
-    async with StubProvider("openai") as stub, workers(
+    async with StubProvider(kind) as stub, workers(
             devserver, stub, tmp_path, cache, "w1", "w2",
             CONNECT_WORKER_LLM_CLAIM_TTL="1.5") as procs:
         stub.script.extend([Reply(text=WORDS, stall_after=40), Reply(text=WORDS)])
@@ -185,11 +192,11 @@ async def test_a_stream_killed_halfway_is_continued_not_asked_again(
     first, retry = stub.requests
     assert retry.body["messages"][-1] == {"role": "user", "content": CONTINUE}
     assert retry.body["messages"][-2]["content"] == " ".join(WORDS.split()[:40]) + " "
-    assert retry.body["max_completion_tokens"] < first.body["max_completion_tokens"]
+    assert retry.body[MAX_TOKENS[kind]] < first.body[MAX_TOKENS[kind]]
     assert stub.generated == [40, 40]  # 80 tokens generated in all, not 40 + 80
     assert run.output["usage"]["output_tokens"] == 80
-    log.info("crash-resume: requests=%d generated=%s saved_output_tokens=%d",
-             len(stub.requests), stub.generated, 80 + 40 - sum(stub.generated))
+    log.info("crash-resume [%s]: requests=%d generated=%s saved_output_tokens=%d",
+             kind, len(stub.requests), stub.generated, 80 + 40 - sum(stub.generated))
 
 
 async def test_a_validator_rejecting_twice_gets_three_distinct_answers(
