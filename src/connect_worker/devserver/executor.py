@@ -504,11 +504,10 @@ class Executor:
             if ok:
                 dispatches[conn_id].acked_at = time.time()
                 acked.append(conn_id)  # in the order the ACKs were processed
-                if len(acked) == 1:  # the first ACK owns the lease
-                    self.gateway.dual_owners[request.request_id] = conn_id
-                    live = self.gateway.live.get(conn_id)
-                    self.core.leases.assign(request.request_id,
-                                            live.info.instance_id if live else None)
+                live = self.gateway.live.get(conn_id)
+                if len(acked) == 1 and live is not None:  # the first ACK owns the lease
+                    self.gateway.dual_owners[request.request_id] = live.info.instance_id
+                    self.core.leases.assign(request.request_id, live.info.instance_id)
             self.state.notify()
 
         tasks = [asyncio.create_task(forward(conn_id)) for conn_id in conn_ids]

@@ -123,8 +123,9 @@ class Gateway:
         self.urls: dict[str, str] = {}
         self.ports: dict[str, int] = {}
         self.draining_groups: set[str] = set()
-        # request_id -> conn_id owning the lease of a request forwarded twice
-        # (Faults.dual_dispatch): extensions from the other copy are NACKed.
+        # request_id -> instance owning the lease of a request forwarded twice
+        # (Faults.dual_dispatch): extensions from the other copy are NACKed. An instance,
+        # not a connection: the owner may extend over a newer connection after a drop.
         self.dual_owners: dict[str, str] = {}
         self._servers: list[Server] = []
         self._handlers: set[asyncio.Task[None]] = set()
@@ -517,8 +518,8 @@ class Gateway:
 
     async def _extend(self, conn: GatewayConnection, ext: pb.WorkerRequestExtendLeaseData) -> None:
         faults = self.state.faults
-        owner = self.dual_owners.get(ext.request_id, conn.info.conn_id)
-        if check(faults.nack_extensions, ext.request_id) or owner != conn.info.conn_id:
+        owner = self.dual_owners.get(ext.request_id, conn.info.instance_id)
+        if check(faults.nack_extensions, ext.request_id) or owner != conn.info.instance_id:
             new_id = None
         else:
             new_id = self.core.leases.extend(ext.request_id, ext.lease_id, conn.info.instance_id)

@@ -3,8 +3,8 @@
 Labels are provider, model and (for requests) outcome only: never run or step ids.
 Outcomes: ``ok`` (answered by the model), ``cached`` (answered by the result cache),
 ``waited`` (answered by another copy of the step that held the claim), ``resumed``
-(continued the partial answer of a crashed owner's or a broken attempt's stream), ``stopped`` (a stream stopped early on
-drain), ``fatal``, ``gave_up``, ``refused``.
+(continued the partial answer of a crashed owner's or a broken attempt's stream),
+``stopped`` (a stream stopped early on drain), ``fatal``, ``gave_up``, ``refused``.
 """
 
 from __future__ import annotations
