@@ -703,6 +703,7 @@ class Executor:
             core.buffer.forget_waiter(request_id)
             core.buffer.delete(request_id)
             core.leases.release(request_id)
+            self.gateway.dual_owners.pop(request_id, None)
             self.state.notify()
 
     async def _forward(
@@ -723,6 +724,15 @@ class Executor:
                 route = core.router.route(run.app_name, run.function_slug)
             if route.conn_id is None:
                 return route.error or ROUTE_FAILED
+            if self.state.faults.dual_dispatch > 0:
+                twin = core.router.route(run.app_name, run.function_slug,
+                                         exclude=frozenset({route.conn_id}))
+                if twin.conn_id is not None:
+                    self.state.faults.dual_dispatch -= 1
+                    if await self._forward_twice(run, item, request, attempt,
+                                                 (route.conn_id, twin.conn_id)):
+                        return None
+                    continue
             conn = self.gateway.live.get(route.conn_id)
             instance = conn.info.instance_id if conn else None
             core.leases.assign(request.request_id, instance)
@@ -748,6 +758,45 @@ class Executor:
             core.leases.assign(request.request_id, None)
             self.state.notify()
         return last_error
+
+    async def _forward_twice(self, run: Run, item: QueueItem,
+                             request: pb.GatewayExecutorRequestData, attempt: int,
+                             conn_ids: tuple[str, str]) -> bool:
+        """Faults.dual_dispatch: write the request to both connections at once. The
+        first WORKER_REQUEST_ACK owns the lease (the gateway NACKs the other copy's
+        extensions, so its worker cancels it); a reply from either copy is accepted,
+        the first one stored wins. True once either ACKed."""
+        dispatches = {
+            conn_id: Dispatch(request_id=request.request_id, job_id=item.job_id,
+                              run_id=run.run_id, function_slug=run.function_slug,
+                              step_id=item.step_id, attempt=item.attempt, conn_id=conn_id,
+                              forward_attempt=attempt, sent_at=time.time())
+            for conn_id in conn_ids}
+        self.state.dispatches.extend(dispatches.values())
+        self.state.notify()
+        acked: list[str] = []
+
+        async def forward(conn_id: str) -> None:
+            ok = await self.gateway.forward(conn_id, request)
+            dispatches[conn_id].outcome = "acked" if ok else "forward_failed"
+            if ok:
+                dispatches[conn_id].acked_at = time.time()
+                acked.append(conn_id)  # in the order the ACKs were processed
+                live = self.gateway.live.get(conn_id)
+                if len(acked) == 1 and live is not None:  # the first ACK owns the lease
+                    self.gateway.dual_owners[request.request_id] = live.info.instance_id
+                    self.core.leases.assign(request.request_id, live.info.instance_id)
+            self.state.notify()
+
+        tasks = [asyncio.create_task(forward(conn_id)) for conn_id in conn_ids]
+        for task in tasks:
+            # The second copy's ACK may still be on its way; it completes in the background.
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        pending: set[asyncio.Task[None]] = set(tasks)
+        while pending and not acked:
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        return bool(acked)
 
     async def _await_reply(
         self, request_id: str, reply: asyncio.Future[pb.SDKResponse], poke: asyncio.Event
