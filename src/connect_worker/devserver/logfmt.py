@@ -86,12 +86,23 @@ def reply(response: pb.SDKResponse) -> str:
         ops = json.loads(response.body or b"[]")
     except ValueError:
         ops = []
+    return f"{head}: {_said(ops)}"
+
+
+@_lazy
+def ops(opcodes: Any) -> str:
+    """An opcode list as ``step done 'a', step planned 'b'``."""
+    return _said(opcodes)
+
+
+def _said(opcodes: Any) -> str:
     said = [f"{_OPS.get(str(op.get('op')), op.get('op'))} "
             f"{op.get('displayName') or op.get('name') or str(op.get('id'))[:12]!r}"
-            for op in (ops if isinstance(ops, list) else []) if isinstance(op, dict)]
-    return f"{head}: {', '.join(said) or 'nothing to do'}"
+            for op in (opcodes if isinstance(opcodes, list) else []) if isinstance(op, dict)]
+    return ", ".join(said) or "nothing to do"
 
 
 _OPS = {"StepRun": "step done", "StepError": "step error (will retry)",
         "StepFailed": "step failed", "StepPlanned": "step planned", "Sleep": "sleep",
-        "WaitForEvent": "wait for event", "InvokeFunction": "invoke"}
+        "WaitForEvent": "wait for event", "InvokeFunction": "invoke", "Step": "step done",
+        "RunComplete": "function returned"}
