@@ -114,7 +114,7 @@ def format_run(run: dict[str, Any], now: float, *, requests: bool = False) -> li
         took = secs(step["duration"])
         if step["status"] == "running" and step["started_at"]:
             took = secs(now - step["started_at"]) + " so far"
-        rows.append([step["name"], step["status"], str(step["attempts"]), _worker(step),
+        rows.append([step["name"], step["status"], str(step["attempts"] or "-"), _worker(step),
                      clock(step["started_at"]), took, _reply(step["reply_via"])])
         notes[len(rows) - 1] = _step_notes(step)
     for req in run["running"]:

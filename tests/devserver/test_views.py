@@ -261,7 +261,25 @@ def test_steps_checkpointed_over_http_are_listed_with_their_worker() -> None:
     assert [(s["name"], s["status"], s["worker"], s["reply_via"]) for s in view["steps"]] == [
         ("fetch", "completed", "w-old", "checkpoint"), ("store", "completed", "w-old",
                                                         "checkpoint")]
+    # Each took the time since the request's previous checkpoint (or its ACK).
+    assert [round(s["duration"], 3) for s in view["steps"]] == [0.4, 1.0]
     assert view["requests"][0]["result"] == "function returned"
+
+
+def test_a_sleep_shows_when_it_began_and_how_long_it_was() -> None:
+    state, run = _records()
+    state.dispatches.append(Dispatch("Q1", "J1", "R1", "app-fn", "step", 0, "C2", 1, 10.0,
+                                     acked_at=10.1, replied_at=10.2, reply_via="ws",
+                                     outcome="replied"))
+    nap = {"op": "Sleep", "id": "S9", "displayName": "nap", "opts": {"duration": "2s"}}
+    state.replies.append(ReplyRecord(10.2, "ws", "C2", "Q1", _reply("Q1", [nap]),
+                                     stored=True))
+    run.history.append({"ts": 10.25, "type": "sleep", "step": "S9", "seconds": 2.0})
+    [sleeping] = run_view(state, run)["steps"]
+    assert (sleeping["name"], sleeping["status"], sleeping["ended_at"]) == ("nap", "sleep", None)
+    run.steps["S9"] = None  # woke up
+    [slept] = run_view(state, run)["steps"]
+    assert (slept["status"], slept["started_at"], slept["duration"]) == ("completed", 10.25, 2.0)
 
 
 async def test_a_step_whose_worker_vanished_says_why_it_is_still_running(

@@ -239,20 +239,27 @@ def run_view(state: DevState, run: Run, index: _Index | None = None) -> dict[str
             step.attempts += 1
             step.errors.append({"attempt": entry["attempt"], "worker": entry["worker"],
                                 "error": entry["result"]})
-    # History names planned steps (parallel) before any request reports them, and
-    # has the steps an SDK checkpointed over HTTP while its request kept running.
+    # History names planned steps (parallel) before any request reports them, has the
+    # steps an SDK checkpointed over HTTP while its request kept running, and when
+    # sleeps began and how long they were.
+    checkpointed_until: dict[str, float] = {}  # request_id -> its last checkpoint
     for h in run.history:
-        if h.get("type") == "step_planned" and h.get("step") in steps:
-            step = steps[h["step"]]
-            step.name = step.name or h.get("name")
-        elif h.get("type") == "step_completed" and str(h.get("step")) not in steps:
-            step = steps.setdefault(str(h.get("step")), _Step(str(h.get("step"))))
-            step.name, step.status, step.attempts = h.get("name"), "completed", 1
+        kind, sid = h.get("type"), str(h.get("step"))
+        if kind == "step_planned" and sid in steps:
+            steps[sid].name = steps[sid].name or h.get("name")
+        elif kind == "sleep" and sid in steps and isinstance(h.get("seconds"), int | float):
+            steps[sid].started_at = h["ts"]
+            steps[sid].ended_at = h["ts"] + h["seconds"] if sid in run.steps else None
+        elif kind == "step_completed" and sid not in steps:
+            step = steps[sid] = _Step(sid, name=h.get("name"), status="completed", attempts=1)
             step.ended_at = h.get("ts")
             step.reply_via = str(h.get("via") or "checkpoint")
             during = _request_at(requests, step.ended_at)
             if during is not None:
-                step.started_at = during["sent_at"]
+                # It ran after the request's previous checkpoint (or the request's start).
+                step.started_at = checkpointed_until.get(during["request_id"],
+                                                         during["acked_at"] or during["sent_at"])
+                checkpointed_until[during["request_id"]] = h["ts"]
                 step.requests.append(during["request_id"])
                 step.worker = {k: during[k] for k in ("conn_id", "worker", "app_version")}
     running = [e for e in requests if e["result"] == "running" and e["step_id"] is None]
