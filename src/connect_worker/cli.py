@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev = commands.add_parser(
         "dev", help="run the local Connect gateway (for development); its page is at "
         "http://127.0.0.1:8288/")
-    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1: this machine only)")
     dev.add_argument("--port", type=int, default=8288,
                      help="API port (start, flush, events, the page at /)")
     dev.add_argument("--gateway-port", type=int, default=8289, help="WebSocket gateway port")

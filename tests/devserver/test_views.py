@@ -324,3 +324,20 @@ async def test_a_step_handed_back_counts_as_an_attempt_of_that_step(
     assert step["attempts"] == 2 and step["status"] == "completed"
     assert step["errors"] == [{"attempt": 1, "worker": "scripted-1",
                                "error": "function error: StepAbandoned: w gave up"}]
+
+
+async def test_dual_dispatch_from_the_fault_endpoint_shows_both_workers(
+    devserver: DevServer,
+) -> None:
+    async with scripted_worker(devserver, replier=step_script(["once"]), instance_id="a") as a, \
+            scripted_worker(devserver, replier=step_script(["once"]), instance_id="b") as b:
+        await a.connect()
+        await b.connect()
+        assert (await _post(devserver, "/v1/faults/dual-dispatch")).status_code == 200
+        [run_id] = await devserver.send_event("test/evt")
+        await devserver.wait_for_run(run_id)
+        view = (await _get(devserver, f"/v1/runs/{run_id}"))["data"]["view"]
+    assert devserver.faults.dual_dispatch == 0
+    step = _steps(view)["once"]
+    assert sorted(step["copies"]) == ["a", "b"] and step["worker"] in ("a", "b")
+    assert sorted(view["requests"][0]["sent_to"]) == ["a", "b"]
