@@ -134,6 +134,9 @@ def run_view(state: DevState, run: Run, index: _Index | None = None) -> dict[str
     index = index or _Index.of(state)
     replies, vias = index.replies, index.vias
     by_request = index.dispatches.get(run.run_id, {})
+    # When the executor gave up on each (job, attempt): the end of a lost request.
+    gave_up = {(h.get("job_id"), h.get("attempt")): h["ts"] for h in run.history
+               if h.get("type") == "step_error"}
     requests: list[dict[str, Any]] = []
     steps: dict[str, _Step] = {}
     # job_id -> step that a request of that job reported (names a failed discovery call).
@@ -165,6 +168,7 @@ def run_view(state: DevState, run: Run, index: _Index | None = None) -> dict[str
             "replied_at": replied_at,
             "reply_via": "+".join(vias.get(request_id, [])) or last.reply_via,
             "outcome": outcome, "ops": [], "result": None,
+            "ended_at": replied_at,  # or when the executor gave up on it
         }
         if record is not None:
             status = record.response.status
@@ -217,6 +221,7 @@ def run_view(state: DevState, run: Run, index: _Index | None = None) -> dict[str
             entry["result"] = "lost: " + ("worker stopped responding (lease expired)"
                                           if outcome == "lease_lost"
                                           else "no worker ACKed the request")
+            entry["ended_at"] = gave_up.get((last.job_id, last.attempt))
         requests.append(entry)
     # Transport failures, error replies (a step handed back by a draining worker) and
     # in-flight requests: attribute them to the step their job ran.
@@ -239,6 +244,8 @@ def run_view(state: DevState, run: Run, index: _Index | None = None) -> dict[str
             step.attempts += 1
             step.errors.append({"attempt": entry["attempt"], "worker": entry["worker"],
                                 "error": entry["result"]})
+            # A step's time runs from its first attempt, retries included.
+            step.started_at = min(t for t in (step.started_at, entry["sent_at"]) if t)
     # History names planned steps (parallel) before any request reports them, has the
     # steps an SDK checkpointed over HTTP while its request kept running, and when
     # sleeps began and how long they were.
@@ -262,6 +269,8 @@ def run_view(state: DevState, run: Run, index: _Index | None = None) -> dict[str
                 checkpointed_until[during["request_id"]] = h["ts"]
                 step.requests.append(during["request_id"])
                 step.worker = {k: during[k] for k in ("conn_id", "worker", "app_version")}
+    for step in steps.values():
+        step.errors.sort(key=lambda e: e["attempt"])
     running = [e for e in requests if e["result"] == "running" and e["step_id"] is None]
     ended = run.ended_at
     return {
