@@ -125,7 +125,7 @@ def test_rolling_deploy_rehearsed_by_hand(gateway: Gateway, tmp_path: Path) -> N
     v2: subprocess.Popen[str] | None = None
     try:
         gateway.wait_for(r"connection ready: worker-v1 \(pipeline@v1")
-        sent = gateway.cli("send", "report/long", "--data", '{"sections": 3}')
+        sent = gateway.cli("send", "report/long", "--data", '{"sections": 4}')
         assert sent.returncode == 0, sent.stderr
         [run_id] = sent.stdout.split()
         assert is_ulid(run_id)
@@ -147,7 +147,7 @@ def test_rolling_deploy_rehearsed_by_hand(gateway: Gateway, tmp_path: Path) -> N
         assert "pipeline-long-report  completed" in text and run_id in text
         rows = {m.group(1): m.group(2, 3) for m in re.finditer(
             r"^\s+(section-\d)\s+completed\s+(\d+)\s+(worker-v\d \(v\d\))", text, re.M)}
-        assert set(rows) == {"section-0", "section-1", "section-2"}, text
+        assert set(rows) == {"section-0", "section-1", "section-2", "section-3"}, text
         assert all(attempts == "1" for attempts, _ in rows.values()), text
         assert {worker for _, worker in rows.values()} == {"worker-v1 (v1)",
                                                           "worker-v2 (v2)"}, text
