@@ -138,10 +138,10 @@ class UserLoop:
         job = _Job(coro, result, reply_to)
         self._inbox.put(job.start)
         try:
-            return await asyncio.shield(result)
+            # Cancelling the caller cancels ``result`` too; ``_resolve`` ignores it then.
+            return await result
         except asyncio.CancelledError:
-            if not result.done():
-                self._inbox.put(job.cancel)
+            self._inbox.put(job.cancel)
             raise
 
     def stop(self, timeout: float = 1.0) -> None:

@@ -37,13 +37,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import platform
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -90,6 +92,12 @@ PAUSE_SETTLE = 0.2
 # soon enough that the losing copy stops early, late enough that most short steps are
 # done before it and cost no extra frame.
 OWNERSHIP_CHECK_DELAY = 1.0
+# Per-step deadlines (ownership checks, reply ACKs) share one timer that fires at most
+# this often, so a deadline can be this late. See ``_Deadlines``.
+DEADLINE_GRANULARITY = 0.1
+# Lease extensions go out this many per socket write, with the event loop free between
+# batches (10,000 steps in flight must not stall heartbeats or new requests).
+EXTENSION_BATCH = 256
 # Hand-back replies at the drain deadline get this long to be acknowledged (socket or
 # flush) before the process exits: the platform's SIGKILL is close behind.
 HAND_BACK_TIMEOUT = 1.5
@@ -126,9 +134,13 @@ def is_fatal(exc: BaseException, consecutive_sync_failures: int = 0) -> bool:
     )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Step:
-    """An ACKed executor request, from ACK until its reply is delivered."""
+    """An ACKed executor request, from ACK until its reply is delivered.
+
+    Its task runs the SDK and sends the reply; the ACK wait after that is a deadline
+    (``_Deadlines``), not a waiting task: a step costs one task and no timer.
+    """
 
     request: ExecutorRequest
     lease_id: str
@@ -139,14 +151,56 @@ class Step:
     extending: bool = True
     # A successful extension proved the gateway counts this copy as the lease holder.
     confirmed: bool = False
-    ownership_check: asyncio.TimerHandle | None = None
     sent_on: Session | None = None
     delivered: bool = False
-    # Set when the reply is delivered or the socket that carried it closes; replaced by
-    # whoever waits on it again (one waiter at a time: the step's own task). Steps are
-    # plain asyncio tasks: they are the hot path, and the engine runs on asyncio anyway
-    # (websockets' asyncio client).
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # The flush fallback is running for this reply.
+    flushing: bool = False
+    # Set when the reply is delivered or the socket that carried it closes; only the
+    # hand-back (``_deliver``) and a flush between retries wait on it.
+    wake: asyncio.Event | None = None
+
+
+class _Deadlines:
+    """Per-step deadlines a fixed delay after being set, checked by one timer.
+
+    A timer per step (``call_later`` + ``cancel``) costs more than the rest of a short
+    step's bookkeeping. Here setting a deadline is a deque append (the deque stays in
+    deadline order because the delay is fixed), and one timer, firing at most every
+    ``DEADLINE_GRANULARITY`` seconds, hands the due keys to ``on_due``, which checks
+    whether each still matters (most steps are done long before).
+    """
+
+    def __init__(self, delay: float, on_due: Callable[[list[str]], None]) -> None:
+        self.delay = delay
+        self._on_due = on_due
+        self._due: deque[tuple[float, str]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, key: str) -> None:
+        loop = asyncio.get_running_loop()
+        at = loop.time() + self.delay
+        self._due.append((at, key))
+        if self._timer is None:
+            self._timer = loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = self._due
+        keys: list[str] = []
+        while due and due[0][0] <= now:
+            keys.append(due.popleft()[1])
+        if due:
+            self._timer = loop.call_at(max(due[0][0], now + DEADLINE_GRANULARITY), self._fire)
+        if keys:
+            self._on_due(keys)
+
+    def clear(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._due.clear()
 
 
 class Worker:
@@ -174,6 +228,12 @@ class Worker:
         self._step_tasks: set[asyncio.Task[None]] = set()
         self._due_checks: list[Step] = []  # early ownership checks to send now
         self._checks_task: asyncio.Task[None] | None = None
+        self._checks = _Deadlines(OWNERSHIP_CHECK_DELAY, self._check_ownership)
+        self._acks = _Deadlines(config.reply_ack_timeout, self._acks_overdue)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters = 0  # tasks in _wait_until (``_notify`` skips its work without them)
+        # After the drain gave up on its steps, replies still unacknowledged stay so.
+        self._closing = False
         self._current: Session | None = None
         self._sessions: list[Session] = []
         self._limiter: anyio.CapacityLimiter | None = None
@@ -227,8 +287,14 @@ class Worker:
     async def run(self) -> int:
         """Serve until shut down; returns the process exit code."""
         self._stop = anyio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
         # One worker per process drains once; a new run (embedding, tests) starts clear.
         draining().clear()
+        # Everything loaded so far (the SDK, the user's apps) lives as long as the
+        # process: out of the collector's sight, every collection is cheaper.
+        gc.collect()
+        gc.freeze()
         if self._changed is None:
             self._changed = anyio.Event()
         if self.config.max_worker_concurrency:
@@ -255,6 +321,8 @@ class Worker:
                 tg.cancel_scope.cancel()
         finally:
             self._tg = None
+            self._checks.clear()
+            self._acks.clear()
             self.metrics.set_connection_state("disconnected")
             with anyio.CancelScope(shield=True):
                 await self._api.aclose()
@@ -266,15 +334,18 @@ class Worker:
 
     def _notify(self) -> None:
         """Wake everything waiting in ``_wait_until`` (usually nobody: skip the work)."""
-        changed = self._changed
-        if changed is not None and changed.statistics().tasks_waiting:
-            changed.set()
+        if self._waiters and self._changed is not None:
+            self._changed.set()
             self._changed = anyio.Event()
 
     async def _wait_until(self, predicate: Callable[[], bool]) -> None:
         while not predicate():
             assert self._changed is not None
-            await self._changed.wait()
+            self._waiters += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiters -= 1
 
     def _live_session(self) -> Session | None:
         """The newest session that can carry extensions and replies."""
@@ -382,11 +453,14 @@ class Worker:
         # Replies still waiting for an ACK go out again on the new socket at once, and
         # steps whose lease was never confirmed (ACKed just before the old socket left
         # READY: the gateway may have re-routed them) are checked now.
-        for step in list(self._steps.values()):
-            if step.reply is not None and not step.delivered:
-                await self._send_reply(step, session)
-            elif step.reply is None and step.extending and not step.confirmed:
-                await self._send_extension(session, step)
+        unconfirmed: list[Step] = []
+        with session.corked():
+            for step in list(self._steps.values()):
+                if step.reply is not None and not step.delivered:
+                    self._send_reply(step, session)
+                elif step.reply is None and step.extending and not step.confirmed:
+                    unconfirmed.append(step)
+        await self._send_extensions(session, unconfirmed)
         for stale in old:
             self._sessions.remove(stale)
             if not stale.closed.is_set():
@@ -404,29 +478,35 @@ class Worker:
         if self._current is session:
             self._current = None
             self.metrics.set_connection_state("disconnected")
-        for step in self._steps.values():
+        for step in list(self._steps.values()):
             if step.sent_on is session and not step.delivered:
-                step.wake.set()  # its reply goes to the flush (and the next session) now
+                # Its reply goes to the flush (and to the next session) now.
+                if step.wake is not None:
+                    step.wake.set()  # the hand-back's _deliver (or a flush) moves on
+                else:
+                    self._start_flush(step)
         self._notify()
 
     # ----- gateway events ------------------------------------------------------------
 
-    async def handle_event(self, session: Session, received: GatewayEvent) -> None:
-        if isinstance(received, ExecutorRequest):
-            await self._on_request(session, received)
-        elif isinstance(received, LeaseExtended):
-            self._on_lease_extended(received)
-        elif isinstance(received, ReplyAck):
-            self._on_reply_ack(received)
+    def handle_event(self, session: Session, received: GatewayEvent) -> None:
+        """One decoded frame, in the socket's read callback (see ``Session._on_frame``)."""
+        kind = type(received)
+        if kind is ExecutorRequest:
+            self._on_request(session, received)  # type: ignore[arg-type]
+        elif kind is ReplyAck:
+            self._on_reply_ack(received)  # type: ignore[arg-type]
+        elif kind is LeaseExtended:
+            self._on_lease_extended(received)  # type: ignore[arg-type]
         # CONNECTION_READY is consumed by the handshake; heartbeats and GATEWAY_CLOSING
         # are handled by the session and the supervisor; unknown kinds are ignored.
 
-    async def _on_request(self, session: Session, request: ExecutorRequest) -> None:
+    def _on_request(self, session: Session, request: ExecutorRequest) -> None:
         existing = self._steps.get(request.request_id)
         if existing is not None:
             # The same dispatch again (our ACK got lost): confirm it, never run it twice.
             if session.conn.accepts_work:
-                await session.send(lambda conn: conn.ack(request))
+                session.send_now(WorkerConnection.ack, request)
             return
         if self._draining or not session.conn.accepts_work:
             # Not acking makes the gateway re-route it at once (it fails un-ACKed
@@ -435,18 +515,17 @@ class Worker:
             event(log, "request.not_acked", level=logging.DEBUG, conn_id=session.id,
                   request_id=request.request_id, reason="paused")
             return
-        if not await session.send(lambda conn: conn.ack(request)):
+        if not session.send_now(WorkerConnection.ack, request):
             return  # never acked: the gateway re-routes it
-        self._last_ack_at = time.monotonic()
+        now = time.monotonic()
+        self._last_ack_at = now
         self.metrics.requests_acked_total.inc()
-        step = Step(request=request, lease_id=request.lease_id, started_at=time.monotonic())
+        step = Step(request, request.lease_id, now)
         self._steps[request.request_id] = step
         self._notify()
-        loop = asyncio.get_running_loop()
-        step.ownership_check = loop.call_later(
-            OWNERSHIP_CHECK_DELAY, self._check_ownership, step
-        )
-        task = loop.create_task(self._run_step(step))
+        self._checks.add(request.request_id)
+        assert self._loop is not None
+        task = self._loop.create_task(self._run_step(step))
         step.task = task
         self._step_tasks.add(task)
         task.add_done_callback(self._step_done)
@@ -462,18 +541,22 @@ class Worker:
         self._fatal = exc
         self.abort()
 
-    def _check_ownership(self, step: Step) -> None:
-        """The early extension of one step (a timer callback; see the module docstring)."""
-        step.ownership_check = None
-        finished = step.task is None or step.task.done()
-        if finished or step.reply is not None or step.confirmed or not step.extending:
-            return
+    def _check_ownership(self, request_ids: list[str]) -> None:
+        """The early extensions that are due (see the module docstring and ``_Deadlines``)."""
         if self._tg is None:  # the worker has stopped
             return
+        steps = self._steps
+        for request_id in request_ids:
+            step = steps.get(request_id)
+            if step is None or step.reply is not None or step.confirmed or not step.extending:
+                continue
+            if step.task is None or step.task.done():
+                continue
+            self._due_checks.append(step)
         # Checks due together (a burst of dispatches) go out from one task.
-        self._due_checks.append(step)
-        if self._checks_task is None:
-            self._checks_task = asyncio.get_running_loop().create_task(self._send_checks())
+        if self._due_checks and self._checks_task is None:
+            assert self._loop is not None
+            self._checks_task = self._loop.create_task(self._send_checks())
 
     async def _send_checks(self) -> None:
         try:
@@ -482,16 +565,27 @@ class Worker:
                 session = self._live_session()
                 if session is None:
                     return  # the next session checks every unconfirmed step on activation
-                for step in due:
-                    if step.reply is None and not step.confirmed and step.extending:
-                        await self._send_extension(session, step)
+                await self._send_extensions(session, [
+                    step for step in due
+                    if step.reply is None and not step.confirmed and step.extending
+                ])
         finally:
             self._checks_task = None
 
-    async def _send_extension(self, session: Session, step: Step) -> None:
-        await session.send(partial(
-            WorkerConnection.extend_lease, request=step.request, lease_id=step.lease_id,
-        ))
+    async def _send_extensions(self, session: Session, steps: Sequence[Step]) -> None:
+        """Extend the leases of ``steps``: ``EXTENSION_BATCH`` frames per socket write,
+        the event loop free between batches."""
+        for start in range(0, len(steps), EXTENSION_BATCH):
+            if start:
+                await asyncio.sleep(0)
+            with session.corked():
+                for step in steps[start : start + EXTENSION_BATCH]:
+                    if step.delivered or not step.extending:
+                        continue
+                    if not session.send_now(
+                        WorkerConnection.extend_lease, step.request, step.lease_id
+                    ):
+                        return
 
     def _on_lease_extended(self, ack: LeaseExtended) -> None:
         step = self._steps.get(ack.request_id)
@@ -535,7 +629,8 @@ class Worker:
         if step.delivered:
             return
         step.delivered = True
-        step.wake.set()
+        if step.wake is not None:
+            step.wake.set()
         self._steps.pop(step.request.request_id, None)
         self._notify()
 
@@ -553,20 +648,17 @@ class Worker:
                                             outcome="lease_lost").inc()
             self._notify()
             return
-        if step.ownership_check is not None:
-            step.ownership_check.cancel()
-            step.ownership_check = None
         duration = time.monotonic() - step.started_at
-        self.metrics.steps_total.labels(function=request.function_slug,
-                                        outcome=outcome.label).inc()
-        self.metrics.step_duration_seconds.labels(function=request.function_slug).observe(duration)
-        step.outcome = outcome.label
+        label = outcome.label
+        self.metrics.step_finished(request.function_slug, label, duration)
+        step.outcome = label
         step.reply = self._reply(request, outcome)
-        event(log, "step.finished", level=logging.DEBUG, request_id=request.request_id,
-              function=request.function_slug, outcome=outcome.label,
-              duration=round(duration, 3))
+        if log.isEnabledFor(logging.DEBUG):
+            event(log, "step.finished", level=logging.DEBUG, request_id=request.request_id,
+                  function=request.function_slug, outcome=label,
+                  duration=round(duration, 3))
         self._notify()
-        await self._deliver(step)
+        self._send_or_flush(step)
 
     @staticmethod
     def _reply(request: ExecutorRequest, outcome: Outcome) -> bytes:
@@ -590,23 +682,50 @@ class Worker:
             log.exception("the SDK failed to run request %s", request.request_id)
             return error_outcome("ExecutionError", "connect_worker could not run the step")
 
-    async def _send_reply(self, step: Step, session: Session) -> bool:
+    def _send_reply(self, step: Step, session: Session) -> bool:
+        """Write the reply on ``session``; its ACK is then due within reply_ack_timeout."""
         reply = step.reply
         assert reply is not None
         if not session.conn.live:
             return False
-        if await session.send(lambda conn: conn.reply(reply)):
+        if session.send_now(WorkerConnection.reply, reply):
             step.sent_on = session
             self.metrics.replies_sent_total.inc()
+            if step.wake is None:  # the hand-back's _deliver waits for the ACK itself
+                self._acks.add(step.request.request_id)
             return True
         return False
 
-    async def _deliver(self, step: Step, *, ack_timeout: float | None = None) -> None:
-        """Get the reply acknowledged: socket first, flush when the ACK does not come."""
+    def _send_or_flush(self, step: Step) -> None:
+        """Send the reply on the newest live socket, else hand it to the flush at once."""
         session = self._live_session()
-        if session is not None and await self._send_reply(step, session):
+        if session is None or not self._send_reply(step, session):
+            self._start_flush(step)
+
+    def _acks_overdue(self, request_ids: list[str]) -> None:
+        """Replies whose ACK did not come in time go to the flush."""
+        steps = self._steps
+        for request_id in request_ids:
+            step = steps.get(request_id)
+            if step is not None and step.reply is not None and step.wake is None:
+                self._start_flush(step)
+
+    def _start_flush(self, step: Step) -> None:
+        if step.delivered or step.flushing or self._closing or self._tg is None:
+            return
+        assert self._loop is not None
+        step.flushing = True
+        task = self._loop.create_task(self._flush(step))
+        self._step_tasks.add(task)
+        task.add_done_callback(self._step_done)
+
+    async def _deliver(self, step: Step, *, ack_timeout: float) -> None:
+        """Get a hand-back reply acknowledged: socket first, flush when no ACK comes."""
+        step.wake = asyncio.Event()
+        session = self._live_session()
+        if session is not None and self._send_reply(step, session):
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(ack_timeout or self.config.reply_ack_timeout):
+                async with asyncio.timeout(ack_timeout):
                     await step.wake.wait()
         if not step.delivered:
             await self._flush(step)
@@ -614,26 +733,30 @@ class Worker:
     async def _flush(self, step: Step) -> None:
         """POST the reply to /v0/connect/flush until accepted or acknowledged another way."""
         assert self._api is not None and step.reply is not None
-        delays = backoff_delays(0.1, FLUSH_MAX_BACKOFF)
-        while not step.delivered:
-            try:
-                await self._api.flush(step.reply)
-            except ConnectWorkerError as exc:
-                self.metrics.flushes_total.labels(outcome="error").inc()
-                delay = next(delays)
-                event(log, "reply.flush_failed", level=logging.WARNING,
-                      request_id=step.request.request_id, error=str(exc),
-                      retry_in=round(delay, 3))
-                step.wake = asyncio.Event()
-                if not step.delivered:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(delay):
-                            await step.wake.wait()
-                continue
-            self.metrics.flushes_total.labels(outcome="ok").inc()
-            event(log, "reply.flushed", request_id=step.request.request_id,
-                  function=step.request.function_slug, draining=self._draining)
-            self._delivered(step)
+        step.flushing = True
+        try:
+            delays = backoff_delays(0.1, FLUSH_MAX_BACKOFF)
+            while not step.delivered:
+                try:
+                    await self._api.flush(step.reply)
+                except ConnectWorkerError as exc:
+                    self.metrics.flushes_total.labels(outcome="error").inc()
+                    delay = next(delays)
+                    event(log, "reply.flush_failed", level=logging.WARNING,
+                          request_id=step.request.request_id, error=str(exc),
+                          retry_in=round(delay, 3))
+                    step.wake = asyncio.Event()
+                    if not step.delivered:
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(delay):
+                                await step.wake.wait()
+                    continue
+                self.metrics.flushes_total.labels(outcome="ok").inc()
+                event(log, "reply.flushed", request_id=step.request.request_id,
+                      function=step.request.function_slug, draining=self._draining)
+                self._delivered(step)
+        finally:
+            step.flushing = False
 
     async def _extend_leases(self) -> None:
         while True:
@@ -645,12 +768,9 @@ class Worker:
             session = self._live_session()
             if session is None:
                 continue  # leases outlive a reconnect; the next session extends them
-            for step in list(self._steps.values()):
-                if step.extending and not step.delivered:
-                    await session.send(partial(
-                        WorkerConnection.extend_lease, request=step.request,
-                        lease_id=step.lease_id,
-                    ))
+            await self._send_extensions(session, [
+                step for step in self._steps.values() if step.extending and not step.delivered
+            ])
 
     async def _report_status(self, session: Session) -> None:
         """WORKER_STATUS at the interval the gateway asked for (it only logs them today)."""
@@ -729,6 +849,10 @@ class Worker:
                 ))
                 handed_back.append(step)
         self.metrics.steps_abandoned_total.inc(len(steps))
+        # Unacknowledged replies that are not handed back stay unacknowledged: no more
+        # flushes for them (the hand-back below delivers its own replies).
+        self._closing = True
+        self._acks.clear()
         for task in list(self._step_tasks):
             task.cancel()  # the user task on the user loop gets the cancellation too
         if self._step_tasks:
@@ -752,8 +876,7 @@ class Worker:
         session = self._live_session()
         if not unconfirmed or session is None:
             return
-        for step in unconfirmed:
-            await self._send_extension(session, step)
+        await self._send_extensions(session, unconfirmed)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(OWNERSHIP_ANSWER_TIMEOUT):
                 await self._wait_until(
