@@ -8,6 +8,7 @@ user loop (see ``userloop.py``) with ``connect_worker.context.current_request()`
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextvars
 import json
@@ -156,6 +157,10 @@ class Executor:
     async def execute(self, request: ExecutorRequest) -> Outcome:
         """Run ``request`` on the user loop; cancelling this cancels the user task."""
         return await self.user_loop.run(self._call(request))
+
+    def submit(self, request: ExecutorRequest) -> asyncio.Future[Outcome]:
+        """Start ``request`` on the user loop; cancelling the future cancels the user task."""
+        return self.user_loop.submit(self._call(request))
 
     async def _call(self, request: ExecutorRequest) -> Outcome:
         handler = self._handlers[request.app_name]

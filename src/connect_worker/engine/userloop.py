@@ -52,10 +52,11 @@ class _Job(Generic[T]):
     """One coroutine crossing the bridge: runs on the user loop, resolves on the engine's."""
 
     def __init__(self, coro: Coroutine[Any, Any, T], result: asyncio.Future[T],
-                 reply_to: _Inbox) -> None:
+                 reply_to: _Inbox, user: _Inbox) -> None:
         self._coro = coro
         self._result = result
         self._reply_to = reply_to
+        self._user = user
         self._task: asyncio.Task[T] | None = None
         self._cancelled = False
 
@@ -66,6 +67,10 @@ class _Job(Generic[T]):
             return
         self._task = asyncio.get_running_loop().create_task(self._coro)
         self._task.add_done_callback(self._done)
+
+    def result_done(self, result: asyncio.Future[T]) -> None:  # on the engine loop
+        if result.cancelled():
+            self._user.put(self.cancel)
 
     def cancel(self) -> None:  # on the user loop
         self._cancelled = True
@@ -125,24 +130,29 @@ class UserLoop:
             self._thread.start()
             self._ready.wait()
 
-    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the user loop and await it from the calling loop.
+    def submit(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Start ``coro`` on the user loop; its outcome arrives in the returned future,
+        which belongs to the calling loop. Cancelling that future cancels the user task.
 
-        Cancelling the caller cancels the user task.
+        A future and a callback instead of a task awaiting one: the engine needs no task
+        per step.
         """
         engine = asyncio.get_running_loop()
         reply_to = self._replies.get(engine)
         if reply_to is None:
             reply_to = self._replies[engine] = _Inbox(engine)
         result: asyncio.Future[T] = engine.create_future()
-        job = _Job(coro, result, reply_to)
+        job = _Job(coro, result, reply_to, self._inbox)
+        result.add_done_callback(job.result_done)
         self._inbox.put(job.start)
-        try:
-            # Cancelling the caller cancels ``result`` too; ``_resolve`` ignores it then.
-            return await result
-        except asyncio.CancelledError:
-            self._inbox.put(job.cancel)
-            raise
+        return result
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the user loop and await it from the calling loop.
+
+        Cancelling the caller cancels the user task.
+        """
+        return await self.submit(coro)
 
     def stop(self, timeout: float = 1.0) -> None:
         """Stop the loop (running user tasks are abandoned; the thread is a daemon)."""

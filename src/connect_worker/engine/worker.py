@@ -1,7 +1,7 @@
 """The worker: supervisor, in-flight steps, reply delivery, lease extension and drain.
 
-Task tree (an anyio task group for the long-lived tasks; steps are asyncio tasks the
-worker tracks and cancels at the drain deadline)::
+Task tree (an anyio task group for the long-lived tasks; steps are futures the worker
+tracks and cancels at the drain deadline)::
 
     Worker.run
     ├─ supervisor      start -> WebSocket -> handshake -> READY (or PAUSE when draining);
@@ -10,7 +10,8 @@ worker tracks and cancels at the drain deadline)::
     ├─ lease extender  every extend interval, each unfinished step's newest lease id,
     │                  over the newest live session; plus one early ownership check per
     │                  step (below)
-    ├─ one task per step: ACKed request -> SDK on the user loop -> reply -> delivered
+    ├─ steps (no task each): ACKed in the read callback -> SDK on the user loop (a
+    │                  future) -> reply sent from its callback -> ACK or flush (a task)
     ├─ status reports  WORKER_STATUS, only when the gateway asks for them
     └─ drain           on request: stop acking, PAUSE, wait for every step's reply to be
                        acknowledged (WORKER_REPLY_ACK or flush 200) within the deadline,
@@ -138,14 +139,16 @@ def is_fatal(exc: BaseException, consecutive_sync_failures: int = 0) -> bool:
 class Step:
     """An ACKed executor request, from ACK until its reply is delivered.
 
-    Its task runs the SDK and sends the reply; the ACK wait after that is a deadline
-    (``_Deadlines``), not a waiting task: a step costs one task and no timer.
+    No task per step: the SDK's outcome arrives in a future's callback, which sends the
+    reply; the ACK wait after that is a deadline (``_Deadlines``), not a waiting task.
     """
 
     request: ExecutorRequest
     lease_id: str
     started_at: float
-    task: asyncio.Task[None] | None = None
+    # The SDK's run of the request on the user loop (None while queued behind
+    # max_worker_concurrency); cancelling it cancels the user task.
+    task: asyncio.Future[Outcome] | None = None
     reply: bytes | None = None
     outcome: str = "running"
     extending: bool = True
@@ -225,7 +228,10 @@ class Worker:
         self._executor = Executor(apps, app_version=config.app_version)
         self._api: GatewayAPI | None = None
         self._steps: dict[str, Step] = {}
-        self._step_tasks: set[asyncio.Task[None]] = set()
+        # Steps running in the SDK (futures) and reply flushes (tasks): the drain's to cancel.
+        self._step_tasks: set[asyncio.Future[Any]] = set()
+        self._running = 0  # steps in the SDK, for max_worker_concurrency
+        self._queued: deque[Step] = deque()  # ACKed, waiting for max_worker_concurrency
         self._due_checks: list[Step] = []  # early ownership checks to send now
         self._checks_task: asyncio.Task[None] | None = None
         self._checks = _Deadlines(OWNERSHIP_CHECK_DELAY, self._check_ownership)
@@ -236,7 +242,6 @@ class Worker:
         self._closing = False
         self._current: Session | None = None
         self._sessions: list[Session] = []
-        self._limiter: anyio.CapacityLimiter | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._stop: anyio.Event | None = None
         self._changed: anyio.Event | None = None
@@ -297,8 +302,6 @@ class Worker:
         gc.freeze()
         if self._changed is None:
             self._changed = anyio.Event()
-        if self.config.max_worker_concurrency:
-            self._limiter = anyio.CapacityLimiter(self.config.max_worker_concurrency)
         if self._stop_requested:
             self._stop.set()
         self.metrics.set_build_info(
@@ -524,13 +527,16 @@ class Worker:
         self._steps[request.request_id] = step
         self._notify()
         self._checks.add(request.request_id)
-        assert self._loop is not None
-        task = self._loop.create_task(self._run_step(step))
-        step.task = task
-        self._step_tasks.add(task)
-        task.add_done_callback(self._step_done)
+        outcome = self._executor.check_served(request)
+        if outcome is not None:
+            self._finish(step, outcome)
+        elif (self.config.max_worker_concurrency
+              and self._running >= self.config.max_worker_concurrency):
+            self._queued.append(step)
+        else:
+            self._execute(step)
 
-    def _step_done(self, task: asyncio.Task[None]) -> None:
+    def _step_done(self, task: asyncio.Future[Any]) -> None:
         self._step_tasks.discard(task)
         if task.cancelled() or task.exception() is None:
             return
@@ -550,8 +556,8 @@ class Worker:
             step = steps.get(request_id)
             if step is None or step.reply is not None or step.confirmed or not step.extending:
                 continue
-            if step.task is None or step.task.done():
-                continue
+            if step.task is not None and step.task.done():
+                continue  # cancelled or failed: nothing to check
             self._due_checks.append(step)
         # Checks due together (a burst of dispatches) go out from one task.
         if self._due_checks and self._checks_task is None:
@@ -601,12 +607,15 @@ class Worker:
         self.metrics.lease_extensions_total.labels(outcome="nack").inc()
         step.extending = False
         self._notify()
-        if step.reply is None and step.task is not None:
+        if step.reply is None and step.outcome != "lease_lost":
             # Another copy holds the lease (a re-route race, or ours expired): stop, and
             # send no reply; that copy's reply is the one Inngest uses.
             request = step.request
             step.outcome = "lease_lost"
-            step.task.cancel()
+            if step.task is not None:
+                step.task.cancel()  # _step_returned drops the step
+            else:  # still queued: it never starts
+                self._lease_lost(step)
             event(log, "step.lease_lost", level=logging.WARNING,
                   request_id=request.request_id, run_id=request.run_id,
                   function=request.function_slug, step_id=self._step_name(step),
@@ -636,18 +645,45 @@ class Worker:
 
     # ----- steps ---------------------------------------------------------------------
 
-    async def _run_step(self, step: Step) -> None:
+    def _execute(self, step: Step) -> None:
+        """Start the step in the SDK; ``_step_returned`` gets its outcome."""
+        self._running += 1
+        future = self._executor.submit(step.request)
+        step.task = future
+        self._step_tasks.add(future)
+        future.add_done_callback(partial(self._step_returned, step))
+
+    def _step_returned(self, step: Step, future: asyncio.Future[Outcome]) -> None:
+        self._step_tasks.discard(future)
+        self._running -= 1
+        while self._queued and not self._closing:
+            queued = self._queued.popleft()
+            if queued.outcome != "lease_lost":
+                self._execute(queued)
+                break
+        if future.cancelled():
+            if step.outcome == "lease_lost":
+                self._lease_lost(step)
+            return  # else the drain gave up on it (it reports the step)
+        exc = future.exception()
+        if exc is not None:
+            request_id = step.request.request_id
+            log.error("the SDK failed to run request %s", request_id, exc_info=exc)
+            outcome = error_outcome("ExecutionError", "connect_worker could not run the step")
+        else:
+            outcome = future.result()
+        self._finish(step, outcome)
+
+    def _lease_lost(self, step: Step) -> None:
         request = step.request
-        try:
-            outcome = self._executor.check_served(request) or await self._execute(request)
-        except asyncio.CancelledError:
-            if step.outcome != "lease_lost":
-                raise
-            self._steps.pop(request.request_id, None)
-            self.metrics.steps_total.labels(function=request.function_slug,
-                                            outcome="lease_lost").inc()
-            self._notify()
-            return
+        self._steps.pop(request.request_id, None)
+        self.metrics.steps_total.labels(function=request.function_slug,
+                                        outcome="lease_lost").inc()
+        self._notify()
+
+    def _finish(self, step: Step, outcome: Outcome) -> None:
+        """The SDK answered: build the reply and send it."""
+        request = step.request
         duration = time.monotonic() - step.started_at
         label = outcome.label
         self.metrics.step_finished(request.function_slug, label, duration)
@@ -671,16 +707,6 @@ class Worker:
             sdk_version=outcome.sdk_version,
             request_version=outcome.request_version,
         )
-
-    async def _execute(self, request: ExecutorRequest) -> Outcome:
-        try:
-            if self._limiter is None:
-                return await self._executor.execute(request)
-            async with self._limiter:
-                return await self._executor.execute(request)
-        except Exception:
-            log.exception("the SDK failed to run request %s", request.request_id)
-            return error_outcome("ExecutionError", "connect_worker could not run the step")
 
     def _send_reply(self, step: Step, session: Session) -> bool:
         """Write the reply on ``session``; its ACK is then due within reply_ack_timeout."""
