@@ -151,21 +151,29 @@ class _Connection(ClientConnection):
         try:
             yield
         finally:
-            out, self._corked = self._corked, None
-            if out and not self.transport.is_closing():
-                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.uncork()
 
     def write_binary(self, payload: bytes) -> bool:
-        """Queue one binary message; False when the connection is not open."""
+        """Queue one binary message; False when the connection is not open.
+
+        Outside a ``corked`` block, frames written during one event-loop iteration go
+        out together at the start of the next (replies finishing in one batch: one
+        system call).
+        """
         if self.protocol.state is not WsState.OPEN:
             return False
-        frame = client_frame(payload)
         corked = self._corked
-        if corked is not None:
-            corked.append(frame)
-        else:
-            self.transport.write(frame)
+        if corked is None:
+            corked = self._corked = []
+            self.loop.call_soon(self.uncork)
+        corked.append(client_frame(payload))
         return True
+
+    def uncork(self) -> None:
+        """Write what is held now."""
+        out, self._corked = self._corked, None
+        if out and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
 class Session:
@@ -377,6 +385,7 @@ class Session:
         """Close with code 1000 and ``reason``; never raises."""
         if self.conn.state is not State.CLOSED:
             self.conn.close()
+        self._ws.uncork()  # frames sent before the close frame go out before it
         with anyio.move_on_after(3, shield=True):
             try:
                 await self._ws.close(1000, reason)
