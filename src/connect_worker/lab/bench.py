@@ -25,8 +25,18 @@ Each worker is a subprocess of its own, so its CPU time and RSS are its own
 - devserver CPU ms per run: this process (devserver + driver) over the
   measured runs, for context: on a small machine it is the bottleneck.
 
+``--scale N`` measures something else, for each worker: a burst of N runs whose one
+step awaits ``asyncio.sleep(--hold)`` (60 s), so N steps are in flight at once, with the
+gateway's production timings (lease 120 s, extension every 30 s, heartbeat 10 s). It
+reports the burst's dispatch->ack latencies, RSS per step in flight, the worker's
+event-loop lag while holding them (a 50 ms probe on its main loop), the largest gap
+between a step's lease renewals (ACK, extensions, reply) and between heartbeats as the
+gateway saw them, and the worker's CPU per lease extension (all its CPU while holding,
+divided by the extensions it sent meanwhile: an upper bound).
+
 Internal modes (used by the bench itself): ``sdk-worker`` runs the official
-client, ``sdk-cost`` measures the SDK execution cost.
+client, ``cw-worker`` runs connect_worker as ``connect_worker run`` does plus the lag
+probe, ``sdk-cost`` measures the SDK execution cost.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -426,6 +437,253 @@ def _progress(text: str) -> None:
     sys.stderr.flush()
 
 
+# -- --scale N -------------------------------------------------------------------
+
+LAG_INTERVAL = 0.05
+LAG_FILE_ENV = "CONNECT_WORKER_BENCH_LAG_FILE"
+
+
+class LagProbe:
+    """How late the event loop wakes from a 50 ms sleep, with when (unix time)."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(LAG_INTERVAL)
+            self.samples.append((time.time(), loop.time() - start - LAG_INTERVAL))
+
+    def write(self) -> None:
+        path = os.environ.get(LAG_FILE_ENV)
+        if path:
+            Path(path).write_text(json.dumps(self.samples))
+
+
+@dataclass
+class ScaleSample:
+    """One worker holding ``steps`` steps in flight."""
+
+    worker: str
+    steps: int
+    hold_s: float
+    acked: int
+    ack_p50_ms: float
+    ack_p99_ms: float
+    ack_max_ms: float
+    burst_s: float  # first dispatch -> last ACK
+    idle_rss_mb: float
+    held_rss_mb: float
+    rss_kb_per_step: float
+    lag_p50_ms: float
+    lag_p99_ms: float
+    lag_max_ms: float
+    heartbeat_max_gap_s: float
+    extensions: int
+    extension_max_gap_s: float  # largest gap between renewals of one step's lease
+    leases_lapsed: int  # gaps longer than the lease
+    hold_cpu_ms: float
+    cpu_us_per_extension: float
+    cpu_ms_per_step: float  # all worker CPU from the burst to the last run's end, / steps
+    completed: int
+    failed: int
+    exit_code: int | None
+    note: str = ""
+
+
+async def _poll(predicate: Any, bound: float, every: float = 0.25) -> bool:
+    """Poll ``predicate`` until true or ``bound`` seconds passed. Polling, not the
+    devserver's wait_for: that re-evaluates on every state change, and a predicate over
+    10,000 dispatches evaluated 10,000 times is quadratic."""
+    deadline = time.monotonic() + bound
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(every)
+    return True
+
+
+def _max_gap(times: Sequence[float]) -> float:
+    ordered = sorted(times)
+    return max((b - a for a, b in itertools.pairwise(ordered)), default=0.0)
+
+
+async def measure_scale(kind: str, args: argparse.Namespace, log_dir: Path) -> ScaleSample:
+    from ..devserver import DevServer, DevServerConfig, RunStatus
+    from ..devserver.state import Dispatch
+    from .bench_app import WAIT_EVENT
+
+    n, hold = args.scale, args.hold
+    instance_id = f"bench-scale-{kind}"
+    cfg = DevServerConfig(interval_format="seconds")  # production timings otherwise
+    lag_path = log_dir / f"{instance_id}.lag.json"
+    env = _worker_env("", instance_id)
+    command = ([sys.executable, "-m", "connect_worker.lab.bench", "cw-worker"] if kind == CW
+               else _worker_command(kind, instance_id))
+    note = ""
+    async with DevServer(cfg) as dev:
+        env.update(_worker_env(dev.api_url, instance_id))
+        env[LAG_FILE_ENV] = str(lag_path)
+        log_path = log_dir / f"{instance_id}.log"
+        with log_path.open("wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *command, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file, stderr=log_file,
+            )
+        pid = proc.pid
+        try:
+            try:
+                conn = await dev.wait_for_connection(lambda c: c.instance_id == instance_id,
+                                                    timeout=args.timeout)
+            except TimeoutError:
+                raise RuntimeError(
+                    f"{kind} did not connect; its output:\n{log_path.read_text()[-4000:]}"
+                ) from None
+            await asyncio.sleep(args.settle)
+            idle_rss = proc_status_kb(pid, "VmRSS")
+
+            first = len(dev.dispatches)
+            cpu0, t0 = proc_cpu_seconds(pid), time.time()
+            run_ids: list[str] = []
+            for _ in range(n):
+                run_ids.extend(await dev.send_event(WAIT_EVENT, {"seconds": hold}))
+            wanted = set(run_ids)
+
+            def burst() -> list[Dispatch]:
+                return [d for d in dev.dispatches[first:] if d.run_id in wanted
+                        and d.step_id == "step"]
+
+            def all_acked() -> bool:
+                return bool(sum(d.acked_at is not None for d in burst()) >= n)
+
+            # The SDK client may not keep up; whatever it ACKs in the bound is reported.
+            if not await _poll(all_acked, min(hold / 2, 120.0)):
+                note = "not every dispatch was ACKed within hold/2"
+            dispatches = burst()
+            acks = [(d.acked_at - d.sent_at) * 1000 for d in dispatches
+                    if d.acked_at is not None]
+            acked_at = [d.acked_at for d in dispatches if d.acked_at is not None]
+            burst_s = (max(acked_at) - t0) if acked_at else math.nan
+
+            # Hold window: all ACKed until shortly before the first steps end.
+            await asyncio.sleep(2.0)
+            window_start, cpu_w0 = time.time(), proc_cpu_seconds(pid)
+            window_end = t0 + hold - 2.0
+            await asyncio.sleep(max(0.0, (window_end - time.time()) / 2))
+            held_rss = proc_status_kb(pid, "VmRSS")
+            await asyncio.sleep(max(0.0, window_end - time.time()))
+            window_end, cpu_w1 = time.time(), proc_cpu_seconds(pid)
+
+            def all_done() -> bool:
+                return all(dev.runs[r].status.terminal for r in run_ids)
+
+            if not await _poll(all_done, hold + 180.0):
+                note = (note + "; " if note else "") + "runs still unfinished at the bound"
+            cpu1, t1 = proc_cpu_seconds(pid), time.time()
+        finally:
+            exit_code = await _stop(proc, args.timeout)
+
+        timeline = list(dev.core.state.timeline)
+        requests = {d.request_id: d for d in burst()}
+        renewals: dict[str, list[float]] = {
+            rid: [d.acked_at] for rid, d in requests.items() if d.acked_at is not None
+        }
+        heartbeats: list[float] = []
+        extensions_in_window = extensions = 0
+        for entry in timeline:
+            if entry.direction != "in" or entry.conn_id != conn.conn_id:
+                continue
+            if entry.kind == "WORKER_HEARTBEAT":
+                heartbeats.append(entry.ts)
+            elif entry.kind == "WORKER_REQUEST_EXTEND_LEASE":
+                extensions += 1
+                extensions_in_window += window_start <= entry.ts <= window_end
+                if entry.request_id in renewals:
+                    renewals[entry.request_id].append(entry.ts)
+        for rid, times in renewals.items():
+            replied = requests[rid].replied_at
+            times.append(replied if replied is not None else t1)
+        gaps = [_max_gap(times) for times in renewals.values()]
+        statuses = [dev.runs[r].status for r in run_ids]
+
+    lag = [value * 1000 for ts, value in
+           (json.loads(lag_path.read_text()) if lag_path.exists() else [])
+           if t0 <= ts <= t1]
+    hold_cpu = (cpu_w1 - cpu_w0) * 1000
+    return ScaleSample(
+        worker=kind, steps=n, hold_s=hold, acked=len(acks),
+        ack_p50_ms=percentile(acks, 0.50), ack_p99_ms=percentile(acks, 0.99),
+        ack_max_ms=max(acks, default=math.nan), burst_s=burst_s,
+        idle_rss_mb=idle_rss / _PAGE_KB, held_rss_mb=held_rss / _PAGE_KB,
+        rss_kb_per_step=(held_rss - idle_rss) / n,
+        lag_p50_ms=percentile(lag, 0.50), lag_p99_ms=percentile(lag, 0.99),
+        lag_max_ms=max(lag, default=math.nan),
+        heartbeat_max_gap_s=_max_gap(heartbeats),
+        extensions=extensions, extension_max_gap_s=max(gaps, default=math.nan),
+        leases_lapsed=sum(g > cfg.lease_duration for g in gaps),
+        hold_cpu_ms=hold_cpu,
+        cpu_us_per_extension=(hold_cpu * 1000 / extensions_in_window
+                              if extensions_in_window else math.nan),
+        cpu_ms_per_step=(cpu1 - cpu0) * 1000 / n,
+        completed=sum(st is RunStatus.COMPLETED for st in statuses),
+        failed=sum(st.terminal and st is not RunStatus.COMPLETED for st in statuses),
+        exit_code=exit_code, note=note,
+    )
+
+
+SCALE_FIELDS: list[tuple[str, str, str]] = [
+    ("acked", "dispatches ACKed", "{:.0f}"),
+    ("ack_p50_ms", "burst dispatch->ack p50 ms", "{:.0f}"),
+    ("ack_p99_ms", "burst dispatch->ack p99 ms", "{:.0f}"),
+    ("ack_max_ms", "burst dispatch->ack max ms", "{:.0f}"),
+    ("burst_s", "burst: first event -> last ACK s", "{:.2f}"),
+    ("rss_kb_per_step", "RSS KB per step in flight", "{:.1f}"),
+    ("held_rss_mb", "RSS MB holding them", "{:.0f}"),
+    ("lag_p50_ms", "event-loop lag p50 ms", "{:.1f}"),
+    ("lag_p99_ms", "event-loop lag p99 ms", "{:.1f}"),
+    ("lag_max_ms", "event-loop lag max ms", "{:.0f}"),
+    ("heartbeat_max_gap_s", "largest heartbeat gap s", "{:.1f}"),
+    ("extensions", "lease extensions sent", "{:.0f}"),
+    ("extension_max_gap_s", "largest lease renewal gap s", "{:.1f}"),
+    ("leases_lapsed", "leases lapsed (gap > 120 s)", "{:.0f}"),
+    ("cpu_us_per_extension", "CPU us per extension (bound)", "{:.1f}"),
+    ("cpu_ms_per_step", "CPU ms per step (all)", "{:.2f}"),
+    ("completed", "runs completed", "{:.0f}"),
+    ("failed", "runs failed", "{:.0f}"),
+]
+
+
+def render_scale(args: argparse.Namespace, samples: list[ScaleSample]) -> str:
+    width = 36
+    lines = [
+        f"--scale {args.scale}: one burst of {args.scale} runs, each one step awaiting "
+        f"{args.hold:g} s; lease 120 s, extension every 30 s, heartbeat 10 s; "
+        f"{os.cpu_count()} CPU(s); Python {sys.version.split()[0]}",
+        "",
+        f"{'':<{width}}" + "".join(f"{LABELS[s.worker]:>16}" for s in samples),
+    ]
+    for attr, label, fmt in SCALE_FIELDS:
+        lines.append(f"{label:<{width}}" + "".join(
+            f"{fmt.format(float(getattr(s, attr))):>16}" for s in samples))
+    lines.extend(f"{LABELS[s.worker]}: {s.note}" for s in samples if s.note)
+    return "\n".join(lines)
+
+
+async def scale(args: argparse.Namespace) -> dict[str, Any]:
+    samples: list[ScaleSample] = []
+    with tempfile.TemporaryDirectory(prefix="connect-worker-bench-") as tmp:
+        for kind in WORKERS:
+            _progress(f"--scale {args.scale}: {LABELS[kind]} ...")
+            sample = await measure_scale(kind, args, Path(tmp))
+            _progress(f"  ack p99 {sample.ack_p99_ms:.0f} ms, lag p99 "
+                      f"{sample.lag_p99_ms:.1f} ms, {sample.rss_kb_per_step:.1f} KB/step, "
+                      f"{sample.completed} completed, {sample.failed} failed")
+            samples.append(sample)
+    return {"scale": [asdict(s) for s in samples]}
+
+
 # -- internal modes --------------------------------------------------------------
 
 
@@ -438,8 +696,39 @@ async def run_sdk_worker(instance_id: str) -> None:
     from . import bench_app
 
     logging.basicConfig(level=logging.WARNING)
+    probe = LagProbe()
+    probe_task = asyncio.create_task(probe.run())
     conn = connect([(bench_app.client, list(bench_app.functions))], instance_id=instance_id)
-    await conn.start()
+    try:
+        await conn.start()
+    finally:
+        probe_task.cancel()
+        probe.write()
+
+
+def run_cw_worker() -> int:
+    """``connect_worker run connect_worker.lab.bench_app`` plus the lag probe."""
+    import anyio
+
+    from ..cli import serve
+    from ..config import Config
+    from ..engine.target import load_target
+
+    config = Config.from_env(os.environ)
+    apps = load_target("connect_worker.lab.bench_app")
+    probe = LagProbe()
+
+    async def main() -> int:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(probe.run)
+            code = await serve(config, apps)
+            tg.cancel_scope.cancel()
+        return code
+
+    try:
+        return anyio.run(main)
+    finally:
+        probe.write()
 
 
 def _payload(run_id: str, steps: dict[str, Any], stack: list[str]) -> bytes:
@@ -548,6 +837,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="bound on each wait (connect, a run, shutdown)")
     parser.add_argument("--json", metavar="PATH", help="also write all samples as JSON here")
+    parser.add_argument("--scale", type=int, metavar="N", default=0,
+                        help="instead: hold N steps in flight per worker (see the docstring)")
+    parser.add_argument("--hold", type=float, default=60.0,
+                        help="with --scale: seconds each step waits")
     return parser
 
 
@@ -559,6 +852,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run_sdk_worker(sub.parse_args(argv[1:]).instance_id))
         return 0
+    if argv[:1] == ["cw-worker"]:
+        return run_cw_worker()
     if argv[:1] == ["sdk-cost"]:
         sub = argparse.ArgumentParser(prog="bench sdk-cost")
         sub.add_argument("--runs", type=int, default=500)
@@ -572,6 +867,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path("/proc/self/stat").exists():
         sys.stderr.write("scripts/bench: needs Linux /proc\n")
         return 2
+    if args.scale:
+        if args.hold < 10:
+            sys.stderr.write("scripts/bench: --hold must be >= 10 s\n")
+            return 2
+        scaled = asyncio.run(scale(args))
+        samples = [ScaleSample(**s) for s in scaled["scale"]]
+        sys.stdout.write(render_scale(args, samples) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(scaled, indent=2) + "\n")
+        return 0
     result = asyncio.run(bench(args))
     cw = Summary(**result["summary"][CW])
     sdk = Summary(**result["summary"][SDK])
