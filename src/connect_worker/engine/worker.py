@@ -75,7 +75,7 @@ from ..protocol import (
     WorkerConnection,
     pb,
 )
-from ..protocol.codec import build_sdk_response
+from ..protocol.codec import build_sdk_response, request_echo
 from ..protocol.state import State
 from .executor import SDK_LANGUAGE, SDK_VERSION, App, Executor, Outcome, error_outcome
 from .gateway_api import GatewayAPI
@@ -106,6 +106,13 @@ HAND_BACK_TIMEOUT = 1.5
 # before handing them back (those it does not confirm are not handed back).
 OWNERSHIP_ANSWER_TIMEOUT = 0.5
 FLUSH_MAX_BACKOFF = 5.0
+# Flushes in flight at once: when a socket with thousands of unacknowledged replies
+# drops, they queue here instead of all at once in the HTTP client's pool.
+FLUSH_CONCURRENCY = 8
+# A reply whose ACK is late waits another reply_ack_timeout, up to this many in all,
+# while the gateway is still acknowledging other replies on that socket: it is working
+# through a burst, and flushing thousands of replies it is about to ACK only adds load.
+REPLY_ACK_PATIENCE = 6
 
 GC_DEFAULT_THRESHOLD = 700  # CPython's generation-0 threshold
 GC_THRESHOLD = 10_000
@@ -149,6 +156,7 @@ class Step:
     request: ExecutorRequest
     lease_id: str
     started_at: float
+    echo: bytes  # codec.request_echo(request): the ACK's payload, reused by extensions
     # The SDK's run of the request on the user loop (None while queued behind
     # max_worker_concurrency); cancelling it cancels the user task.
     task: asyncio.Future[Outcome] | None = None
@@ -158,6 +166,7 @@ class Step:
     # A successful extension proved the gateway counts this copy as the lease holder.
     confirmed: bool = False
     sent_on: Session | None = None
+    sent_at: float = 0.0  # when the reply last went out on a socket (monotonic)
     delivered: bool = False
     # The flush fallback is running for this reply.
     flushing: bool = False
@@ -240,6 +249,8 @@ class Worker:
         self._checks = _Deadlines(OWNERSHIP_CHECK_DELAY, self._check_ownership)
         self._acks = _Deadlines(config.reply_ack_timeout, self._acks_overdue)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_reply_ack_at = 0.0
+        self._flush_slots: asyncio.Semaphore | None = None
         self._waiters = 0  # tasks in _wait_until (``_notify`` skips its work without them)
         # After the drain gave up on its steps, replies still unacknowledged stay so.
         self._closing = False
@@ -297,6 +308,7 @@ class Worker:
         self._stop = anyio.Event()
         self._loop = asyncio.get_running_loop()
         self._closing = False
+        self._flush_slots = asyncio.Semaphore(FLUSH_CONCURRENCY)
         # One worker per process drains once; a new run (embedding, tests) starts clear.
         draining().clear()
         # Everything loaded so far (the SDK, the user's apps) lives as long as the
@@ -525,12 +537,13 @@ class Worker:
             event(log, "request.not_acked", level=logging.DEBUG, conn_id=session.id,
                   request_id=request.request_id, reason="paused")
             return
-        if not session.send_now(WorkerConnection.ack, request):
+        echo = request_echo(request)
+        if not session.send_now(WorkerConnection.ack, request, echo):
             return  # never acked: the gateway re-routes it
         now = time.monotonic()
         self._last_ack_at = now
         self.metrics.requests_acked_total.inc()
-        step = Step(request, request.lease_id, now)
+        step = Step(request, request.lease_id, now, echo)
         self._steps[request.request_id] = step
         self._notify()
         self._checks.add(request.request_id)
@@ -596,7 +609,7 @@ class Worker:
                     if step.delivered or not step.extending:
                         continue
                     if not session.send_now(
-                        WorkerConnection.extend_lease, step.request, step.lease_id
+                        WorkerConnection.extend_lease, step.request, step.lease_id, step.echo
                     ):
                         return
 
@@ -639,6 +652,7 @@ class Worker:
         if step is None or step.reply is None:
             return
         self.metrics.reply_acks_total.inc()
+        self._last_reply_ack_at = time.monotonic()
         self._delivered(step)
 
     def _delivered(self, step: Step) -> None:
@@ -723,6 +737,7 @@ class Worker:
             return False
         if session.send_now(WorkerConnection.reply, reply):
             step.sent_on = session
+            step.sent_at = time.monotonic()
             self.metrics.replies_sent_total.inc()
             if step.wake is None:  # the hand-back's _deliver waits for the ACK itself
                 self._acks.add(step.request.request_id)
@@ -736,11 +751,20 @@ class Worker:
             self._start_flush(step)
 
     def _acks_overdue(self, request_ids: list[str]) -> None:
-        """Replies whose ACK did not come in time go to the flush."""
+        """Replies whose ACK did not come in time go to the flush (see REPLY_ACK_PATIENCE)."""
         steps = self._steps
+        now = time.monotonic()
+        patience = self._acks.delay
+        progressing = now - self._last_reply_ack_at < patience
         for request_id in request_ids:
             step = steps.get(request_id)
-            if step is not None and step.reply is not None and step.wake is None:
+            if step is None or step.reply is None or step.wake is not None:
+                continue
+            session = step.sent_on
+            if (progressing and session is not None and session is self._live_session()
+                    and now - step.sent_at < REPLY_ACK_PATIENCE * patience):
+                self._acks.add(request_id)
+            else:
                 self._start_flush(step)
 
     def _start_flush(self, step: Step) -> None:
@@ -763,6 +787,16 @@ class Worker:
         if not step.delivered:
             await self._flush(step)
 
+    async def _flush_once(self, step: Step) -> bool:
+        """POST the reply once (at most FLUSH_CONCURRENCY at a time); False if it was
+        delivered meanwhile and not posted."""
+        assert self._api is not None and self._flush_slots is not None
+        async with self._flush_slots:
+            if step.delivered or step.reply is None:
+                return False
+            await self._api.flush(step.reply)
+            return True
+
     async def _flush(self, step: Step) -> None:
         """POST the reply to /v0/connect/flush until accepted or acknowledged another way."""
         assert self._api is not None and step.reply is not None
@@ -771,7 +805,8 @@ class Worker:
             delays = backoff_delays(0.1, FLUSH_MAX_BACKOFF)
             while not step.delivered:
                 try:
-                    await self._api.flush(step.reply)
+                    if not await self._flush_once(step):
+                        break  # acknowledged on a socket while it waited for a slot
                 except ConnectWorkerError as exc:
                     self.metrics.flushes_total.labels(outcome="error").inc()
                     delay = next(delays)
