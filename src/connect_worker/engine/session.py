@@ -83,6 +83,10 @@ _HEAD_64 = struct.Struct("!BBQ")
 _FIN_BINARY = 0x82
 _MASKED = 0x80
 _MASK_POOL_BYTES = 4096
+# A read callback handles at most this much at once (about 150 executor requests, a few
+# ms); the rest of a large read (a burst of dispatches) goes through later callbacks, so
+# heartbeats and timers are not held up behind thousands of frames.
+READ_CHUNK_BYTES = 64 * 1024
 
 
 class _Masks:
@@ -128,10 +132,45 @@ class _Connection(ClientConnection):
 
     on_frame: Callable[[bytes], None] | None = None
     _corked: list[bytes] | None = None
+    _backlog: bytes = b""  # read, not handled yet (reading is paused meanwhile)
 
     def data_received(self, data: bytes) -> None:
+        if self._backlog:
+            self._backlog += data  # (reading is paused: only data already in flight)
+            return
+        if len(data) > READ_CHUNK_BYTES:
+            self._backlog = data[READ_CHUNK_BYTES:]
+            data = data[:READ_CHUNK_BYTES]
+            self.transport.pause_reading()
+            self.loop.call_soon(self._feed_backlog)
         with self.corked():
             super().data_received(data)
+
+    def _feed_backlog(self) -> None:
+        data = self._backlog[:READ_CHUNK_BYTES]
+        self._backlog = self._backlog[READ_CHUNK_BYTES:]
+        if self._backlog:
+            self.loop.call_soon(self._feed_backlog)
+        elif not self.transport.is_closing():
+            self.transport.resume_reading()
+        if data:
+            with self.corked():
+                super().data_received(data)
+
+    def _feed_all(self) -> None:
+        """Handle the whole backlog now (the stream is ending: frames before the end)."""
+        data, self._backlog = self._backlog, b""
+        if data:
+            with self.corked():
+                super().data_received(data)
+
+    def eof_received(self) -> None:
+        self._feed_all()
+        super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._feed_all()
+        super().connection_lost(exc)
 
     def process_event(self, event: Any) -> None:
         on_frame = self.on_frame

@@ -22,6 +22,10 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
+# One drain runs at most this many items, then yields to the loop: ten thousand steps
+# finishing together must not hold up the loop's other callbacks for their whole length.
+DRAIN_BATCH = 256
+
 
 class _Inbox:
     """A queue of callables for one event loop, woken at most once per batch."""
@@ -42,9 +46,15 @@ class _Inbox:
 
     def _drain(self) -> None:
         with self._lock:
-            items, self._items = self._items, deque()
-            self._scheduled = False
-        for item in items:
+            items = self._items
+            if len(items) > DRAIN_BATCH:
+                # Still scheduled: producers need not wake us, the rest runs next.
+                batch = deque(items.popleft() for _ in range(DRAIN_BATCH))
+                self._loop.call_soon(self._drain)
+            else:
+                batch, self._items = items, deque()
+                self._scheduled = False
+        for item in batch:
             item()
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import math
@@ -444,10 +445,22 @@ LAG_FILE_ENV = "CONNECT_WORKER_BENCH_LAG_FILE"
 
 
 class LagProbe:
-    """How late the event loop wakes from a 50 ms sleep, with when (unix time)."""
+    """How late the event loop wakes from a 50 ms sleep, with when (unix time); and the
+    garbage collector's pauses (every thread stops for them)."""
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, float]] = []
+        self.gc_pauses: list[tuple[float, int, float]] = []  # (when, generation, seconds)
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_pauses.append(
+                (time.time(), info["generation"], time.perf_counter() - self._gc_started)
+            )
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -459,7 +472,7 @@ class LagProbe:
     def write(self) -> None:
         path = os.environ.get(LAG_FILE_ENV)
         if path:
-            Path(path).write_text(json.dumps(self.samples))
+            Path(path).write_text(json.dumps({"lag": self.samples, "gc": self.gc_pauses}))
 
 
 @dataclass
@@ -480,7 +493,10 @@ class ScaleSample:
     lag_p50_ms: float
     lag_p99_ms: float
     lag_max_ms: float
+    gc_max_pause_ms: float
+    gc_full_collections: int
     heartbeat_max_gap_s: float
+    heartbeat_max_gap_at_s: float  # when that gap ended, seconds after the burst began
     extensions: int
     extension_max_gap_s: float  # largest gap between renewals of one step's lease
     leases_lapsed: int  # gaps longer than the lease
@@ -505,9 +521,26 @@ async def _poll(predicate: Any, bound: float, every: float = 0.25) -> bool:
     return True
 
 
+async def _quiet(pid: int, bound: float) -> None:
+    """Wait (at most ``bound`` s) until the process uses under 5% of a CPU for 0.5 s."""
+    deadline = time.monotonic() + bound
+    last = proc_cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        now = proc_cpu_seconds(pid)
+        if now - last < 0.025:
+            return
+        last = now
+
+
 def _max_gap(times: Sequence[float]) -> float:
     ordered = sorted(times)
     return max((b - a for a, b in itertools.pairwise(ordered)), default=0.0)
+
+
+def _max_gap_end(times: Sequence[float]) -> float:
+    pairs = list(itertools.pairwise(sorted(times)))
+    return max(pairs, key=lambda p: p[1] - p[0])[1] if pairs else math.nan
 
 
 async def measure_scale(kind: str, args: argparse.Namespace, log_dir: Path) -> ScaleSample:
@@ -567,8 +600,9 @@ async def measure_scale(kind: str, args: argparse.Namespace, log_dir: Path) -> S
             acked_at = [d.acked_at for d in dispatches if d.acked_at is not None]
             burst_s = (max(acked_at) - t0) if acked_at else math.nan
 
-            # Hold window: all ACKed until shortly before the first steps end.
-            await asyncio.sleep(2.0)
+            # Hold window: from when the worker has started every step (its CPU goes
+            # quiet) until shortly before the first steps end.
+            await _quiet(pid, hold / 2)
             window_start, cpu_w0 = time.time(), proc_cpu_seconds(pid)
             window_end = t0 + hold - 2.0
             await asyncio.sleep(max(0.0, (window_end - time.time()) / 2))
@@ -608,9 +642,9 @@ async def measure_scale(kind: str, args: argparse.Namespace, log_dir: Path) -> S
         gaps = [_max_gap(times) for times in renewals.values()]
         statuses = [dev.runs[r].status for r in run_ids]
 
-    lag = [value * 1000 for ts, value in
-           (json.loads(lag_path.read_text()) if lag_path.exists() else [])
-           if t0 <= ts <= t1]
+    probed = json.loads(lag_path.read_text()) if lag_path.exists() else {"lag": [], "gc": []}
+    lag = [value * 1000 for ts, value in probed["lag"] if t0 <= ts <= t1]
+    pauses = [(gen, value * 1000) for ts, gen, value in probed["gc"] if t0 <= ts <= t1]
     hold_cpu = (cpu_w1 - cpu_w0) * 1000
     return ScaleSample(
         worker=kind, steps=n, hold_s=hold, acked=len(acks),
@@ -620,7 +654,10 @@ async def measure_scale(kind: str, args: argparse.Namespace, log_dir: Path) -> S
         rss_kb_per_step=(held_rss - idle_rss) / n,
         lag_p50_ms=percentile(lag, 0.50), lag_p99_ms=percentile(lag, 0.99),
         lag_max_ms=max(lag, default=math.nan),
+        gc_max_pause_ms=max((ms for _, ms in pauses), default=0.0),
+        gc_full_collections=sum(gen == 2 for gen, _ in pauses),
         heartbeat_max_gap_s=_max_gap(heartbeats),
+        heartbeat_max_gap_at_s=_max_gap_end(heartbeats) - t0,
         extensions=extensions, extension_max_gap_s=max(gaps, default=math.nan),
         leases_lapsed=sum(g > cfg.lease_duration for g in gaps),
         hold_cpu_ms=hold_cpu,
@@ -644,7 +681,10 @@ SCALE_FIELDS: list[tuple[str, str, str]] = [
     ("lag_p50_ms", "event-loop lag p50 ms", "{:.1f}"),
     ("lag_p99_ms", "event-loop lag p99 ms", "{:.1f}"),
     ("lag_max_ms", "event-loop lag max ms", "{:.0f}"),
-    ("heartbeat_max_gap_s", "largest heartbeat gap s", "{:.1f}"),
+    ("gc_max_pause_ms", "longest GC pause ms", "{:.0f}"),
+    ("gc_full_collections", "full GC collections", "{:.0f}"),
+    ("heartbeat_max_gap_s", "largest heartbeat gap s (gateway)", "{:.1f}"),
+    ("heartbeat_max_gap_at_s", "  ending s after the burst began", "{:.0f}"),
     ("extensions", "lease extensions sent", "{:.0f}"),
     ("extension_max_gap_s", "largest lease renewal gap s", "{:.1f}"),
     ("leases_lapsed", "leases lapsed (gap > 120 s)", "{:.0f}"),
@@ -674,7 +714,7 @@ def render_scale(args: argparse.Namespace, samples: list[ScaleSample]) -> str:
 async def scale(args: argparse.Namespace) -> dict[str, Any]:
     samples: list[ScaleSample] = []
     with tempfile.TemporaryDirectory(prefix="connect-worker-bench-") as tmp:
-        for kind in WORKERS:
+        for kind in args.workers:
             _progress(f"--scale {args.scale}: {LABELS[kind]} ...")
             sample = await measure_scale(kind, args, Path(tmp))
             _progress(f"  ack p99 {sample.ack_p99_ms:.0f} ms, lag p99 "
@@ -841,6 +881,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead: hold N steps in flight per worker (see the docstring)")
     parser.add_argument("--hold", type=float, default=60.0,
                         help="with --scale: seconds each step waits")
+    parser.add_argument("--workers", nargs="+", choices=WORKERS, default=list(WORKERS),
+                        help="with --scale: which workers to measure (default both)")
     return parser
 
 
