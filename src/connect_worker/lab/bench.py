@@ -451,6 +451,7 @@ class LagProbe:
     def __init__(self) -> None:
         self.samples: list[tuple[float, float]] = []
         self.gc_pauses: list[tuple[float, int, float]] = []  # (when, generation, seconds)
+        self.heartbeats: list[float] = []  # when the worker sent one (connect_worker only)
         self._gc_started = 0.0
         gc.callbacks.append(self._on_gc)
 
@@ -472,7 +473,9 @@ class LagProbe:
     def write(self) -> None:
         path = os.environ.get(LAG_FILE_ENV)
         if path:
-            Path(path).write_text(json.dumps({"lag": self.samples, "gc": self.gc_pauses}))
+            Path(path).write_text(json.dumps(
+                {"lag": self.samples, "gc": self.gc_pauses, "heartbeats": self.heartbeats}
+            ))
 
 
 @dataclass
@@ -496,6 +499,7 @@ class ScaleSample:
     gc_max_pause_ms: float
     gc_full_collections: int
     heartbeat_max_gap_s: float
+    heartbeat_sent_max_gap_s: float  # as the worker sent them (connect_worker only)
     heartbeat_max_gap_at_s: float  # when that gap ended, seconds after the burst began
     extensions: int
     extension_max_gap_s: float  # largest gap between renewals of one step's lease
@@ -519,6 +523,37 @@ async def _poll(predicate: Any, bound: float, every: float = 0.25) -> bool:
             return False
         await asyncio.sleep(every)
     return True
+
+
+def _extension_cpu(samples: list[tuple[float, float]],
+                   extensions: list[float]) -> tuple[float, int]:
+    """CPU seconds the extension rounds cost above the worker's idle rate, and how many
+    extensions they sent. ``samples``: (time, process CPU) every 0.25 s while holding;
+    ``extensions``: when the gateway received each one. A round's span is its first to
+    last receipt, widened by 0.5 s each side (the worker's sends come first)."""
+    if len(samples) < 3 or not extensions:
+        return 0.0, 0
+    rounds: list[list[float]] = []
+    for ts in sorted(extensions):
+        if rounds and ts - rounds[-1][-1] < 1.0:
+            rounds[-1].append(ts)
+        else:
+            rounds.append([ts])
+    spans = [(r[0] - 0.5, r[-1] + 0.5) for r in rounds]
+
+    def in_round(a: float, b: float) -> bool:
+        return any(a < end and b > start for start, end in spans)
+
+    busy = idle = idle_time = 0.0
+    for (a, cpu_a), (b, cpu_b) in itertools.pairwise(samples):
+        if in_round(a, b):
+            busy += cpu_b - cpu_a
+        else:
+            idle += cpu_b - cpu_a
+            idle_time += b - a
+    busy_time = samples[-1][0] - samples[0][0] - idle_time
+    rate = idle / idle_time if idle_time else 0.0
+    return max(0.0, busy - rate * busy_time), len(extensions)
 
 
 async def _quiet(pid: int, bound: float) -> None:
@@ -603,12 +638,17 @@ async def measure_scale(kind: str, args: argparse.Namespace, log_dir: Path) -> S
             # Hold window: from when the worker has started every step (its CPU goes
             # quiet) until shortly before the first steps end.
             await _quiet(pid, hold / 2)
-            window_start, cpu_w0 = time.time(), proc_cpu_seconds(pid)
+            window_start = time.time()
             window_end = t0 + hold - 2.0
-            await asyncio.sleep(max(0.0, (window_end - time.time()) / 2))
-            held_rss = proc_status_kb(pid, "VmRSS")
-            await asyncio.sleep(max(0.0, window_end - time.time()))
-            window_end, cpu_w1 = time.time(), proc_cpu_seconds(pid)
+            cpu_samples: list[tuple[float, float]] = []
+            while time.time() < window_end:  # CPU every 0.25 s: see _extension_cpu
+                cpu_samples.append((time.time(), proc_cpu_seconds(pid)))
+                if len(cpu_samples) == 40:
+                    held_rss = proc_status_kb(pid, "VmRSS")
+                await asyncio.sleep(0.25)
+            cpu_samples.append((time.time(), proc_cpu_seconds(pid)))
+            if len(cpu_samples) <= 40:
+                held_rss = proc_status_kb(pid, "VmRSS")
 
             def all_done() -> bool:
                 return all(dev.runs[r].status.terminal for r in run_ids)
@@ -625,7 +665,8 @@ async def measure_scale(kind: str, args: argparse.Namespace, log_dir: Path) -> S
             rid: [d.acked_at] for rid, d in requests.items() if d.acked_at is not None
         }
         heartbeats: list[float] = []
-        extensions_in_window = extensions = 0
+        extensions = 0
+        window_extensions: list[float] = []
         for entry in timeline:
             if entry.direction != "in" or entry.conn_id != conn.conn_id:
                 continue
@@ -633,7 +674,8 @@ async def measure_scale(kind: str, args: argparse.Namespace, log_dir: Path) -> S
                 heartbeats.append(entry.ts)
             elif entry.kind == "WORKER_REQUEST_EXTEND_LEASE":
                 extensions += 1
-                extensions_in_window += window_start <= entry.ts <= window_end
+                if window_start <= entry.ts <= window_end:
+                    window_extensions.append(entry.ts)
                 if entry.request_id in renewals:
                     renewals[entry.request_id].append(entry.ts)
         for rid, times in renewals.items():
@@ -642,10 +684,16 @@ async def measure_scale(kind: str, args: argparse.Namespace, log_dir: Path) -> S
         gaps = [_max_gap(times) for times in renewals.values()]
         statuses = [dev.runs[r].status for r in run_ids]
 
-    probed = json.loads(lag_path.read_text()) if lag_path.exists() else {"lag": [], "gc": []}
+    probed = json.loads(lag_path.read_text()) if lag_path.exists() else {}
+    probed.setdefault("lag", [])
+    probed.setdefault("gc", [])
     lag = [value * 1000 for ts, value in probed["lag"] if t0 <= ts <= t1]
     pauses = [(gen, value * 1000) for ts, gen, value in probed["gc"] if t0 <= ts <= t1]
-    hold_cpu = (cpu_w1 - cpu_w0) * 1000
+    hold_cpu = (cpu_samples[-1][1] - cpu_samples[0][1]) * 1000
+    extension_cpu_s, extensions_measured = _extension_cpu(cpu_samples, window_extensions)
+    if not extensions_measured:
+        note = (note + "; " if note else "") + (
+            "no extension round after the worker went quiet: CPU per extension not measured")
     return ScaleSample(
         worker=kind, steps=n, hold_s=hold, acked=len(acks),
         ack_p50_ms=percentile(acks, 0.50), ack_p99_ms=percentile(acks, 0.99),
@@ -657,12 +705,14 @@ async def measure_scale(kind: str, args: argparse.Namespace, log_dir: Path) -> S
         gc_max_pause_ms=max((ms for _, ms in pauses), default=0.0),
         gc_full_collections=sum(gen == 2 for gen, _ in pauses),
         heartbeat_max_gap_s=_max_gap(heartbeats),
+        heartbeat_sent_max_gap_s=(_max_gap([ts for ts in probed["heartbeats"] if t0 <= ts <= t1])
+                                  if probed.get("heartbeats") else math.nan),
         heartbeat_max_gap_at_s=_max_gap_end(heartbeats) - t0,
         extensions=extensions, extension_max_gap_s=max(gaps, default=math.nan),
         leases_lapsed=sum(g > cfg.lease_duration for g in gaps),
         hold_cpu_ms=hold_cpu,
-        cpu_us_per_extension=(hold_cpu * 1000 / extensions_in_window
-                              if extensions_in_window else math.nan),
+        cpu_us_per_extension=(extension_cpu_s * 1e6 / extensions_measured
+                              if extensions_measured else math.nan),
         cpu_ms_per_step=(cpu1 - cpu0) * 1000 / n,
         completed=sum(st is RunStatus.COMPLETED for st in statuses),
         failed=sum(st.terminal and st is not RunStatus.COMPLETED for st in statuses),
@@ -685,6 +735,7 @@ SCALE_FIELDS: list[tuple[str, str, str]] = [
     ("gc_full_collections", "full GC collections", "{:.0f}"),
     ("heartbeat_max_gap_s", "largest heartbeat gap s (gateway)", "{:.1f}"),
     ("heartbeat_max_gap_at_s", "  ending s after the burst began", "{:.0f}"),
+    ("heartbeat_sent_max_gap_s", "largest heartbeat gap s (as sent)", "{:.1f}"),
     ("extensions", "lease extensions sent", "{:.0f}"),
     ("extension_max_gap_s", "largest lease renewal gap s", "{:.1f}"),
     ("leases_lapsed", "leases lapsed (gap > 120 s)", "{:.0f}"),
@@ -754,9 +805,19 @@ def run_cw_worker() -> int:
     from ..config import Config
     from ..engine.target import load_target
 
+    from ..protocol import WorkerConnection
+
     config = Config.from_env(os.environ)
     apps = load_target("connect_worker.lab.bench_app")
     probe = LagProbe()
+    # Heartbeats as sent (the gateway's view includes its own backlog).
+    build_heartbeat = WorkerConnection.heartbeat
+
+    def heartbeat(conn: WorkerConnection) -> bytes:
+        probe.heartbeats.append(time.time())
+        return build_heartbeat(conn)
+
+    WorkerConnection.heartbeat = heartbeat  # type: ignore[method-assign]
 
     async def main() -> int:
         async with anyio.create_task_group() as tg:
