@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import inngest
 import pydantic_core
-from inngest._internal import comm_lib, const, server_lib
+from inngest._internal import comm_lib, const, net, server_lib
 
 from ..context import RequestIdentity, _current
 from ..errors import ExecutionError
@@ -83,6 +83,24 @@ class _ContextThreadPool(concurrent.futures.ThreadPoolExecutor):
     ) -> concurrent.futures.Future[T]:
         context = contextvars.copy_context()
         return super().submit(context.run, fn, *args, **kwargs)
+
+
+class _UntrackedAsyncBlock(net._AsyncBlockServerTiming):
+    """The SDK's event-loop-block timing without its tracker task.
+
+    For each request in progress the SDK runs a task that wakes every 100 ms, only to
+    fill an HTTP ``Server-Timing`` header; Connect replies carry no headers. With
+    thousands of steps in flight those wake-ups were most of the worker's CPU.
+    """
+
+    def __enter__(self) -> _UntrackedAsyncBlock:
+        return self
+
+
+def _connect_timings() -> net.ServerTimings:
+    timings = net.ServerTimings()
+    timings.async_block = _UntrackedAsyncBlock("async_block")
+    return timings
 
 
 def error_outcome(name: str, message: str, *, no_retry: bool = False) -> Outcome:
@@ -192,6 +210,7 @@ class Executor:
                     request_url="",
                     serve_origin=None,
                     serve_path=None,
+                    timings=_connect_timings(),
                 )
             )
         finally:

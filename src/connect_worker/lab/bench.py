@@ -49,6 +49,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -775,6 +776,109 @@ async def scale(args: argparse.Namespace) -> dict[str, Any]:
     return {"scale": [asdict(s) for s in samples]}
 
 
+# -- --instructions N -------------------------------------------------------------
+# CPU time on a shared machine moves with the load; instructions executed do not.
+# Each worker runs under valgrind's callgrind (about 50x slower): counters are zeroed
+# after the warm-up and dumped after N runs (callgrind_control), and the SDK execution
+# is counted the same way (sdk-cost for two values of N; the difference cancels
+# start-up). Kernel work (system calls) is not counted.
+
+
+def _callgrind_total(path_prefix: str) -> int:
+    """The instruction total of the newest callgrind dump whose name starts so."""
+    dumps = sorted(Path(path_prefix).parent.glob(Path(path_prefix).name + "*"),
+                   key=lambda p: p.stat().st_mtime)
+    for line in dumps[-1].read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no summary in {dumps[-1]}")
+
+
+async def _callgrind_control(*args: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "callgrind_control", *args, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    if await proc.wait() != 0:
+        raise RuntimeError(f"callgrind_control {' '.join(args)} failed")
+
+
+async def instructions_per_run(kind: str, args: argparse.Namespace, tmp: Path) -> float:
+    from ..devserver import DevServer, DevServerConfig
+
+    n = args.instructions
+    instance_id = f"bench-instr-{kind}"
+    prefix = str(tmp / f"cg.{kind}")
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}.%p",
+               *_worker_command(kind, instance_id)]
+    async with DevServer(DevServerConfig(interval_format="seconds")) as dev:
+        with (tmp / f"{instance_id}.log").open("wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *command, env=_worker_env(dev.api_url, instance_id),
+                stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            )
+        try:
+            await dev.wait_for_connection(lambda c: c.instance_id == instance_id,
+                                          timeout=max(args.timeout, 180.0))
+            await drive(dev, args.warmup, args.concurrency, 600.0)
+            await _callgrind_control("-z", str(proc.pid))
+            await drive(dev, n, args.concurrency, 600.0)
+            await _callgrind_control("-d", str(proc.pid))
+        finally:
+            await _stop(proc, 120.0)
+    return float(_callgrind_total(f"{prefix}.{proc.pid}.") / n)
+
+
+async def sdk_instructions_per_run(args: argparse.Namespace, tmp: Path) -> float:
+    totals = []
+    small, large = args.instructions, 2 * args.instructions
+    for runs in (small, large):
+        prefix = str(tmp / f"cg.sdk-cost.{runs}")
+        proc = await asyncio.create_subprocess_exec(
+            "valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}",
+            sys.executable, "-m", "connect_worker.lab.bench", "sdk-cost", "--runs", str(runs),
+            env=_worker_env("http://127.0.0.1:9", "bench-sdk-cost"),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        if await proc.wait() != 0:
+            raise RuntimeError("sdk-cost under callgrind failed")
+        totals.append(_callgrind_total(prefix))
+    return float((totals[1] - totals[0]) / (large - small))
+
+
+async def instructions(args: argparse.Namespace) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="connect-worker-bench-") as tmp:
+        result = {}
+        for kind in WORKERS:
+            _progress(f"--instructions {args.instructions}: {LABELS[kind]} under callgrind ...")
+            result[kind] = await instructions_per_run(kind, args, Path(tmp))
+        _progress("--instructions: SDK execution under callgrind ...")
+        result["sdk_execution"] = await sdk_instructions_per_run(args, Path(tmp))
+    return result
+
+
+def render_instructions(args: argparse.Namespace, result: dict[str, float]) -> str:
+    sdk = result["sdk_execution"]
+    cw, client = result[CW], result[SDK]
+    rows = [
+        ("instructions per run (total)", cw, client),
+        ("  SDK execution, shared", sdk, sdk),
+        ("  worker's own overhead", cw - sdk, client - sdk),
+    ]
+    width = 32
+    lines = [
+        f"--instructions {args.instructions}: user-space instructions per run under "
+        f"callgrind (C={args.concurrency}, warm-up {args.warmup}); millions",
+        "",
+        f"{'':<{width}}{LABELS[CW]:>16}{LABELS[SDK]:>14}{'ratio':>9}",
+    ]
+    for label, a, b in rows:
+        r = "" if label.strip().startswith("SDK") else f"{ratio(a, b):.2f}"
+        lines.append(f"{label:<{width}}{a / 1e6:>16.3f}{b / 1e6:>14.3f}{r:>9}".rstrip())
+    return "\n".join(lines)
+
+
 # -- internal modes --------------------------------------------------------------
 
 
@@ -804,7 +908,6 @@ def run_cw_worker() -> int:
     from ..cli import serve
     from ..config import Config
     from ..engine.target import load_target
-
     from ..protocol import WorkerConnection
 
     config = Config.from_env(os.environ)
@@ -817,7 +920,7 @@ def run_cw_worker() -> int:
         probe.heartbeats.append(time.time())
         return build_heartbeat(conn)
 
-    WorkerConnection.heartbeat = heartbeat  # type: ignore[method-assign]
+    WorkerConnection.heartbeat = heartbeat  # type: ignore[method-assign, assignment]
 
     async def main() -> int:
         async with anyio.create_task_group() as tg:
@@ -944,6 +1047,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --scale: seconds each step waits")
     parser.add_argument("--workers", nargs="+", choices=WORKERS, default=list(WORKERS),
                         help="with --scale: which workers to measure (default both)")
+    parser.add_argument("--instructions", type=int, metavar="N", default=0,
+                        help="instead: instructions per run under valgrind's callgrind, "
+                        "N runs per worker (load-independent; about 50x slower)")
     return parser
 
 
@@ -970,6 +1076,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path("/proc/self/stat").exists():
         sys.stderr.write("scripts/bench: needs Linux /proc\n")
         return 2
+    if args.instructions:
+        if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+            sys.stderr.write("scripts/bench: --instructions needs valgrind "
+                             "(Debian: apt-get install valgrind)\n")
+            return 2
+        counted = asyncio.run(instructions(args))
+        sys.stdout.write(render_instructions(args, counted) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(counted, indent=2) + "\n")
+        return 0
     if args.scale:
         if args.hold < 10:
             sys.stderr.write("scripts/bench: --hold must be >= 10 s\n")
