@@ -115,7 +115,7 @@ FLUSH_CONCURRENCY = 8
 REPLY_ACK_PATIENCE = 6
 
 GC_DEFAULT_THRESHOLD = 700  # CPython's generation-0 threshold
-GC_THRESHOLD = 10_000
+GC_THRESHOLD = 50_000
 
 EXIT_OK = 0
 EXIT_ABANDONED = 3  # the drain deadline passed with steps still running
@@ -237,6 +237,8 @@ class Worker:
         self.metrics.replies_awaiting_ack.set_function(
             lambda: sum(1 for s in self._steps.values() if s.reply is not None)
         )
+        # One per lease extension ACK: thousands per round with many steps in flight.
+        self._extended = self.metrics.lease_extensions_total.labels(outcome="extended")
         self._executor = Executor(apps, app_version=config.app_version)
         self._api: GatewayAPI | None = None
         self._steps: dict[str, Step] = {}
@@ -317,7 +319,8 @@ class Worker:
         gc.freeze()
         if gc.get_threshold()[0] == GC_DEFAULT_THRESHOLD:  # not tuned by the user
             # Each step allocates a few thousand objects, nearly all freed by reference
-            # counting: collecting every 700 allocations mostly walks live ones.
+            # counting: collecting every 700 allocations mostly walks live ones. (Young
+            # objects waiting for a collection: a few MB at most.)
             gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
         if self._changed is None:
             self._changed = anyio.Event()
@@ -622,7 +625,7 @@ class Worker:
             if not step.confirmed:
                 step.confirmed = True
                 self._notify()
-            self.metrics.lease_extensions_total.labels(outcome="extended").inc()
+            self._extended.inc()
             return
         self.metrics.lease_extensions_total.labels(outcome="nack").inc()
         step.extending = False
