@@ -176,9 +176,11 @@ class Executor:
         """Run ``request`` on the user loop; cancelling this cancels the user task."""
         return await self.user_loop.run(self._call(request))
 
-    def submit(self, request: ExecutorRequest) -> asyncio.Future[Outcome]:
-        """Start ``request`` on the user loop; cancelling the future cancels the user task."""
-        return self.user_loop.submit(self._call(request))
+    def submit(self, request: ExecutorRequest,
+               on_done: Callable[[asyncio.Future[Outcome]], None]) -> asyncio.Future[Outcome]:
+        """Start ``request`` on the user loop; ``on_done`` gets the future once it is done.
+        Cancelling the future cancels the user task."""
+        return self.user_loop.submit(self._call(request), on_done)
 
     async def _call(self, request: ExecutorRequest) -> Outcome:
         handler = self._handlers[request.app_name]

@@ -58,10 +58,31 @@ class _Inbox:
             item()
 
 
+class JobFuture(asyncio.Future[T]):
+    """The engine-side outcome of a job. Cancelling it cancels the user task.
+
+    ``on_done`` (optional) is called once it is done: straight from the bridge when the
+    job returns or raises (no callback round through the event loop: that was two
+    scheduled callbacks per step), from the loop when it is cancelled.
+    """
+
+    _job: _Job[T] | None = None
+    _on_done: Callable[[JobFuture[T]], None] | None = None
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        if self._job is not None:
+            self._job.cancel_soon()
+        if self._on_done is not None:
+            self.get_loop().call_soon(self._on_done, self)
+        return True
+
+
 class _Job(Generic[T]):
     """One coroutine crossing the bridge: runs on the user loop, resolves on the engine's."""
 
-    def __init__(self, coro: Coroutine[Any, Any, T], result: asyncio.Future[T],
+    def __init__(self, coro: Coroutine[Any, Any, T], result: JobFuture[T],
                  reply_to: _Inbox, user: _Inbox) -> None:
         self._coro = coro
         self._result = result
@@ -78,9 +99,8 @@ class _Job(Generic[T]):
         self._task = asyncio.get_running_loop().create_task(self._coro)
         self._task.add_done_callback(self._done)
 
-    def result_done(self, result: asyncio.Future[T]) -> None:  # on the engine loop
-        if result.cancelled():
-            self._user.put(self.cancel)
+    def cancel_soon(self) -> None:  # on the engine loop
+        self._user.put(self.cancel)
 
     def cancel(self) -> None:  # on the user loop
         self._cancelled = True
@@ -91,14 +111,24 @@ class _Job(Generic[T]):
         self._reply_to.put(lambda: self._resolve(task))
 
     def _resolve(self, task: asyncio.Task[T]) -> None:  # on the engine loop
-        if self._result.done():
+        result = self._result
+        if result.done():
             return
         if task.cancelled():
-            self._result.cancel()
-        elif (exc := task.exception()) is not None:
-            self._result.set_exception(exc)
+            result.cancel()  # (calls on_done)
+            return
+        if (exc := task.exception()) is not None:
+            result.set_exception(exc)
         else:
-            self._result.set_result(task.result())
+            result.set_result(task.result())
+        on_done = result._on_done
+        if on_done is not None:
+            try:
+                on_done(result)
+            except Exception as exc:  # as asyncio does for a failing callback
+                result.get_loop().call_exception_handler({
+                    "message": "a job's completion callback failed", "exception": exc,
+                })
 
     def _resolve_cancelled(self) -> None:  # on the engine loop
         if not self._result.done():
@@ -140,9 +170,11 @@ class UserLoop:
             self._thread.start()
             self._ready.wait()
 
-    def submit(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+    def submit(self, coro: Coroutine[Any, Any, T],
+               on_done: Callable[[JobFuture[T]], None] | None = None) -> JobFuture[T]:
         """Start ``coro`` on the user loop; its outcome arrives in the returned future,
-        which belongs to the calling loop. Cancelling that future cancels the user task.
+        which belongs to the calling loop, and ``on_done`` is called with it then.
+        Cancelling that future cancels the user task.
 
         A future and a callback instead of a task awaiting one: the engine needs no task
         per step.
@@ -151,9 +183,10 @@ class UserLoop:
         reply_to = self._replies.get(engine)
         if reply_to is None:
             reply_to = self._replies[engine] = _Inbox(engine)
-        result: asyncio.Future[T] = engine.create_future()
+        result: JobFuture[T] = JobFuture(loop=engine)
         job = _Job(coro, result, reply_to, self._inbox)
-        result.add_done_callback(job.result_done)
+        result._job = job
+        result._on_done = on_done
         self._inbox.put(job.start)
         return result
 

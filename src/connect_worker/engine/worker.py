@@ -672,10 +672,9 @@ class Worker:
     def _execute(self, step: Step) -> None:
         """Start the step in the SDK; ``_step_returned`` gets its outcome."""
         self._running += 1
-        future = self._executor.submit(step.request)
+        future = self._executor.submit(step.request, partial(self._step_returned, step))
         step.task = future
         self._step_tasks.add(future)
-        future.add_done_callback(partial(self._step_returned, step))
 
     def _step_returned(self, step: Step, future: asyncio.Future[Outcome]) -> None:
         self._step_tasks.discard(future)

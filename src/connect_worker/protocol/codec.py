@@ -134,7 +134,12 @@ def decode(frame: bytes) -> GatewayEvent:
     return decoder(envelope.payload)
 
 
+_SMALL_VARINTS = [bytes((n,)) for n in range(128)]
+
+
 def _varint(value: int) -> bytes:
+    if value < 128:
+        return _SMALL_VARINTS[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -169,7 +174,7 @@ def _envelope(kind: int, payload: bytes = b"") -> bytes:
     head = _KIND_TAG + _varint(kind) if kind else b""  # proto3 leaves out zero values
     if not payload:
         return head
-    return head + _PAYLOAD_TAG + _varint(len(payload)) + payload
+    return b"".join((head, _PAYLOAD_TAG, _varint(len(payload)), payload))
 
 
 def encode_worker_connect(request: Any) -> bytes:
