@@ -115,7 +115,7 @@ FLUSH_CONCURRENCY = 8
 REPLY_ACK_PATIENCE = 6
 
 GC_DEFAULT_THRESHOLD = 700  # CPython's generation-0 threshold
-GC_THRESHOLD = 50_000
+GC_THRESHOLD = 10_000
 
 EXIT_OK = 0
 EXIT_ABANDONED = 3  # the drain deadline passed with steps still running
@@ -319,8 +319,9 @@ class Worker:
         gc.freeze()
         if gc.get_threshold()[0] == GC_DEFAULT_THRESHOLD:  # not tuned by the user
             # Each step allocates a few thousand objects, nearly all freed by reference
-            # counting: collecting every 700 allocations mostly walks live ones. (Young
-            # objects waiting for a collection: a few MB at most.)
+            # counting: collecting every 700 allocations mostly walks live ones. 50,000
+            # measured cheaper still but cost 10 MB of peak RSS and longer pauses (worse
+            # p99 latencies); see docs/benchmarks.md.
             gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
         if self._changed is None:
             self._changed = anyio.Event()
