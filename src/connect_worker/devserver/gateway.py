@@ -123,6 +123,10 @@ class Gateway:
         self.urls: dict[str, str] = {}
         self.ports: dict[str, int] = {}
         self.draining_groups: set[str] = set()
+        # request_id -> instance owning the lease of a request forwarded twice
+        # (Faults.dual_dispatch): extensions from the other copy are NACKed. An instance,
+        # not a connection: the owner may extend over a newer connection after a drop.
+        self.dual_owners: dict[str, str] = {}
         self._servers: list[Server] = []
         self._handlers: set[asyncio.Task[None]] = set()
 
@@ -438,9 +442,9 @@ class Gateway:
             self.state.record("in", "WORKER_REQUEST_ACK", info.conn_id, ack.request_id)
             delay = self.state.faults.delay_request_ack
             if delay > 0:
-                self._spawn(conn, self._ack_later(ack.request_id, delay))
+                self._spawn(conn, self._ack_later(ack.request_id, delay, conn))
             else:
-                self._complete_ack(ack.request_id)
+                self._complete_ack(ack.request_id, conn)
         elif kind == Kind.WORKER_REQUEST_EXTEND_LEASE:
             ext = pb.WorkerRequestExtendLeaseData()
             ok = _parse(ext, msg.payload)
@@ -497,12 +501,15 @@ class Gateway:
         conn.tasks.add(task)
         task.add_done_callback(conn.tasks.discard)
 
-    async def _ack_later(self, request_id: str, delay: float) -> None:
+    async def _ack_later(self, request_id: str, delay: float,
+                         conn: GatewayConnection | None = None) -> None:
         await asyncio.sleep(delay)
-        self._complete_ack(request_id)
+        self._complete_ack(request_id, conn)
 
-    def _complete_ack(self, request_id: str) -> None:
-        for conn in self.live.values():
+    def _complete_ack(self, request_id: str, acking: GatewayConnection | None = None) -> None:
+        # The acking connection's own forward first: a request forwarded to two
+        # connections at once (Faults.dual_dispatch) has a pending ACK on each.
+        for conn in ([acking] if acking is not None else []) + list(self.live.values()):
             fut = conn.pending.get(request_id)
             if fut is not None and not fut.done():
                 fut.set_result(True)
@@ -511,7 +518,8 @@ class Gateway:
 
     async def _extend(self, conn: GatewayConnection, ext: pb.WorkerRequestExtendLeaseData) -> None:
         faults = self.state.faults
-        if check(faults.nack_extensions, ext.request_id):
+        owner = self.dual_owners.get(ext.request_id, conn.info.instance_id)
+        if check(faults.nack_extensions, ext.request_id) or owner != conn.info.instance_id:
             new_id = None
         else:
             new_id = self.core.leases.extend(ext.request_id, ext.lease_id, conn.info.instance_id)

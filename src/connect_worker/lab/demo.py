@@ -82,8 +82,11 @@ TOPICS: tuple[dict[str, str], ...] = (
 # simulated provider: ~1 s to the first token, then ~70 tokens/s).
 TYPICAL_STEP_SECONDS = 10.5
 # llm.call outcomes that reached the model, i.e. were paid for ("stopped": a stream
-# stopped by the drain, paid for the tokens it produced).
-PAID = frozenset({"ok", "stopped"})
+# stopped by the drain, paid for the tokens it produced; "resumed": a crashed stream
+# continued from its saved text, paid for the rest only).
+PAID = frozenset({"ok", "stopped", "resumed"})
+# Answers taken from another copy or attempt without asking the model.
+REUSED = frozenset({"cached", "waited"})
 FAILED = frozenset({"fatal", "gave_up", "refused"})
 
 
@@ -149,7 +152,7 @@ class LLMStats:
             stats.paid_per_worker[w.instance_id] = 0
             for call in w.events("llm.call"):
                 outcome = call.get("outcome")
-                if outcome == "cached":
+                if outcome in REUSED:
                     stats.cached += 1
                 elif outcome in FAILED:
                     stats.failed += 1
@@ -552,14 +555,18 @@ def run_demo(settings: DemoSettings, workdir: Path,
         title=f"connect-worker demo: {s.reports} LLM reports on {s.replicas} replicas, "
               f"rolling deploy v1 -> v2 mid-report",
         subtitle=(f"{sim.reports_completed}/{sim.reports_started} reports completed "
-                  f"({', '.join(k.fn_id for k in s.kinds())}; simulated model, "
-                  f"speed-up {s.speedup:g}), {sim.step_executions} step executions, "
+                  f"({', '.join(k.fn_id for k in s.kinds())}), "
+                  f"{sim.step_executions} step executions, "
                   f"{sim.duplicate_executions} duplicates, {sim.lost_replies} lost replies, "
                   f"{result.interrupted} interrupted, worker exit codes {codes}\n"
                   f"{llm.paid} model requests paid, {llm.duplicates} paid twice, "
                   f"{llm.input_tokens + llm.output_tokens:,} tokens, ~${llm.cost_usd:.2f}: "
-                  f"{verdict}"),
+                  f"{verdict}\n"
+                  f"Simulated model sped up {s.speedup:g}x: a step that takes "
+                  f"~{TYPICAL_STEP_SECONDS:.0f} s on a real model takes "
+                  f"~{s.step_seconds:.1f} s here (only the model's latency is scaled)"),
         notes=notes, t0=say.started_at,
+        axis_label=f"seconds since the demo started (model sped up {s.speedup:g}x)",
     )
     path = workdir / "timeline.svg"
     path.write_text(render_svg(timeline), encoding="utf-8")
