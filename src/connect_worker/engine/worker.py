@@ -246,6 +246,7 @@ class Worker:
         self._step_tasks: set[asyncio.Future[Any]] = set()
         self._running = 0  # steps in the SDK, for max_worker_concurrency
         self._queued: deque[Step] = deque()  # ACKed, waiting for max_worker_concurrency
+        self._to_start: list[Step] = []  # ACKed in this loop iteration (_start_acked)
         self._due_checks: list[Step] = []  # early ownership checks to send now
         self._checks_task: asyncio.Task[None] | None = None
         self._checks = _Deadlines(OWNERSHIP_CHECK_DELAY, self._check_ownership)
@@ -554,11 +555,24 @@ class Worker:
         outcome = self._executor.check_served(request)
         if outcome is not None:
             self._finish(step, outcome)
-        elif (self.config.max_worker_concurrency
-              and self._running >= self.config.max_worker_concurrency):
-            self._queued.append(step)
-        else:
-            self._execute(step)
+            return
+        # User code starts from the next loop iteration, with the steps ACKed in this
+        # read: the ACKs (written when the read callback ends) are on the wire first.
+        if not self._to_start:
+            assert self._loop is not None
+            self._loop.call_soon(self._start_acked)
+        self._to_start.append(step)
+
+    def _start_acked(self) -> None:
+        steps, self._to_start = self._to_start, []
+        limit = self.config.max_worker_concurrency
+        for step in steps:
+            if step.outcome == "lease_lost" or self._closing:
+                continue
+            if limit and self._running >= limit:
+                self._queued.append(step)
+            else:
+                self._execute(step)
 
     def _step_done(self, task: asyncio.Future[Any]) -> None:
         self._step_tasks.discard(task)
@@ -636,13 +650,16 @@ class Worker:
             # send no reply; that copy's reply is the one Inngest uses.
             request = step.request
             step.outcome = "lease_lost"
+            # Read before cancelling: the cancellation reaches the user loop at once and
+            # unwinds the stack the name is read from.
+            name = self._step_name(step)
             if step.task is not None:
                 step.task.cancel()  # _step_returned drops the step
-            else:  # still queued: it never starts
+            else:  # not started yet: it never starts
                 self._lease_lost(step)
             event(log, "step.lease_lost", level=logging.WARNING,
                   request_id=request.request_id, run_id=request.run_id,
-                  function=request.function_slug, step_id=self._step_name(step),
+                  function=request.function_slug, step_id=name,
                   confirmed_before=step.confirmed,
                   ran_for=round(time.monotonic() - step.started_at, 3))
 
