@@ -484,17 +484,18 @@ class Worker:
               gateway_group=session.start.gateway_group,
               paused=self._draining, heartbeat_interval=session.ready.heartbeat_interval,
               extend_lease_interval=session.ready.extend_lease_interval)
-        # Replies still waiting for an ACK go out again on the new socket at once, and
-        # steps whose lease was never confirmed (ACKed just before the old socket left
-        # READY: the gateway may have re-routed them) are checked now.
-        unconfirmed: list[Step] = []
+        # Every lease is extended at once on the new socket: the time without a
+        # connection (a gateway restart, our reconnect backoff) ate into each lease, and
+        # waiting for the next extend tick could let one lapse (the soak saw four steps
+        # run again that way). It is also the ownership check of steps never confirmed
+        # (ACKed just before the old socket left READY: the gateway may have re-routed
+        # them). Replies still waiting for an ACK go out again.
+        steps = [step for step in self._steps.values() if not step.delivered]
+        await self._send_extensions(session, steps)
         with session.corked():
-            for step in list(self._steps.values()):
+            for step in steps:
                 if step.reply is not None and not step.delivered:
                     self._send_reply(step, session)
-                elif step.reply is None and step.extending and not step.confirmed:
-                    unconfirmed.append(step)
-        await self._send_extensions(session, unconfirmed)
         for stale in old:
             self._sessions.remove(stale)
             if not stale.closed.is_set():
