@@ -240,6 +240,7 @@ def _dev(args: argparse.Namespace) -> int:
     from .devserver import serve as serve_devserver
 
     config = DevServerConfig.fast() if args.fast else DevServerConfig()
+    stop_on_signals()
 
     def ready(dev: DevServer) -> None:
         log.info("dev gateway ready: page %s/ ; start a worker with INNGEST_DEV=%s "
@@ -260,6 +261,17 @@ def _dev(args: argparse.Namespace) -> int:
         print(f"connect-worker: dev gateway {_bind_error(exc, args)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM stop a foreground tool cleanly (exit 0), even when the shell
+    started it with SIGINT ignored (a background job)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
 
 
 def _bind_error(exc: OSError, args: argparse.Namespace) -> str:

@@ -211,6 +211,9 @@ def runs(url: str, run_id: str | None, limit: int, watch: bool, out: TextIO) -> 
     if not watch:
         print(render(), file=out)
         return 0
+    from .cli import stop_on_signals
+
+    stop_on_signals()
     return _watch(render, out, 1.0, lambda: False)
 
 

@@ -87,16 +87,19 @@ class Gateway:
                          CONNECT_WORKER_REPLY_ACK_TIMEOUT="0.5", **env),
             )
 
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
+    def stop(self) -> int | None:
+        """SIGTERM, as a process manager stops it; the exit code (None if it hung)."""
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(10)
+            code: int | None = self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
+            code = None
         self._reader.join(5)
         assert self.proc.stderr is not None
         self.proc.stderr.close()
+        return code
 
 
 @pytest.fixture
@@ -183,6 +186,10 @@ def test_rolling_deploy_rehearsed_by_hand(gateway: Gateway, tmp_path: Path) -> N
         _stop(v1)
         if v2 is not None:
             _stop(v2)
+
+
+def test_dev_stops_cleanly_on_sigterm() -> None:
+    assert Gateway().stop() == 0
 
 
 def test_runs_watch_prints_each_change(gateway: Gateway) -> None:
