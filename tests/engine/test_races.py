@@ -94,3 +94,28 @@ async def test_leases_survive_a_reconnect_that_outlasts_an_extend_tick(
     assert run.status is RunStatus.COMPLETED
     assert probe.counts["slow"] == 1, "the lease lapsed during the reconnect: the step ran twice"
     assert not lease_lost_records(caplog)
+
+
+async def test_reconnect_backoff_stays_inside_the_leases_of_steps_in_flight(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With steps in flight, retries come at least every quarter extend interval.
+
+    Eight refused start calls after a drop would back off ~0.25+0.5+...+30 s: far past
+    the 4 s lease of the step in flight, which only a socket can extend.
+    """
+    caplog.set_level(logging.INFO, logger="connect_worker")
+    async with DevServer(DevServerConfig.fast(lease_check_interval=0.2, lease_grace=0.2)) as dev, \
+            running_worker(dev, instance_id="a", reconnect_min_backoff=0.25,
+                           reconnect_max_backoff=30.0):
+        conn = await dev.wait_for_connection()
+        [run_id] = await dev.send_event("t/slow", {"seconds": 5.0})
+        await probe.wait_started("slow")
+        dev.faults.start_failures = [503] * 8
+        await dev.drop_socket(conn.conn_id)
+        run = await dev.wait_for_run(run_id, timeout=30)
+
+    assert run.status is RunStatus.COMPLETED
+    assert len(dev.start_calls) >= 10  # the first, eight refused, the one that worked
+    assert probe.counts["slow"] == 1, "a lease lapsed during the backoff: the step ran twice"
+    assert not lease_lost_records(caplog)

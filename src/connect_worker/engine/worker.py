@@ -425,6 +425,7 @@ class Worker:
         delays = backoff_delays(self.config.reconnect_min_backoff,
                                 self.config.reconnect_max_backoff)
         sync_failures = 0
+        extend_interval = 0.0  # told by the gateway in each CONNECTION_READY
         while True:
             try:
                 start = await self._api.start(exclude)
@@ -437,6 +438,11 @@ class Worker:
                 if is_fatal(exc, sync_failures):
                     raise
                 delay = next(delays)
+                if self._steps and extend_interval:
+                    # Leases are only extended over a socket: while steps are in flight
+                    # the backoff must not outgrow them (the soak saw leases lapse
+                    # behind a 30 s cap when the gateway came back after 3 s).
+                    delay = min(delay, extend_interval / 4)
                 event(log, "connection.retry", level=logging.WARNING, error=str(exc),
                       retry_in=round(delay, 3), draining=self._draining)
                 reason = "sync_failed" if isinstance(exc, SyncError) else "start_failed"
@@ -446,6 +452,7 @@ class Worker:
             delays = backoff_delays(self.config.reconnect_min_backoff,
                                     self.config.reconnect_max_backoff)
             sync_failures = 0
+            extend_interval = session.ready.extend_lease_interval
             await self._tg.start(session.run, self)
             await self._activate(session)
             await _first_of(session.closed, session.gateway_closing)
