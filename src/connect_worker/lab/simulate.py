@@ -28,7 +28,7 @@ from typing import Any
 from ..devserver import DevServer, DevServerConfig, RunStatus
 from ..devserver.fleet import WorkerProcess, read_executions
 
-TARGET = "examples.pipeline"
+TARGET = "connect_worker.lab.apps.pipeline"
 
 
 @dataclass(frozen=True)
