@@ -8,6 +8,7 @@ itself, across processes.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections import Counter
@@ -185,8 +186,11 @@ async def test_second_signal_ends_the_drain_at_once(dev: DevServer, exec_log: st
         await old.wait_log("drain.start")
         old.send_signal(signal.SIGINT)
         assert await old.wait(10) == 3
-    assert len(old.events("drain.step_abandoned")) == 1
+    [abandoned] = old.events("drain.step_abandoned")
+    assert abandoned["step_id"] == "research" and abandoned["handed_back"] is True
     assert (old.exited_at or 0) - (old.signalled_at or 0) < 5.0
+    errors = [h for r in dev.runs.values() for h in r.history if h["type"] == "function_error"]
+    assert "second stop signal" in json.dumps(errors)
 
 
 async def test_signal_before_ready_exits_within_a_second(dev: DevServer, exec_log: str) -> None:

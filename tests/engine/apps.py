@@ -31,6 +31,7 @@ class Probe:
         self.gates: defaultdict[str, threading.Event] = defaultdict(threading.Event)
         self.ended_at: dict[str, float] = {}
         self.cancelled: Counter[str] = Counter()
+        self.finished: Counter[str] = Counter()
         self.job_ids: list[str] = []
         self.running = 0
         self.max_running = 0
@@ -45,6 +46,7 @@ class Probe:
     def leave(self, name: str) -> None:
         with self.lock:
             self.running -= 1
+            self.finished[name] += 1
             self.ended_at[name] = time.time()
 
     async def wait_started(self, name: str, within: float = 10.0) -> None:

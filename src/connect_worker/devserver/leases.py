@@ -22,6 +22,11 @@ class Lease:
     expires_at: float
     previous_lease_id: str | None = None
     instance_id: str | None = None  # the instance the request was assigned to
+    # The instance whose extension minted the current lease ID: the only one that may
+    # present the previous ID again (it lost that extension's ACK). Routing does not
+    # make an instance the holder: after a re-route race two workers hold the same
+    # lease ID, and the first to extend it keeps the lease.
+    extended_by: str | None = None
 
     def live(self, now: float) -> bool:
         return now < self.expires_at
@@ -80,13 +85,12 @@ class LeaseStore:
         if lease is None:
             return None
         limited = bool(self.capacity.get(instance_id))
-        owns = lease.instance_id is None or lease.instance_id == instance_id
         if limited and lease.instance_id != instance_id:
             return None
         if lease.lease_id != lease_id:
-            # One lost EXTEND_LEASE_ACK: the previous ID from the owner gets the
-            # current ID back instead of a NACK (v1.41.0+).
-            if lease_id == lease.previous_lease_id and owns:
+            # One lost EXTEND_LEASE_ACK: the previous ID from the instance that
+            # extended it gets the current ID back instead of a NACK (v1.41.0+).
+            if lease_id == lease.previous_lease_id and lease.extended_by == instance_id:
                 return lease.lease_id
             return None
         # Matches the current lease: extend, even if it already lapsed, as long as
@@ -96,6 +100,7 @@ class LeaseStore:
         lease.previous_lease_id = lease.lease_id
         lease.lease_id = new_id
         lease.expires_at = expires
+        lease.extended_by = instance_id
         return new_id
 
     # -- capacity ------------------------------------------------------------

@@ -115,6 +115,11 @@ class UserLoop:
             self._loop.run_until_complete(self._loop.shutdown_default_executor())
             self._loop.close()
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The user loop (read by ``stacks.running_steps``; never run anything on it)."""
+        return self._loop
+
     def start(self) -> None:
         if not self._thread.is_alive():
             self._thread.start()

@@ -8,12 +8,24 @@ worker tracks and cancels at the drain deadline)::
     │                  reconnects forever with capped, jittered backoff; AuthError is fatal
     │   └─ session     reader + heartbeats, one per WebSocket (two briefly on GATEWAY_CLOSING)
     ├─ lease extender  every extend interval, each unfinished step's newest lease id,
-    │                  over the newest live session
+    │                  over the newest live session; plus one early ownership check per
+    │                  step (below)
     ├─ one task per step: ACKed request -> SDK on the user loop -> reply -> delivered
     ├─ status reports  WORKER_STATUS, only when the gateway asks for them
     └─ drain           on request: stop acking, PAUSE, wait for every step's reply to be
                        acknowledged (WORKER_REPLY_ACK or flush 200) within the deadline,
                        close 1000 WORKER_SHUTDOWN
+
+A step's first extension goes out ``OWNERSHIP_CHECK_DELAY`` after its ACK, and again at
+once on a new session if it was never confirmed: when the gateway re-routed a forward
+whose ACK was already on the wire (it fails un-ACKed forwards as soon as a connection
+leaves READY), two workers hold the same lease id and only the first to extend keeps it.
+The other gets a NACK, cancels its copy and sends no reply, about a second in, instead of
+running the whole step next to the real owner (``step.lease_lost``).
+
+At the drain deadline (or a second signal) every step still running is *handed back*:
+a retryable error reply saying which worker gave it up, why and after how long, so
+Inngest retries it at once instead of after the lease expires (about 2 minutes).
 
 A step's reply is *delivered* only when the gateway acknowledged it or
 ``/v0/connect/flush`` accepted it; until then the step stays in ``_steps``, its
@@ -65,6 +77,7 @@ from ..protocol.state import State
 from .executor import SDK_LANGUAGE, SDK_VERSION, App, Executor, Outcome, error_outcome
 from .gateway_api import GatewayAPI
 from .session import Session
+from .stacks import running_steps
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +86,13 @@ HANDSHAKE_TIMEOUT = 30.0
 # before PAUSE can lose that race and the request would be re-routed while we run it
 # (spec §5.2). PAUSE therefore waits until the newest ACK is this old.
 PAUSE_SETTLE = 0.2
+# A lost re-route race is found by the first lease extension (see the module docstring):
+# soon enough that the losing copy stops early, late enough that most short steps are
+# done before it and cost no extra frame.
+OWNERSHIP_CHECK_DELAY = 1.0
+# Hand-back replies at the drain deadline get this long to be acknowledged (socket or
+# flush) before the process exits: the platform's SIGKILL is close behind.
+HAND_BACK_TIMEOUT = 1.5
 FLUSH_MAX_BACKOFF = 5.0
 
 EXIT_OK = 0
@@ -114,6 +134,9 @@ class Step:
     reply: bytes | None = None
     outcome: str = "running"
     extending: bool = True
+    # A successful extension proved the gateway counts this copy as the lease holder.
+    confirmed: bool = False
+    ownership_check: asyncio.TimerHandle | None = None
     sent_on: Session | None = None
     delivered: bool = False
     # Set when the reply is delivered or the socket that carried it closes; replaced by
@@ -146,6 +169,7 @@ class Worker:
         self._api: GatewayAPI | None = None
         self._steps: dict[str, Step] = {}
         self._step_tasks: set[asyncio.Task[None]] = set()
+        self._checks: set[asyncio.Task[None]] = set()  # early ownership checks being sent
         self._current: Session | None = None
         self._sessions: list[Session] = []
         self._limiter: anyio.CapacityLimiter | None = None
@@ -226,6 +250,7 @@ class Worker:
                 self.exit_code = await self._drain()
                 tg.cancel_scope.cancel()
         finally:
+            self._tg = None
             self.metrics.set_connection_state("disconnected")
             with anyio.CancelScope(shield=True):
                 await self._api.aclose()
@@ -350,10 +375,14 @@ class Worker:
               gateway_group=session.start.gateway_group,
               paused=self._draining, heartbeat_interval=session.ready.heartbeat_interval,
               extend_lease_interval=session.ready.extend_lease_interval)
-        # Replies still waiting for an ACK go out again on the new socket at once.
+        # Replies still waiting for an ACK go out again on the new socket at once, and
+        # steps whose lease was never confirmed (ACKed just before the old socket left
+        # READY: the gateway may have re-routed them) are checked now.
         for step in list(self._steps.values()):
             if step.reply is not None and not step.delivered:
                 await self._send_reply(step, session)
+            elif step.reply is None and step.extending and not step.confirmed:
+                await self._send_extension(session, step)
         for stale in old:
             self._sessions.remove(stale)
             if not stale.closed.is_set():
@@ -409,7 +438,11 @@ class Worker:
         step = Step(request=request, lease_id=request.lease_id, started_at=time.monotonic())
         self._steps[request.request_id] = step
         self._notify()
-        task = asyncio.get_running_loop().create_task(self._run_step(step))
+        loop = asyncio.get_running_loop()
+        step.ownership_check = loop.call_later(
+            OWNERSHIP_CHECK_DELAY, self._check_ownership, step
+        )
+        task = loop.create_task(self._run_step(step))
         step.task = task
         self._step_tasks.add(task)
         task.add_done_callback(self._step_done)
@@ -425,22 +458,52 @@ class Worker:
         self._fatal = exc
         self.abort()
 
+    def _check_ownership(self, step: Step) -> None:
+        """The early extension of one step (a timer callback; see the module docstring)."""
+        step.ownership_check = None
+        finished = step.task is None or step.task.done()
+        if finished or step.reply is not None or step.confirmed or not step.extending:
+            return
+        if self._tg is None:  # the worker has stopped
+            return
+        session = self._live_session()
+        if session is not None:  # otherwise the next session checks it on activation
+            task = asyncio.get_running_loop().create_task(self._send_extension(session, step))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+    async def _send_extension(self, session: Session, step: Step) -> None:
+        await session.send(partial(
+            WorkerConnection.extend_lease, request=step.request, lease_id=step.lease_id,
+        ))
+
     def _on_lease_extended(self, ack: LeaseExtended) -> None:
         step = self._steps.get(ack.request_id)
         if step is None:
             return
         if ack.new_lease_id:
             step.lease_id = ack.new_lease_id
+            step.confirmed = True
             self.metrics.lease_extensions_total.labels(outcome="extended").inc()
             return
         self.metrics.lease_extensions_total.labels(outcome="nack").inc()
         step.extending = False
         if step.reply is None and step.task is not None:
-            # Someone else owns the lease now: stop, and send no reply.
+            # Another copy holds the lease (a re-route race, or ours expired): stop, and
+            # send no reply; that copy's reply is the one Inngest uses.
+            request = step.request
             step.outcome = "lease_lost"
             step.task.cancel()
-            event(log, "lease.lost", level=logging.WARNING, request_id=ack.request_id,
-                  function=step.request.function_slug, run_id=step.request.run_id)
+            event(log, "step.lease_lost", level=logging.WARNING,
+                  request_id=request.request_id, run_id=request.run_id,
+                  function=request.function_slug, step_id=self._step_name(step),
+                  confirmed_before=step.confirmed,
+                  ran_for=round(time.monotonic() - step.started_at, 3))
+
+    def _step_name(self, step: Step) -> str:
+        """The step's name from the user's code, else the request's step id."""
+        names = running_steps(self._executor.user_loop.loop)
+        return names.get(step.request.run_id) or step.request.step_id or "step"
 
     def _on_reply_ack(self, ack: ReplyAck) -> None:
         step = self._steps.get(ack.request_id)
@@ -471,12 +534,24 @@ class Worker:
                                             outcome="lease_lost").inc()
             self._notify()
             return
+        if step.ownership_check is not None:
+            step.ownership_check.cancel()
+            step.ownership_check = None
         duration = time.monotonic() - step.started_at
         self.metrics.steps_total.labels(function=request.function_slug,
                                         outcome=outcome.label).inc()
         self.metrics.step_duration_seconds.labels(function=request.function_slug).observe(duration)
         step.outcome = outcome.label
-        step.reply = build_sdk_response(
+        step.reply = self._reply(request, outcome)
+        event(log, "step.finished", level=logging.DEBUG, request_id=request.request_id,
+              function=request.function_slug, outcome=outcome.label,
+              duration=round(duration, 3))
+        self._notify()
+        await self._deliver(step)
+
+    @staticmethod
+    def _reply(request: ExecutorRequest, outcome: Outcome) -> bytes:
+        return build_sdk_response(
             request,
             status=outcome.status,
             body=outcome.body,
@@ -485,11 +560,6 @@ class Worker:
             sdk_version=outcome.sdk_version,
             request_version=outcome.request_version,
         )
-        event(log, "step.finished", level=logging.DEBUG, request_id=request.request_id,
-              function=request.function_slug, outcome=outcome.label,
-              duration=round(duration, 3))
-        self._notify()
-        await self._deliver(step)
 
     async def _execute(self, request: ExecutorRequest) -> Outcome:
         try:
@@ -512,12 +582,12 @@ class Worker:
             return True
         return False
 
-    async def _deliver(self, step: Step) -> None:
+    async def _deliver(self, step: Step, *, ack_timeout: float | None = None) -> None:
         """Get the reply acknowledged: socket first, flush when the ACK does not come."""
         session = self._live_session()
         if session is not None and await self._send_reply(step, session):
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.reply_ack_timeout):
+                async with asyncio.timeout(ack_timeout or self.config.reply_ack_timeout):
                     await step.wake.wait()
         if not step.delivered:
             await self._flush(step)
@@ -588,20 +658,8 @@ class Worker:
                 scope.cancel()
             await self._wait_until(lambda: not self._steps)
         abandoned = list(self._steps.values())
-        now = time.monotonic()
-        for step in abandoned:
-            request = step.request
-            event(log, "drain.step_abandoned", level=logging.ERROR,
-                  function=request.function_slug, run_id=request.run_id,
-                  step_id=request.step_id or "step", job_id=request.job_id,
-                  request_id=request.request_id,
-                  state="running" if step.reply is None else "reply_unacknowledged",
-                  running_for=round(now - step.started_at, 3))
-        self.metrics.steps_abandoned_total.inc(len(abandoned))
-        for task in list(self._step_tasks):
-            task.cancel()  # the user task on the user loop gets the cancellation too
-        if self._step_tasks:
-            await asyncio.wait(self._step_tasks, timeout=1.0)
+        if abandoned:
+            await self._abandon(abandoned)
         for session in list(self._sessions):
             await session.close("WORKER_SHUTDOWN")
         duration = time.monotonic() - drain_started_at
@@ -616,6 +674,57 @@ class Worker:
         event(log, "drain.end", duration=round(duration, 3), abandoned=len(abandoned),
               exit_code=code)
         return code
+
+    async def _abandon(self, steps: list[Step]) -> None:
+        """Give up on ``steps``: log each by name, stop them, hand the running ones back."""
+        names = running_steps(self._executor.user_loop.loop)  # before the cancellation
+        if self._fatal is not None:
+            reason = "the worker is stopping after a fatal error"
+        elif self._abort_requested:
+            reason = "the worker got a second stop signal"
+        else:
+            reason = f"the drain deadline ({self.config.drain_timeout:g} s) passed"
+        now = time.monotonic()
+        handed_back: list[Step] = []
+        for step in steps:
+            request = step.request
+            running = step.reply is None
+            # Only a copy the gateway confirmed as the lease holder may speak for the
+            # step: an unconfirmed one may have lost a re-route race, and its error
+            # reply would beat the real owner's answer into the reply buffer.
+            hand_back = running and step.confirmed
+            name = names.get(request.run_id) or request.step_id or "step"
+            running_for = now - step.started_at
+            event(log, "drain.step_abandoned", level=logging.ERROR,
+                  function=request.function_slug, run_id=request.run_id,
+                  step_id=name, job_id=request.job_id, request_id=request.request_id,
+                  state="running" if running else "reply_unacknowledged",
+                  running_for=round(running_for, 3), handed_back=hand_back)
+            if hand_back:
+                step.reply = self._reply(request, error_outcome(
+                    "StepAbandoned",
+                    f"connect_worker instance {self.config.instance_id} gave up step "
+                    f"{name!r} of {request.function_slug!r} after {running_for:.1f} s: "
+                    f"{reason}. Inngest retries it.",
+                ))
+                handed_back.append(step)
+        self.metrics.steps_abandoned_total.inc(len(steps))
+        for task in list(self._step_tasks):
+            task.cancel()  # the user task on the user loop gets the cancellation too
+        if self._step_tasks:
+            await asyncio.wait(self._step_tasks, timeout=1.0)
+        if not handed_back:
+            return
+        # Without this reply Inngest would wait for the lease to expire (minutes) before
+        # retrying. The budget is short: the platform's SIGKILL is close behind.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(HAND_BACK_TIMEOUT):
+                await asyncio.gather(*(
+                    self._deliver(step, ack_timeout=HAND_BACK_TIMEOUT / 2)
+                    for step in handed_back
+                ))
+        event(log, "drain.handed_back", steps=len(handed_back),
+              acknowledged=sum(1 for step in handed_back if step.delivered))
 
     async def _pause_sessions(self) -> None:
         """Stop being routable: every handshaken session gets WORKER_PAUSE."""

@@ -1,0 +1,60 @@
+"""A copy of a step that lost a gateway re-route race stops about a second in.
+
+The race (spec: un-ACKed forwards fail the moment a connection leaves READY): the
+gateway sends GATEWAY_CLOSING while worker A's ACK is on the wire, re-routes the
+request to worker B with the same lease id, and ignores A's late ACK. Both copies
+run. Extensions here come every 5 s and the step takes 3 s, so only the early
+ownership check (an extension soon after the ACK, and at once on A's new session)
+can tell the copies apart before both run to the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
+
+from .apps import probe
+from .harness import running_worker
+
+
+@pytest.fixture(autouse=True)
+def _clean_probe() -> None:
+    probe.reset()
+
+
+def lease_lost_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    return [r.__dict__["fields"] for r in caplog.records
+            if getattr(r, "event", None) == "step.lease_lost"]
+
+
+async def test_lost_reroute_race_is_cancelled_early(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="connect_worker")
+    config = DevServerConfig.fast(
+        gateway_groups=("gw-a", "gw-b"), lease_duration=20.0, extend_lease_interval=5.0,
+        lease_check_interval=5.0,
+    )
+    async with DevServer(config) as dev, \
+            running_worker(dev, instance_id="a"), running_worker(dev, instance_id="b"):
+        conn_a = await dev.wait_for_connection(lambda c: c.instance_id == "a")
+        conn_b = await dev.wait_for_connection(lambda c: c.instance_id == "b")
+        # First forward to A; once A's connection has left READY, to B (not A's new one).
+        dev.faults.route = lambda ids: conn_a.conn_id if conn_a.conn_id in ids else conn_b.conn_id
+        dev.faults.delay_request_ack = 0.5  # A's ACK is still "on the wire" ...
+        [run_id] = await dev.send_event("t/slow", {"seconds": 3.0})
+        await probe.wait_started("slow")
+        closing = asyncio.create_task(dev.gateway_closing(conn_a.conn_id))  # ... when this lands
+        dev.faults.delay_request_ack = 0.0
+        run = await dev.wait_for_run(run_id, timeout=20)
+        await closing
+
+    assert run.status is RunStatus.COMPLETED
+    assert [d.outcome for d in dev.dispatches][:2] == ["forward_failed", "replied"], dev.dispatches
+    assert probe.counts["slow"] == 2, "the race did not happen: both copies must have started"
+    assert probe.finished["slow"] == 1, "both copies ran to the end"
+    [lost] = lease_lost_records(caplog)
+    assert lost["run_id"] == run_id and lost["step_id"] == "nap"
+    logging.getLogger(__name__).info("losing copy ran %s s of a 3 s step", lost["ran_for"])
