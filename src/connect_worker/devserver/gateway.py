@@ -88,6 +88,10 @@ def worker_group_hash(
     return hashlib.sha256(":".join(parts).encode()).hexdigest()
 
 
+# A frame on a slow wire: (due, frame, kind, conn_id, request_id).
+_Late = tuple[float, bytes, int, str | None, str | None]
+
+
 class _HandshakeError(Exception):
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
@@ -123,6 +127,8 @@ class Gateway:
         self.urls: dict[str, str] = {}
         self.ports: dict[str, int] = {}
         self.draining_groups: set[str] = set()
+        # Frames delayed by faults.frame_latency, per socket (see _write).
+        self._outboxes: dict[ServerConnection, asyncio.Queue[_Late]] = {}
         self._servers: list[Server] = []
         self._handlers: set[asyncio.Task[None]] = set()
 
@@ -201,9 +207,16 @@ class Gateway:
     ) -> bool:
         frame = pb.ConnectMessage(kind=kind, payload=payload).SerializeToString()  # type: ignore[arg-type]
         latency = self.state.faults.frame_latency
-        if latency > 0:
-            # Before taking the lock: every frame is late by the same amount, in order.
-            await asyncio.sleep(latency)
+        outbox = self._outboxes.get(ws)
+        if latency > 0 or outbox is not None:
+            # faults.frame_latency: the frame is on a slow wire. The caller goes on at once
+            # (as after a write into the kernel's buffer); one sender per socket delivers
+            # the frames in order, each ``latency`` after it was written.
+            if outbox is None:
+                outbox = self._outboxes[ws] = asyncio.Queue()
+                self._spawn_background(self._send_late(ws, outbox))
+            outbox.put_nowait((time.monotonic() + latency, frame, kind, conn_id, request_id))
+            return True
         try:
             if lock is not None:
                 async with lock:
@@ -216,6 +229,23 @@ class Gateway:
             return False
         self.state.record("out", kind_name(kind), conn_id, request_id)
         return True
+
+    async def _send_late(self, ws: ServerConnection, outbox: asyncio.Queue[_Late]) -> None:
+        try:
+            while True:
+                due, frame, kind, conn_id, request_id = await outbox.get()
+                if not frame:
+                    return  # the connection ended
+                if due > time.monotonic():
+                    await asyncio.sleep(due - time.monotonic())
+                try:
+                    async with asyncio.timeout(self.config.write_timeout):
+                        await ws.send(frame)
+                except (ConnectionClosed, TimeoutError, OSError):
+                    return  # what was still on the wire is lost with the socket
+                self.state.record("out", kind_name(kind), conn_id, request_id)
+        finally:
+            self._outboxes.pop(ws, None)
 
     async def send(self, conn: GatewayConnection, kind: int, payload: bytes = b"", *,
                    request_id: str | None = None) -> bool:
@@ -709,6 +739,10 @@ class Gateway:
         info.set_phase(Phase.DISCONNECTING)
         info.status = ConnStatus.DISCONNECTING
         conn.fail_pending()
+        outbox = self._outboxes.get(conn.ws)
+        if outbox is not None:
+            # Stop the late sender; what was still on the wire is lost with the socket.
+            outbox.put_nowait((0.0, b"", 0, None, None))
         for task in list(conn.tasks):
             task.cancel()
         ws = conn.ws

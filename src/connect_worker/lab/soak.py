@@ -182,6 +182,11 @@ class SoakResult:
     bad_exits: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     drain_seconds: list[float] = field(default_factory=list)
+    abandoned: int = 0  # steps named in drain.step_abandoned
+    handed_back: int = 0  # of those, handed back with a retryable error reply
+    # Seconds from a replica's SIGTERM to the gateway's next dispatch of a step it
+    # abandoned (the retry that a hand-back makes immediate).
+    retry_after_sigterm: list[float] = field(default_factory=list)
     exit_codes: Counter[str] = field(default_factory=Counter)
     # instance id -> [(seconds since the soak started, RSS bytes)]
     rss: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
@@ -267,6 +272,9 @@ class SoakResult:
                                f"{self.race_ran_twice}; late ACKs ignored by the gateway: "
                                f"{self.late_acks_ignored}){race_times}"),
             ("lost replies", str(len(self.lost_replies))),
+            ("abandoned at a drain deadline", f"{self.abandoned} ({self.handed_back} handed "
+                                              "back); SIGTERM to retry p50 / max "
+                                              f"{drain_summary(self.retry_after_sigterm)}"),
             ("drain time p50 / max (SIGTERM to exit)", drain_summary(self.drain_seconds)),
             ("exit codes", codes or "-"),
             ("replicas started", str(sum(1 for w in self.workers if w.started_at))),
@@ -297,6 +305,9 @@ class SoakResult:
             "late_acks_ignored": self.late_acks_ignored,
             "lost_replies": self.lost_replies,
             "drain_seconds": self.drain_seconds,
+            "abandoned": self.abandoned,
+            "handed_back": self.handed_back,
+            "retry_after_sigterm": self.retry_after_sigterm,
             "exit_codes": dict(self.exit_codes),
             "rss": self.rss,
             "replicas": [{"instance_id": w.instance_id, "pid": w.pid if w.started_at else None,
@@ -375,6 +386,8 @@ class Soak:
             gateway_groups=("gw-a", "gw-b"), lease_duration=self.s.lease_duration,
             extend_lease_interval=1.0, heartbeat_interval=1.0, seed=self.s.seed,
             retry_backoff=0.2, route_wait=10.0,
+            # A forward waits lease + grace for its ACK, as in production (not 2 s).
+            ack_timeout=None,
         )
         async with DevServer(config) as dev:
             try:
@@ -628,6 +641,25 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
                 and d.request_id not in delivered
                 and (worker.pid, d.request_id) not in lease_lost):
             result.lost_replies.append(d.request_id)
+
+    # Abandoned steps: how soon after the SIGTERM the gateway dispatched them again.
+    result.abandoned = len(abandoned)
+    result.handed_back = sum(1 for e in abandoned.values() if e.get("handed_back"))
+    by_job: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    job_of: dict[str, str] = {}
+    for d in dev.dispatches:
+        job_of.setdefault(d.request_id, d.job_id)
+        by_job[d.job_id].append((d.request_id, d.sent_at))
+    for pid, request_id in abandoned:
+        worker = by_pid.get(pid)
+        job = job_of.get(request_id)
+        if worker is None or worker.signalled_at is None or job is None:
+            continue
+        signalled = worker.signalled_at
+        later = [t for r, t in by_job[job] if r != request_id and t > signalled]
+        first = min(later, default=None)
+        if first is not None:
+            result.retry_after_sigterm.append(round(first - signalled, 3))
 
     # Exits.
     for w in result.workers:
