@@ -5,6 +5,7 @@ duplicate execution explained, no reply lost, every SIGTERMed replica drained)."
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from itertools import pairwise
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from connect_worker import cli
+from connect_worker.devserver import DevServer, DevServerConfig
+from connect_worker.devserver.fleet import WorkerProcess
 from connect_worker.lab import soak
 from connect_worker.lab.soak import KIND_NAMES, plan_faults
 
@@ -74,3 +77,17 @@ def test_short_soak_keeps_the_promise(tmp_path: Path,
     assert report["step_executions"] >= 4 * runs["completed"]
     assert any(len(samples) >= 2 for samples in report["rss"].values())
     assert "every duplicate explained" in table
+
+
+async def test_a_worker_that_cannot_start_fails_at_once() -> None:
+    """A precondition failure is one line as soon as the worker exits, not a timeout."""
+    async with DevServer(DevServerConfig.fast()) as dev, WorkerProcess(
+        "no_such_module_here", api_url=dev.api_url, instance_id="broken"
+    ) as worker:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError) as failed:
+            await worker.wait_ready(dev, timeout=60)
+        assert time.monotonic() - started < 30  # not the 60 s timeout
+    message = str(failed.value)
+    assert "\n" not in message and "exited with code 2 before it was ready" in message
+    assert "no_such_module_here" in message

@@ -125,9 +125,9 @@ class WorkerProcess:
         finally:
             if not ready.done():
                 ready.cancel()
-        if ready.done() and not ready.cancelled() and ready.exception() is None:
-            return ready.result()
-        if not ready.cancelled() and isinstance(ready.exception(), TimeoutError):
+        if ready.done() and not ready.cancelled():
+            if ready.exception() is None:
+                return ready.result()
             raise TimeoutError(f"{self.instance_id} not ready after {timeout} s:\n"
                                + self.tail())
         assert self._proc is not None
