@@ -419,6 +419,7 @@ class Soak:
                                              lambda: self._send_report(dev),
                                              s.settle_timeout))
         sampler = asyncio.create_task(self._sample_rss())
+        progress = asyncio.create_task(self._progress(dev))
         try:
             await self._inject(dev)
             stop.set()
@@ -444,6 +445,7 @@ class Soak:
             if self.exits:
                 await asyncio.wait(self.exits, timeout=s.drain_timeout + 30)
             sampler.cancel()
+            progress.cancel()
 
     def _unfinished(self, dev: DevServer) -> int:
         return sum(1 for r in self.result.run_ids if not dev.runs[r].status.terminal)
@@ -452,6 +454,18 @@ class Soak:
         low, high = self.s.step_seconds
         steps = [round(self.load_rng.uniform(low, high), 3) for _ in range(self.s.steps)]
         return await dev.send_event(soak_app.EVENT, {"steps": steps})
+
+    async def _progress(self, dev: DevServer) -> None:
+        """A line a minute, so a long soak shows it is alive."""
+        while True:
+            await asyncio.sleep(60)
+            done = sum(1 for r in self.result.run_ids
+                       if dev.runs[r].status is RunStatus.COMPLETED)
+            faults = Counter(a.fault.kind for a in self.result.applied)
+            self.say(f"{(time.time() - self.t0) / 60:.0f} min: {sum(faults.values())} faults "
+                     f"({', '.join(f'{k} {n}' for k, n in faults.most_common())}); "
+                     f"{done} runs completed; "
+                     f"{sum(1 for w in self.result.workers if w.started_at)} replicas started")
 
     async def _sample_rss(self) -> None:
         while True:
