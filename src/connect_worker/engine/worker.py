@@ -93,6 +93,9 @@ OWNERSHIP_CHECK_DELAY = 1.0
 # Hand-back replies at the drain deadline get this long to be acknowledged (socket or
 # flush) before the process exits: the platform's SIGKILL is close behind.
 HAND_BACK_TIMEOUT = 1.5
+# How long the deadline waits for the gateway to confirm steps it never confirmed
+# before handing them back (those it does not confirm are not handed back).
+OWNERSHIP_ANSWER_TIMEOUT = 0.5
 FLUSH_MAX_BACKOFF = 5.0
 
 EXIT_OK = 0
@@ -169,7 +172,8 @@ class Worker:
         self._api: GatewayAPI | None = None
         self._steps: dict[str, Step] = {}
         self._step_tasks: set[asyncio.Task[None]] = set()
-        self._checks: set[asyncio.Task[None]] = set()  # early ownership checks being sent
+        self._due_checks: list[Step] = []  # early ownership checks to send now
+        self._checks_task: asyncio.Task[None] | None = None
         self._current: Session | None = None
         self._sessions: list[Session] = []
         self._limiter: anyio.CapacityLimiter | None = None
@@ -466,11 +470,23 @@ class Worker:
             return
         if self._tg is None:  # the worker has stopped
             return
-        session = self._live_session()
-        if session is not None:  # otherwise the next session checks it on activation
-            task = asyncio.get_running_loop().create_task(self._send_extension(session, step))
-            self._checks.add(task)
-            task.add_done_callback(self._checks.discard)
+        # Checks due together (a burst of dispatches) go out from one task.
+        self._due_checks.append(step)
+        if self._checks_task is None:
+            self._checks_task = asyncio.get_running_loop().create_task(self._send_checks())
+
+    async def _send_checks(self) -> None:
+        try:
+            while self._due_checks:
+                due, self._due_checks = self._due_checks, []
+                session = self._live_session()
+                if session is None:
+                    return  # the next session checks every unconfirmed step on activation
+                for step in due:
+                    if step.reply is None and not step.confirmed and step.extending:
+                        await self._send_extension(session, step)
+        finally:
+            self._checks_task = None
 
     async def _send_extension(self, session: Session, step: Step) -> None:
         await session.send(partial(
@@ -483,11 +499,14 @@ class Worker:
             return
         if ack.new_lease_id:
             step.lease_id = ack.new_lease_id
-            step.confirmed = True
+            if not step.confirmed:
+                step.confirmed = True
+                self._notify()
             self.metrics.lease_extensions_total.labels(outcome="extended").inc()
             return
         self.metrics.lease_extensions_total.labels(outcome="nack").inc()
         step.extending = False
+        self._notify()
         if step.reply is None and step.task is not None:
             # Another copy holds the lease (a re-route race, or ours expired): stop, and
             # send no reply; that copy's reply is the one Inngest uses.
@@ -678,6 +697,7 @@ class Worker:
     async def _abandon(self, steps: list[Step]) -> None:
         """Give up on ``steps``: log each by name, stop them, hand the running ones back."""
         names = running_steps(self._executor.user_loop.loop)  # before the cancellation
+        await self._confirm_ownership([s for s in steps if s.reply is None])
         if self._fatal is not None:
             reason = "the worker is stopping after a fatal error"
         elif self._abort_requested:
@@ -692,7 +712,7 @@ class Worker:
             # Only a copy the gateway confirmed as the lease holder may speak for the
             # step: an unconfirmed one may have lost a re-route race, and its error
             # reply would beat the real owner's answer into the reply buffer.
-            hand_back = running and step.confirmed
+            hand_back = running and step.confirmed and step.outcome != "lease_lost"
             name = names.get(request.run_id) or request.step_id or "step"
             running_for = now - step.started_at
             event(log, "drain.step_abandoned", level=logging.ERROR,
@@ -725,6 +745,20 @@ class Worker:
                 ))
         event(log, "drain.handed_back", steps=len(handed_back),
               acknowledged=sum(1 for step in handed_back if step.delivered))
+
+    async def _confirm_ownership(self, steps: list[Step]) -> None:
+        """Ask the gateway now about every step it has not confirmed as ours yet."""
+        unconfirmed = [s for s in steps if not s.confirmed and s.extending]
+        session = self._live_session()
+        if not unconfirmed or session is None:
+            return
+        for step in unconfirmed:
+            await self._send_extension(session, step)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(OWNERSHIP_ANSWER_TIMEOUT):
+                await self._wait_until(
+                    lambda: all(s.confirmed or not s.extending for s in unconfirmed)
+                )
 
     async def _pause_sessions(self) -> None:
         """Stop being routable: every handshaken session gets WORKER_PAUSE."""

@@ -435,7 +435,7 @@ async def run_sdk_worker(instance_id: str) -> None:
 
     from inngest.connect import connect
 
-    from .. import bench_app
+    from . import bench_app
 
     logging.basicConfig(level=logging.WARNING)
     conn = connect([(bench_app.client, list(bench_app.functions))], instance_id=instance_id)
@@ -475,7 +475,7 @@ async def sdk_cost(runs: int, warmup: int = 50) -> float:
     straight through ``CommHandler.post`` (no transport, no protobuf)."""
     from inngest._internal import comm_lib, const, server_lib
 
-    from .. import bench_app
+    from . import bench_app
 
     handler = comm_lib.CommHandler(
         client=bench_app.client,
