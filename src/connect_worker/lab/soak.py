@@ -429,23 +429,24 @@ class Soak:
         except TimeoutError:
             self.result.errors.append(f"runs did not settle within {s.settle_timeout:g} s")
         finally:
+            # On Ctrl-C (cancellation) run() kills every replica; nothing waits here.
             stop.set()
             load.cancel()
             self.stopping = True
-            # Deploys and drains under way finish first; then every replica is stopped.
-            async with self.deploying:
-                pass
-            if self.tasks:
-                await asyncio.wait(self.tasks, timeout=s.drain_timeout + 30)
-            dev.faults.withhold_reply_ack = False
-            dev.faults.frame_latency = 0.0
-            for process in self.slots:
-                if process.alive and process.signalled_at is None:
-                    process.send_signal()
-            if self.exits:
-                await asyncio.wait(self.exits, timeout=s.drain_timeout + 30)
             sampler.cancel()
             progress.cancel()
+        # Deploys and drains under way finish first; then every replica is stopped.
+        async with self.deploying:
+            pass
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=s.drain_timeout + 30)
+        dev.faults.withhold_reply_ack = False
+        dev.faults.frame_latency = 0.0
+        for process in self.slots:
+            if process.alive and process.signalled_at is None:
+                process.send_signal()
+        if self.exits:
+            await asyncio.wait(self.exits, timeout=s.drain_timeout + 30)
 
     def _unfinished(self, dev: DevServer) -> int:
         return sum(1 for r in self.result.run_ids if not dev.runs[r].status.terminal)
@@ -804,6 +805,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = run_soak(settings, say=say)
+    except KeyboardInterrupt:
+        print("connect-worker soak: interrupted (every replica killed)", file=sys.stderr)
+        return 130
     except (TimeoutError, RuntimeError, OSError) as exc:
         print(f"connect-worker soak: failed: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
