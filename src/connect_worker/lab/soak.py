@@ -518,7 +518,12 @@ class Soak:
             victim.crash()
             applied.hit.append(victim.instance_id)
             applied.note = f"restarted as {replacement.instance_id}"
-            await replacement.wait_ready(dev, timeout=60)
+            try:
+                await replacement.wait_ready(dev, timeout=60)
+            except RuntimeError:
+                if replacement.signalled_at is None and replacement.killed_at is None:
+                    raise
+                # A later deploy or crash replaced it before it was READY: fine.
         elif kind in ("gateway-closing", "drop"):
             draining = self.draining()
             pool = draining if fault.on_draining and draining else self.slots
