@@ -1,8 +1,8 @@
 """A copy of a step that lost a gateway re-route race stops about a second in.
 
 The race (spec: un-ACKed forwards fail the moment a connection leaves READY): the
-gateway sends GATEWAY_CLOSING while worker A's ACK is on the wire, re-routes the
-request to worker B with the same lease id, and ignores A's late ACK. Both copies
+gateway sends GATEWAY_CLOSING (or the socket drops) while worker A's ACK is on the
+wire, re-routes the request to worker B with the same lease id, and ignores A's late ACK. Both copies
 run. Extensions here come every 5 s and the step takes 3 s, so only the early
 ownership check (an extension soon after the ACK, and at once on A's new session)
 can tell the copies apart before both run to the end.
@@ -31,7 +31,10 @@ def lease_lost_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, objec
             if getattr(r, "event", None) == "step.lease_lost"]
 
 
-async def test_lost_reroute_race_is_cancelled_early(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("disruption", ["gateway_closing", "drop_socket"])
+async def test_lost_reroute_race_is_cancelled_early(
+    caplog: pytest.LogCaptureFixture, disruption: str
+) -> None:
     caplog.set_level(logging.INFO, logger="connect_worker")
     config = DevServerConfig.fast(
         gateway_groups=("gw-a", "gw-b"), lease_duration=20.0, extend_lease_interval=5.0,
@@ -46,7 +49,8 @@ async def test_lost_reroute_race_is_cancelled_early(caplog: pytest.LogCaptureFix
         dev.faults.delay_request_ack = 0.5  # A's ACK is still "on the wire" ...
         [run_id] = await dev.send_event("t/slow", {"seconds": 3.0})
         await probe.wait_started("slow")
-        closing = asyncio.create_task(dev.gateway_closing(conn_a.conn_id))  # ... when this lands
+        # ... when A's connection stops being READY.
+        closing = asyncio.create_task(getattr(dev, disruption)(conn_a.conn_id))
         dev.faults.delay_request_ack = 0.0
         run = await dev.wait_for_run(run_id, timeout=20)
         await closing

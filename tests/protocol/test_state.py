@@ -1,6 +1,6 @@
 """The connection state machine: the table, every (state, input) pair, and WorkerConnection.
 
-``EXPECTED`` below is written from the spec (connect-protocol.md §2, §5.1, §5.4) independently
+``EXPECTED`` below is written from the spec (docs/protocol.md §2, §5.1, §5.4) independently
 of ``state.TRANSITIONS``; the table must agree with it pair by pair. The WorkerConnection
 tests then check that the object follows the table and nothing else.
 """

@@ -552,14 +552,18 @@ def run_demo(settings: DemoSettings, workdir: Path,
         title=f"connect-worker demo: {s.reports} LLM reports on {s.replicas} replicas, "
               f"rolling deploy v1 -> v2 mid-report",
         subtitle=(f"{sim.reports_completed}/{sim.reports_started} reports completed "
-                  f"({', '.join(k.fn_id for k in s.kinds())}; simulated model, "
-                  f"speed-up {s.speedup:g}), {sim.step_executions} step executions, "
+                  f"({', '.join(k.fn_id for k in s.kinds())}), "
+                  f"{sim.step_executions} step executions, "
                   f"{sim.duplicate_executions} duplicates, {sim.lost_replies} lost replies, "
                   f"{result.interrupted} interrupted, worker exit codes {codes}\n"
                   f"{llm.paid} model requests paid, {llm.duplicates} paid twice, "
                   f"{llm.input_tokens + llm.output_tokens:,} tokens, ~${llm.cost_usd:.2f}: "
-                  f"{verdict}"),
+                  f"{verdict}\n"
+                  f"Simulated model sped up {s.speedup:g}x: a step that takes "
+                  f"~{TYPICAL_STEP_SECONDS:.0f} s on a real model takes "
+                  f"~{s.step_seconds:.1f} s here (only the model's latency is scaled)"),
         notes=notes, t0=say.started_at,
+        axis_label=f"seconds since the demo started (model sped up {s.speedup:g}x)",
     )
     path = workdir / "timeline.svg"
     path.write_text(render_svg(timeline), encoding="utf-8")

@@ -12,33 +12,48 @@ bar is one step body run on that worker, from the gateway receiving the worker's
 a lane show when it became READY and, for a worker that was stopped, when it got
 SIGTERM, when the gateway read its ``WORKER_PAUSE``, when the gateway
 acknowledged its last reply and when the process exited.
+
+A drain usually takes a fraction of a second, so at the scale of the whole deploy
+its four markers fall within a few pixels. The main chart therefore names each
+drain once ("SIGTERM -> exit 0 (drain 0.1 s) · close-up A") and draws a close-up
+of every drain below it: SIGTERM to exit stretched to half the picture, each
+marker on its own row with its time after the SIGTERM, over the steps that were
+running. A bar too short for its step name carries a key number, listed with the
+name under the chart; a step continued from a checkpoint (``-continue-1``) is
+joined to the step it continues by a dashed arrow.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from xml.sax.saxutils import escape, quoteattr
 
 if TYPE_CHECKING:
     from .simulate import SimulationResult
 
+T = TypeVar("T")
+
 # Colour per report (cycled); chosen to stay clear of the marker colours below.
 REPORT_COLOURS = (
     "#4e79a7", "#b07aa1", "#59a14f", "#9c755f", "#76b7b2", "#edc948", "#ff9da7", "#8cd17d",
 )
-# Marker kinds, in the order the legend lists them: (colour, legend text).
+# Marker kinds, in the order the legend lists them: (colour, legend text). Plain words
+# first, the protocol's term in brackets.
 MARKERS: dict[str, tuple[str, str]] = {
-    "ready": ("#6b7280", "READY (gateway may route steps to it)"),
-    "sigterm": ("#d62728", "SIGTERM"),
-    "pause": ("#f28e2b", "WORKER_PAUSE read by the gateway"),
-    "ack": ("#17803d", "last WORKER_REPLY_ACK (or flush)"),
-    "exit": ("#111827", "process exit"),
+    "ready": ("#6b7280", "can take steps (READY)"),
+    "sigterm": ("#d62728", "told to stop (SIGTERM)"),
+    "pause": ("#f28e2b", "gateway stops sending it steps (WORKER_PAUSE)"),
+    "ack": ("#17803d", "gateway has its last result (WORKER_REPLY_ACK or HTTP flush)"),
+    "exit": ("#111827", "process exited"),
 }
 DRAINING = "#fbd9b5"  # the lane's band between SIGTERM and exit
+# A text outline in the background's colour, painted under the glyphs.
+HALO = 'stroke="{}" stroke-width="3" stroke-linejoin="round" paint-order="stroke"'
 FONT = "font-family=\"DejaVu Sans, Helvetica, Arial, sans-serif\""
 
 
@@ -91,6 +106,7 @@ class Timeline:
     markers: list[Marker] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
     groups: dict[int, str] = field(default_factory=dict)  # report number -> legend text
+    axis_label: str = "seconds since the start"
 
     def end(self) -> float:
         times = [self.t0 + 1.0]
@@ -108,6 +124,7 @@ class Timeline:
 def from_simulation(
     result: SimulationResult, *, title: str, subtitle: str = "",
     notes: Sequence[Note] = (), t0: float | None = None,
+    axis_label: str = "seconds since the start",
 ) -> Timeline:
     """Lanes, bars and markers from what the gateway and the workers recorded."""
     workers = result.workers
@@ -197,10 +214,10 @@ def from_simulation(
                                   bad=w.returncode != 0))
     groups = {n: f"report {n}" for n in sorted(set(reports.values()))}
     return Timeline(title=title, subtitle=subtitle, t0=start, lanes=lanes, bars=bars,
-                    markers=markers, notes=list(notes), groups=groups)
+                    markers=markers, notes=list(notes), groups=groups, axis_label=axis_label)
 
 
-def _first(values: Iterable[float]) -> float | None:
+def _first(values: Iterable[T]) -> T | None:
     return next(iter(values), None)
 
 
@@ -220,18 +237,48 @@ BAR_GAP = 4
 MARK_ROW = 15
 LANE_PAD = 8
 AXIS_HEIGHT = 34
+MIN_WIDTH = 960  # below this the legend and the close-ups get cramped
+# Close-ups of each drain: one lane's SIGTERM .. exit stretched to the close-up's width.
+CLOSEUP_BAR = 22
+CLOSEUP_GAP = 16
+CLOSEUP_MIN_SEP = 7.0  # px between two marker lines in a close-up, however close in time
+# A bar narrower than this gets its key number drawn beside it instead of inside.
+KEY_INSIDE_MIN = 14.0
+CONTINUATION = re.compile(r"^(?P<base>.+)-continue-\d+$")
 
 
 def _text_width(text: str, size: float) -> float:
     return len(text) * size * 0.6
 
 
-def _nice_step(span: float, px_per_s: float) -> float:
-    """A tick interval giving at least ~60 px between labelled ticks."""
-    for step in (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600):
-        if step * px_per_s >= 60:
+def _nice_step(span: float, px_per_s: float, min_px: float = 60) -> float:
+    """A tick interval giving at least ``min_px`` between labelled ticks."""
+    for step in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30,
+                 60, 120, 300, 600):
+        if step * px_per_s >= min_px:
             return float(step)
     return max(span / 10, 1.0)
+
+
+def _offset(seconds: float) -> str:
+    """A time relative to SIGTERM: "+36 ms", "+1.15 s", or a minus sign before it."""
+    sign = "+" if seconds >= 0 else "\u2212"
+    seconds = abs(seconds)
+    if seconds < 1:
+        return f"{sign}{seconds * 1000:.0f} ms"
+    return f"{sign}{seconds:.2f} s"
+
+
+def _fit_text(text: str, size: float, room: float) -> str:
+    """``text`` cut short with an ellipsis to fit ``room`` pixels ("" if nothing fits)."""
+    if _text_width(text, size) <= room:
+        return text
+    keep = int(room / (size * 0.6)) - 1
+    return text[:keep].rstrip() + "\u2026" if keep >= 4 else ""
+
+
+def _colour(group: int) -> str:
+    return REPORT_COLOURS[(group - 1) % len(REPORT_COLOURS)] if group else "#9ca3af"
 
 
 def _pack(intervals: Sequence[tuple[float, float]], gap: float) -> list[int]:
@@ -276,8 +323,65 @@ def _rows(lane_bars: Sequence[Bar], lane_done: Sequence[Marker]) -> tuple[list[i
     return bar_rows, [row_of[m.group] for m in lane_done]
 
 
+def continuations(bars: Sequence[Bar]) -> list[tuple[Bar, Bar]]:
+    """(checkpointed step, its continuation) pairs: ``write-section-1`` stopped at a drain
+    and ``write-section-1-continue-1`` of the same report that picked up its checkpoint.
+    The continued step is the latest run of the base name that ended before the
+    continuation started."""
+    links: list[tuple[Bar, Bar]] = []
+    for bar in bars:
+        match = CONTINUATION.match(bar.label)
+        if match is None:
+            continue
+        earlier = [b for b in bars if b.group == bar.group and b.label == match["base"]
+                   and b.end <= bar.start + 0.5]
+        if earlier:
+            links.append((max(earlier, key=lambda b: b.end), bar))
+    return links
+
+
+@dataclass
+class _Drain:
+    """One lane's drain, drawn small in the main chart and stretched in a close-up."""
+
+    letter: str
+    lane: Lane
+    sigterm: float
+    end: float
+    marks: list[Marker]
+    exit: Marker | None
+
+    @property
+    def callout(self) -> str:
+        outcome = self.exit.label if self.exit is not None else "no exit seen"
+        return f"SIGTERM \u2192 {outcome} \u00b7 close-up {self.letter}"
+
+
+def _drains(tl: Timeline) -> list[_Drain]:
+    drains: list[_Drain] = []
+    for lane in tl.lanes:
+        marks = sorted((m for m in tl.markers if m.lane == lane.key and m.kind != "done"),
+                       key=lambda m: m.ts)
+        sigterm = _first(m.ts for m in marks if m.kind == "sigterm")
+        if sigterm is None:
+            continue
+        exit_mark = _first(m for m in marks if m.kind == "exit")
+        after = [m.ts for m in marks if m.ts >= sigterm]
+        end = exit_mark.ts if exit_mark is not None else max(after)
+        letter = chr(ord("A") + len(drains) % 26) + ("" if len(drains) < 26 else
+                                                       str(len(drains) // 26))
+        drains.append(_Drain(letter, lane, sigterm, max(end, sigterm),
+                             [m for m in marks if m.ts >= sigterm], exit_mark))
+    return drains
+
+
 def render_svg(tl: Timeline, *, px_per_second: float | None = None) -> str:
-    """The timeline as a standalone SVG document."""
+    """The timeline as a standalone SVG document.
+
+    Below the main chart: a close-up of every drain (SIGTERM to exit stretched to a
+    readable width, each marker on its own row with its time after SIGTERM), and a key
+    for the step bars too short to carry their name.
+    """
     span = max(tl.end() - tl.t0, 1.0)
     if px_per_second is None:
         durations = sorted(b.end - b.start for b in tl.bars) or [1.0]
@@ -288,11 +392,15 @@ def render_svg(tl: Timeline, *, px_per_second: float | None = None) -> str:
         # ... within a picture of 900-1600 px of plot.
         px_per_second = min(max(px_per_second, 900 / span), max(1600 / span, 20.0))
     plot_w = span * px_per_second
+    plot_right = LABEL_WIDTH + plot_w
 
     def x(ts: float) -> float:
         return LABEL_WIDTH + (ts - tl.t0) * px_per_second
 
-    right = LABEL_WIDTH + plot_w + RIGHT_PAD  # grows to fit labels
+    drains = _drains(tl)
+    links = continuations(tl.bars)
+    titles = {lane.key: lane.title for lane in tl.lanes}
+    right = max(plot_right + RIGHT_PAD, MIN_WIDTH)  # grows to fit text
     out: list[str] = []
     y = 16.0
     out.append(f'<text x="16" y="{y + 14:.1f}" font-size="18" font-weight="bold">'
@@ -305,8 +413,7 @@ def render_svg(tl: Timeline, *, px_per_second: float | None = None) -> str:
         right = max(right, 16 + _text_width(line, 12.5) + 16)
         y += 17
     y += 8
-    y, legend_right = _legend(out, tl, y)
-    right = max(right, legend_right + 16)
+    y = _legend(out, tl, y, right - 16, links=bool(links))
     y += 12
 
     # Notes (vertical lines across every lane) get their labels above the lanes.
@@ -320,16 +427,32 @@ def render_svg(tl: Timeline, *, px_per_second: float | None = None) -> str:
     back: list[str] = []  # lane shading and process lifetimes, under the grid
     separators: list[float] = []
     label_size = 11.0
+    placed: dict[int, tuple[float, float, float]] = {}  # id(bar) -> (x, y, width)
+    keyed: list[tuple[int, Bar]] = []  # bars too short for their name, with their key
+    drain_of = {d.lane.key: d for d in drains}
     for index, lane in enumerate(tl.lanes):
         lane_bars = sorted((b for b in tl.bars if b.lane == lane.key), key=lambda b: b.start)
         lane_marks = sorted((m for m in tl.markers if m.lane == lane.key and m.kind != "done"),
                             key=lambda m: m.ts)
         lane_done = [m for m in tl.markers if m.lane == lane.key and m.kind == "done"]
+        drain = drain_of.get(lane.key)
         bar_rows, done_rows = _rows(lane_bars, lane_done)
-        spans = [(x(m.ts), x(m.ts) + _text_width(m.label, label_size) + 12) for m in lane_marks]
-        mark_rows = _pack(spans, 0)
-        right = max([right, *(end + 8 for _, end in spans)])
-        n_mark_rows = max(mark_rows, default=-1) + 1
+        # Text above the bars: READY labels, and one callout per drain (its markers fall
+        # within a few pixels of each other here; the close-up spells them out).
+        texts: list[tuple[float, str, str]] = [
+            (m.ts, m.label, MARKERS.get(m.kind, ("#111827", ""))[0])
+            for m in lane_marks if drain is None or m.ts < drain.sigterm]
+        if drain is not None:
+            bad = drain.exit is not None and drain.exit.bad
+            texts.append((drain.sigterm, drain.callout,
+                          "#d62728" if bad else MARKERS["sigterm"][0]))
+        spans = []
+        for ts, text, _ in texts:
+            width = _text_width(text, label_size) + 12
+            start = x(ts) if x(ts) + width <= right else x(ts) - width
+            spans.append((start, start + width))
+        text_rows = _pack(spans, 0)
+        n_mark_rows = max(text_rows, default=-1) + 1
         n_bar_rows = max([0, *(r + 1 for r in bar_rows), *(r + 1 for r in done_rows)]) or 1
         top = y
         marks_y = top + LANE_PAD
@@ -358,19 +481,33 @@ def render_svg(tl: Timeline, *, px_per_second: float | None = None) -> str:
         back.append(f'<rect x="{x(alive_from):.1f}" y="{band_y:.1f}" '
                     f'width="{max(x(end) - x(alive_from), 0):.1f}" height="{band_h:.1f}" '
                     f'fill="#e3e9f2" stroke="#c9d2e0" stroke-width="0.8"/>')
-        sigterm = _first(m.ts for m in lane_marks if m.kind == "sigterm")
-        if sigterm is not None:
-            drain_end = _first(m.ts for m in lane_marks if m.kind == "exit") or end
-            back.append(f'<rect class="draining" x="{x(sigterm):.1f}" y="{band_y:.1f}" '
-                        f'width="{max(x(drain_end) - x(sigterm), 1):.1f}" '
+        if drain is not None:
+            back.append(f'<rect class="draining" x="{x(drain.sigterm):.1f}" y="{band_y:.1f}" '
+                        f'width="{max(x(drain.end) - x(drain.sigterm), 3):.1f}" '
                         f'height="{band_h:.1f}" fill="{DRAINING}"/>')
         for bar, row in zip(lane_bars, bar_rows, strict=True):
-            out.append(_bar(bar, row, bars_y, x))
+            bx, bw = x(bar.start), max(x(bar.end) - x(bar.start), 1.5)
+            by = bars_y + row * (BAR_HEIGHT + BAR_GAP)
+            placed[id(bar)] = (bx, by, bw)
+            svg, needs_key = _bar(bar, bx, by, bw, len(keyed) + 1,
+                                  _link_note(bar, links, titles))
+            if needs_key:
+                keyed.append((len(keyed) + 1, bar))
+            out.append(svg)
         for mark, row in zip(lane_done, done_rows, strict=True):
-            out.append(_done(mark, bars_y + row * (BAR_HEIGHT + BAR_GAP), x))
-            right = max(right, x(mark.ts) + 10 + _text_width(mark.label, label_size) + 8)
-        for mark, row in zip(lane_marks, mark_rows, strict=True):
-            out.append(_marker(mark, row, marks_y, bars_bottom + 3, x, label_size))
+            row_y = bars_y + row * (BAR_HEIGHT + BAR_GAP)
+            # The label goes left of the dot when a drain starts right after it.
+            crowded = drain is not None and 0 <= drain.sigterm - mark.ts < (
+                (_text_width(mark.label, label_size) + 14) / px_per_second)
+            out.append(_done(mark, row_y, x, left=crowded))
+        out.extend(_marker_line(mark, bars_y - 4, bars_bottom + 3, x) for mark in lane_marks)
+        for (ts, text, colour), (start, _), row in zip(texts, spans, text_rows, strict=True):
+            ly = marks_y + row * MARK_ROW + 11
+            tick = (f'<line x1="{x(ts):.1f}" x2="{x(ts):.1f}" y1="{ly + 3:.1f}" '
+                    f'y2="{bars_y - 4:.1f}" stroke="{colour}" stroke-width="1.2"/>')
+            out.append(f'<g class="callout">{tick}<text x="{start + 4:.1f}" y="{ly:.1f}" '
+                       f'font-size="{label_size}" fill="{colour}" font-weight="bold">'
+                       f"{escape(text)}</text></g>")
         y = bottom
     lanes_bottom = y
     separators.append(y)
@@ -383,13 +520,26 @@ def render_svg(tl: Timeline, *, px_per_second: float | None = None) -> str:
                    f'stroke-dasharray="6 4"/><text x="{nx + 4:.1f}" y="{ny:.1f}" '
                    f'font-size="11.5" fill="#6d28d9" font-weight="bold">{escape(note.label)}'
                    "</text></g>")
+    for before, after in links:
+        if id(before) in placed and id(after) in placed:
+            out.append(_link(before, after, placed[id(before)], placed[id(after)], titles))
 
     grid, ticks, y = _axis(tl, span, px_per_second, x, lanes_top, lanes_bottom)
     width = math.ceil(right)
+    tail: list[str] = []
+    if drains:
+        y = _closeups(tail, tl, drains, links, y + 10, width)
+    if keyed:
+        y = _key_table(tail, keyed, y + 10, width, titles)
     height = math.ceil(y + 8)
     back = [b.replace("{WIDTH}", str(width)) for b in back]
     back.extend(f'<line x1="0" x2="{width}" y1="{sy:.1f}" y2="{sy:.1f}" stroke="#d1d5db"/>'
                 for sy in separators)
+    arrows = "".join(
+        f'<marker id="arrow-{g}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
+        f'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" '
+        f'fill="{_colour(g)}"/></marker>'
+        for g in sorted({after.group for _, after in links}))
     head = [
         '<?xml version="1.0" encoding="UTF-8"?>',
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -402,59 +552,88 @@ def render_svg(tl: Timeline, *, px_per_second: float | None = None) -> str:
         '<pattern id="problem" width="6" height="6" patternUnits="userSpaceOnUse" '
         'patternTransform="rotate(45)"><line x1="0" y1="0" x2="0" y2="6" stroke="#d62728" '
         'stroke-width="3"/></pattern>',
+        arrows,
         "</defs>",
         f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>',
     ]
-    return "\n".join([*head, *back, *grid, *out, *ticks, "</svg>"]) + "\n"
+    return "\n".join([*head, *back, *grid, *out, *ticks, *tail, "</svg>"]) + "\n"
 
 
-def _legend(out: list[str], tl: Timeline, y: float) -> tuple[float, float]:
-    """Report colours on one line, marker kinds on the next; returns (y below, right edge)."""
+def _legend(out: list[str], tl: Timeline, y: float, max_right: float, *,
+            links: bool) -> float:
+    """Report colours, then what bars, markers and bands mean, in plain words with the
+    protocol term in brackets; items wrap onto new rows. Returns the y below."""
+    items: list[tuple[str, str]] = []  # (swatch kind/colour, text)
+    for number, text in tl.groups.items():
+        items.append((f"report:{_colour(number)}", text))
+    items.append(("bar", "bar = one step of a report, from the worker accepting it "
+                         "(ACK) until the gateway has its result"))
+    items.append(("dot", "\u25cf = the report's final request (report done)"))
+    items.extend((f"line:{colour}", text) for colour, text in MARKERS.values())
+    items.append(("fill:url(#starting)", "starting up"))
+    items.append((f"fill:{DRAINING}", "draining: finishing its steps, taking no new ones"))
+    if links:
+        items.append(("link", "a step stopped at a drain, continued from its checkpoint "
+                              "on the new version (-continue-1)"))
+    if any(b.problem for b in tl.bars):
+        items.append(("fill:url(#problem)", "problem: no reply, or the step ran twice"))
     x0 = 16.0
     cursor = x0
-    for number, text in tl.groups.items():
-        colour = REPORT_COLOURS[(number - 1) % len(REPORT_COLOURS)]
-        out.append(f'<rect x="{cursor:.1f}" y="{y:.1f}" width="26" height="14" rx="3" '
-                   f'fill="{colour}"/>')
+    for kind, text in items:
+        width = 32 + _text_width(text, 12) + 20
+        if cursor > x0 and cursor + width > max_right:
+            cursor = x0
+            y += 21
+        swatch, _, value = kind.partition(":")
+        if swatch == "report":
+            out.append(f'<rect x="{cursor:.1f}" y="{y:.1f}" width="26" height="14" rx="3" '
+                       f'fill="{value}"/>')
+        elif swatch == "bar":
+            out.append(f'<rect x="{cursor:.1f}" y="{y:.1f}" width="26" height="14" rx="3" '
+                       'fill="#9ca3af"/>')
+        elif swatch == "dot":
+            width -= 32
+            cursor -= 32
+        elif swatch == "line":
+            out.append(f'<line x1="{cursor + 13:.1f}" x2="{cursor + 13:.1f}" y1="{y:.1f}" '
+                       f'y2="{y + 14:.1f}" stroke="{value}" stroke-width="2.5"/>')
+        elif swatch == "fill":
+            out.append(f'<rect x="{cursor:.1f}" y="{y:.1f}" width="26" height="14" '
+                       f'fill="{value}" stroke="#d1d5db"/>')
+        elif swatch == "link":
+            out.append(f'<path d="M{cursor:.1f},{y + 11:.1f} C{cursor + 13:.1f},{y + 11:.1f} '
+                       f'{cursor + 13:.1f},{y + 3:.1f} {cursor + 26:.1f},{y + 3:.1f}" '
+                       'fill="none" stroke="#4b5563" stroke-width="1.8" '
+                       'stroke-dasharray="4 3"/>')
         out.append(f'<text x="{cursor + 32:.1f}" y="{y + 11:.1f}" font-size="12">'
                    f"{escape(text)}</text>")
-        cursor += 32 + _text_width(text, 12) + 18
-    explain = ("bar = one step body run, from the worker's ACK of the request to the gateway "
-               "receiving the reply; dot = the report's final request")
-    out.append(f'<text x="{cursor:.1f}" y="{y + 11:.1f}" font-size="12" fill="#4b5563">'
-               f"{escape(explain)}</text>")
-    right = cursor + _text_width(explain, 12)
-    y += 21
-    cursor = x0
-    for colour, text in MARKERS.values():
-        out.append(f'<line x1="{cursor + 4:.1f}" x2="{cursor + 4:.1f}" y1="{y:.1f}" '
-                   f'y2="{y + 14:.1f}" stroke="{colour}" stroke-width="2.5"/>')
-        out.append(f'<text x="{cursor + 11:.1f}" y="{y + 11:.1f}" font-size="12">'
-                   f"{escape(text)}</text>")
-        cursor += 11 + _text_width(text, 12) + 22
-    for fill, text in (("url(#starting)", "starting"), (DRAINING, "draining")):
-        out.append(f'<rect x="{cursor:.1f}" y="{y:.1f}" width="26" height="14" '
-                   f'fill="{fill}" stroke="#d1d5db"/>')
-        out.append(f'<text x="{cursor + 32:.1f}" y="{y + 11:.1f}" font-size="12">'
-                   f"{text}</text>")
-        cursor += 32 + _text_width(text, 12) + 22
-    right = max(right, cursor)
-    return y + 20, right
+        cursor += width
+    return y + 20
 
 
-def _bar(bar: Bar, row: int, bars_y: float, x: Any) -> str:
-    colour = REPORT_COLOURS[(bar.group - 1) % len(REPORT_COLOURS)] if bar.group else "#9ca3af"
-    bx, bw = x(bar.start), max(x(bar.end) - x(bar.start), 1.5)
-    by = bars_y + row * (BAR_HEIGHT + BAR_GAP)
+def _link_note(bar: Bar, links: Sequence[tuple[Bar, Bar]], titles: dict[str, str]) -> str:
+    for before, after in links:
+        if after is bar:
+            where = titles.get(before.lane, before.lane)
+            return f"; continues {before.label}, checkpointed on {where} at its drain"
+        if before is bar:
+            where = titles.get(after.lane, after.lane)
+            return f"; stopped at the drain, continued on {where} as {after.label}"
+    return ""
+
+
+def _bar(bar: Bar, bx: float, by: float, bw: float, key: int, note: str) -> tuple[str, bool]:
+    """One step bar; returns (svg, whether it is shown by ``key`` instead of its name)."""
     parts = [f'<g class="step" data-lane={quoteattr(bar.lane)}>'
-             f"<title>{escape(bar.detail or bar.label)}</title>",
+             f"<title>{escape((bar.detail or bar.label) + note)}</title>",
              f'<rect x="{bx:.1f}" y="{by:.1f}" width="{bw:.1f}" height="{BAR_HEIGHT}" rx="3" '
-             f'fill="{colour}" stroke="#1f2937" stroke-opacity="0.35"/>']
+             f'fill="{_colour(bar.group)}" stroke="#1f2937" stroke-opacity="0.35"/>']
     if bar.problem:
         parts.append(f'<rect x="{bx:.1f}" y="{by:.1f}" width="{bw:.1f}" height="{BAR_HEIGHT}" '
                      'rx="3" fill="url(#problem)" stroke="#d62728" stroke-width="2"/>')
     fitted = _fit_label(f"R{bar.group}" if bar.group else "", bar.label, bw - 6)
-    if fitted is not None:
+    keyed = fitted is None or fitted[1][-1].endswith("\u2026")
+    if fitted is not None and not keyed:
         size, lines, tagged = fitted
         cx = bx + bw / 2
         step = size + 2.5
@@ -464,8 +643,17 @@ def _bar(bar: Bar, row: int, bars_y: float, x: Any) -> str:
             parts.append(f'<text x="{cx:.1f}" y="{first + index * step:.1f}" '
                          f'font-size="{size}" text-anchor="middle" fill="#ffffff"{bold}>'
                          f"{escape(line)}</text>")
+    elif keyed:
+        # Too short for its name: a key number, listed under the chart with the name.
+        inside = bw >= max(KEY_INSIDE_MIN, _text_width(str(key), 10.5) + 4)
+        kx = bx + bw / 2 if inside else bx + bw + 2
+        anchor = "middle" if inside else "start"
+        fill = "#ffffff" if inside else "#111827"
+        parts.append(f'<text class="key" x="{kx:.1f}" y="{by + BAR_HEIGHT / 2 + 4:.1f}" '
+                     f'font-size="10.5" font-weight="bold" text-anchor="{anchor}" '
+                     f'fill="{fill}">{key}</text>')
     parts.append("</g>")
-    return "".join(parts)
+    return "".join(parts), keyed
 
 
 def _split(label: str, lines: int) -> list[str] | None:
@@ -507,31 +695,52 @@ def _fit_label(tag: str, label: str, room: float) -> tuple[float, list[str], boo
     return None
 
 
-def _done(mark: Marker, row_y: float, x: Any) -> str:
-    colour = REPORT_COLOURS[(mark.group - 1) % len(REPORT_COLOURS)] if mark.group else "#6b7280"
+def _link(before: Bar, after: Bar, a: tuple[float, float, float],
+          b: tuple[float, float, float], titles: dict[str, str]) -> str:
+    """A dashed arrow from a checkpointed step's end to the start of its continuation."""
+    x1, y1 = a[0] + a[2], a[1] + BAR_HEIGHT / 2
+    x2, y2 = b[0], b[1] + BAR_HEIGHT / 2
+    bow = max(40.0, abs(x2 - x1) / 2)
+    colour = _colour(after.group)
+    return (f'<g class="continuation" data-from={quoteattr(before.lane)} '
+            f'data-to={quoteattr(after.lane)}><title>{escape(after.label)} continues '
+            f'{escape(before.label)} from {escape(titles.get(before.lane, before.lane))}'
+            "</title>"
+            f'<path d="M{x1:.1f},{y1:.1f} C{x1 + bow:.1f},{y1:.1f} {x2 - bow:.1f},{y2:.1f} '
+            f'{x2:.1f},{y2:.1f}" fill="none" stroke="{colour}" stroke-width="2.2" '
+            f'stroke-dasharray="6 4" marker-end="url(#arrow-{after.group})"/>'
+            f'<circle cx="{x1:.1f}" cy="{y1:.1f}" r="3" fill="{colour}" stroke="#ffffff"/></g>')
+
+
+def _done(mark: Marker, row_y: float, x: Any, *, left: bool = False) -> str:
+    colour = _colour(mark.group) if mark.group else "#6b7280"
     mx, cy = x(mark.ts), row_y + BAR_HEIGHT / 2
+    tx, anchor = (mx - 9, "end") if left else (mx + 9, "start")
     return (f'<g class="marker marker-done" data-lane={quoteattr(mark.lane)}>'
             f"<title>{escape(mark.label)}</title>"
             f'<circle cx="{mx:.1f}" cy="{cy:.1f}" r="5.5" fill="{colour}" stroke="#ffffff" '
-            f'stroke-width="1.5"/><text x="{mx + 9:.1f}" y="{cy + 4:.1f}" font-size="11" '
-            f'fill="{colour}" font-weight="bold">{escape(mark.label)}</text></g>')
+            f'stroke-width="1.5"/><text x="{tx:.1f}" y="{cy + 4:.1f}" font-size="11" '
+            f'fill="{colour}" font-weight="bold" text-anchor="{anchor}">'
+            f"{escape(mark.label)}</text></g>")
 
 
-def _marker(mark: Marker, row: int, marks_y: float, line_bottom: float, x: Any,
-            size: float) -> str:
-    mx = x(mark.ts)
-    ly = marks_y + row * MARK_ROW + 11
+def _marker_style(mark: Marker) -> tuple[str, float, str]:
     colour = MARKERS.get(mark.kind, ("#111827", ""))[0]
     if mark.bad:
         colour = "#d62728"
     width = 2.5 if mark.kind != "ready" else 1.5
     dash = ' stroke-dasharray="4 3"' if mark.kind == "ready" else ""
+    return colour, width, dash
+
+
+def _marker_line(mark: Marker, top: float, bottom: float, x: Any) -> str:
+    """A marker in the main chart: a line (its name is in the tooltip and the legend)."""
+    mx = x(mark.ts)
+    colour, width, dash = _marker_style(mark)
     return (f'<g class="marker marker-{escape(mark.kind)}" data-lane={quoteattr(mark.lane)}>'
             f"<title>{escape(mark.label)}</title>"
-            f'<line x1="{mx:.1f}" x2="{mx:.1f}" y1="{ly + 3:.1f}" y2="{line_bottom:.1f}" '
-            f'stroke="{colour}" stroke-width="{width}"{dash}/>'
-            f'<text x="{mx + 4:.1f}" y="{ly:.1f}" font-size="{size}" fill="{colour}" '
-            f'font-weight="bold">{escape(mark.label)}</text></g>')
+            f'<line x1="{mx:.1f}" x2="{mx:.1f}" y1="{top:.1f}" y2="{bottom:.1f}" '
+            f'stroke="{colour}" stroke-width="{width}"{dash}/></g>')
 
 
 def _axis(tl: Timeline, span: float, px_per_second: float, x: Any, top: float,
@@ -553,5 +762,176 @@ def _axis(tl: Timeline, span: float, px_per_second: float, x: Any, top: float,
                      f'text-anchor="middle" fill="#4b5563">{label}</text>')
         n += 1
     ticks.append(f'<text x="{LABEL_WIDTH + 4:.1f}" y="{bottom + 34:.1f}" font-size="11" '
-                 'fill="#4b5563">time since the demo started</text>')
+                 f'fill="#4b5563">{escape(tl.axis_label)}</text>')
     return grid, ticks, bottom + AXIS_HEIGHT + 8
+
+
+def _closeups(out: list[str], tl: Timeline, drains: Sequence[_Drain],
+              links: Sequence[tuple[Bar, Bar]], y: float, width: int) -> float:
+    """Every drain stretched to half the picture's width, in a grid of two columns."""
+    out.append(f'<text x="16" y="{y + 14:.1f}" font-size="14" font-weight="bold">'
+               "Drains, close up</text>")
+    out.append(f'<text x="16" y="{y + 31:.1f}" font-size="12" fill="#4b5563">'
+               "Each drain from its SIGTERM to the process exit, stretched so that every "
+               "event is apart; times are after the SIGTERM.</text>")
+    y += 44
+    columns = 2 if width >= 900 else 1
+    col_w = (width - 32 - CLOSEUP_GAP * (columns - 1)) / columns
+    for start in range(0, len(drains), columns):
+        heights = []
+        for col, drain in enumerate(drains[start:start + columns]):
+            left = 16 + col * (col_w + CLOSEUP_GAP)
+            heights.append(_closeup(out, tl, drain, links, left, y, col_w))
+        y += max(heights) + CLOSEUP_GAP
+    return y
+
+
+def _closeup(out: list[str], tl: Timeline, drain: _Drain, links: Sequence[tuple[Bar, Bar]],
+             left: float, top: float, width: float) -> float:
+    """One drain: its markers, each on its own row, over the steps it was running.
+    Returns the height used."""
+    lane, s = drain.lane, drain.sigterm
+    titles = {lane.key: lane.title for lane in tl.lanes}
+    pad = max((drain.end - s) * 0.08, 0.004)
+    lo, hi = s - pad, drain.end + pad
+    inner_l, inner_r = left + 12, left + width - 12
+    scale = (inner_r - inner_l) / (hi - lo)
+
+    def xi(ts: float) -> float:
+        return inner_l + (min(max(ts, lo), hi) - lo) * scale
+
+    parts: list[str] = [f'<g class="closeup" data-lane={quoteattr(lane.key)}>']
+    title = f"{drain.letter}  {lane.title}: SIGTERM at {s - tl.t0:.2f} s"
+    if drain.exit is not None:
+        title += (f", {drain.exit.label.split(' (')[0]} after {drain.exit.ts - s:.2f} s "
+                  "of draining")
+    parts.append(f'<text x="{left + 6:.1f}" y="{top + 16:.1f}" font-size="12.5" '
+                 f'font-weight="bold">{escape(title)}</text>')
+    y = top + 24
+    marks_top = y
+    bars = sorted((b for b in tl.bars if b.lane == lane.key and b.end >= lo and b.start <= hi),
+                  key=lambda b: b.start)
+    rows_top = marks_top + len(drain.marks) * MARK_ROW + 6
+    rows_bottom = rows_top + max(len(bars), 1) * (CLOSEUP_BAR + 4)
+    # The worker's band, draining from SIGTERM on.
+    parts.append(f'<rect x="{inner_l:.1f}" y="{rows_top - 3:.1f}" '
+                 f'width="{inner_r - inner_l:.1f}" height="{rows_bottom - rows_top + 2:.1f}" '
+                 'fill="#e3e9f2"/>')
+    parts.append(f'<rect class="draining" x="{xi(s):.1f}" y="{rows_top - 3:.1f}" '
+                 f'width="{max(xi(drain.end) - xi(s), 2):.1f}" '
+                 f'height="{rows_bottom - rows_top + 2:.1f}" fill="{DRAINING}"/>')
+    texts: list[str] = []
+    for index, bar in enumerate(bars):
+        by = rows_top + index * (CLOSEUP_BAR + 4)
+        bx, bx2 = xi(bar.start), xi(bar.end)
+        bw = max(bx2 - bx, 2.0)
+        text = f"R{bar.group} {bar.label}" if bar.group else bar.label
+        if bar.start < lo:
+            text = f"\u25c0 {text}"  # began before the close-up's window
+        outcome = ""
+        for before, after in links:
+            if before is bar:
+                outcome = ("checkpointed at the drain, continued on "
+                           f"{titles.get(after.lane, after.lane)}")
+            elif after is bar:
+                outcome = f"continues {before.label} from {titles.get(before.lane, before.lane)}"
+        if not outcome and bar.end <= hi:
+            outcome = f"result {_offset(bar.end - s)}"
+        text = f"{text}: {outcome}" if outcome else text
+        parts.append(f'<g class="closeup-step" data-lane={quoteattr(bar.lane)}>'
+                     f"<title>{escape((bar.detail or bar.label) + _link_note(bar, links, titles))}"
+                     "</title>"
+                     f'<rect x="{bx:.1f}" y="{by:.1f}" width="{bw:.1f}" '
+                     f'height="{CLOSEUP_BAR}" rx="3" fill="{_colour(bar.group)}"/></g>')
+        # Inside the bar if it fits, else after its end, else whichever side has more room.
+        inside, after_end = bw - 12, inner_r - bx2 - 8
+        if _text_width(text, 11) <= inside or inside >= after_end:
+            tx, fill, halo, text = bx + 6, "#ffffff", _colour(bar.group), _fit_text(
+                text, 11, inside)
+        else:
+            tx, fill, halo, text = bx2 + 4, "#111827", DRAINING, _fit_text(text, 11, after_end)
+        # Drawn after the marker lines, with a halo, so a line never cuts through words.
+        texts.append(f'<text x="{tx:.1f}" y="{by + CLOSEUP_BAR / 2 + 4:.1f}" font-size="11" '
+                     f'fill="{fill}" {HALO.format(halo)}>{escape(text)}</text>')
+    if not bars:
+        parts.append(f'<text x="{xi(s) + 6:.1f}" y="{rows_top + 15:.1f}" font-size="11" '
+                     'fill="#4b5563" font-style="italic">no step was running</text>')
+    for row, (mark, mx) in enumerate(zip(drain.marks, _spread([xi(m.ts) for m in drain.marks],
+                                                             CLOSEUP_MIN_SEP, inner_r),
+                                         strict=True)):
+        colour, stroke, dash = _marker_style(mark)
+        # The exit marker's own "(drain 1.2 s)" would repeat the offset.
+        name = mark.label.split(" (")[0] if mark.kind == "exit" else mark.label
+        label = name if mark.kind == "sigterm" else f"{name}  {_offset(mark.ts - s)}"
+        ly = marks_top + row * MARK_ROW + 11
+        tw = _text_width(label, 11)
+        tx, anchor = (mx + 4, "start") if mx + 4 + tw <= inner_r else (mx - 4, "end")
+        parts.append(f'<g class="marker marker-{escape(mark.kind)}" '
+                     f'data-lane={quoteattr(mark.lane)}><title>{escape(mark.label)}</title>'
+                     f'<line x1="{mx:.1f}" x2="{mx:.1f}" y1="{ly - 9:.1f}" '
+                     f'y2="{rows_bottom:.1f}" stroke="{colour}" stroke-width="{stroke}"{dash}/>'
+                     f'<text x="{tx:.1f}" y="{ly:.1f}" font-size="11" fill="{colour}" '
+                     f'font-weight="bold" text-anchor="{anchor}" {HALO.format("#ffffff")}>'
+                     f"{escape(label)}</text></g>")
+    parts.extend(texts)
+    # Axis: time after SIGTERM.
+    axis_y = rows_bottom + 2
+    step = _nice_step(hi - lo, scale, min_px=70)
+    parts.append(f'<line x1="{inner_l:.1f}" x2="{inner_r:.1f}" y1="{axis_y:.1f}" '
+                 f'y2="{axis_y:.1f}" stroke="#9ca3af"/>')
+    n = math.ceil(-pad / step)
+    while s + n * step <= hi + 1e-12:
+        tx = xi(s + n * step)
+        label = "SIGTERM" if n == 0 else (f"{n * step * 1000:+.0f} ms" if step < 1
+                                          else f"{n * step:+.0f} s")
+        if tx + _text_width(label, 10.5) / 2 > left + width - 2:
+            break  # its label would stick out of the close-up's frame
+        parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{axis_y:.1f}" '
+                     f'y2="{axis_y + 4:.1f}" stroke="#6b7280"/><text x="{tx:.1f}" '
+                     f'y="{axis_y + 16:.1f}" font-size="10.5" text-anchor="middle" '
+                     f'fill="#4b5563">{label}</text>')
+        n += 1
+    height = axis_y + 22 - top
+    parts.append(f'<rect x="{left:.1f}" y="{top:.1f}" width="{width:.1f}" '
+                 f'height="{height:.1f}" fill="none" stroke="#d1d5db" rx="4"/></g>')
+    out.extend(parts)
+    return height
+
+
+def _spread(xs: Sequence[float], gap: float, limit: float) -> list[float]:
+    """Sorted positions nudged apart to at least ``gap`` (and kept left of ``limit``):
+    events a millisecond apart stay distinguishable; their labels carry the exact time."""
+    spread = list(xs)
+    for i in range(1, len(spread)):
+        spread[i] = max(spread[i], spread[i - 1] + gap)
+    if spread:
+        spread[-1] = min(spread[-1], limit)
+    for i in range(len(spread) - 2, -1, -1):
+        spread[i] = min(spread[i], spread[i + 1] - gap)
+    return spread
+
+
+def _key_table(out: list[str], keyed: Sequence[tuple[int, Bar]], y: float,
+               width: int, titles: dict[str, str]) -> float:
+    """The names of the bars too short to carry them, by key number, in columns."""
+    out.append(f'<text x="16" y="{y + 14:.1f}" font-size="14" font-weight="bold">'
+               "Steps too short to name in the chart</text>")
+    y += 24
+    entries = []
+    for key, bar in keyed:
+        tag = f"R{bar.group} " if bar.group else ""
+        entries.append((key, bar, f"{tag}{bar.label} on {titles.get(bar.lane, bar.lane)}, "
+                                  f"{bar.end - bar.start:.2f} s"))
+    col_w = max(_text_width(text, 11.5) for _, _, text in entries) + 48
+    columns = max(1, min(len(entries), int((width - 32) // col_w)))
+    per_column = math.ceil(len(entries) / columns)
+    for index, (key, bar, text) in enumerate(entries):
+        cx = 16 + (index // per_column) * col_w
+        cy = y + (index % per_column) * 18
+        out.append(f'<g class="key-entry" data-key="{key}"><rect x="{cx:.1f}" y="{cy:.1f}" '
+                   f'width="22" height="14" rx="3" fill="{_colour(bar.group)}"/>'
+                   f'<text x="{cx + 11:.1f}" y="{cy + 11:.1f}" font-size="10.5" '
+                   f'font-weight="bold" fill="#ffffff" text-anchor="middle">{key}</text>'
+                   f'<text x="{cx + 28:.1f}" y="{cy + 11:.1f}" font-size="11.5">'
+                   f"{escape(text)}</text></g>")
+    return y + per_column * 18

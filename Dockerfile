@@ -1,0 +1,46 @@
+# connect_worker in a container: `docker build -t connect-worker .` at the repository root.
+#
+# The image runs the example pipeline (examples/) so it works out of the box against a
+# local gateway. For your own functions, build FROM this image, COPY your package into
+# /app and set CMD to ["run", "yourapp.workers"] (the module with `client` and
+# `functions`), or edit the COPY and CMD lines below.
+#
+# Why it is shaped like this (tests/ops/test_container.py checks each point):
+# * ENTRYPOINT and CMD are exec form (JSON arrays): connect-worker is PID 1 and gets
+#   SIGTERM itself. A shell form (`CMD connect-worker run ...`) puts /bin/sh in between,
+#   which does not forward SIGTERM: the worker would never drain and be SIGKILLed.
+#   Python as PID 1 is fine here: the worker installs its own SIGTERM/SIGINT handlers.
+# * It runs as an unprivileged user (uid 10001, matched by deploy/kubernetes).
+# * The health listener (/metrics, /healthz, /readyz) listens on $PORT when the platform
+#   sets it, else 9090; the image sets neither PORT nor CONNECT_WORKER_HTTP_PORT.
+# * Docker's own stop timeout is 10 s: give it the drain budget plus 5 s, e.g.
+#   `docker stop -t 35` or `stop_grace_period: 35s` in compose (the worker's default
+#   drain budget is 25 s; set CONNECT_WORKER_DRAIN_TIMEOUT for longer steps).
+
+FROM python:3.12-slim-bookworm AS build
+WORKDIR /src
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY pyproject.toml README.md ./
+COPY src/ src/
+# Wheels for the project and all its dependencies; the runtime stage installs them
+# offline, so no compiler or build backend ends up in the final image.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.12-slim-bookworm
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN groupadd --system --gid 10001 worker \
+    && useradd --system --uid 10001 --gid worker --home-dir /app --no-create-home worker
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir --no-index --find-links=/wheels /wheels/connect_worker-*.whl \
+    && rm -rf /wheels
+WORKDIR /app
+# Local state (the LLM toolkit's default SQLite result cache) goes to /app/.connect-worker:
+# the one directory the worker's user may write (Kubernetes mounts a volume there).
+RUN install -d -o 10001 -g 10001 /app/.connect-worker
+COPY examples/ /app/examples/
+USER 10001:10001
+EXPOSE 9090
+ENTRYPOINT ["connect-worker"]
+CMD ["run", "examples.pipeline"]
