@@ -224,13 +224,14 @@ class SoakResult:
     def ok(self) -> bool:
         return not self.failures
 
-    def rss_row(self) -> str:
-        parts = []
-        for instance, samples in self.rss.items():
-            if samples:
-                parts.append(f"{instance} {samples[0][1] / 2**20:.0f}->"
-                             f"{samples[-1][1] / 2**20:.0f}")
-        return ", ".join(parts) or "-"
+    def deploys_row(self) -> str:
+        """Deploys that replaced every replica (a deploy queued behind others may be cut
+        short when the soak ends), replicas replaced, and SIGKILLs."""
+        deploys = [a for a in self.applied if a.fault.kind == "deploy"]
+        full = sum(1 for a in deploys if len(a.hit) == self.settings.replicas)
+        replaced = sum(len(a.hit) for a in deploys)
+        crashes = sum(1 for a in self.applied if a.fault.kind == "crash" and a.hit)
+        return f"{full} ({replaced} replicas replaced) / {crashes}"
 
     def rss_summary(self) -> str:
         """Median start and end, and the largest growth of any one replica, in MiB."""
@@ -261,6 +262,7 @@ class SoakResult:
                                 f"replicas, {s.runs_in_flight} runs of {s.steps} steps "
                                 f"in flight"),
             ("faults", f"{sum(self.faults.values())}: {faults}"),
+            ("rolling deploys done / crashes", self.deploys_row()),
             ("runs started / completed", f"{len(self.run_ids)} / {self.runs_completed}"
                                          + (f" ({self.runs_failed} FAILED)"
                                             if self.runs_failed else "")),
