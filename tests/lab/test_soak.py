@@ -34,7 +34,7 @@ def test_schedule_depends_on_the_seed_alone() -> None:
     for fault in plan:
         assert fault.on_draining is False or fault.kind in ("gateway-closing", "drop")
         assert (fault.seconds > 0) == (fault.kind in soak.DURATIONS)
-        assert (fault.latency > 0) == (fault.kind == "latency")
+        assert (fault.delay > 0) == (fault.kind in soak.DELAYS)
     # A shorter soak is a prefix of a longer one; a kind switched off never appears.
     assert plan_faults(SEED, 60, KIND_NAMES) == [f for f in plan if f.at < 60]
     without = plan_faults(SEED, 600, tuple(k for k in KIND_NAMES if k != "crash"))
@@ -42,9 +42,9 @@ def test_schedule_depends_on_the_seed_alone() -> None:
 
 
 def test_cli_prints_the_plan_and_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["soak", "--plan", "--minutes", "1", "--seed", "3", "--no-latency"]) == 0
+    assert cli.main(["soak", "--plan", "--minutes", "1", "--seed", "3", "--no-slow-acks"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    kinds = tuple(k for k in KIND_NAMES if k != "latency")
+    kinds = tuple(k for k in KIND_NAMES if k != "slow-acks")
     assert lines == [asdict(f) for f in plan_faults(3, 60, kinds)]
     with pytest.raises(SystemExit):
         cli.main(["soak", "--step-seconds", "3-1"])

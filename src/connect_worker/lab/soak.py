@@ -61,6 +61,8 @@ FAULT_KINDS: dict[str, str] = {
                        "/v0/connect/start refusing for a while",
     "flush-outage": "/v0/connect/flush failing for a while",
     "latency": "added network latency on every frame for a while",
+    "slow-acks": "the gateway processes WORKER_REQUEST_ACKs late for a while (a busy data "
+                 "pool: a PAUSE or GATEWAY_CLOSING can overtake an ACK, spec 5.2)",
 }
 KIND_NAMES = tuple(FAULT_KINDS)
 # How long a timed fault lasts, in seconds (uniform between the two).
@@ -69,8 +71,13 @@ DURATIONS: dict[str, tuple[float, float]] = {
     "gateway-restart": (0.5, 3.0),
     "flush-outage": (2.0, 8.0),
     "latency": (3.0, 10.0),
+    "slow-acks": (1.0, 4.0),
 }
-LATENCY = (0.02, 0.15)  # seconds added to each frame, each way
+# Seconds added to each frame, each way (latency), or to each ACK (slow-acks).
+DELAYS: dict[str, tuple[float, float]] = {
+    "latency": (0.02, 0.15),
+    "slow-acks": (0.05, 0.3),
+}
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,7 @@ class Fault:
     target: int
     on_draining: bool = False  # gateway-closing / drop: a draining replica if any
     seconds: float = 0.0  # how long a timed fault lasts
-    latency: float = 0.0  # latency fault: seconds per frame
+    delay: float = 0.0  # latency: seconds per frame; slow-acks: seconds per ACK
 
 
 def plan_faults(seed: int, seconds: float, kinds: Sequence[str],
@@ -108,15 +115,19 @@ def plan_faults(seed: int, seconds: float, kinds: Sequence[str],
         kind = first_round.pop(0) if first_round else rng.choice(list(kinds))
         target = rng.randrange(1 << 16)
         on_draining = rng.random() < 0.5
-        low, high = DURATIONS.get(kind, (0.0, 0.0))
-        duration = rng.uniform(low, high)
-        latency = rng.uniform(*LATENCY)
+        duration = _between(DURATIONS.get(kind, (0.0, 0.0)), rng.random())
+        share = rng.random()
         plan.append(Fault(
             at=round(at, 3), kind=kind, target=target,
             on_draining=on_draining and kind in ("gateway-closing", "drop"),
             seconds=round(duration, 3) if kind in DURATIONS else 0.0,
-            latency=round(latency, 4) if kind == "latency" else 0.0,
+            delay=round(_between(DELAYS[kind], share), 4) if kind in DELAYS else 0.0,
         ))
+
+
+def _between(bounds: tuple[float, float], share: float) -> float:
+    low, high = bounds
+    return low + (high - low) * share
 
 
 @dataclass(frozen=True)
@@ -338,6 +349,7 @@ class Soak:
         self.load_rng = random.Random(f"connect-worker-soak-load:{settings.seed}")
         self.withhold_until = 0.0
         self.latency_until = 0.0
+        self.slow_acks_until = 0.0
         self.stopping = False
 
     # -- replicas --------------------------------------------------------------
@@ -444,6 +456,7 @@ class Soak:
             await asyncio.wait(self.tasks, timeout=s.drain_timeout + 30)
         dev.faults.withhold_reply_ack = False
         dev.faults.frame_latency = 0.0
+        dev.faults.delay_request_ack = 0.0
         for process in self.slots:
             if process.alive and process.signalled_at is None:
                 process.send_signal()
@@ -551,10 +564,16 @@ class Soak:
             dev.fail_flush(fault.seconds)
         elif kind == "latency":
             self.latency_until = time.monotonic() + fault.seconds
-            dev.faults.frame_latency = fault.latency
+            dev.faults.frame_latency = fault.delay
             await asyncio.sleep(fault.seconds)
             if time.monotonic() >= self.latency_until:
                 dev.faults.frame_latency = 0.0
+        elif kind == "slow-acks":
+            self.slow_acks_until = time.monotonic() + fault.seconds
+            dev.faults.delay_request_ack = fault.delay
+            await asyncio.sleep(fault.seconds)
+            if time.monotonic() >= self.slow_acks_until:
+                dev.faults.delay_request_ack = 0.0
 
     async def _deploy(self, dev: DevServer, applied: Applied) -> None:
         """Every slot in turn: replacement READY, then SIGTERM to the old process. One
