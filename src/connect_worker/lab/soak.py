@@ -4,8 +4,8 @@ Every scripted fault scenario passes one fault at a time; production does not fa
 fault at a time. The soak runs N real ``connect-worker run`` replicas on the local
 gateway under a steady load of multi-step reports (step lengths drawn at random) and
 throws faults at them from a menu, at random but reproducibly: the fault *schedule*
-(when, which kind, which replica by index, how long) is a function of ``--seed`` alone,
-never of timing. Faults overlap freely: a replica crashes during a rolling deploy, the
+(when, which kind, which replica by index, how long) is a function of the seed (and of
+the duration, interval and kinds chosen), never of timing. Faults overlap freely: a replica crashes during a rolling deploy, the
 gateway restarts while a replica drains, a GATEWAY_CLOSING lands while an ACK is on
 the wire.
 
