@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from connect_worker import cli
-from connect_worker.devserver import DevServer, DevServerConfig
+from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
 from connect_worker.devserver.fleet import WorkerProcess
 from connect_worker.lab import soak
 from connect_worker.lab.soak import KIND_NAMES, plan_faults
@@ -91,3 +93,74 @@ async def test_a_worker_that_cannot_start_fails_at_once() -> None:
     message = str(failed.value)
     assert "\n" not in message and "exited with code 2 before it was ready" in message
     assert "no_such_module_here" in message
+
+
+@dataclass
+class _Worker:
+    """What the audit reads of a WorkerProcess."""
+
+    instance_id: str
+    pid: int
+    returncode: int | None = 0
+    signalled_at: float | None = 10.0
+    killed_at: float | None = None
+    exited_at: float | None = 11.0
+    started_at: float = 1.0
+    logs: list[dict[str, Any]] = field(default_factory=list)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.logs if e["event"] == name]
+
+
+def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
+    """The checker on a hand-made record: each class of duplicate, a race that ran to
+    the end twice, an unexplained duplicate, a lost reply and a bad exit code."""
+    killed = _Worker("killed", 2, returncode=-9, signalled_at=None, killed_at=5.0)
+    drained = _Worker("drained", 3, returncode=3, logs=[
+        {"event": "drain.step_abandoned", "request_id": "q-abandoned", "handed_back": True}])
+    loser = _Worker("loser", 4, logs=[
+        {"event": "step.lease_lost", "request_id": "q-race", "ran_for": 0.8}])
+    silent = _Worker("silent", 5, returncode=3)  # exit 3, names nothing
+    real = _Worker("real", 1)
+    starts = [  # (pid, request, run, step, ran to the end)
+        (2, "q-crash", "run1", "part-0", False), (1, "q-crash-retry", "run1", "part-0", True),
+        (3, "q-abandoned", "run1", "part-1", False),
+        (1, "q-abandoned-retry", "run1", "part-1", True),
+        (4, "q-race", "run1", "part-2", False), (1, "q-race", "run1", "part-2", True),
+        (1, "q-twice", "run2", "part-0", True), (4, "q-twice", "run2", "part-0", True),
+        (1, "q-x", "run2", "part-1", True), (1, "q-y", "run2", "part-1", True),
+    ]
+    log = tmp_path / "executions.jsonl"
+    log.write_text("".join(
+        json.dumps({"pid": pid, "request_id": q, "run_id": run, "step": step, "ts": i,
+                    "phase": phase}) + "\n"
+        for i, (pid, q, run, step, end) in enumerate(starts)
+        for phase in (("start", "end") if end else ("start",))))
+    replies = [SimpleNamespace(request_id=q) for q in
+               ("q-crash-retry", "q-abandoned-retry", "q-race", "q-twice", "q-x", "q-y")]
+    dev = SimpleNamespace(
+        runs={"run1": SimpleNamespace(status=RunStatus.COMPLETED),
+              "run2": SimpleNamespace(status=RunStatus.COMPLETED)},
+        timeline=[SimpleNamespace(kind="ACK_IGNORED")], replies=replies, flushes=[],
+        connections=[SimpleNamespace(conn_id="c-real", instance_id="real")],
+        dispatches=[SimpleNamespace(request_id="q-lost", job_id="j", conn_id="c-real",
+                                    acked_at=2.0, sent_at=1.0)],
+    )
+    result = soak.SoakResult(soak.SoakSettings(), run_ids=["run1", "run2"])
+    result.workers = [real, killed, drained, loser, silent]  # type: ignore[list-item]
+    soak.audit(result, dev, str(log))  # type: ignore[arg-type]
+
+    assert result.runs_completed == 2 and result.step_executions == len(starts)
+    assert dict(result.duplicates) == {"crash": 1, "abandoned": 1, "race": 1,
+                                       "unexplained": 2}
+    assert [(u["run_id"], u["step"]) for u in result.unexplained] == [
+        ("run2", "part-0"), ("run2", "part-1")]
+    races = {r.request_id: r for r in result.races}
+    assert races["q-race"].loser_ran_for == [0.8] and not races["q-race"].ran_to_end_twice
+    assert races["q-twice"].ran_to_end_twice and result.race_ran_twice == 1
+    assert result.late_acks_ignored == 1
+    assert result.lost_replies == ["q-lost"]
+    assert result.abandoned == 1 and result.handed_back == 1
+    assert result.exit_codes == {"0": 2, "3": 2, "SIGKILL": 1}
+    assert result.bad_exits == ["silent exited 3 without naming the steps it abandoned"]
+    assert not result.ok and len(result.failures) == 4
