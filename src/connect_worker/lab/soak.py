@@ -5,9 +5,9 @@ fault at a time. The soak runs N real ``connect-worker run`` replicas on the loc
 gateway under a steady load of multi-step reports (step lengths drawn at random) and
 throws faults at them from a menu, at random but reproducibly: the fault *schedule*
 (when, which kind, which replica by index, how long) is a function of the seed (and of
-the duration, interval and kinds chosen), never of timing. Faults overlap freely: a replica crashes during a rolling deploy, the
-gateway restarts while a replica drains, a GATEWAY_CLOSING lands while an ACK is on
-the wire.
+the duration, interval and kinds chosen), never of timing. Faults overlap freely: a
+replica crashes during a rolling deploy, the gateway restarts while a replica drains, a
+GATEWAY_CLOSING lands while an ACK is on the wire.
 
 At the end it audits what the promise says (0 interrupted, 0 duplicates, 0 lost):
 
