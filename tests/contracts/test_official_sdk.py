@@ -1,5 +1,5 @@
-"""THE contract test: the official Python SDK's own Connect client (inngest 0.5.19)
-runs a 3-step function against our devserver, so the devserver speaks the real
+"""THE contract test: the official Python SDK's own Connect client (inngest 0.5.19; also run
+against 0.5.20a0) runs functions against our devserver, so the devserver speaks the real
 protocol. Each step body must run exactly once."""
 
 from __future__ import annotations
@@ -7,17 +7,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import importlib
 from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
 
 import inngest
+import pytest
+from inngest._internal import const as inngest_const
 from inngest.connect import connect
 
+from connect_worker.config import Config
 from connect_worker.devserver import ConnStatus, DevServer, DevServerConfig, RunStatus
+from connect_worker.devserver.testing import realistic_races
+from connect_worker.engine.worker import Worker
 
 
 async def test_official_sdk_completes_three_step_run() -> None:
     cfg = DevServerConfig.fast(interval_format="seconds")
     async with DevServer(cfg) as dev:
+        realistic_races(dev)  # e.g. a reply read just before its socket closes is lost
         client = inngest.Inngest(
             app_id="contract-app", is_production=False, api_base_url=dev.api_url,
             event_api_base_url=dev.api_url,
@@ -102,6 +111,7 @@ def _client(dev: DevServer, app_id: str = "contract-app") -> inngest.Inngest:
 async def test_official_sdk_parallel_sleep_and_retry() -> None:
     cfg = DevServerConfig.fast(interval_format="seconds")
     async with DevServer(cfg) as dev:
+        realistic_races(dev)  # e.g. a reply read just before its socket closes is lost
         client = _client(dev)
         executions: Counter[str] = Counter()
 
@@ -128,16 +138,19 @@ async def test_official_sdk_parallel_sleep_and_retry() -> None:
             assert run.output == ["p1", "p2", "flaky"]
             assert executions == {"p1": 1, "p2": 1, "flaky": 2}
             kinds = [h["type"] for h in run.history]
-            assert kinds.count("step_planned") == 2
+            # p1 and p2, then flaky: after a parallel fan-out Inngest sets
+            # disable_immediate_execution, so every later step is planned first.
+            assert kinds.count("step_planned") == 3
             assert "sleep" in kinds and "step_errored" in kinds
             targeted = {d.step_id for d in dev.dispatches} - {"step"}
-            assert len(targeted) == 2
+            assert len(targeted) == 3
 
 
 async def test_official_sdk_extends_leases_and_flushes_unacked_reply() -> None:
     cfg = DevServerConfig.fast(interval_format="seconds", lease_duration=1.5,
                                lease_check_interval=0.2, lease_grace=0.2)
     async with DevServer(cfg) as dev:
+        realistic_races(dev)  # e.g. a reply read just before its socket closes is lost
         client = _client(dev)
         dev.faults.withhold_reply_ack = True
 
@@ -169,6 +182,7 @@ async def test_official_sdk_gateway_closing_mid_step() -> None:
     """Appendix A run 3: the SDK reconnects and replies on the new socket."""
     cfg = DevServerConfig.fast(interval_format="seconds", drain_window=5.0)
     async with DevServer(cfg) as dev:
+        realistic_races(dev)  # e.g. a reply read just before its socket closes is lost
         client = _client(dev)
         executions: Counter[str] = Counter()
 
@@ -200,6 +214,7 @@ async def test_official_sdk_gateway_closing_mid_step() -> None:
 async def test_official_sdk_shutdown_pauses_and_finishes_step() -> None:
     cfg = DevServerConfig.fast(interval_format="seconds")
     async with DevServer(cfg) as dev:
+        realistic_races(dev)  # e.g. a reply read just before its socket closes is lost
         client = _client(dev)
 
         @client.create_function(fn_id="slow", trigger=inngest.TriggerEvent(event="contract/sd"))
@@ -228,3 +243,82 @@ async def test_official_sdk_shutdown_pauses_and_finishes_step() -> None:
             assert (info.close_code, info.close_class) == (1000, "UNEXPECTED")  # empty reason
         finally:
             await worker.__aexit__(None, None, None)
+
+
+def _deferred() -> Any:
+    """``inngest.experimental.deferred`` (0.5.20 and later), or skip."""
+    try:
+        return importlib.import_module("inngest.experimental.deferred")
+    except ImportError:
+        pytest.skip(f"inngest {inngest_const.VERSION} has no deferred functions (0.5.20+)")
+
+
+@pytest.mark.parametrize("client_kind", ["official", "connect_worker"])
+async def test_defer_runs_after_the_parent_completes(client_kind: str) -> None:
+    """0.5.20 adds DeferAdd/DeferAbort and ends such runs with RunComplete: the gateway
+    starts each deferred function when the parent finishes, aborted ones never."""
+    deferred = _deferred()
+    async with DevServer(DevServerConfig.fast(interval_format="seconds")) as dev:
+        realistic_races(dev)  # e.g. a reply read just before its socket closes is lost
+        client = _client(dev, "defer-app")
+        executions: Counter[str] = Counter()
+
+        @deferred.create_defer(client, fn_id="later")
+        async def later(ctx: inngest.Context) -> str:
+            executions[f"later-{ctx.event.data['k']}"] += 1
+            return f"later-{ctx.event.data['k']}"
+
+        @client.create_function(fn_id="parent",
+                                trigger=inngest.TriggerEvent(event="contract/defer"))
+        async def parent(ctx: inngest.Context) -> str:
+            async def step() -> str:
+                executions["a"] += 1
+                return "A"
+
+            a = await ctx.step.run("a", step)
+            ctx.defer("later-1", function=later, data={"k": 1})
+            ctx.defer("later-2", function=later, data={"k": 2}).abort()
+            return a
+
+        fns: list[inngest.Function[Any]] = [parent, later]
+        async with contextlib.AsyncExitStack() as stack:
+            if client_kind == "official":
+                await stack.enter_async_context(_SDKWorker(dev, fns, client))
+            else:
+                worker = await stack.enter_async_context(running_worker(dev, client, fns))
+            run_id = (await dev.send_event("contract/defer"))[0]
+            run = await dev.wait_for_run(run_id)
+            assert run.status is RunStatus.COMPLETED and run.output == "A", dev.dump()
+            assert "defer_added" in [h["type"] for h in run.history]
+            await dev.wait_for(lambda: len(dev.runs) == 2)
+            child = next(r for r in dev.runs.values() if r.run_id != run_id)
+            child = await dev.wait_for_run(child.run_id)
+            assert child.status is RunStatus.COMPLETED and child.output == "later-1"
+            assert child.parent_run_id == run_id
+            assert executions == {"a": 1, "later-1": 1}
+            assert not dev.errors, dev.errors
+            if client_kind == "connect_worker":
+                # The parent ended in [DeferAdd, RunComplete]: counted as done, not a step.
+                done = worker.metrics.steps_total.labels(
+                    function="defer-app-parent", outcome="done")._value.get()
+                assert done == 1
+
+
+@contextlib.asynccontextmanager
+async def running_worker(dev: DevServer, client: inngest.Inngest,
+                         fns: list[inngest.Function[Any]]) -> AsyncIterator[Worker]:
+    """This project's worker (engine/executor.py runs the SDK) serving ``fns``."""
+    config = Config(dev=True, api_base_url=dev.api_url, http_port=None,
+                    instance_id="contract-engine", drain_timeout=10.0, reply_ack_timeout=0.5)
+    worker = Worker(config, [(client, fns)])
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.wait_ready(), 15)
+        yield worker
+    finally:
+        worker.request_shutdown()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 20)
+        except TimeoutError:
+            worker.abort()
+            await asyncio.wait_for(task, 5)

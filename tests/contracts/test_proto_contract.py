@@ -1,22 +1,27 @@
-"""Our connect.proto against the copy shipped inside the installed inngest SDK.
+"""Our connect.proto against the schemas inside both official SDKs.
 
-Everything the SDK's schema defines (messages, fields, enums, enum values) must exist in
+Python: the descriptor of the installed ``inngest`` package. TypeScript: the code ts-proto
+generated into the npm ``inngest`` package of tests/contracts/ts (read by ts_schema.py).
+Everything either SDK's schema defines (messages, fields, enums, enum values) must exist in
 ours with the same wire shape, so an SDK upgrade that changes the wire format fails here,
-with every difference listed at once. Ours may be ahead of the SDK by exactly the known
-extras below (newer server fields the Python SDK 0.5.19 does not have). A byte-level check
-then serializes with one set of classes and parses with the other, both ways.
+with every difference listed at once; and ours is exactly the union of the two, nothing
+more. A byte-level check then serializes with our classes and the Python SDK's, both ways.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
+import pytest
 from google.protobuf import descriptor_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connect_worker.protocol import pb
+
+from . import ts_schema
 
 
 def _import_sdk_pb2() -> Any:
@@ -33,7 +38,8 @@ sdk_pb2 = _import_sdk_pb2()
 
 FieldProto = descriptor_pb2.FieldDescriptorProto
 
-# What ours has that the SDK's does not, with the shape it must have.
+# What ours has that the Python SDK's does not (0.5.19 and 0.5.20a0 ship the same
+# connect.proto), with the shape it must have. The TypeScript SDK has each of them.
 KNOWN_EXTRAS = {
     "enum value connect.v1.GatewayMessageType.WORKER_STATUS": "number=15",
     "message connect.v1.WorkerStatusData": "map_entry=False",
@@ -45,6 +51,10 @@ KNOWN_EXTRAS = {
     ),
     "field connect.v1.GatewayConnectionReadyData.status_interval": (
         "number=3 type=TYPE_STRING label=LABEL_OPTIONAL type_name= proto3_optional=False oneof="
+    ),
+    "field connect.v1.AppConfiguration.feature_observations": (
+        "number=5 type=TYPE_MESSAGE label=LABEL_OPTIONAL"
+        " type_name=.sdk_feature_observations.v1.FeatureObservations proto3_optional=False oneof="
     ),
 }
 
@@ -116,6 +126,79 @@ def test_our_schema_matches_the_sdk() -> None:
         + "".join(f"  unexpected: {k} ({v})\n" for k, v in sorted(unexpected.items()))
         + "".join(f"  no longer extra (the SDK has it now, or ours lost it): {k}\n" for k in absent)
     )
+
+
+def _ours_all() -> dict[str, str]:
+    """Facts of our connect.proto and the feature_observations.proto it imports."""
+    feature = pb.AppConfiguration.DESCRIPTOR.fields_by_name["feature_observations"]
+    facts = schema_facts(file_proto(feature.message_type.file))
+    facts.update(schema_facts(file_proto(pb.DESCRIPTOR)))
+    del facts["file"]
+    return facts
+
+
+def _ts_facts_or_skip() -> dict[str, str]:
+    if not ts_schema.TS_PROTO_DIR.exists():
+        message = ("the inngest npm package is not installed in tests/contracts/ts: "
+                   "run scripts/setup.d/node.sh")
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(message)
+        pytest.skip(message)
+    return ts_schema.ts_facts()
+
+
+def _compare(theirs: dict[str, str], mine: dict[str, str]) -> list[str]:
+    problems = []
+    for key, shape in sorted(theirs.items()):
+        if key not in mine:
+            problems.append(f"missing in ours: {key} ({shape})")
+        elif mine[key] != shape:
+            problems.append(f"differs: {key}\n    sdk:  {shape}\n    ours: {mine[key]}")
+    return problems
+
+
+def test_our_schema_matches_the_typescript_sdk() -> None:
+    ts = _ts_facts_or_skip()
+    problems = _compare(ts, _ours_all())
+    assert not problems, (
+        f"{len(problems)} difference(s) between the TypeScript SDK's schema and ours:\n"
+        + "\n".join(problems)
+    )
+
+
+def test_our_connect_schema_is_the_union_of_both_sdks() -> None:
+    ts = {k: v for k, v in _ts_facts_or_skip().items() if "sdk_feature_observations" not in k}
+    python = schema_facts(file_proto(sdk_pb2.DESCRIPTOR))
+    del python["file"]
+    mine = schema_facts(file_proto(pb.DESCRIPTOR))
+    del mine["file"]
+    union = {**python, **ts}
+    assert sorted(set(mine) - set(union)) == [], "ours has what neither SDK has"
+    assert sorted(set(union) - set(mine)) == [], "an SDK has what ours lacks"
+    # The extras over the Python SDK are what the TypeScript SDK has on top.
+    assert {k: ts[k] for k in set(ts) - set(python)} == KNOWN_EXTRAS
+
+
+def test_typescript_schema_reader_reads_every_field() -> None:
+    # Not vacuous: as many fields as decode() cases, the known message and enum counts,
+    # and a changed tag in the generated code is reported.
+    _ts_facts_or_skip()
+    total_cases = 0
+    for rel in ts_schema.TS_FILES:
+        source = (ts_schema.TS_PROTO_DIR / rel).read_text()
+        total_cases += source.count("if (tag !== ")
+    ts = ts_schema.ts_facts()
+    assert sum(k.startswith("field ") for k in ts) == total_cases
+    assert sum(k.startswith("message ") for k in ts) == 16 + 7
+    assert sum(k.startswith("enum ") and " value " not in k for k in ts) == 3 + 7
+    source = (ts_schema.TS_PROTO_DIR / "connect/protobuf/connect.js").read_text()
+    broken = source.replace("case 8:\n\t\t\t\t\tif (tag !== 66) break;\n\t\t\t\t\t"
+                            "message.retryAfter", "case 18:\n\t\t\t\t\tif (tag !== 146) "
+                            "break;\n\t\t\t\t\tmessage.retryAfter")
+    assert broken != source
+    facts = ts_schema.file_facts(broken, "connect.v1", {})
+    problems = _compare(facts, _ours_all())
+    assert any("differs: field connect.v1.SDKResponse.retry_after" in p for p in problems)
 
 
 def test_schema_diff_reports_every_difference() -> None:

@@ -1,11 +1,11 @@
 """A copy of a step that lost a gateway re-route race stops about a second in.
 
-The race (spec: un-ACKed forwards fail the moment a connection leaves READY): the
-gateway sends GATEWAY_CLOSING (or the socket drops) while worker A's ACK is on the
-wire, re-routes the request to worker B with the same lease id, and ignores A's late ACK. Both copies
-run. Extensions here come every 5 s and the step takes 3 s, so only the early
-ownership check (an extension soon after the ACK, and at once on A's new session)
-can tell the copies apart before both run to the end.
+The race (docs/protocol.md: un-ACKed forwards fail the moment a connection leaves
+READY): the gateway sends GATEWAY_CLOSING (or the socket drops) while worker A's ACK is
+on the wire, re-routes the request to worker B with the same lease id, and ignores A's
+late ACK. Both copies run. Extensions here come every 5 s and the step takes 3 s, so
+only the early ownership check (an extension soon after the ACK, and at once on A's
+new session) can tell the copies apart before both run to the end.
 """
 
 from __future__ import annotations

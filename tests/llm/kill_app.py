@@ -12,7 +12,7 @@ import asyncio
 import os
 import sys
 
-from connect_worker.llm import ResultCache, RunCost
+from connect_worker.llm import Claims, ClaimState, Partial, Rejection, RunCost
 from connect_worker.llm.types import Answer
 from examples.reports import client, functions, llm
 
@@ -22,7 +22,9 @@ MARKER = "kill-app: answer stored"
 
 
 class HoldAfterStoring:
-    def __init__(self, inner: ResultCache, after: int) -> None:
+    """The worker's cache (with its claims), holding the step after the N-th answer."""
+
+    def __init__(self, inner: Claims, after: int) -> None:
         self.inner = inner
         self.after = after
         self.stored = 0
@@ -41,10 +43,25 @@ class HoldAfterStoring:
     async def run_cost(self, run_id: str) -> RunCost:
         return await self.inner.run_cost(run_id)
 
+    async def claim(self, key: str, owner: str, ttl: float) -> ClaimState:
+        return await self.inner.claim(key, owner, ttl)
+
+    async def refresh(self, key: str, owner: str, ttl: float, partial: Partial | None) -> bool:
+        return await self.inner.refresh(key, owner, ttl, partial)
+
+    async def release(self, key: str, owner: str, *, keep_partial: bool) -> None:
+        await self.inner.release(key, owner, keep_partial=keep_partial)
+
+    async def wait(self, key: str, timeout: float) -> Answer | None:  # noqa: ASYNC109
+        return await self.inner.wait(key, timeout)
+
+    async def reject(self, key: str, rejection: Rejection) -> bool:
+        return await self.inner.reject(key, rejection)
+
     async def close(self) -> None:
         await self.inner.close()
 
 
 _hold = os.environ.get("KILL_APP_HOLD_AFTER_ANSWERS")
-if _hold and llm.cache is not None:
+if _hold and isinstance(llm.cache, Claims):
     llm.cache = HoldAfterStoring(llm.cache, int(_hold))

@@ -2,9 +2,12 @@
 messages APIs (JSON and SSE), for driving the real SDK clients in tests.
 
 Behaviour is scripted per request with :class:`Reply` (status, retry-after, delay,
-malformed body, refusal, a hold until an event is set); unscripted requests get a normal
-answer. Every request is recorded, and ``answered`` counts the successful answers sent,
-i.e. what the provider would have billed.
+malformed body, refusal, a hold until an event is set, a stream that stalls midway);
+unscripted requests get a normal answer. A scripted text is continued like a model would:
+when the request ends with the start of that text as the assistant's turn and then a
+user turn (a continuation), only the rest is generated. Every request is recorded,
+``answered`` counts the successful answers sent, i.e. what the provider would have
+billed, and ``generated`` the output tokens (one per word) actually sent per request.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class Reply:
     chunk_delay: float = 0.0  # between SSE events
     stream_error_after: int | None = None  # send an SSE error event after this many events
     on_chunk: Callable[[int], None] | None = None  # called after each SSE event is sent
+    # Stream this many text pieces, then stall until the stub closes (the client is meant
+    # to die meanwhile); ``StubProvider.stalled`` is set then.
+    stall_after: int | None = None
 
 
 @dataclass
@@ -63,6 +69,8 @@ class StubProvider:
         self.script: deque[Reply] = deque()
         self.requests: list[Seen] = []
         self.answered: list[Seen] = []
+        self.generated: list[int] = []
+        self.stalled = asyncio.Event()
         self.on_answer: Callable[[Seen], None] | None = None
         self.on_request: Callable[[Seen], None] | None = None
         self._ids = itertools.count(1)
@@ -135,6 +143,10 @@ class StubProvider:
             await writer.drain()
             return
         text = reply.text
+        messages = seen.body.get("messages", [])
+        if (text is not None and len(messages) >= 2 and messages[-2].get("role") == "assistant"
+                and text.startswith(str(messages[-2].get("content")))):
+            text = text[len(str(messages[-2].get("content"))):]  # continue where it stopped
         if text is None:
             json_mode = seen.body.get("response_format", {}).get("type") == "json_object"
             text = (json.dumps({"answer": seen.prompt[-80:]}) if json_mode
@@ -144,6 +156,9 @@ class StubProvider:
         build = _openai if self.kind == "openai" else _anthropic
         if seen.body.get("stream"):
             _write_head(writer, 200, {"content-type": "text/event-stream", **headers})
+            first_piece = 1 if self.kind == "openai" else 2
+            pieces = range(first_piece, first_piece + len(_pieces(text)))
+            sent = 0
             for index, chunk in enumerate(build(n, model, text, reply, out, stream=True)):
                 if index == reply.stream_error_after:
                     writer.write(self._stream_error())
@@ -151,8 +166,14 @@ class StubProvider:
                     return
                 writer.write(chunk)
                 await writer.drain()
+                sent += index in pieces
                 if reply.on_chunk is not None:
                     reply.on_chunk(index)
+                if sent == reply.stall_after and index in pieces:
+                    self.generated.append(sent)
+                    self.stalled.set()
+                    await self._closing.wait()
+                    return
                 if reply.chunk_delay:
                     await asyncio.sleep(reply.chunk_delay)
         else:
@@ -161,6 +182,7 @@ class StubProvider:
                                       "content-length": str(len(body)), **headers})
             writer.write(body)
         await writer.drain()
+        self.generated.append(out)
         self.answered.append(seen)
         if self.on_answer is not None:
             self.on_answer(seen)

@@ -15,9 +15,10 @@ def test_settings_from_the_environment() -> None:
     config = LLMConfig.from_env({
         "CONNECT_WORKER_LLM_PROVIDER": "Anthropic", "CONNECT_WORKER_LLM_MODEL": "claude-x",
         "CONNECT_WORKER_LLM_RETRY_BUDGET": "90", "CONNECT_WORKER_LLM_MAX_ATTEMPTS": "3",
-        "CONNECT_WORKER_LLM_REFUSE_WHEN_DRAINING": "yes", "CONNECT_WORKER_LLM_CACHE": "off"})
-    assert (config.provider, config.model, config.retry_budget, config.max_attempts) == (
-        "anthropic", "claude-x", 90.0, 3)
+        "CONNECT_WORKER_LLM_REFUSE_WHEN_DRAINING": "yes", "CONNECT_WORKER_LLM_CACHE": "off",
+        "CONNECT_WORKER_LLM_CLAIM_TTL": "4.5"})
+    assert (config.provider, config.model, config.retry_budget, config.max_attempts,
+            config.claim_ttl) == ("anthropic", "claude-x", 90.0, 3, 4.5)
     assert config.refuse_when_draining and LLM(config).cache is None
     assert LLMConfig.from_env({}) == LLMConfig()
 
@@ -25,7 +26,7 @@ def test_settings_from_the_environment() -> None:
 @pytest.mark.parametrize(("var", "value"), [
     ("CONNECT_WORKER_LLM_PROVIDER", "gemini"), ("CONNECT_WORKER_LLM_RETRY_BUDGET", "-1"),
     ("CONNECT_WORKER_LLM_MAX_ATTEMPTS", "many"), ("CONNECT_WORKER_LLM_PRICES", "{oops"),
-    ("CONNECT_WORKER_LLM_REFUSE_WHEN_DRAINING", "maybe")])
+    ("CONNECT_WORKER_LLM_REFUSE_WHEN_DRAINING", "maybe"), ("CONNECT_WORKER_LLM_CLAIM_TTL", "0")])
 def test_invalid_settings_name_the_variable(var: str, value: str) -> None:
     with pytest.raises(ConfigError, match=var):
         LLM.from_env({var: value})

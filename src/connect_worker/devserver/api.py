@@ -16,7 +16,7 @@ from ..ops.httpserver import Handler, Request, Response
 from ..protocol import pb
 from .auth import check_authorization
 from .core import Core
-from .executor import Executor
+from .executor import CheckpointRejected, Executor
 from .gateway import Gateway
 from .state import StartCall
 from .ulid import new_ulid
@@ -42,6 +42,9 @@ class API:
             ("POST", "/v0/connect/flush"): self.flush,
             ("POST", "/e/*"): self.event,
             ("POST", "/invoke/*"): self.invoke,
+            # Checkpoint API (Inngest's pkg/api/apiv1/checkpoint.go).
+            ("POST", "/v1/checkpoint"): self.checkpoint,
+            ("POST", "/v1/checkpoint/*"): self.checkpoint,
             ("GET", "/v1/runs/*"): self.get_run,
             ("DELETE", "/v1/runs/*"): self.delete_run,
             ("GET", "/v1/events/*"): self.event_runs,
@@ -142,6 +145,37 @@ class API:
         self.core.persist_reply(resp, "flush", None)
         out = pb.FlushResponse(request_id=resp.request_id)
         return Response(200, out.SerializeToString(), PROTOBUF)
+
+    # -- checkpoints ---------------------------------------------------------
+
+    async def checkpoint(self, request: Request) -> Response:
+        """``POST /v1/checkpoint/{run_id}/async``: steps an SDK ran within one request.
+
+        The sync (API-based function) routes, ``/v1/checkpoint`` and ``.../steps``,
+        are answered 501 with a reason: durable endpoints are not served here.
+        """
+        ok, _ = check_authorization(request.headers.get("authorization"), self.config.signing_key)
+        if not ok:
+            return _json({"error": "Unauthorized", "status": 401}, 401)
+        parts = request.path.strip("/").split("/")  # v1 checkpoint {run_id} async
+        if len(parts) != 4 or parts[3] != "async":
+            return _json({"error": "sync (API-based) checkpointing is not supported by the "
+                          "dev gateway; only /v1/checkpoint/{run_id}/async", "status": 501}, 501)
+        run_id = parts[2]
+        try:
+            body = json.loads(request.body or b"null")
+        except ValueError as exc:
+            return _json({"error": f"invalid request body: {exc}", "status": 400,
+                          "data": {"run_id": run_id}}, 400)
+        request_id = body.get("request_id") if isinstance(body, dict) else None
+        self.state.record("in", "HTTP_CHECKPOINT", request_id=str(request_id or ""),
+                          detail=run_id)
+        try:
+            self.executor.checkpoint_async(run_id, body)
+        except CheckpointRejected as exc:
+            return _json({"error": str(exc), "status": exc.status, "data": {"run_id": run_id}},
+                         exc.status)
+        return Response(200, b"")
 
     # -- events --------------------------------------------------------------
 

@@ -30,6 +30,36 @@ log = logging.getLogger(__name__)
 STOPPED_RESPONDING = "connect_worker_stopped_responding"
 ROUTE_FAILED = "failed to route request to gateway"
 
+# The opcodes of Inngest's executor (pkg/enums/opcode.go, handleGeneratorOp). Anything else
+# in an SDK response is a protocol error: logged, recorded in the run, and retried like
+# any executor error, never silently dropped.
+KNOWN_OPCODES = frozenset({
+    "None", "Step", "StepRun", "StepError", "StepPlanned", "Sleep", "WaitForEvent",
+    "InvokeFunction", "AIGateway", "Gateway", "WaitForSignal", "RunComplete", "StepFailed",
+    "SyncRunComplete", "DiscoveryRequest", "DeferAdd", "DeferAbort",
+})
+# Opcodes the dev gateway knows but does not run (they need services it does not have).
+UNSUPPORTED_OPCODES = frozenset({"AIGateway", "Gateway", "WaitForSignal", "SyncRunComplete"})
+# Opcodes an SDK may checkpoint while it keeps running (enums.OpcodeIsSync); the async
+# checkpoint endpoint stores only steps and lazy ops (checkpoint.go: checkpointAsyncSteps).
+SYNC_OPCODES = frozenset({
+    "Step", "StepRun", "StepPlanned", "RunComplete", "SyncRunComplete", "StepFailed",
+    "DeferAdd", "DeferAbort",
+})
+# Piggybacked on a host op; they never count as parallel steps (enums.OpcodeIsLazy).
+LAZY_OPCODES = frozenset({"DeferAdd", "DeferAbort"})
+# Handled before the others of a response (enums.OpcodeIsPriority).
+PRIORITY_OPCODES = frozenset({"WaitForEvent", "DeferAdd", "DeferAbort"})
+DEFERRED_EVENT = "inngest/deferred.schedule"
+
+
+class CheckpointRejected(Exception):
+    """A checkpoint the API refuses: ``status`` is the HTTP status Inngest's API uses."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 @dataclass
 class QueueItem:
@@ -37,6 +67,18 @@ class QueueItem:
     step_id: str  # "step" (discovery) or a hashed step ID (targeted)
     job_id: str
     attempt: int = 0
+    # Bumped on every dispatch of this item; SDKs echo it in async checkpoints so a
+    # checkpoint from an abandoned dispatch is refused (409), as Inngest's queue does.
+    generation: int = 0
+
+
+@dataclass
+class Defer:
+    """A deferred run scheduled by DeferAdd; started when the parent run finishes."""
+
+    fn_slug: str
+    input: dict[str, Any]
+    status: str = "after_run"  # or "aborted"
 
 
 @dataclass
@@ -86,6 +128,29 @@ def _parse_wake(name: str, opts: Any) -> float:
     return 0.0
 
 
+def _opcodes(body: Any) -> tuple[list[dict[str, Any]], str | None]:
+    """The opcode list of a NOT_COMPLETED reply or a checkpoint, or what is wrong with it."""
+    if not isinstance(body, list) or not body:
+        return [], f"expected a non-empty list of opcodes, got {_preview(body)}"
+    for op in body:
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str):
+            return [], f"opcode without an 'op' name: {_preview(op)}"
+        if op["op"] not in KNOWN_OPCODES:
+            return [], (f"unknown opcode {op['op']!r} (known: {', '.join(sorted(KNOWN_OPCODES))})")
+    return body, None
+
+
+def _ordered(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Priority ops first (as Inngest's executor), RunComplete after every other op."""
+    return sorted(ops, key=lambda op: (op["op"] not in PRIORITY_OPCODES) + 2 * (
+        op["op"] == "RunComplete"))
+
+
+def _preview(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 class Executor:
     def __init__(self, core: Core, gateway: Gateway) -> None:
         self.core = core
@@ -94,6 +159,11 @@ class Executor:
         self.gateway = gateway
         self._tasks: set[asyncio.Task[None]] = set()
         self._event_waiters: list[tuple[str, asyncio.Future[Event]]] = []
+        # Queue items being executed, by job ID (async checkpoints name theirs).
+        self._live: dict[str, QueueItem] = {}
+        # Runs that reported parallel steps: every later step is planned first.
+        self._force_plan: set[str] = set()
+        self._defers: dict[str, dict[str, Defer]] = {}
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -187,6 +257,10 @@ class Executor:
         run.error = error
         run.ended_at = time.time()
         self._history(run, f"run_{status.value}", output=output, error=error)
+        self._force_plan.discard(run.run_id)
+        if status in (RunStatus.COMPLETED, RunStatus.FAILED):
+            self._start_defers(run)
+        self._defers.pop(run.run_id, None)
 
     # -- driving a run ---------------------------------------------------------
 
@@ -233,6 +307,13 @@ class Executor:
 
     async def _execute_item(self, run: Run, item: QueueItem) -> list[QueueItem]:
         """Run one queue item to completion (with retries); return the items it enqueues."""
+        self._live[item.job_id] = item
+        try:
+            return await self._run_item(run, item)
+        finally:
+            self._live.pop(item.job_id, None)
+
+    async def _run_item(self, run: Run, item: QueueItem) -> list[QueueItem]:
         while not run.status.terminal:
             result = await self._proxy(run, item)
             if result.response is None:
@@ -266,15 +347,31 @@ class Executor:
                 await self._backoff(resp.retry_after if resp.HasField("retry_after") else None)
                 continue
             # NOT_COMPLETED: a list of opcodes.
-            ops = body if isinstance(body, list) else []
+            ops, problem = _opcodes(body)
+            if problem is not None:
+                if self._protocol_error(run, item, problem):
+                    await self._backoff()
+                    continue
+                return []
             produced: list[QueueItem] = []
             retry_same = False
-            for op in ops:
-                if not isinstance(op, dict):
-                    continue
+            if sum(op["op"] not in LAZY_OPCODES for op in ops) > 1:
+                # Parallel steps: from now on every step is planned, not run at once
+                # (Inngest's ForceStepPlan -> ctx.disable_immediate_execution).
+                self._force_plan.add(run.run_id)
+            if all(op["op"] == "None" and not op.get("id") for op in ops):
+                # Only empty no-ops cannot advance the run: re-drive discovery.
+                log.warning("run %s: response held only empty None ops; re-driving discovery",
+                            run.run_id)
+                self._history(run, "redrive", step_id=item.step_id, reason="only empty None ops")
+                return [QueueItem(run.run_id, "step", "")]
+            for op in _ordered(ops):
                 more, retry = await self._handle_op(run, item, op)
                 produced.extend(more)
                 retry_same = retry_same or retry
+            if all(op["op"] in LAZY_OPCODES for op in ops) and not run.status.terminal:
+                # Lazy ops without a host op would leave the run with nothing queued.
+                produced.append(QueueItem(run.run_id, "step", ""))
             if retry_same:
                 if item.attempt + 1 < run.max_attempts:
                     item.attempt += 1
@@ -285,22 +382,114 @@ class Executor:
             return produced
         return []
 
+    def _protocol_error(self, run: Run, item: QueueItem, problem: str) -> bool:
+        """Record an SDK response the executor cannot act on; True = retry the item.
+
+        Inngest's executor returns an error for it, so the queue retries the item
+        until its attempts run out, then the run fails with that error.
+        """
+        message = f"run {run.run_id} ({run.function_slug}), step {item.step_id}: {problem}"
+        log.error("bad SDK response: %s", message)
+        self.state.errors.append(f"bad SDK response: {message}")
+        self._history(run, "opcode_error", step_id=item.step_id, attempt=item.attempt,
+                      job_id=item.job_id, error=problem)
+        if item.attempt + 1 < run.max_attempts:
+            item.attempt += 1
+            return True
+        self._finish(run, RunStatus.FAILED, error={"name": "OpcodeError", "message": problem})
+        return False
+
     def _memo(self, run: Run, step_id: str, value: Any) -> None:
         if step_id not in run.steps:
             run.stack.append(step_id)
         run.steps[step_id] = value
 
+    def _memo_step(self, run: Run, op: dict[str, Any], via: str) -> None:
+        """A finished step (Step / StepRun): memoize its output."""
+        step_id = str(op.get("id", ""))
+        data = op.get("data")
+        if op["op"] == "Step" and isinstance(data, dict) and set(data) <= {"data", "error"}:
+            value = data  # the legacy opcode may carry an already wrapped result
+        else:
+            value = {"data": data}
+        self._memo(run, step_id, value)
+        name = op.get("displayName") or op.get("name")
+        if via == "response":
+            self._history(run, "step_completed", step=step_id, name=name)
+        else:
+            self._history(run, "step_completed", step=step_id, name=name, via=via)
+
+    def _defer(self, run: Run, op: dict[str, Any]) -> None:
+        """DeferAdd / DeferAbort: schedule or cancel a run started when this one ends."""
+        step_id = str(op.get("id", ""))
+        opts = op.get("opts") if isinstance(op.get("opts"), dict) else {}
+        assert isinstance(opts, dict)
+        defers = self._defers.setdefault(run.run_id, {})
+        if op["op"] == "DeferAdd":
+            slug, data = opts.get("fn_slug"), opts.get("input")
+            if not isinstance(slug, str) or not slug or not isinstance(data, dict | None):
+                # Inngest soft-rejects a bad defer: the parent run goes on without it.
+                log.warning("run %s: DeferAdd %s rejected: needs opts.fn_slug and an object "
+                            "opts.input", run.run_id, step_id)
+                self._history(run, "defer_rejected", step=step_id, opts=opts)
+                return
+            defers.setdefault(step_id, Defer(slug, data or {}))
+            self._history(run, "defer_added", step=step_id, function=slug)
+            return
+        target = str(opts.get("target_hashed_id") or "")
+        if target in defers:
+            defers[target].status = "aborted"
+        self._history(run, "defer_aborted", step=target)
+
+    def _start_defers(self, run: Run) -> None:
+        for hashed_id, entry in self._defers.pop(run.run_id, {}).items():
+            if entry.status != "after_run":
+                continue
+            # The routing metadata Inngest adds (event.DeferredScheduleMetadata).
+            data = {**entry.input, "_inngest": {
+                "fn_slug": entry.fn_slug, "parent_app_id": app_uuid(run.app_name),
+                "parent_fn_id": function_uuid(run.function_slug),
+                "parent_fn_slug": run.function_slug, "parent_run_id": run.run_id}}
+            target = self._resolve_slug(run.app_name, entry.fn_slug)
+            if target is None:
+                log.warning("run %s: deferred function %r not found; defer %s dropped",
+                            run.run_id, entry.fn_slug, hashed_id)
+                continue
+            app, slug = target
+            event = Event(new_ulid(), DEFERRED_EVENT, data, int(time.time() * 1000))
+            self.state.events[event.id] = event
+            child = self.start_run(app, slug, event, parent=run.run_id)
+            event.run_ids.append(child.run_id)
+
+    def _resolve_slug(self, app: str, slug: str) -> tuple[str, str] | None:
+        """A function by its full slug, or by its ID within ``app`` (SDKs send either)."""
+        for candidate in (slug, f"{app}-{slug}"):
+            for app_name, fns in self.state.functions.items():
+                if candidate in fns:
+                    return app_name, candidate
+        return None
+
     async def _handle_op(
         self, run: Run, item: QueueItem, op: dict[str, Any]
     ) -> tuple[list[QueueItem], bool]:
         """Return (items to enqueue, retry this item)."""
-        code = op.get("op")
+        code = op["op"]
         step_id = str(op.get("id", ""))
         name = op.get("displayName") or op.get("name")
-        if code == "StepRun":
-            self._memo(run, step_id, {"data": op.get("data")})
-            self._history(run, "step_completed", step=step_id, name=name)
+        if code in ("StepRun", "Step"):
+            self._memo_step(run, op, "response")
             return [QueueItem(run.run_id, "step", "")], False
+        if code == "RunComplete":
+            # The function returned; its output rides in the op (SDKs that checkpoint
+            # end runs this way instead of a DONE response).
+            self._finish(run, RunStatus.COMPLETED, output=op.get("data"))
+            return [], False
+        if code == "DiscoveryRequest":
+            self._history(run, "discovery_requested", step=step_id)
+            return [QueueItem(run.run_id, "step", "")], False
+        if code in LAZY_OPCODES:
+            self._defer(run, op)
+            return [], False
         if code == "StepFailed":
             self._memo(run, step_id, {"error": op.get("error")})
             self._history(run, "step_failed", step=step_id, name=name, error=op.get("error"))
@@ -343,6 +532,8 @@ class Executor:
             payload = opts.get("payload") if isinstance(opts.get("payload"), dict) else {}
             assert isinstance(payload, dict)
             child = self._find_and_start(target, payload.get("data"), run.run_id)
+            self._history(run, "invoke", step=step_id, function=target,
+                          child_run_id=child.run_id if child else None)
             if child is None:
                 self._memo(run, step_id, {"error": {"name": "Error",
                                                     "message": f"no function {target}"}})
@@ -353,8 +544,92 @@ class Executor:
                 else:
                     self._memo(run, step_id, {"error": child.error})
             return [QueueItem(run.run_id, "step", "")], False
-        # None / unknown opcodes: nothing to do (a parallel branch ended).
+        if code in UNSUPPORTED_OPCODES:
+            # Known to Inngest, but needs services the dev gateway does not have: fail the
+            # run with a reason rather than leave it waiting forever.
+            message = f"opcode {code} is not supported by the dev gateway"
+            log.error("run %s: %s", run.run_id, message)
+            self._history(run, "opcode_error", step=step_id, error=message)
+            self._finish(run, RunStatus.FAILED,
+                         error={"name": "UnsupportedOpcode", "message": message})
+            return [], False
+        # "None": this branch of a parallel fan-out ended; nothing to schedule.
         return [], False
+
+    # -- async checkpoints (POST /v1/checkpoint/{run_id}/async) -----------------
+
+    def checkpoint_async(self, run_id: str, body: Any) -> None:
+        """Store the steps an SDK ran inside one request (checkpoint.go: checkpointAsyncSteps).
+
+        The SDK keeps running the function after this returns; its reply later ends the
+        request (often with RunComplete). Raises CheckpointRejected with Inngest's status.
+        """
+        if not isinstance(body, dict):
+            raise CheckpointRejected(400, "invalid request body: expected a JSON object")
+        run = self.state.runs.get(run_id)
+        if run is None:
+            raise CheckpointRejected(404, f"run {run_id} not found")
+        if str(body.get("run_id") or run_id) != run_id:
+            raise CheckpointRejected(400, "run_id in the body differs from the one in the path")
+        if run.status.terminal:
+            raise CheckpointRejected(404, f"run {run_id} already {run.status.value}")
+        ops, problem = _opcodes(body.get("steps"))
+        if problem is not None:
+            self._checkpoint_error(run, problem)
+            raise CheckpointRejected(400, problem)
+        if any(op["op"] not in SYNC_OPCODES for op in ops):
+            problem = "cannot checkpoint async steps"
+            self._checkpoint_error(run, f"{problem}: {[op['op'] for op in ops]}")
+            raise CheckpointRejected(400, problem)
+        self._check_dispatch(run, body)
+        for op in ops:
+            code = op["op"]
+            if code in ("StepRun", "Step"):
+                if str(op.get("id", "")) in run.steps:
+                    log.warning("run %s: duplicate checkpoint of step %s ignored",
+                                run.run_id, op.get("id"))
+                    continue
+                self._memo_step(run, op, "checkpoint")
+            elif code == "StepPlanned":
+                self._history(run, "step_planned", step=str(op.get("id", "")),
+                              name=op.get("displayName") or op.get("name"), via="checkpoint")
+            elif code in LAZY_OPCODES:
+                self._defer(run, op)
+            else:  # RunComplete, StepFailed, ...: only valid in a reply
+                problem = f"cannot checkpoint opcode: {code}"
+                self._checkpoint_error(run, problem)
+                raise CheckpointRejected(400, problem)
+        # A step that made progress starts its queue item's attempts afresh.
+        live = self._live.get(str(body.get("qi_id") or ""))
+        if live is not None and live.run_id == run_id:
+            live.attempt = 0
+
+    def _check_dispatch(self, run: Run, body: dict[str, Any]) -> None:
+        """409 for a checkpoint from a dispatch the executor has given up on.
+
+        Inngest skips this check for requests younger than 10 s (``request_started_at``),
+        a shortcut that holds with its 2-minute leases but not with test timings, so the
+        dev gateway always checks.
+        """
+        generation = body.get("generation_id")
+        if not isinstance(generation, int) or generation == 0:
+            return  # SDKs that send none are not validated (as in Inngest)
+        live = self._live.get(str(body.get("qi_id") or ""))
+        if live is None or live.run_id != run.run_id:
+            reason = "queue item not found"
+        elif live.generation != generation:
+            reason = (f"dispatch generation {generation} does not match queue item "
+                      f"generation {live.generation}")
+        else:
+            return
+        log.warning("run %s: stale dispatch checkpoint refused (%s)", run.run_id, reason)
+        self._history(run, "checkpoint_stale", job_id=body.get("qi_id"), reason=reason)
+        raise CheckpointRejected(409, f"stale dispatch: {reason}")
+
+    def _checkpoint_error(self, run: Run, problem: str) -> None:
+        log.error("bad checkpoint for run %s (%s): %s", run.run_id, run.function_slug, problem)
+        self.state.errors.append(f"bad checkpoint for run {run.run_id}: {problem}")
+        self._history(run, "checkpoint_error", error=problem)
 
     def _find_and_start(self, slug: str, data: Any, parent: str) -> Run | None:
         for app, fns in self.state.functions.items():
@@ -371,7 +646,9 @@ class Executor:
             "event": run.event.to_payload(),
             "events": [e.to_payload() for e in run.events],
             "steps": {sid: run.steps[sid] for sid in run.stack},
-            "defers": {},
+            # Defers already registered; abortable until the run ends (driver.go).
+            "defers": {hid: {"abortable": d.status == "after_run"}
+                       for hid, d in self._defers.get(run.run_id, {}).items()},
             "ctx": {
                 "fn_id": function_uuid(run.function_slug),
                 "run_id": run.run_id,
@@ -382,9 +659,9 @@ class Executor:
                 "stack": {"stack": list(run.stack), "current": len(run.stack)},
                 "qi_id": item.job_id,
                 "request_id": request_id,
-                "generation_id": 0,
+                "generation_id": item.generation,
                 "job_id": item.job_id,
-                "disable_immediate_execution": False,
+                "disable_immediate_execution": run.run_id in self._force_plan,
                 "use_api": False,
             },
             "version": run.version,
@@ -395,6 +672,7 @@ class Executor:
     async def _proxy(self, run: Run, item: QueueItem) -> ProxyResult:
         core = self.core
         request_id = new_ulid()
+        item.generation += 1
         lease = core.leases.lease(request_id)
         poke = asyncio.Event()
         core.leases.pokes[request_id] = poke
@@ -425,6 +703,7 @@ class Executor:
             core.buffer.forget_waiter(request_id)
             core.buffer.delete(request_id)
             core.leases.release(request_id)
+            self.gateway.dual_owners.pop(request_id, None)
             self.state.notify()
 
     async def _forward(
@@ -445,6 +724,15 @@ class Executor:
                 route = core.router.route(run.app_name, run.function_slug)
             if route.conn_id is None:
                 return route.error or ROUTE_FAILED
+            if self.state.faults.dual_dispatch > 0:
+                twin = core.router.route(run.app_name, run.function_slug,
+                                         exclude=frozenset({route.conn_id}))
+                if twin.conn_id is not None:
+                    self.state.faults.dual_dispatch -= 1
+                    if await self._forward_twice(run, item, request, attempt,
+                                                 (route.conn_id, twin.conn_id)):
+                        return None
+                    continue
             conn = self.gateway.live.get(route.conn_id)
             instance = conn.info.instance_id if conn else None
             core.leases.assign(request.request_id, instance)
@@ -470,6 +758,45 @@ class Executor:
             core.leases.assign(request.request_id, None)
             self.state.notify()
         return last_error
+
+    async def _forward_twice(self, run: Run, item: QueueItem,
+                             request: pb.GatewayExecutorRequestData, attempt: int,
+                             conn_ids: tuple[str, str]) -> bool:
+        """Faults.dual_dispatch: write the request to both connections at once. The
+        first WORKER_REQUEST_ACK owns the lease (the gateway NACKs the other copy's
+        extensions, so its worker cancels it); a reply from either copy is accepted,
+        the first one stored wins. True once either ACKed."""
+        dispatches = {
+            conn_id: Dispatch(request_id=request.request_id, job_id=item.job_id,
+                              run_id=run.run_id, function_slug=run.function_slug,
+                              step_id=item.step_id, attempt=item.attempt, conn_id=conn_id,
+                              forward_attempt=attempt, sent_at=time.time())
+            for conn_id in conn_ids}
+        self.state.dispatches.extend(dispatches.values())
+        self.state.notify()
+        acked: list[str] = []
+
+        async def forward(conn_id: str) -> None:
+            ok = await self.gateway.forward(conn_id, request)
+            dispatches[conn_id].outcome = "acked" if ok else "forward_failed"
+            if ok:
+                dispatches[conn_id].acked_at = time.time()
+                acked.append(conn_id)  # in the order the ACKs were processed
+                live = self.gateway.live.get(conn_id)
+                if len(acked) == 1 and live is not None:  # the first ACK owns the lease
+                    self.gateway.dual_owners[request.request_id] = live.info.instance_id
+                    self.core.leases.assign(request.request_id, live.info.instance_id)
+            self.state.notify()
+
+        tasks = [asyncio.create_task(forward(conn_id)) for conn_id in conn_ids]
+        for task in tasks:
+            # The second copy's ACK may still be on its way; it completes in the background.
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        pending: set[asyncio.Task[None]] = set(tasks)
+        while pending and not acked:
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        return bool(acked)
 
     async def _await_reply(
         self, request_id: str, reply: asyncio.Future[pb.SDKResponse], poke: asyncio.Event

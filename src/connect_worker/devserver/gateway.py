@@ -129,6 +129,10 @@ class Gateway:
         self.draining_groups: set[str] = set()
         # Frames delayed by faults.frame_latency, per socket (see _write).
         self._outboxes: dict[ServerConnection, asyncio.Queue[_Late]] = {}
+        # request_id -> instance owning the lease of a request forwarded twice
+        # (Faults.dual_dispatch): extensions from the other copy are NACKed. An instance,
+        # not a connection: the owner may extend over a newer connection after a drop.
+        self.dual_owners: dict[str, str] = {}
         self._servers: list[Server] = []
         self._handlers: set[asyncio.Task[None]] = set()
 
@@ -568,7 +572,9 @@ class Gateway:
         """Complete the pending forward of ``request_id`` on the connection the ACK came in
         on (completePendingAck is per connection handler). A late ACK, for a forward that
         already failed when its connection left READY, is ignored even when the request
-        has since been re-routed to another connection: the re-route race of §5.2."""
+        has since been re-routed to another connection: the re-route race of §5.2. (A
+        request forwarded to two connections at once, Faults.dual_dispatch, has a pending
+        ACK on each.)"""
         fut = conn.pending.get(request_id)
         if fut is not None and not fut.done():
             fut.set_result(True)
@@ -578,7 +584,8 @@ class Gateway:
 
     async def _extend(self, conn: GatewayConnection, ext: pb.WorkerRequestExtendLeaseData) -> None:
         faults = self.state.faults
-        if check(faults.nack_extensions, ext.request_id):
+        owner = self.dual_owners.get(ext.request_id, conn.info.instance_id)
+        if check(faults.nack_extensions, ext.request_id) or owner != conn.info.instance_id:
             new_id = None
         else:
             new_id = self.core.leases.extend(ext.request_id, ext.lease_id, conn.info.instance_id)

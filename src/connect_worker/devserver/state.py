@@ -292,6 +292,11 @@ class Faults:
     # Router override: given candidate conn IDs, return the one to use (or None
     # to fall back to the weighted random pick).
     route: Callable[[list[str]], str | None] | None = None
+    # The next N forwards go to two different READY connections at once (a re-route
+    # whose ACK was in flight, a slow replica): the first ACK owns the lease, the
+    # other copy runs too but its lease extensions are NACKed, like the loser of a
+    # re-route race. Decremented per forward that found a second connection.
+    dual_dispatch: int = 0
     # A whole-gateway restart (DevServer.restart_gateway drops every socket): until
     # this time.monotonic(), /v0/connect/start answers 503 and upgrades are refused.
     gateway_down_until: float = 0.0

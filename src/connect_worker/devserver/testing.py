@@ -43,8 +43,25 @@ def fast_config(**changes: Any) -> DevServerConfig:
     return DevServerConfig.fast(**changes)
 
 
-def devserver_fixture(**changes: Any) -> Any:
-    """Make a pytest fixture yielding a running DevServer with ``fast_config(**changes)``::
+#: Races of the real gateway the fixture models by default (see ``realistic_races``).
+REALISTIC_RACES: dict[str, Any] = {
+    # A WORKER_REPLY is handled 50 ms after it is read, and lost if the socket closed
+    # meanwhile (the real gateway hands it to another goroutine; a close cancels it).
+    # Workers that close right after their last reply, without its ACK, lose it.
+    "reply_close_race": 0.05,
+}
+
+
+def realistic_races(dev: DevServer) -> DevServer:
+    """Turn on the races in ``REALISTIC_RACES`` (for a DevServer made by hand)."""
+    for name, value in REALISTIC_RACES.items():
+        setattr(dev.faults, name, value)
+    return dev
+
+
+def devserver_fixture(*, races: bool = True, **changes: Any) -> Any:
+    """Make a pytest fixture yielding a running DevServer with ``fast_config(**changes)``
+    and, unless ``races=False``, the realistic races on::
 
         slow_leases = devserver_fixture(lease_duration=10.0)   # in a conftest / test module
     """
@@ -52,12 +69,12 @@ def devserver_fixture(**changes: Any) -> Any:
     @pytest_asyncio.fixture
     async def _devserver() -> AsyncIterator[DevServer]:
         async with DevServer(fast_config(**changes)) as dev:
-            yield dev
+            yield realistic_races(dev) if races else dev
 
     return _devserver
 
 
-#: A running DevServer with fast timings, closed after the test.
+#: A running DevServer with fast timings and the realistic races, closed after the test.
 devserver = devserver_fixture()
 
 

@@ -41,6 +41,7 @@ _REQUEST_ID = server_lib.HeaderKey.REQUEST_ID.value
 _JOB_ID = server_lib.HeaderKey.JOB_ID.value
 _FUNCTION_ID = server_lib.QueryParamKey.FUNCTION_ID.value
 _STEP_ID = server_lib.QueryParamKey.STEP_ID.value
+_RUN_COMPLETE = b'"RunComplete"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +61,9 @@ class Outcome:
         if self.status == STATUS_DONE:
             return "done"
         if self.status == STATUS_NOT_COMPLETED:
-            return "step"
+            # A run can also end in an opcode list: [DeferAdd..., RunComplete] (inngest
+            # 0.5.20 defers). Only such bodies are parsed.
+            return "done" if _RUN_COMPLETE in self.body and _ends_run(self.body) else "step"
         return "error"
 
 
@@ -206,6 +209,17 @@ class Executor:
             sdk_version=response.sdk_version or SDK_VERSION_HEADER,
             request_version=response.request_version or 0,
         )
+
+
+def _ends_run(body: bytes) -> bool:
+    """Whether an opcode list holds RunComplete (the function returned)."""
+    try:
+        ops = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(ops, list) and any(
+        isinstance(op, dict) and op.get("op") == "RunComplete" for op in ops
+    )
 
 
 def _attempt(payload: bytes) -> int:

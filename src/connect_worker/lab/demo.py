@@ -82,8 +82,11 @@ TOPICS: tuple[dict[str, str], ...] = (
 # simulated provider: ~1 s to the first token, then ~70 tokens/s).
 TYPICAL_STEP_SECONDS = 10.5
 # llm.call outcomes that reached the model, i.e. were paid for ("stopped": a stream
-# stopped by the drain, paid for the tokens it produced).
-PAID = frozenset({"ok", "stopped"})
+# stopped by the drain, paid for the tokens it produced; "resumed": a crashed stream
+# continued from its saved text, paid for the rest only).
+PAID = frozenset({"ok", "stopped", "resumed"})
+# Answers taken from another copy or attempt without asking the model.
+REUSED = frozenset({"cached", "waited"})
 FAILED = frozenset({"fatal", "gave_up", "refused"})
 
 
@@ -149,7 +152,7 @@ class LLMStats:
             stats.paid_per_worker[w.instance_id] = 0
             for call in w.events("llm.call"):
                 outcome = call.get("outcome")
-                if outcome == "cached":
+                if outcome in REUSED:
                     stats.cached += 1
                 elif outcome in FAILED:
                     stats.failed += 1

@@ -7,25 +7,37 @@ The order of one call::
     occurrence = how many identical calls this attempt already made
     cache hit?  -> return it (counted as cached and saved USD)
     draining and refuse_when_draining?  -> LLMDrainingError
-    tenacity loop: send -> Transient? backoff (retry-after honoured) within the budget
-    answer -> cache.put immediately -> metrics, log -> Result
+    claim the key: held live by another copy?  -> wait for its answer (outcome waited),
+        or take the claim over once it lapses; draining -> LLMDrainingError, no wait
+    won it: answers the step rejected?  -> ask again, telling the model why
+            a partial stream left by a dead owner?  -> continue from it (outcome resumed)
+    tenacity loop: send -> Transient? backoff (retry-after honoured) within the budget,
+        refreshing the claim and saving the partial text every claim_ttl / 3
+    answer -> cache.put immediately -> release the claim -> metrics, log -> Result
+
+The call runs in a task of its own: if the step is cancelled mid-call (its lease was
+lost to another copy, which is now waiting on our claim) the request in flight is
+finished and stored instead of being thrown away with the tokens already paid for.
 
 A cache failure never fails a call: the answer is already paid for, so it is returned
-and the failure logged.
+and the failure logged (a claim that cannot be taken means calling unclaimed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import functools
 import logging
 import math
 import os
+import socket
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -37,12 +49,21 @@ from tenacity.wait import wait_random_exponential
 from ..context import DrainSignal, current_request, draining
 from ..errors import ConfigError
 from ..ops.logs import event
-from .cache import ResultCache, RunCost, cache_key, open_cache
+from .cache import (
+    Claims,
+    ClaimState,
+    Partial,
+    Rejection,
+    ResultCache,
+    RunCost,
+    cache_key,
+    open_cache,
+)
 from .config import DEFAULT_MODELS, LLMConfig
 from .errors import LLMDrainingError, LLMFatalError, LLMUnavailableError, Transient
 from .metrics import LLMMetrics, metrics_for
 from .pricing import PriceTable
-from .providers import AnthropicProvider, OnText, OpenAIProvider, Provider
+from .providers import AnthropicProvider, OnText, OpenAIProvider, Provider, _estimate
 from .types import Answer, Call, Message, Result, Tool, Usage, parse_json_text
 
 log = logging.getLogger("connect_worker.llm")
@@ -55,6 +76,13 @@ _task_scope: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _occurrences: OrderedDict[tuple[str, str, str], int] = OrderedDict()
 _occurrences_lock = threading.Lock()
 _MAX_SCOPES = 10_000
+# Model calls that outlived their cancelled caller: kept referenced until they finish.
+_background: set[asyncio.Task[Any]] = set()
+_HOST = socket.gethostname()
+
+# What a continuation asks (a crashed stream here, a drained one in examples/reports).
+CONTINUE = ("Your answer was cut off. Continue exactly where it stops, without repeating "
+            "anything and without commenting on the interruption.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +163,7 @@ class LLM:
         stop_on_drain: bool = False,
         key: str | None = None,
         run_id: str | None = None,
+        reuse: bool = True,
     ) -> Result:
         """Ask ``model`` and return its answer, from the result cache when already paid for.
 
@@ -144,7 +173,9 @@ class LLM:
         stream stops once the worker drains and the partial answer comes back with
         ``stopped_early=True``. ``key`` identifies the step when not running inside the
         connect_worker executor (e.g. ``f"{ctx.run_id}:{step_id}"``); inside it the
-        request's job id is used.
+        request's job id is used. ``reuse=False`` always asks the model (no cached
+        answer, no waiting for another copy); the answer still counts in ``run_cost``.
+        ``Result.reject()`` throws an answer away so that the step's retry asks again.
         """
         chat = tuple(messages) + ((Message("user", prompt),) if prompt is not None else ())
         if not chat:
@@ -167,53 +198,255 @@ class LLM:
         entry = None if identity.key is None else cache_key(identity.key, digest, occurrence)
         fields: dict[str, Any] = {"provider": name, "model": call.model,
                                   "run_id": identity.run_id, "occurrence": occurrence}
-        if entry is not None and self.cache is not None:
+        reusable = entry is not None and self.cache is not None and reuse
+        if reusable:
+            assert entry is not None
             hit = await self._cache_get(entry)
             if hit is not None:
-                cost = self.prices.cost(call.model, hit.usage)
-                self.metrics.requests.labels(*labels, "cached").inc()
-                self.metrics.cache_hits.labels(*labels).inc()
-                self.metrics.saved.labels(*labels).inc(cost)
-                event(log, "llm.call", outcome="cached", cost_usd=round(cost, 6),
-                      request_id=hit.request_id, **fields)
-                return _result(name, call, hit, cost, cached=True, attempts=0)
+                return self._reused(call, hit, entry, "cached", fields)
         if self.config.refuse_when_draining and self._drain.is_set():
             self.metrics.requests.labels(*labels, "refused").inc()
             event(log, "llm.call", outcome="refused", **fields)
             raise LLMDrainingError("the worker is draining: the model call was not started "
                                    "(Inngest retries the step on another worker)")
+        claim: _Claimed | None = None
+        if reusable and isinstance(self.cache, Claims):
+            assert entry is not None
+            owner = f"{_HOST}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+            got = await self._acquire(self.cache, entry, owner, labels, fields)
+            if isinstance(got, tuple):
+                return self._reused(call, got[0], entry, got[1], fields)
+            if got is not None:
+                claim = _Claimed(self.cache, entry, owner, got)
+        abandon = _Abandon()
+        work = self._call(call, stream, on_text, stop_on_drain, labels, fields, identity,
+                          entry if reuse else None, claim, abandon)
+        if entry is None or self.cache is None:
+            return await work  # nowhere to store an answer nobody waits for
+        return await _finish_if_cancelled(work, abandon, fields)
+
+    async def _call(self, call: Call, stream: bool, on_text: OnText | None,
+                    stop_on_drain: bool, labels: tuple[str, str], fields: dict[str, Any],
+                    identity: _Identity, entry: str | None, claim: _Claimed | None,
+                    abandon: _Abandon) -> Result:
+        """Ask the model (continuing a dead owner's partial answer, or asking again after
+        a rejection), store the answer and release the claim."""
+        base, prefix = call, None
+        if claim is not None:
+            base, prefix = self._prepare(call, claim.state, fields)
+        progress = _Progress(base, prefix, on_text, abandon,
+                             savable=stream and not call.tools and not call.json_output)
+        if prefix is not None and on_text is not None:
+            on_text(prefix.text)
+        keeper = None
+        if claim is not None:
+            keeper = asyncio.ensure_future(self._keep_claim(claim, progress))
         started = time.monotonic()
         should_stop = self._drain.is_set if stop_on_drain else None
         try:
-            answer, attempts = await self._send(call, stream, on_text, should_stop, labels)
-        except LLMFatalError as exc:
-            self.metrics.requests.labels(*labels, "fatal").inc()
-            event(log, "llm.call", level=logging.WARNING, outcome="fatal", error=str(exc),
-                  **fields)
+            answer, attempts = await self._send(base, stream, progress.on_text, should_stop,
+                                                labels, progress.next_request, abandon)
+        except BaseException as exc:
+            if keeper is not None:
+                keeper.cancel()
+            if claim is not None:
+                # The text received so far stays for the next owner to continue, unless
+                # retrying cannot help.
+                fatal = isinstance(exc, LLMFatalError)
+                if not fatal and (partial := progress.partial()) is not None:
+                    await self._refresh(claim, partial)
+                await self._release(claim, keep_partial=not fatal)
+            if isinstance(exc, LLMFatalError):
+                self.metrics.requests.labels(*labels, "fatal").inc()
+                event(log, "llm.call", level=logging.WARNING, outcome="fatal", error=str(exc),
+                      **fields)
+            elif isinstance(exc, LLMUnavailableError | inngest.RetryAfterError):
+                self.metrics.requests.labels(*labels, "gave_up").inc()
+                event(log, "llm.call", level=logging.WARNING, outcome="gave_up",
+                      error=str(exc), **fields)
             raise
-        except (LLMUnavailableError, inngest.RetryAfterError) as exc:
-            self.metrics.requests.labels(*labels, "gave_up").inc()
-            event(log, "llm.call", level=logging.WARNING, outcome="gave_up", error=str(exc),
-                  **fields)
-            raise
+        if keeper is not None:
+            keeper.cancel()
+        if abandon.is_set():
+            self.metrics.background.labels(*labels).inc()
+        prefix = progress.prefix  # what was continued: a dead owner's, or a failed attempt's
+        if prefix is not None:
+            answer = replace(answer, text=prefix.text + answer.text,
+                             usage=_add(prefix.usage, answer.usage))
         cost = self.prices.cost(call.model, answer.usage)
-        if self.cache is not None and (entry is not None or answer.partial):
+        if self.cache is not None and (identity.key is not None or answer.partial):
             # Stored before anything else: from here on a retry of this step reuses it.
-            # A partial answer is stored under a key nobody looks up, for run_cost only.
-            await self._cache_put(f"partial:{uuid.uuid4()}" if answer.partial else entry or "",
-                                  answer, identity.run_id, cost)
+            # A partial or unreusable answer is stored under a key nobody looks up, for
+            # run_cost only.
+            stored = entry if entry is not None and not answer.partial else (
+                f"{'partial' if answer.partial else 'unreused'}:{uuid.uuid4()}")
+            await self._cache_put(stored, answer, identity.run_id, cost)
         elif identity.run_id is not None:
             self._add_run_total(identity.run_id, answer, cost)
-        outcome = "stopped" if answer.partial else "ok"
+        if claim is not None:
+            await self._release(claim, keep_partial=False)
+        outcome = "stopped" if answer.partial else "resumed" if prefix else "ok"
         duration = time.monotonic() - started
         self.metrics.requests.labels(*labels, outcome).inc()
         self._count_spend(labels, answer.usage, cost)
         self.metrics.duration.labels(*labels).observe(duration)
+        if prefix is not None:
+            self.metrics.saved_tokens.labels(*labels, "resumed").inc(prefix.usage.output_tokens)
         event(log, "llm.call", outcome=outcome, request_id=answer.request_id,
               input_tokens=answer.usage.input_tokens, output_tokens=answer.usage.output_tokens,
               cached_tokens=answer.usage.cached_tokens, cost_usd=round(cost, 6),
-              duration=round(duration, 3), attempts=attempts, **fields)
-        return _result(name, call, answer, cost, cached=False, attempts=attempts)
+              duration=round(duration, 3), attempts=attempts,
+              resumed_chars=len(prefix.text) if prefix else None,
+              finished_in_background=abandon.is_set() or None, **fields)
+        evict = None
+        if entry is not None and self.cache is not None and not answer.partial:
+            evict = functools.partial(self._evict, entry, labels, fields)
+        return _result(call.provider, call, answer, cost, cached=False, attempts=attempts,
+                       evict=evict)
+
+    def _prepare(self, call: Call, state: ClaimState, fields: dict[str, Any]
+                 ) -> tuple[Call, Partial | None]:
+        """For a won claim: the call (asked again after rejections), and the partial text a
+        dead or failed owner left if it can be continued."""
+        request = call
+        if state.rejections:
+            request = _ask_again(call, state.rejections)
+        partial = state.partial
+        if partial is None or not partial.text:
+            return request, None
+        if call.tools or call.json_output:
+            # A half-made tool call or JSON object cannot be continued reliably: ask again.
+            event(log, "llm.resume.skipped", reason="tools" if call.tools else "json",
+                  partial_chars=len(partial.text), **fields)
+            return request, None
+        return request, partial
+
+    async def _acquire(self, claims: Claims, entry: str, owner: str,
+                       labels: tuple[str, str], fields: dict[str, Any],
+                       ) -> ClaimState | tuple[Answer, str] | None:
+        """Claim ``entry``; while another copy holds it, wait for its answer (returned with
+        how it came: ``waited`` or ``cached``). None: the claims store failed, so the call
+        goes ahead unclaimed."""
+        deadline = time.monotonic() + self.config.retry_budget
+        waited = False
+        while True:
+            try:
+                state = await claims.claim(entry, owner, self.config.claim_ttl)
+                if state.won:
+                    # The previous holder may have stored its answer just before releasing.
+                    hit = await self._cache_get(entry)
+                    if hit is not None:
+                        await claims.release(entry, owner, keep_partial=False)
+                        return hit, "waited" if waited else "cached"
+            except Exception as exc:
+                event(log, "llm.cache.error", level=logging.ERROR, op="claim", error=repr(exc))
+                return None
+            if state.won:
+                if state.took_over:
+                    self.metrics.takeovers.labels(*labels).inc()
+                    event(log, "llm.claim.takeover", level=logging.WARNING,
+                          partial_chars=len(state.partial.text) if state.partial else 0,
+                          **fields)
+                return state
+            if self._drain.is_set():
+                # The other copy may take minutes; a draining worker cannot wait that long.
+                self.metrics.requests.labels(*labels, "refused").inc()
+                event(log, "llm.call", outcome="refused", reason="claimed_while_draining",
+                      **fields)
+                raise LLMDrainingError(
+                    "another copy of this step is already calling the model and this worker "
+                    "is draining: not waiting for it (the step's retry will reuse its answer)")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.metrics.requests.labels(*labels, "gave_up").inc()
+                raise LLMUnavailableError(
+                    f"another copy of this step held the model call for longer than "
+                    f"{self.config.retry_budget:g} s (CONNECT_WORKER_LLM_RETRY_BUDGET)")
+            event(log, "llm.claim.wait", level=logging.INFO, holder=state.owner,
+                  expires_in=round(state.expires_in, 2), **fields)
+            try:
+                answer = await self._wait_or_drain(claims, entry, left)
+            except LLMDrainingError:
+                self.metrics.requests.labels(*labels, "refused").inc()
+                event(log, "llm.call", outcome="refused", reason="drain_while_waiting",
+                      **fields)
+                raise
+            except Exception as exc:
+                event(log, "llm.cache.error", level=logging.ERROR, op="wait", error=repr(exc))
+                return None
+            if answer is not None:
+                return answer, "waited"
+            waited = True
+
+    async def _wait_or_drain(self, claims: Claims, entry: str, timeout: float  # noqa: ASYNC109
+                             ) -> Answer | None:
+        waiting = asyncio.ensure_future(claims.wait(entry, timeout))
+        drained = asyncio.ensure_future(self._drain.wait())
+        try:
+            await asyncio.wait({waiting, drained}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waiting, drained):
+                task.cancel()
+        if waiting.done() and not waiting.cancelled():
+            return waiting.result()
+        raise LLMDrainingError("the worker began draining while this step waited for another "
+                               "copy's model call (the step's retry will reuse its answer)")
+
+    async def _keep_claim(self, claim: _Claimed, progress: _Progress) -> None:
+        """Refresh the claim every third of its lifetime, saving the streamed text so far."""
+        saved = 0
+        while True:
+            await asyncio.sleep(self.config.claim_ttl / 3)
+            partial = None
+            if progress.version != saved:
+                partial = progress.partial()
+                saved = progress.version
+            if await self._refresh(claim, partial) is False:
+                # Another copy took it over (we were too slow to refresh): both pay now.
+                event(log, "llm.claim.lost", level=logging.WARNING, owner=claim.owner)
+                return
+
+    async def _refresh(self, claim: _Claimed, partial: Partial | None) -> bool | None:
+        """Extend the claim (saving ``partial``): False if it was lost, None on a cache error."""
+        try:
+            return await claim.store.refresh(claim.entry, claim.owner, self.config.claim_ttl,
+                                             partial)
+        except Exception as exc:
+            event(log, "llm.cache.error", level=logging.ERROR, op="refresh", error=repr(exc))
+            return None
+
+    async def _release(self, claim: _Claimed, *, keep_partial: bool) -> None:
+        try:
+            await claim.store.release(claim.entry, claim.owner, keep_partial=keep_partial)
+        except Exception as exc:
+            event(log, "llm.cache.error", level=logging.ERROR, op="release", error=repr(exc))
+
+    async def _evict(self, entry: str, labels: tuple[str, str], fields: dict[str, Any],
+                     result: Result, reason: str | None) -> None:
+        self.metrics.rejected.labels(*labels).inc()
+        evicted = False
+        if isinstance(self.cache, Claims):
+            try:
+                evicted = await self.cache.reject(entry, Rejection(result.text, reason))
+            except Exception as exc:
+                event(log, "llm.cache.error", level=logging.ERROR, op="reject", error=repr(exc))
+        event(log, "llm.rejected", level=logging.WARNING, reason=reason, evicted=evicted,
+              request_id=result.request_id, **fields)
+
+    def _reused(self, call: Call, answer: Answer, entry: str, via: str,
+                fields: dict[str, Any]) -> Result:
+        """An answer paid for before (``cached``) or by another copy just now (``waited``)."""
+        labels = (call.provider, call.model)
+        cost = self.prices.cost(call.model, answer.usage)
+        self.metrics.requests.labels(*labels, via).inc()
+        self.metrics.cache_hits.labels(*labels).inc()
+        self.metrics.saved.labels(*labels).inc(cost)
+        self.metrics.saved_tokens.labels(*labels, via).inc(
+            answer.usage.input_tokens + answer.usage.output_tokens)
+        event(log, "llm.call", outcome=via, cost_usd=round(cost, 6),
+              request_id=answer.request_id, **fields)
+        return _result(call.provider, call, answer, cost, cached=True, attempts=0,
+                       evict=functools.partial(self._evict, entry, labels, fields))
 
     async def run_cost(self, run_id: str | None = None) -> RunCost:
         """What the run (default: the one being executed) has paid for its answers so far,
@@ -290,7 +523,8 @@ class LLM:
 
     async def _send(self, call: Call, stream: bool, on_text: OnText | None,
                     should_stop: Callable[[], bool] | None, labels: tuple[str, str],
-                    ) -> tuple[Answer, int]:
+                    next_request: Callable[[], Call] | None = None,
+                    abandon: _Abandon | None = None) -> tuple[Answer, int]:
         cfg = self.config
         provider = self.provider(call.provider)
         started = time.monotonic()
@@ -320,10 +554,15 @@ class LLM:
         try:
             async for attempt in retrying:
                 with attempt:
+                    if attempts and abandon is not None and abandon.is_set():
+                        # The step is gone: finish a request in flight, never start another.
+                        raise LLMUnavailableError("the step was cancelled; its model call is "
+                                                  "not retried in the background")
                     attempts += 1
+                    sent = next_request() if next_request is not None else call
                     remaining = cfg.retry_budget - (time.monotonic() - started)
                     timeout = max(min(cfg.request_timeout, remaining), 1.0)
-                    answer = await provider.send(call, attempt_timeout=timeout, stream=stream,
+                    answer = await provider.send(sent, attempt_timeout=timeout, stream=stream,
                                                  on_text=on_text, should_stop=should_stop)
                     if call.json_output and not answer.partial and not answer.tool_calls:
                         try:
@@ -347,7 +586,122 @@ class LLM:
         raise AssertionError("unreachable: tenacity either returns or raises")
 
 
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    store: Claims
+    entry: str
+    owner: str
+    state: ClaimState
+
+
+class _Abandon:
+    """Set once the caller of a model call was cancelled; the call finishes on its own."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+class _Progress:
+    """The text streamed so far, after ``prefix`` (text already received: a dead owner's
+    partial, or a failed attempt's), for saving it and for continuing from it."""
+
+    def __init__(self, base: Call, prefix: Partial | None, on_text: OnText | None,
+                 abandon: _Abandon, *, savable: bool) -> None:
+        self.base = base
+        self.prefix = prefix
+        self.pieces: list[str] = []
+        self.version = 0
+        self.savable = savable
+        self._on_text = on_text
+        self._abandon = abandon
+
+    def on_text(self, piece: str) -> None:
+        self.pieces.append(piece)
+        self.version += 1
+        if self._on_text is not None and not self._abandon.is_set():
+            self._on_text(piece)
+
+    def next_request(self) -> Call:
+        """The request for the next HTTP attempt: the text a failed attempt streamed is
+        continued rather than paid for again (when it can be; else asked from scratch)."""
+        if self.pieces:
+            if self.savable:
+                self.prefix = self.partial()
+            self.pieces.clear()
+            self.version += 1
+        return self.request()
+
+    def request(self) -> Call:
+        if self.prefix is None:
+            return self.base
+        # max_tokens counts what the continuation may add to what is there already.
+        remaining = max(self.base.max_tokens - self.prefix.usage.output_tokens, 64)
+        turns = (*self.base.messages, Message("assistant", self.prefix.text),
+                 Message("user", CONTINUE))
+        return replace(self.base, max_tokens=remaining, messages=turns)
+
+    def partial(self) -> Partial | None:
+        """What to save: the text so far and an estimate of what it cost (a stream reports
+        its usage only at the end). A streamed piece is about a token (OpenAI) or a few
+        (Anthropic): the larger of the piece count and 4 characters a token."""
+        if not self.savable or not self.pieces:
+            return self.prefix
+        text = "".join(self.pieces)
+        used = Usage(_estimate(self.request(), "").input_tokens,
+                     max(len(self.pieces), len(text) // 4))
+        if self.prefix is None:
+            return Partial(text, used)
+        return Partial(self.prefix.text + text, _add(self.prefix.usage, used))
+
+
+async def _finish_if_cancelled(work: Coroutine[Any, Any, Result], abandon: _Abandon,
+                               fields: dict[str, Any]) -> Result:
+    """Run ``work`` in a task of its own. If the caller is cancelled (e.g. the step lost its
+    lease to another copy, which now waits on our claim), the request in flight finishes
+    and its answer is stored rather than thrown away; no new attempt is started."""
+    task = asyncio.ensure_future(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    # Once nobody awaits it, its failure is logged by _call; retrieved here, not re-raised.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            abandon.set()
+            event(log, "llm.call.detached", level=logging.WARNING, **fields)
+        raise
+
+
+def _add(a: Usage, b: Usage) -> Usage:
+    return Usage(a.input_tokens + b.input_tokens, a.output_tokens + b.output_tokens,
+                 a.cached_tokens + b.cached_tokens, a.cache_write_tokens + b.cache_write_tokens)
+
+
+def _ask_again(call: Call, rejections: Sequence[Rejection]) -> Call:
+    """The call once more, after the step rejected earlier answers: the last rejected
+    answer as the assistant's turn, then why each was rejected. The request differs
+    from every earlier one, so the model (and any cache in front of it) answers anew."""
+    reasons = "\n".join(f"{n}. {r.reason or 'no reason given'}"
+                        for n, r in enumerate(rejections, 1))
+    feedback = (f"That answer was rejected ({len(rejections)} rejected so far):\n{reasons}\n"
+                "Answer the original request again, fixing what was wrong.")
+    last = rejections[-1].text
+    turns = ((Message("assistant", last),) if last.strip() else ()) + (
+        Message("user", feedback),)
+    return replace(call, messages=call.messages + turns)
+
+
 def _result(provider: str, call: Call, answer: Answer, cost: float, *, cached: bool,
-            attempts: int) -> Result:
-    return Result(answer.text, answer.usage, answer.request_id, provider, answer.model, cost,
-                  answer.stop_reason, answer.tool_calls, cached, answer.partial, attempts)
+            attempts: int, evict: Any = None) -> Result:
+    result = Result(answer.text, answer.usage, answer.request_id, provider, answer.model, cost,
+                    answer.stop_reason, answer.tool_calls, cached, answer.partial, attempts)
+    if evict is not None:
+        object.__setattr__(result, "_evict", evict)  # frozen; see Result._evict
+    return result

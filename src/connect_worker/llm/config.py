@@ -8,6 +8,9 @@
 ``CONNECT_WORKER_LLM_CACHE``           SQLite path, ``postgresql://`` DSN, or ``off``
                                        (default ``.connect-worker/llm-cache.sqlite3``)
 ``CONNECT_WORKER_LLM_CACHE_TTL``       seconds an answer is kept (default 7 days)
+``CONNECT_WORKER_LLM_CLAIM_TTL``       seconds a call's claim lasts unless its owner
+                                       refreshes it (every third of it, saving the
+                                       partial text of a stream); default 10
 ``CONNECT_WORKER_LLM_TIMEOUT``         seconds per HTTP attempt (default 300)
 ``CONNECT_WORKER_LLM_RETRY_BUDGET``    seconds for all attempts of one call (default 600)
 ``CONNECT_WORKER_LLM_MAX_ATTEMPTS``    HTTP attempts per call (default 6)
@@ -42,6 +45,7 @@ class LLMConfig:
     model: str | None = None
     cache: str = ".connect-worker/llm-cache.sqlite3"
     cache_ttl: float = 7 * 24 * 3600.0
+    claim_ttl: float = 10.0
     request_timeout: float = 300.0
     retry_budget: float = 600.0
     max_attempts: int = 6
@@ -72,6 +76,7 @@ class LLMConfig:
             "model": get("MODEL", str, "a model name"),
             "cache": get("CACHE", str, "a path, a postgresql:// DSN or off"),
             "cache_ttl": get("CACHE_TTL", _positive, "seconds > 0"),
+            "claim_ttl": get("CLAIM_TTL", _positive, "seconds > 0"),
             "request_timeout": get("TIMEOUT", _positive, "seconds > 0"),
             "retry_budget": get("RETRY_BUDGET", _positive, "seconds > 0"),
             "max_attempts": get("MAX_ATTEMPTS", _count, "a whole number > 0"),

@@ -8,7 +8,10 @@
     ConnectWorkerError
     ├── LLMUnavailableError  transient failures outlasted the retry budget; Inngest retries
     │                        the step later (answers already paid for stay in the cache)
-    └── LLMDrainingError     refused: the worker is draining and the call would outlive it
+    ├── LLMDrainingError     refused: the worker is draining and the call would outlive it
+    │                        (or would wait for another copy's call it cannot see through)
+    └── LLMRejectedError     the step rejected the answer (``Result.reject``); its retry
+                             asks again
 
 A 429 whose retry-after does not fit the remaining budget is raised as
 ``inngest.RetryAfterError`` so Inngest itself waits that long. Messages name what to
@@ -37,6 +40,15 @@ class LLMUnavailableError(ConnectWorkerError):
 
 class LLMDrainingError(ConnectWorkerError):
     """The worker is draining, so a new (uncached) model call was refused."""
+
+
+class LLMRejectedError(ConnectWorkerError):
+    """The step rejected the model's answer; the retry of the step asks the model again."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(f"the step rejected the model's answer: {reason}" if reason
+                         else "the step rejected the model's answer")
+        self.reason = reason
 
 
 class Transient(Exception):

@@ -2,6 +2,8 @@
 
 Labels are provider, model and (for requests) outcome only: never run or step ids.
 Outcomes: ``ok`` (answered by the model), ``cached`` (answered by the result cache),
+``waited`` (answered by another copy of the step that held the claim), ``resumed``
+(continued the partial answer of a crashed owner's or a broken attempt's stream),
 ``stopped`` (a stream stopped early on drain), ``fatal``, ``gave_up``, ``refused``.
 """
 
@@ -33,6 +35,18 @@ class LLMMetrics:
                                   "Calls answered by the result cache instead of the model.")
         self.saved = counter("saved_usd_total",
                              "Estimated spend avoided by result-cache hits, in US dollars.")
+        self.saved_tokens = counter(
+            "saved_tokens_total",
+            "Tokens not paid again: reused answers (via=cached|waited) and the partial "
+            "output a resumed stream did not regenerate (via=resumed).", "via")
+        self.rejected = counter("rejected_total",
+                                "Answers a step rejected (evicted, asked again on retry).")
+        self.takeovers = counter("claim_takeovers_total",
+                                 "Claims taken over from a copy that stopped refreshing them.")
+        self.background = counter(
+            "finished_in_background_total",
+            "Model calls whose step was cancelled mid-call and that finished anyway, "
+            "storing the answer for the copy waiting on it.")
         self.duration = Histogram(
             "connect_worker_llm_request_duration_seconds",
             "Time from first attempt to answer for calls that reached the model.",

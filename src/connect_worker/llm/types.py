@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+from .errors import LLMRejectedError
 
 Role = Literal["user", "assistant"]
 
@@ -94,7 +97,7 @@ class Answer:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Result:
     """What ``LLM.complete`` returns: the answer plus how it was obtained."""
 
@@ -109,10 +112,29 @@ class Result:
     cached: bool = False  # served from the result cache: nothing was paid this time
     stopped_early: bool = False  # a streaming call stopped because the worker is draining
     attempts: int = 0  # HTTP requests made for this result (0 when cached)
+    # Evicts this answer from the result cache: set on the instance by LLM.complete when
+    # the answer is stored. Not a field, so asdict(), ==, repr and pickling ignore it.
+    _evict: ClassVar[Callable[[Result, str | None], Awaitable[None]] | None] = None
 
     def json(self) -> Any:
         """The text parsed as JSON (code fences around it are tolerated)."""
         return parse_json_text(self.text)
+
+    async def reject(self, reason: str | None = None) -> LLMRejectedError:
+        """Throw this answer away so that the step's retry asks the model again (telling
+        it ``reason``), and return the error to raise::
+
+            if not looks_right(result.text):
+                raise await result.reject("the summary has no title")
+
+        Other answers of the step stay cached; the rejected one still counts in
+        ``run_cost`` (it was paid for).
+        """
+        # Read off the instance: a callable class attribute would be bound as a method.
+        evict: Callable[[Result, str | None], Awaitable[None]] | None = vars(self).get("_evict")
+        if evict is not None:
+            await evict(self, reason)
+        return LLMRejectedError(reason)
 
 
 def parse_json_text(text: str) -> Any:

@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from . import feature_observations_pb2 as _feature_observations_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -89,14 +90,16 @@ class ConnectMessage(_message.Message):
     def __init__(self, kind: _Optional[_Union[GatewayMessageType, str]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class AppConfiguration(_message.Message):
-    __slots__ = ("app_name", "app_version", "functions")
+    __slots__ = ("app_name", "app_version", "functions", "feature_observations")
     APP_NAME_FIELD_NUMBER: _ClassVar[int]
     APP_VERSION_FIELD_NUMBER: _ClassVar[int]
     FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
     app_name: str
     app_version: str
     functions: bytes
-    def __init__(self, app_name: _Optional[str] = ..., app_version: _Optional[str] = ..., functions: _Optional[bytes] = ...) -> None: ...
+    feature_observations: _feature_observations_pb2.FeatureObservations
+    def __init__(self, app_name: _Optional[str] = ..., app_version: _Optional[str] = ..., functions: _Optional[bytes] = ..., feature_observations: _Optional[_Union[_feature_observations_pb2.FeatureObservations, _Mapping]] = ...) -> None: ...
 
 class AuthData(_message.Message):
     __slots__ = ("session_token", "sync_token")

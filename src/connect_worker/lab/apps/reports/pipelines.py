@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from connect_worker.llm import LLM, Message, Result
+from connect_worker.llm import CONTINUE, LLM, Message, Result
 
 State = dict[str, Any]
 
@@ -88,8 +88,6 @@ Step = Callable[[Writer, State], Awaitable[Any]]
 # ctx.step.run in an Inngest function; a direct call when running offline.
 StepRunner = Callable[..., Awaitable[Any]]
 MAX_PARTS = 3
-CONTINUE = ("Your answer was cut off. Continue exactly where it stops, without repeating "
-            "anything and without commenting on the interruption.")
 
 
 @dataclass(frozen=True)
