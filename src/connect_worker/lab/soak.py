@@ -328,7 +328,18 @@ class SoakResult:
                           "killed_at": w.killed_at, "exited_at": w.exited_at,
                           "returncode": w.returncode} for w in self.workers],
             "wall_seconds": self.wall_seconds,
+            # The full logs of the replicas behind each finding, to diagnose it.
+            "logs": {w.instance_id: w.logs for w in self.workers
+                     if w.instance_id in self.implicated()},
         }
+
+    def implicated(self) -> set[str]:
+        """Replicas that ran an unexplained duplicate or a race copy to the end."""
+        names = {str(c["replica"]) for u in self.unexplained for c in u["copies"]}
+        for race in self.races:
+            if race.ran_to_end_twice:
+                names.update(n for n in [race.winner, *race.losers] if n)
+        return names
 
 
 class Soak:
