@@ -16,12 +16,13 @@ worker tracks and cancels at the drain deadline)::
                        acknowledged (WORKER_REPLY_ACK or flush 200) within the deadline,
                        close 1000 WORKER_SHUTDOWN
 
-A step's first extension goes out ``OWNERSHIP_CHECK_DELAY`` after its ACK, and again at
-once on a new session if it was never confirmed: when the gateway re-routed a forward
+A step's first extension goes out ``OWNERSHIP_CHECK_DELAY`` after its ACK, at once when
+its session gets GATEWAY_CLOSING, and again at once on a new session if it was never
+confirmed: when the gateway re-routed a forward
 whose ACK was already on the wire (it fails un-ACKed forwards as soon as a connection
 leaves READY), two workers hold the same lease id and only the first to extend keeps it.
-The other gets a NACK, cancels its copy and sends no reply, about a second in, instead of
-running the whole step next to the real owner (``step.lease_lost``).
+The other gets a NACK, cancels its copy and sends no reply a fraction of a second in,
+instead of running the whole step next to the real owner (``step.lease_lost``).
 
 At the drain deadline (or a second signal) every step still running is *handed back*:
 a retryable error reply saying which worker gave it up, why and after how long, so
@@ -87,9 +88,10 @@ HANDSHAKE_TIMEOUT = 30.0
 # (spec §5.2). PAUSE therefore waits until the newest ACK is this old.
 PAUSE_SETTLE = 0.2
 # A lost re-route race is found by the first lease extension (see the module docstring):
-# soon enough that the losing copy stops early, late enough that most short steps are
-# done before it and cost no extra frame.
-OWNERSHIP_CHECK_DELAY = 1.0
+# soon enough that the losing copy of all but the shortest steps stops before its end
+# (the soak found 1 s let sub-second steps run to the end twice), late enough that
+# steps of a few milliseconds are done before it and cost no extra frame.
+OWNERSHIP_CHECK_DELAY = 0.2
 # Hand-back replies at the drain deadline get this long to be acknowledged (socket or
 # flush) before the process exits: the platform's SIGKILL is close behind.
 HAND_BACK_TIMEOUT = 1.5
@@ -350,6 +352,11 @@ class Worker:
             await self._activate(session)
             await _first_of(session.closed, session.gateway_closing)
             if session.gateway_closing.is_set():
+                # The gateway failed every forward whose ACK it had not read yet and
+                # re-routes them: ask about unconfirmed steps now, over this socket
+                # (it still carries extensions), not after the next handshake.
+                self._queue_checks([s for s in self._steps.values()
+                                    if s.reply is None and not s.confirmed and s.extending])
                 # Replace first, retire the old socket once the new one is active.
                 exclude = [session.start.gateway_group] if session.start.gateway_group else []
                 self.metrics.reconnects_total.labels(reason="gateway_closing").inc()
@@ -470,8 +477,11 @@ class Worker:
             return
         if self._tg is None:  # the worker has stopped
             return
+        self._queue_checks([step])
+
+    def _queue_checks(self, steps: list[Step]) -> None:
         # Checks due together (a burst of dispatches) go out from one task.
-        self._due_checks.append(step)
+        self._due_checks.extend(steps)
         if self._checks_task is None:
             self._checks_task = asyncio.get_running_loop().create_task(self._send_checks())
 
