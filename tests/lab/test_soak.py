@@ -119,7 +119,8 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
     drained = _Worker("drained", 3, returncode=3, logs=[
         {"event": "drain.step_abandoned", "request_id": "q-abandoned", "handed_back": True}])
     loser = _Worker("loser", 4, logs=[
-        {"event": "step.lease_lost", "request_id": "q-race", "ran_for": 0.8}])
+        {"event": "step.lease_lost", "request_id": "q-race", "ran_for": 0.8},
+        {"event": "step.lease_lost", "request_id": "q-again", "ran_for": 0.2}])
     silent = _Worker("silent", 5, returncode=3)  # exit 3, names nothing
     real = _Worker("real", 1)
     starts = [  # (pid, request, run, step, ran to the end)
@@ -129,6 +130,8 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
         (4, "q-race", "run1", "part-2", False), (1, "q-race", "run1", "part-2", True),
         (1, "q-twice", "run2", "part-0", True), (4, "q-twice", "run2", "part-0", True),
         (1, "q-x", "run2", "part-1", True), (1, "q-y", "run2", "part-1", True),
+        # Re-delivered to the same replica, which ran it again until its lease was refused.
+        (4, "q-again", "run2", "part-2", True), (4, "q-again", "run2", "part-2", False),
     ]
     log = tmp_path / "executions.jsonl"
     log.write_text("".join(
@@ -137,7 +140,8 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
         for i, (pid, q, run, step, end) in enumerate(starts)
         for phase in (("start", "end") if end else ("start",))))
     replies = [SimpleNamespace(request_id=q) for q in
-               ("q-crash-retry", "q-abandoned-retry", "q-race", "q-twice", "q-x", "q-y")]
+               ("q-crash-retry", "q-abandoned-retry", "q-race", "q-twice", "q-x", "q-y",
+                "q-again")]
     dev = SimpleNamespace(
         runs={"run1": SimpleNamespace(status=RunStatus.COMPLETED),
               "run2": SimpleNamespace(status=RunStatus.COMPLETED)},
@@ -151,13 +155,14 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
     soak.audit(result, dev, str(log))  # type: ignore[arg-type]
 
     assert result.runs_completed == 2 and result.step_executions == len(starts)
-    assert dict(result.duplicates) == {"crash": 1, "abandoned": 1, "race": 1,
+    assert dict(result.duplicates) == {"crash": 1, "abandoned": 1, "race": 2,
                                        "unexplained": 2}
     assert [(u["run_id"], u["step"]) for u in result.unexplained] == [
         ("run2", "part-0"), ("run2", "part-1")]
     races = {r.request_id: r for r in result.races}
     assert races["q-race"].loser_ran_for == [0.8] and not races["q-race"].ran_to_end_twice
     assert races["q-twice"].ran_to_end_twice and result.race_ran_twice == 1
+    assert races["q-again"].loser_ran_for == [0.2] and not races["q-again"].ran_to_end_twice
     assert result.late_acks_ignored == 1
     assert result.lost_replies == ["q-lost"]
     assert result.abandoned == 1 and result.handed_back == 1

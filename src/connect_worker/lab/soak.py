@@ -612,7 +612,15 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
     by_instance = {w.instance_id: w for w in result.workers}
     records = read_executions(exec_log)
     starts = [r for r in records if r.get("phase") == "start"]
-    ended = {(r["pid"], r["request_id"]) for r in records if r.get("phase") == "end"}
+    # A replica may run the same request twice (re-delivered on its new connection after
+    # it forgot the first copy): its copies end in the order they started, so copy i of a
+    # (pid, request) ended iff that pair has more than i end records.
+    ends = Counter((r["pid"], r["request_id"]) for r in records if r.get("phase") == "end")
+    seen: Counter[tuple[Any, Any]] = Counter()
+    for r in sorted(starts, key=lambda r: r["ts"]):
+        key = (r["pid"], r["request_id"])
+        r["ended"] = seen[key] < ends[key]
+        seen[key] += 1
     result.step_executions = len(starts)
     delivered = {r.request_id for r in [*dev.replies, *dev.flushes]}
 
@@ -629,14 +637,15 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
     # The contract's name, and the name workers used before it.
     lease_lost = {**logged("lease.lost"), **logged("step.lease_lost")}
 
-    # Re-route races: one request id whose body started on two replicas.
+    # Re-route races: one request id whose body started twice (on two replicas, or twice
+    # on one that got it again on its new connection).
     copies: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in starts:
         copies[str(r["request_id"])].append(r)
     for request_id, runs in copies.items():
-        if len({r["pid"] for r in runs}) < 2:
+        if len(runs) < 2:
             continue
-        finished = [r for r in runs if (r["pid"], request_id) in ended]
+        finished = [r for r in runs if r["ended"]]
         winner = next((r for r in finished), None)
         losers = [r for r in runs if r is not winner]
         ran_for = []
@@ -650,7 +659,7 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
             request_id=request_id, run_id=str(runs[0]["run_id"]), step=str(runs[0]["step"]),
             winner=_name(by_pid, winner["pid"]) if winner else None,
             losers=[_name(by_pid, r["pid"]) for r in losers], loser_ran_for=ran_for,
-            ran_to_end_twice=len({r["pid"] for r in finished}) > 1,
+            ran_to_end_twice=len(finished) > 1,
         ))
 
     # Duplicates: per (run, step), every copy but one must be explained.
@@ -665,11 +674,11 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
             key = (r["pid"], str(r["request_id"]))
             worker = by_pid.get(r["pid"])
             if worker is not None and worker.killed_at is not None and (
-                    key not in ended or r["request_id"] not in delivered):
+                    not r["ended"] or r["request_id"] not in delivered):
                 result.duplicates["crash"] += 1
             elif key in abandoned:
                 result.duplicates["abandoned"] += 1
-            elif key in lease_lost and key not in ended:
+            elif key in lease_lost and not r["ended"]:
                 result.duplicates["race"] += 1
             else:
                 unexplained.append(r)
@@ -679,8 +688,7 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
             result.unexplained.append({
                 "run_id": run_id, "step": step,
                 "copies": [{"replica": _name(by_pid, r["pid"]), "request_id": r["request_id"],
-                            "started": r["ts"], "ran_to_end": (r["pid"], r["request_id"])
-                            in ended} for r in runs]})
+                            "started": r["ts"], "ran_to_end": r["ended"]} for r in runs]})
         elif extra < 0:
             # Every copy explained and none the real one: count the last as the real one.
             result.duplicates[_class_of_last(runs, by_pid, abandoned, lease_lost)] -= 1
