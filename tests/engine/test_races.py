@@ -65,3 +65,32 @@ async def test_lost_reroute_race_is_cancelled_early(
     assert lost["run_id"] == run_id and lost["step_id"] == "nap"
     logging.getLogger(__name__).info("losing copy ran %s s of a %s s step", lost["ran_for"],
                                      seconds)
+
+
+async def test_leases_survive_a_reconnect_that_outlasts_an_extend_tick(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every lease is extended as soon as a new socket is up, not at the next tick.
+
+    Lease 4 s, extensions every 3 s, a 6 s step. The socket drops 1 s in and the
+    gateway takes 2 s to answer the reconnect's start call, so the extend tick at about
+    3 s finds no socket; the next would come 3 s after the reconnect, past the lease.
+    (The soak saw four steps run twice this way across a gateway restart.)
+    """
+    caplog.set_level(logging.INFO, logger="connect_worker")
+    config = DevServerConfig.fast(lease_duration=4.0, extend_lease_interval=3.0,
+                                  lease_check_interval=0.2, lease_grace=0.2)
+    async with DevServer(config) as dev, running_worker(dev, instance_id="a"):
+        conn = await dev.wait_for_connection()
+        [run_id] = await dev.send_event("t/slow", {"seconds": 6.0})
+        await probe.wait_started("slow")
+        await asyncio.sleep(1.0)  # the fault's timing, not a synchronisation
+        dev.faults.start_delay = 2.0
+        await dev.drop_socket(conn.conn_id)
+        await dev.wait_for(lambda: len(dev.start_calls) >= 2, 10)
+        dev.faults.start_delay = 0.0
+        run = await dev.wait_for_run(run_id, timeout=20)
+
+    assert run.status is RunStatus.COMPLETED
+    assert probe.counts["slow"] == 1, "the lease lapsed during the reconnect: the step ran twice"
+    assert not lease_lost_records(caplog)

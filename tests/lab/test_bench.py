@@ -47,3 +47,26 @@ def test_bench_reports_both_workers(tmp_path: Path) -> None:
         assert sample["exit_code"] == 0, sample
     ratios = {k: v for k, v in report["ratios"].items() if k != "idle_cpu_ms_per_s"}
     assert all(math.isfinite(r) and r > 0 for r in ratios.values()), report["ratios"]
+
+
+def test_bench_scale_reports_a_held_burst(tmp_path: Path) -> None:
+    """--scale with a few steps held a few seconds: every figure present, nothing lost."""
+    out = tmp_path / "scale.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "connect_worker.lab.bench", "--scale", "30", "--hold", "3",
+         "--workers", "connect_worker", "--settle", "0.2", "--timeout", "30",
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for label in ("burst dispatch->ack p99 ms", "RSS KB per step in flight",
+                  "event-loop lag p99 ms", "largest lease renewal gap s",
+                  "CPU us per extension"):
+        assert label in result.stdout, result.stdout
+    [sample] = json.loads(out.read_text())["scale"]
+    assert sample["worker"] == "connect_worker"
+    assert sample["acked"] == sample["completed"] == 30
+    assert sample["failed"] == 0 and sample["leases_lapsed"] == 0
+    assert sample["exit_code"] == 0
+    for key in ("ack_p99_ms", "lag_p99_ms", "held_rss_mb", "extension_max_gap_s"):
+        assert math.isfinite(sample[key]) and sample[key] >= 0, (key, sample[key])

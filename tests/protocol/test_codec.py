@@ -274,6 +274,33 @@ def test_encode_extend_lease(req: ExecutorRequest, lease_id: str) -> None:
 
 
 @FAST
+@given(req=peer.executor_requests(), lease_id=peer.text)
+def test_hand_encoded_frames_match_the_protobuf_classes(req: ExecutorRequest,
+                                                        lease_id: str) -> None:
+    """The codec encodes outgoing frames without protobuf messages; the bytes are equal."""
+    echo = codec.request_echo(req)
+    ack = pb.WorkerRequestAckData(**_echo_fields(req), step_id=req.step_id)
+    extend = pb.WorkerRequestExtendLeaseData(
+        **_echo_fields(req), step_id=req.step_id, lease_id=lease_id
+    )
+    for frame, kind, message in (
+        (codec.encode_request_ack(req, echo), Kind.WORKER_REQUEST_ACK, ack),
+        (codec.encode_extend_lease(req, lease_id, echo), Kind.WORKER_REQUEST_EXTEND_LEASE,
+         extend),
+    ):
+        want = pb.ConnectMessage(kind=kind, payload=message.SerializeToString())
+        assert frame == want.SerializeToString()
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16_383, 16_384, 70_000])
+def test_hand_encoded_envelope_matches_for_every_length(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert codec.encode_reply(payload) == pb.ConnectMessage(
+        kind=Kind.WORKER_REPLY, payload=payload
+    ).SerializeToString()
+
+
+@FAST
 @given(sdk_response=st.binary(max_size=256))
 def test_encode_reply_carries_the_bytes_verbatim(sdk_response: bytes) -> None:
     assert peer.read_worker_frame(codec.encode_reply(sdk_response)) == (

@@ -8,6 +8,7 @@ user loop (see ``userloop.py``) with ``connect_worker.context.current_request()`
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextvars
 import json
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 
 import inngest
 import pydantic_core
-from inngest._internal import comm_lib, const, server_lib
+from inngest._internal import comm_lib, const, net, server_lib
 
 from ..context import RequestIdentity, _current
 from ..errors import ExecutionError
@@ -85,6 +86,24 @@ class _ContextThreadPool(concurrent.futures.ThreadPoolExecutor):
     ) -> concurrent.futures.Future[T]:
         context = contextvars.copy_context()
         return super().submit(context.run, fn, *args, **kwargs)
+
+
+class _UntrackedAsyncBlock(net._AsyncBlockServerTiming):
+    """The SDK's event-loop-block timing without its tracker task.
+
+    For each request in progress the SDK runs a task that wakes every 100 ms, only to
+    fill an HTTP ``Server-Timing`` header; Connect replies carry no headers. With
+    thousands of steps in flight those wake-ups were most of the worker's CPU.
+    """
+
+    def __enter__(self) -> _UntrackedAsyncBlock:
+        return self
+
+
+def _connect_timings() -> net.ServerTimings:
+    timings = net.ServerTimings()
+    timings.async_block = _UntrackedAsyncBlock("async_block")
+    return timings
 
 
 def error_outcome(name: str, message: str, *, no_retry: bool = False) -> Outcome:
@@ -160,6 +179,12 @@ class Executor:
         """Run ``request`` on the user loop; cancelling this cancels the user task."""
         return await self.user_loop.run(self._call(request))
 
+    def submit(self, request: ExecutorRequest,
+               on_done: Callable[[asyncio.Future[Outcome]], None]) -> asyncio.Future[Outcome]:
+        """Start ``request`` on the user loop; ``on_done`` gets the future once it is done.
+        Cancelling the future cancels the user task."""
+        return self.user_loop.submit(self._call(request), on_done)
+
     async def _call(self, request: ExecutorRequest) -> Outcome:
         handler = self._handlers[request.app_name]
         identity = RequestIdentity(
@@ -190,6 +215,7 @@ class Executor:
                     request_url="",
                     serve_origin=None,
                     serve_path=None,
+                    timings=_connect_timings(),
                 )
             )
         finally:

@@ -5,19 +5,38 @@ is closing) the worker's supervisor opens a new one. Frames go through the
 sans-I/O ``WorkerConnection``; decoded events go to the worker. websockets
 exceptions are mapped here and nowhere else: ``send`` returns False instead of
 raising, so callers decide what a lost frame means (a reply goes to the flush).
+
+The per-step traffic (requests in; ACKs, replies and lease extensions out) takes a
+synchronous path through websockets' connection object (``_Connection``): binary
+frames are handed to the worker from the protocol's ``process_event`` hook, inside
+the read callback, and frames go out with one ``transport.write`` (the pattern of
+websockets' ``broadcast``), several frames of one read batch in one write. That skips
+websockets' receive queue, its per-message futures and its async send context, which
+were most of the engine's CPU per step. Everything else (the opening handshake, TLS,
+proxies, pings, the closing handshake, fragmented or text frames) stays websockets'.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import websockets
 from anyio.abc import TaskStatus
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State as WsState
+
+try:  # websockets' C masking; the pure-Python one where the extension is not built
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover
+    from websockets.utils import apply_mask
 
 from ..errors import GatewayError, RemoteProtocolError, SyncError, TransportError
 from ..ops.logs import event
@@ -46,11 +65,154 @@ MAX_UNANSWERED_HEARTBEATS = 2
 
 
 class EventSink(Protocol):
-    """What a session hands decoded gateway events to (the worker)."""
+    """What a session hands decoded gateway events to (the worker).
 
-    async def handle_event(self, session: Session, event: GatewayEvent) -> None: ...
+    ``handle_event`` runs inside the socket's read callback: it must not block or await
+    (it may send with ``Session.send_now``). An exception from it ends the session and
+    is raised from ``Session.run``.
+    """
+
+    def handle_event(self, session: Session, event: GatewayEvent) -> None: ...
 
     def session_closed(self, session: Session) -> None: ...
+
+
+_HEAD_7 = struct.Struct("!BB")
+_HEAD_16 = struct.Struct("!BBH")
+_HEAD_64 = struct.Struct("!BBQ")
+_FIN_BINARY = 0x82
+_MASKED = 0x80
+_MASK_POOL_BYTES = 4096
+# A read callback handles at most this much at once (about 150 executor requests, a few
+# ms); the rest of a large read (a burst of dispatches) goes through later callbacks, so
+# heartbeats and timers are not held up behind thousands of frames.
+READ_CHUNK_BYTES = 64 * 1024
+
+
+class _Masks:
+    """Masking keys for client frames from os.urandom, 1024 keys per system call."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def next(self) -> bytes:
+        at = self._at
+        if at >= len(self._pool):
+            self._pool, at = os.urandom(_MASK_POOL_BYTES), 0
+        self._at = at + 4
+        return self._pool[at : at + 4]
+
+
+_masks = _Masks()
+
+
+def client_frame(payload: bytes) -> bytes:
+    """One masked, final binary frame (RFC 6455 §5.2) carrying ``payload``."""
+    length = len(payload)
+    if length < 126:
+        head = _HEAD_7.pack(_FIN_BINARY, _MASKED | length)
+    elif length < 65536:
+        head = _HEAD_16.pack(_FIN_BINARY, _MASKED | 126, length)
+    else:
+        head = _HEAD_64.pack(_FIN_BINARY, _MASKED | 127, length)
+    mask = _masks.next()
+    return head + mask + apply_mask(payload, mask)
+
+
+class _Connection(ClientConnection):
+    """websockets' client connection with a synchronous path for whole binary frames.
+
+    ``on_frame`` (set once the session runs) gets each unfragmented binary frame
+    straight from ``process_event`` (websockets' documented override point); other
+    frames still go to the receive queue that ``Session._read`` iterates.
+    ``write_binary`` is websockets' ``broadcast`` for one connection, with the
+    writes of one read batch joined into one ``transport.write``.
+    """
+
+    on_frame: Callable[[bytes], None] | None = None
+    _corked: list[bytes] | None = None
+    _backlog: bytes = b""  # read, not handled yet (reading is paused meanwhile)
+
+    def data_received(self, data: bytes) -> None:
+        if self._backlog:
+            self._backlog += data  # (reading is paused: only data already in flight)
+            return
+        if len(data) > READ_CHUNK_BYTES:
+            self._backlog = data[READ_CHUNK_BYTES:]
+            data = data[:READ_CHUNK_BYTES]
+            self.transport.pause_reading()
+            self.loop.call_soon(self._feed_backlog)
+        with self.corked():
+            super().data_received(data)
+
+    def _feed_backlog(self) -> None:
+        data = self._backlog[:READ_CHUNK_BYTES]
+        self._backlog = self._backlog[READ_CHUNK_BYTES:]
+        if self._backlog:
+            self.loop.call_soon(self._feed_backlog)
+        elif not self.transport.is_closing():
+            self.transport.resume_reading()
+        if data:
+            with self.corked():
+                super().data_received(data)
+
+    def _feed_all(self) -> None:
+        """Handle the whole backlog now (the stream is ending: frames before the end)."""
+        data, self._backlog = self._backlog, b""
+        if data:
+            with self.corked():
+                super().data_received(data)
+
+    def eof_received(self) -> None:
+        self._feed_all()
+        super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._feed_all()
+        super().connection_lost(exc)
+
+    def process_event(self, event: Any) -> None:
+        on_frame = self.on_frame
+        if (on_frame is not None and type(event) is Frame and event.fin
+                and event.opcode is Opcode.BINARY):
+            on_frame(bytes(event.data))
+        else:
+            super().process_event(event)
+
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        """Hold frames written inside the block and write them in one go at its end."""
+        if self._corked is not None:  # already corked by an outer block
+            yield
+            return
+        self._corked = []
+        try:
+            yield
+        finally:
+            self.uncork()
+
+    def write_binary(self, payload: bytes) -> bool:
+        """Queue one binary message; False when the connection is not open.
+
+        Outside a ``corked`` block, frames written during one event-loop iteration go
+        out together at the start of the next (replies finishing in one batch: one
+        system call).
+        """
+        if self.protocol.state is not WsState.OPEN:
+            return False
+        corked = self._corked
+        if corked is None:
+            corked = self._corked = []
+            self.loop.call_soon(self.uncork)
+        corked.append(client_frame(payload))
+        return True
+
+    def uncork(self) -> None:
+        """Write what is held now."""
+        out, self._corked = self._corked, None
+        if out and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
 class Session:
@@ -59,7 +221,7 @@ class Session:
     def __init__(
         self,
         start: StartResult,
-        ws: ClientConnection,
+        ws: _Connection,
         conn: WorkerConnection,
         *,
         metrics: WorkerMetrics | None = None,
@@ -72,6 +234,8 @@ class Session:
         self.gateway_closing = anyio.Event()
         self._unanswered = 0
         self._heartbeat_sent_at = 0.0
+        self._sink: EventSink | None = None
+        self._failure: BaseException | None = None
 
     @property
     def id(self) -> str:
@@ -102,9 +266,11 @@ class Session:
                 ping_interval=None,
                 close_timeout=2,
                 compression=None,
+                create_connection=_Connection,
             )
         except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
             raise TransportError(f"cannot open the gateway WebSocket: {exc}") from exc
+        assert isinstance(ws, _Connection)
         session = cls(start, ws, WorkerConnection(), metrics=metrics)
         try:
             with anyio.fail_after(handshake_timeout):
@@ -131,7 +297,7 @@ class Session:
                 connect_request.connection_id = self.id
                 connect_request.auth_data.session_token = self.start.session_token
                 connect_request.auth_data.sync_token = self.start.sync_token
-                await self._send_or_raise(lambda conn: conn.connect(connect_request))
+                await self._send_or_raise(WorkerConnection.connect, connect_request)
 
     async def _recv_handshake_frame(self) -> bytes:
         try:
@@ -145,60 +311,90 @@ class Session:
             raise GatewayError("the gateway sent a text frame during the handshake")
         return frame
 
-    async def _send_or_raise(self, build: Callable[[WorkerConnection], bytes]) -> None:
-        if not await self.send(build):
+    async def _send_or_raise(self, build: Callable[..., bytes], *args: Any) -> None:
+        if not self.send_now(build, *args):
             raise TransportError("the gateway socket closed during the handshake")
 
-    async def send(self, build: Callable[[WorkerConnection], bytes]) -> bool:
-        """Build one frame with the protocol object and send it.
+    def send_now(self, build: Callable[..., bytes], *args: Any) -> bool:
+        """Build one frame with ``build(self.conn, *args)`` and write it, without waiting.
 
         False when the socket is gone or being closed (the caller picks the fallback).
         Building happens only after that check, so a heartbeat or an extension racing
-        with ``close()`` is not a protocol violation, just a frame not sent.
+        with ``close()`` is not a protocol violation, just a frame not sent. There is no
+        backpressure: what is in flight (steps, their replies) bounds what is buffered,
+        and a gateway that stops reading misses heartbeats and loses the socket.
         """
         if self.closed.is_set() or self.conn.state is State.CLOSED:
             return False
-        frame = build(self.conn)
-        try:
-            await self._ws.send(frame)
-        except (websockets.ConnectionClosed, OSError):
-            self.closed.set()
+        ws = self._ws
+        if ws.protocol.state is not WsState.OPEN:
             return False
-        return True
+        return ws.write_binary(build(self.conn, *args))
+
+    async def send(self, build: Callable[..., bytes], *args: Any) -> bool:
+        """``send_now`` for callers in a task (kept awaitable for them)."""
+        return self.send_now(build, *args)
+
+    def corked(self) -> Any:
+        """A context in which frames sent are written to the socket together at its end."""
+        return self._ws.corked()
 
     async def run(self, sink: EventSink, *, task_status: TaskStatus[None]) -> None:
         """Read frames and send heartbeats until the socket ends."""
+        self._sink = sink
+        # From here on whole binary frames are handled in the read callback; frames
+        # queued before (and fragmented or text ones) come through ``_read``.
+        self._ws.on_frame = self._on_frame
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._heartbeat)
             task_status.started()
             try:
-                await self._read(sink)
+                await self._read()
             finally:
+                self._ws.on_frame = None
                 self.closed.set()
                 tg.cancel_scope.cancel()
                 sink.session_closed(self)
+        if self._failure is not None:
+            raise self._failure
 
-    async def _read(self, sink: EventSink) -> None:
+    def _on_frame(self, frame: bytes) -> None:
+        """One binary frame from the gateway (in the read callback: never blocks)."""
+        if self._failure is not None:
+            return
+        try:
+            received = self.conn.receive(frame)
+        except RemoteProtocolError as exc:
+            # One bad frame is that frame's problem, not the connection's.
+            event(log, "frame.ignored", level=logging.WARNING, conn_id=self.id,
+                  reason=str(exc))
+            return
+        kind = type(received)
+        if kind is GatewayHeartbeat:
+            self._on_heartbeat_answer()
+        elif kind is GatewayClosing:
+            event(log, "gateway.closing", conn_id=self.id,
+                  gateway_group=self.start.gateway_group)
+            self.gateway_closing.set()
+        assert self._sink is not None
+        try:
+            self._sink.handle_event(self, received)
+        except Exception as exc:
+            # A bug in the engine: end this session; ``run`` raises it (as it did when
+            # frames were handled in the reader task).
+            self._failure = exc
+            transport = self._ws.transport
+            if transport is not None:
+                transport.abort()
+
+    async def _read(self) -> None:
         try:
             async for frame in self._ws:
                 if isinstance(frame, str):
                     event(log, "frame.ignored", level=logging.WARNING, conn_id=self.id,
                           reason="text frame")
                     continue
-                try:
-                    received = self.conn.receive(frame)
-                except RemoteProtocolError as exc:
-                    # One bad frame is that frame's problem, not the connection's.
-                    event(log, "frame.ignored", level=logging.WARNING, conn_id=self.id,
-                          reason=str(exc))
-                    continue
-                if isinstance(received, GatewayHeartbeat):
-                    self._on_heartbeat_answer()
-                elif isinstance(received, GatewayClosing):
-                    event(log, "gateway.closing", conn_id=self.id,
-                          gateway_group=self.start.gateway_group)
-                    self.gateway_closing.set()
-                await sink.handle_event(self, received)
+                self._on_frame(frame)
         except websockets.ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else 1006
             reason = exc.rcvd.reason if exc.rcvd else ""
@@ -228,6 +424,7 @@ class Session:
         """Close with code 1000 and ``reason``; never raises."""
         if self.conn.state is not State.CLOSED:
             self.conn.close()
+        self._ws.uncork()  # frames sent before the close frame go out before it
         with anyio.move_on_after(3, shield=True):
             try:
                 await self._ws.close(1000, reason)

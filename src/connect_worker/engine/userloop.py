@@ -22,6 +22,10 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
+# One drain runs at most this many items, then yields to the loop: ten thousand steps
+# finishing together must not hold up the loop's other callbacks for their whole length.
+DRAIN_BATCH = 256
+
 
 class _Inbox:
     """A queue of callables for one event loop, woken at most once per batch."""
@@ -42,20 +46,48 @@ class _Inbox:
 
     def _drain(self) -> None:
         with self._lock:
-            items, self._items = self._items, deque()
-            self._scheduled = False
-        for item in items:
+            items = self._items
+            if len(items) > DRAIN_BATCH:
+                # Still scheduled: producers need not wake us, the rest runs next.
+                batch = deque(items.popleft() for _ in range(DRAIN_BATCH))
+                self._loop.call_soon(self._drain)
+            else:
+                batch, self._items = items, deque()
+                self._scheduled = False
+        for item in batch:
             item()
+
+
+class JobFuture(asyncio.Future[T]):
+    """The engine-side outcome of a job. Cancelling it cancels the user task.
+
+    ``on_done`` (optional) is called once it is done: straight from the bridge when the
+    job returns or raises (no callback round through the event loop: that was two
+    scheduled callbacks per step), from the loop when it is cancelled.
+    """
+
+    _job: _Job[T] | None = None
+    _on_done: Callable[[JobFuture[T]], None] | None = None
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        if self._job is not None:
+            self._job.cancel_soon()
+        if self._on_done is not None:
+            self.get_loop().call_soon(self._on_done, self)
+        return True
 
 
 class _Job(Generic[T]):
     """One coroutine crossing the bridge: runs on the user loop, resolves on the engine's."""
 
-    def __init__(self, coro: Coroutine[Any, Any, T], result: asyncio.Future[T],
-                 reply_to: _Inbox) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, T], result: JobFuture[T],
+                 reply_to: _Inbox, user: _Inbox) -> None:
         self._coro = coro
         self._result = result
         self._reply_to = reply_to
+        self._user = user
         self._task: asyncio.Task[T] | None = None
         self._cancelled = False
 
@@ -67,6 +99,9 @@ class _Job(Generic[T]):
         self._task = asyncio.get_running_loop().create_task(self._coro)
         self._task.add_done_callback(self._done)
 
+    def cancel_soon(self) -> None:  # on the engine loop
+        self._user.put(self.cancel)
+
     def cancel(self) -> None:  # on the user loop
         self._cancelled = True
         if self._task is not None:
@@ -76,14 +111,24 @@ class _Job(Generic[T]):
         self._reply_to.put(lambda: self._resolve(task))
 
     def _resolve(self, task: asyncio.Task[T]) -> None:  # on the engine loop
-        if self._result.done():
+        result = self._result
+        if result.done():
             return
         if task.cancelled():
-            self._result.cancel()
-        elif (exc := task.exception()) is not None:
-            self._result.set_exception(exc)
+            result.cancel()  # (calls on_done)
+            return
+        if (exc := task.exception()) is not None:
+            result.set_exception(exc)
         else:
-            self._result.set_result(task.result())
+            result.set_result(task.result())
+        on_done = result._on_done
+        if on_done is not None:
+            try:
+                on_done(result)
+            except Exception as exc:  # as asyncio does for a failing callback
+                result.get_loop().call_exception_handler({
+                    "message": "a job's completion callback failed", "exception": exc,
+                })
 
     def _resolve_cancelled(self) -> None:  # on the engine loop
         if not self._result.done():
@@ -125,24 +170,32 @@ class UserLoop:
             self._thread.start()
             self._ready.wait()
 
-    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the user loop and await it from the calling loop.
+    def submit(self, coro: Coroutine[Any, Any, T],
+               on_done: Callable[[JobFuture[T]], None] | None = None) -> JobFuture[T]:
+        """Start ``coro`` on the user loop; its outcome arrives in the returned future,
+        which belongs to the calling loop, and ``on_done`` is called with it then.
+        Cancelling that future cancels the user task.
 
-        Cancelling the caller cancels the user task.
+        A future and a callback instead of a task awaiting one: the engine needs no task
+        per step.
         """
         engine = asyncio.get_running_loop()
         reply_to = self._replies.get(engine)
         if reply_to is None:
             reply_to = self._replies[engine] = _Inbox(engine)
-        result: asyncio.Future[T] = engine.create_future()
-        job = _Job(coro, result, reply_to)
+        result: JobFuture[T] = JobFuture(loop=engine)
+        job = _Job(coro, result, reply_to, self._inbox)
+        result._job = job
+        result._on_done = on_done
         self._inbox.put(job.start)
-        try:
-            return await asyncio.shield(result)
-        except asyncio.CancelledError:
-            if not result.done():
-                self._inbox.put(job.cancel)
-            raise
+        return result
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the user loop and await it from the calling loop.
+
+        Cancelling the caller cancels the user task.
+        """
+        return await self.submit(coro)
 
     def stop(self, timeout: float = 1.0) -> None:
         """Stop the loop (running user tasks are abandoned; the thread is a daemon)."""

@@ -1,7 +1,7 @@
 """The worker: supervisor, in-flight steps, reply delivery, lease extension and drain.
 
-Task tree (an anyio task group for the long-lived tasks; steps are asyncio tasks the
-worker tracks and cancels at the drain deadline)::
+Task tree (an anyio task group for the long-lived tasks; steps are futures the worker
+tracks and cancels at the drain deadline)::
 
     Worker.run
     ├─ supervisor      start -> WebSocket -> handshake -> READY (or PAUSE when draining);
@@ -10,7 +10,8 @@ worker tracks and cancels at the drain deadline)::
     ├─ lease extender  every extend interval, each unfinished step's newest lease id,
     │                  over the newest live session; plus one early ownership check per
     │                  step (below)
-    ├─ one task per step: ACKed request -> SDK on the user loop -> reply -> delivered
+    ├─ steps (no task each): ACKed in the read callback -> SDK on the user loop (a
+    │                  future) -> reply sent from its callback -> ACK or flush (a task)
     ├─ status reports  WORKER_STATUS, only when the gateway asks for them
     └─ drain           on request: stop acking, PAUSE, wait for every step's reply to be
                        acknowledged (WORKER_REPLY_ACK or flush 200) within the deadline,
@@ -38,13 +39,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import platform
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -73,7 +76,7 @@ from ..protocol import (
     WorkerConnection,
     pb,
 )
-from ..protocol.codec import build_sdk_response
+from ..protocol.codec import build_sdk_response, request_echo
 from ..protocol.state import State
 from .executor import SDK_LANGUAGE, SDK_VERSION, App, Executor, Outcome, error_outcome
 from .gateway_api import GatewayAPI
@@ -92,6 +95,12 @@ PAUSE_SETTLE = 0.2
 # (the soak found 1 s let sub-second steps run to the end twice), late enough that
 # steps of a few milliseconds are done before it and cost no extra frame.
 OWNERSHIP_CHECK_DELAY = 0.2
+# Per-step deadlines (ownership checks, reply ACKs) share one timer that fires at most
+# this often, so a deadline can be this late. See ``_Deadlines``.
+DEADLINE_GRANULARITY = 0.05
+# Lease extensions go out this many per socket write, with the event loop free between
+# batches (10,000 steps in flight must not stall heartbeats or new requests).
+EXTENSION_BATCH = 256
 # Hand-back replies at the drain deadline get this long to be acknowledged (socket or
 # flush) before the process exits: the platform's SIGKILL is close behind.
 HAND_BACK_TIMEOUT = 1.5
@@ -99,6 +108,16 @@ HAND_BACK_TIMEOUT = 1.5
 # before handing them back (those it does not confirm are not handed back).
 OWNERSHIP_ANSWER_TIMEOUT = 0.5
 FLUSH_MAX_BACKOFF = 5.0
+# Flushes in flight at once: when a socket with thousands of unacknowledged replies
+# drops, they queue here instead of all at once in the HTTP client's pool.
+FLUSH_CONCURRENCY = 8
+# A reply whose ACK is late waits another reply_ack_timeout, up to this many in all,
+# while the gateway is still acknowledging other replies on that socket: it is working
+# through a burst, and flushing thousands of replies it is about to ACK only adds load.
+REPLY_ACK_PATIENCE = 6
+
+GC_DEFAULT_THRESHOLD = 700  # CPython's generation-0 threshold
+GC_THRESHOLD = 10_000
 
 EXIT_OK = 0
 EXIT_ABANDONED = 3  # the drain deadline passed with steps still running
@@ -128,27 +147,77 @@ def is_fatal(exc: BaseException, consecutive_sync_failures: int = 0) -> bool:
     )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Step:
-    """An ACKed executor request, from ACK until its reply is delivered."""
+    """An ACKed executor request, from ACK until its reply is delivered.
+
+    No task per step: the SDK's outcome arrives in a future's callback, which sends the
+    reply; the ACK wait after that is a deadline (``_Deadlines``), not a waiting task.
+    """
 
     request: ExecutorRequest
     lease_id: str
     started_at: float
-    task: asyncio.Task[None] | None = None
+    echo: bytes  # codec.request_echo(request): the ACK's payload, reused by extensions
+    # The SDK's run of the request on the user loop (None while queued behind
+    # max_worker_concurrency); cancelling it cancels the user task.
+    task: asyncio.Future[Outcome] | None = None
     reply: bytes | None = None
     outcome: str = "running"
     extending: bool = True
     # A successful extension proved the gateway counts this copy as the lease holder.
     confirmed: bool = False
-    ownership_check: asyncio.TimerHandle | None = None
     sent_on: Session | None = None
+    sent_at: float = 0.0  # when the reply last went out on a socket (monotonic)
     delivered: bool = False
-    # Set when the reply is delivered or the socket that carried it closes; replaced by
-    # whoever waits on it again (one waiter at a time: the step's own task). Steps are
-    # plain asyncio tasks: they are the hot path, and the engine runs on asyncio anyway
-    # (websockets' asyncio client).
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # The flush fallback is running for this reply.
+    flushing: bool = False
+    # Set when the reply is delivered or the socket that carried it closes; only the
+    # hand-back (``_deliver``) and a flush between retries wait on it.
+    wake: asyncio.Event | None = None
+
+
+class _Deadlines:
+    """Per-step deadlines a fixed delay after being set, checked by one timer.
+
+    A timer per step (``call_later`` + ``cancel``) costs more than the rest of a short
+    step's bookkeeping. Here setting a deadline is a deque append (the deque stays in
+    deadline order because the delay is fixed), and one timer, firing at most every
+    ``DEADLINE_GRANULARITY`` seconds, hands the due keys to ``on_due``, which checks
+    whether each still matters (most steps are done long before).
+    """
+
+    def __init__(self, delay: float, on_due: Callable[[list[str]], None]) -> None:
+        self.delay = delay
+        self._on_due = on_due
+        self._due: deque[tuple[float, str]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, key: str) -> None:
+        loop = asyncio.get_running_loop()
+        at = loop.time() + self.delay
+        self._due.append((at, key))
+        if self._timer is None:
+            self._timer = loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = self._due
+        keys: list[str] = []
+        while due and due[0][0] <= now:
+            keys.append(due.popleft()[1])
+        if due:
+            self._timer = loop.call_at(max(due[0][0], now + DEADLINE_GRANULARITY), self._fire)
+        if keys:
+            self._on_due(keys)
+
+    def clear(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._due.clear()
 
 
 class Worker:
@@ -170,15 +239,28 @@ class Worker:
         self.metrics.replies_awaiting_ack.set_function(
             lambda: sum(1 for s in self._steps.values() if s.reply is not None)
         )
+        # One per lease extension ACK: thousands per round with many steps in flight.
+        self._extended = self.metrics.lease_extensions_total.labels(outcome="extended")
         self._executor = Executor(apps, app_version=config.app_version)
         self._api: GatewayAPI | None = None
         self._steps: dict[str, Step] = {}
-        self._step_tasks: set[asyncio.Task[None]] = set()
+        # Steps running in the SDK (futures) and reply flushes (tasks): the drain's to cancel.
+        self._step_tasks: set[asyncio.Future[Any]] = set()
+        self._running = 0  # steps in the SDK, for max_worker_concurrency
+        self._queued: deque[Step] = deque()  # ACKed, waiting for max_worker_concurrency
+        self._to_start: list[Step] = []  # ACKed in this loop iteration (_start_acked)
         self._due_checks: list[Step] = []  # early ownership checks to send now
         self._checks_task: asyncio.Task[None] | None = None
+        self._checks = _Deadlines(OWNERSHIP_CHECK_DELAY, self._check_ownership)
+        self._acks = _Deadlines(config.reply_ack_timeout, self._acks_overdue)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_reply_ack_at = 0.0
+        self._flush_slots: asyncio.Semaphore | None = None
+        self._waiters = 0  # tasks in _wait_until (``_notify`` skips its work without them)
+        # After the drain gave up on its steps, replies still unacknowledged stay so.
+        self._closing = False
         self._current: Session | None = None
         self._sessions: list[Session] = []
-        self._limiter: anyio.CapacityLimiter | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._stop: anyio.Event | None = None
         self._changed: anyio.Event | None = None
@@ -229,12 +311,23 @@ class Worker:
     async def run(self) -> int:
         """Serve until shut down; returns the process exit code."""
         self._stop = anyio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
+        self._flush_slots = asyncio.Semaphore(FLUSH_CONCURRENCY)
         # One worker per process drains once; a new run (embedding, tests) starts clear.
         draining().clear()
+        # Everything loaded so far (the SDK, the user's apps) lives as long as the
+        # process: out of the collector's sight, every collection is cheaper.
+        gc.collect()
+        gc.freeze()
+        if gc.get_threshold()[0] == GC_DEFAULT_THRESHOLD:  # not tuned by the user
+            # Each step allocates a few thousand objects, nearly all freed by reference
+            # counting: collecting every 700 allocations mostly walks live ones. 50,000
+            # measured cheaper still but cost 10 MB of peak RSS and longer pauses (worse
+            # p99 latencies); see docs/benchmarks.md.
+            gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
         if self._changed is None:
             self._changed = anyio.Event()
-        if self.config.max_worker_concurrency:
-            self._limiter = anyio.CapacityLimiter(self.config.max_worker_concurrency)
         if self._stop_requested:
             self._stop.set()
         self.metrics.set_build_info(
@@ -257,6 +350,8 @@ class Worker:
                 tg.cancel_scope.cancel()
         finally:
             self._tg = None
+            self._checks.clear()
+            self._acks.clear()
             self.metrics.set_connection_state("disconnected")
             with anyio.CancelScope(shield=True):
                 await self._api.aclose()
@@ -268,15 +363,18 @@ class Worker:
 
     def _notify(self) -> None:
         """Wake everything waiting in ``_wait_until`` (usually nobody: skip the work)."""
-        changed = self._changed
-        if changed is not None and changed.statistics().tasks_waiting:
-            changed.set()
+        if self._waiters and self._changed is not None:
+            self._changed.set()
             self._changed = anyio.Event()
 
     async def _wait_until(self, predicate: Callable[[], bool]) -> None:
         while not predicate():
             assert self._changed is not None
-            await self._changed.wait()
+            self._waiters += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiters -= 1
 
     def _live_session(self) -> Session | None:
         """The newest session that can carry extensions and replies."""
@@ -386,14 +484,18 @@ class Worker:
               gateway_group=session.start.gateway_group,
               paused=self._draining, heartbeat_interval=session.ready.heartbeat_interval,
               extend_lease_interval=session.ready.extend_lease_interval)
-        # Replies still waiting for an ACK go out again on the new socket at once, and
-        # steps whose lease was never confirmed (ACKed just before the old socket left
-        # READY: the gateway may have re-routed them) are checked now.
-        for step in list(self._steps.values()):
-            if step.reply is not None and not step.delivered:
-                await self._send_reply(step, session)
-            elif step.reply is None and step.extending and not step.confirmed:
-                await self._send_extension(session, step)
+        # Every lease is extended at once on the new socket: the time without a
+        # connection (a gateway restart, our reconnect backoff) ate into each lease, and
+        # waiting for the next extend tick could let one lapse (the soak saw four steps
+        # run again that way). It is also the ownership check of steps never confirmed
+        # (ACKed just before the old socket left READY: the gateway may have re-routed
+        # them). Replies still waiting for an ACK go out again.
+        steps = [step for step in self._steps.values() if not step.delivered]
+        await self._send_extensions(session, steps)
+        with session.corked():
+            for step in steps:
+                if step.reply is not None and not step.delivered:
+                    self._send_reply(step, session)
         for stale in old:
             self._sessions.remove(stale)
             if not stale.closed.is_set():
@@ -411,29 +513,35 @@ class Worker:
         if self._current is session:
             self._current = None
             self.metrics.set_connection_state("disconnected")
-        for step in self._steps.values():
+        for step in list(self._steps.values()):
             if step.sent_on is session and not step.delivered:
-                step.wake.set()  # its reply goes to the flush (and the next session) now
+                # Its reply goes to the flush (and to the next session) now.
+                if step.wake is not None:
+                    step.wake.set()  # the hand-back's _deliver (or a flush) moves on
+                else:
+                    self._start_flush(step)
         self._notify()
 
     # ----- gateway events ------------------------------------------------------------
 
-    async def handle_event(self, session: Session, received: GatewayEvent) -> None:
-        if isinstance(received, ExecutorRequest):
-            await self._on_request(session, received)
-        elif isinstance(received, LeaseExtended):
-            self._on_lease_extended(received)
-        elif isinstance(received, ReplyAck):
-            self._on_reply_ack(received)
+    def handle_event(self, session: Session, received: GatewayEvent) -> None:
+        """One decoded frame, in the socket's read callback (see ``Session._on_frame``)."""
+        kind = type(received)
+        if kind is ExecutorRequest:
+            self._on_request(session, received)  # type: ignore[arg-type]
+        elif kind is ReplyAck:
+            self._on_reply_ack(received)  # type: ignore[arg-type]
+        elif kind is LeaseExtended:
+            self._on_lease_extended(received)  # type: ignore[arg-type]
         # CONNECTION_READY is consumed by the handshake; heartbeats and GATEWAY_CLOSING
         # are handled by the session and the supervisor; unknown kinds are ignored.
 
-    async def _on_request(self, session: Session, request: ExecutorRequest) -> None:
+    def _on_request(self, session: Session, request: ExecutorRequest) -> None:
         existing = self._steps.get(request.request_id)
         if existing is not None:
             # The same dispatch again (our ACK got lost): confirm it, never run it twice.
             if session.conn.accepts_work:
-                await session.send(lambda conn: conn.ack(request))
+                session.send_now(WorkerConnection.ack, request)
             return
         if self._draining or not session.conn.accepts_work:
             # Not acking makes the gateway re-route it at once (it fails un-ACKed
@@ -442,23 +550,39 @@ class Worker:
             event(log, "request.not_acked", level=logging.DEBUG, conn_id=session.id,
                   request_id=request.request_id, reason="paused")
             return
-        if not await session.send(lambda conn: conn.ack(request)):
+        echo = request_echo(request)
+        if not session.send_now(WorkerConnection.ack, request, echo):
             return  # never acked: the gateway re-routes it
-        self._last_ack_at = time.monotonic()
+        now = time.monotonic()
+        self._last_ack_at = now
         self.metrics.requests_acked_total.inc()
-        step = Step(request=request, lease_id=request.lease_id, started_at=time.monotonic())
+        step = Step(request, request.lease_id, now, echo)
         self._steps[request.request_id] = step
         self._notify()
-        loop = asyncio.get_running_loop()
-        step.ownership_check = loop.call_later(
-            OWNERSHIP_CHECK_DELAY, self._check_ownership, step
-        )
-        task = loop.create_task(self._run_step(step))
-        step.task = task
-        self._step_tasks.add(task)
-        task.add_done_callback(self._step_done)
+        self._checks.add(request.request_id)
+        outcome = self._executor.check_served(request)
+        if outcome is not None:
+            self._finish(step, outcome)
+            return
+        # User code starts from the next loop iteration, with the steps ACKed in this
+        # read: the ACKs (written when the read callback ends) are on the wire first.
+        if not self._to_start:
+            assert self._loop is not None
+            self._loop.call_soon(self._start_acked)
+        self._to_start.append(step)
 
-    def _step_done(self, task: asyncio.Task[None]) -> None:
+    def _start_acked(self) -> None:
+        steps, self._to_start = self._to_start, []
+        limit = self.config.max_worker_concurrency
+        for step in steps:
+            if step.outcome == "lease_lost" or self._closing:
+                continue
+            if limit and self._running >= limit:
+                self._queued.append(step)
+            else:
+                self._execute(step)
+
+    def _step_done(self, task: asyncio.Future[Any]) -> None:
         self._step_tasks.discard(task)
         if task.cancelled() or task.exception() is None:
             return
@@ -469,15 +593,21 @@ class Worker:
         self._fatal = exc
         self.abort()
 
-    def _check_ownership(self, step: Step) -> None:
-        """The early extension of one step (a timer callback; see the module docstring)."""
-        step.ownership_check = None
-        finished = step.task is None or step.task.done()
-        if finished or step.reply is not None or step.confirmed or not step.extending:
-            return
+    def _check_ownership(self, request_ids: list[str]) -> None:
+        """The early extensions that are due (see the module docstring and ``_Deadlines``)."""
         if self._tg is None:  # the worker has stopped
             return
-        self._queue_checks([step])
+        steps = self._steps
+        due: list[Step] = []
+        for request_id in request_ids:
+            step = steps.get(request_id)
+            if step is None or step.reply is not None or step.confirmed or not step.extending:
+                continue
+            if step.task is not None and step.task.done():
+                continue  # cancelled or failed: nothing to check
+            due.append(step)
+        if due:
+            self._queue_checks(due)
 
     def _queue_checks(self, steps: list[Step]) -> None:
         # Checks due together (a burst of dispatches) go out from one task.
@@ -492,16 +622,27 @@ class Worker:
                 session = self._live_session()
                 if session is None:
                     return  # the next session checks every unconfirmed step on activation
-                for step in due:
-                    if step.reply is None and not step.confirmed and step.extending:
-                        await self._send_extension(session, step)
+                await self._send_extensions(session, [
+                    step for step in due
+                    if step.reply is None and not step.confirmed and step.extending
+                ])
         finally:
             self._checks_task = None
 
-    async def _send_extension(self, session: Session, step: Step) -> None:
-        await session.send(partial(
-            WorkerConnection.extend_lease, request=step.request, lease_id=step.lease_id,
-        ))
+    async def _send_extensions(self, session: Session, steps: Sequence[Step]) -> None:
+        """Extend the leases of ``steps``: ``EXTENSION_BATCH`` frames per socket write,
+        the event loop free between batches."""
+        for start in range(0, len(steps), EXTENSION_BATCH):
+            if start:
+                await asyncio.sleep(0)
+            with session.corked():
+                for step in steps[start : start + EXTENSION_BATCH]:
+                    if step.delivered or not step.extending:
+                        continue
+                    if not session.send_now(
+                        WorkerConnection.extend_lease, step.request, step.lease_id, step.echo
+                    ):
+                        return
 
     def _on_lease_extended(self, ack: LeaseExtended) -> None:
         step = self._steps.get(ack.request_id)
@@ -512,20 +653,26 @@ class Worker:
             if not step.confirmed:
                 step.confirmed = True
                 self._notify()
-            self.metrics.lease_extensions_total.labels(outcome="extended").inc()
+            self._extended.inc()
             return
         self.metrics.lease_extensions_total.labels(outcome="nack").inc()
         step.extending = False
         self._notify()
-        if step.reply is None and step.task is not None:
+        if step.reply is None and step.outcome != "lease_lost":
             # Another copy holds the lease (a re-route race, or ours expired): stop, and
             # send no reply; that copy's reply is the one Inngest uses.
             request = step.request
             step.outcome = "lease_lost"
-            step.task.cancel()
+            # Read before cancelling: the cancellation reaches the user loop at once and
+            # unwinds the stack the name is read from.
+            name = self._step_name(step)
+            if step.task is not None:
+                step.task.cancel()  # _step_returned drops the step
+            else:  # not started yet: it never starts
+                self._lease_lost(step)
             event(log, "step.lease_lost", level=logging.WARNING,
                   request_id=request.request_id, run_id=request.run_id,
-                  function=request.function_slug, step_id=self._step_name(step),
+                  function=request.function_slug, step_id=name,
                   confirmed_before=step.confirmed,
                   ran_for=round(time.monotonic() - step.started_at, 3))
 
@@ -539,44 +686,69 @@ class Worker:
         if step is None or step.reply is None:
             return
         self.metrics.reply_acks_total.inc()
+        self._last_reply_ack_at = time.monotonic()
         self._delivered(step)
 
     def _delivered(self, step: Step) -> None:
         if step.delivered:
             return
         step.delivered = True
-        step.wake.set()
+        if step.wake is not None:
+            step.wake.set()
         self._steps.pop(step.request.request_id, None)
         self._notify()
 
     # ----- steps ---------------------------------------------------------------------
 
-    async def _run_step(self, step: Step) -> None:
+    def _execute(self, step: Step) -> None:
+        """Start the step in the SDK; ``_step_returned`` gets its outcome."""
+        self._running += 1
+        future = self._executor.submit(step.request, partial(self._step_returned, step))
+        step.task = future
+        self._step_tasks.add(future)
+
+    def _step_returned(self, step: Step, future: asyncio.Future[Outcome]) -> None:
+        self._step_tasks.discard(future)
+        self._running -= 1
+        while self._queued and not self._closing:
+            queued = self._queued.popleft()
+            if queued.outcome != "lease_lost":
+                self._execute(queued)
+                break
+        if future.cancelled():
+            if step.outcome == "lease_lost":
+                self._lease_lost(step)
+            return  # else the drain gave up on it (it reports the step)
+        exc = future.exception()
+        if exc is not None:
+            request_id = step.request.request_id
+            log.error("the SDK failed to run request %s", request_id, exc_info=exc)
+            outcome = error_outcome("ExecutionError", "connect_worker could not run the step")
+        else:
+            outcome = future.result()
+        self._finish(step, outcome)
+
+    def _lease_lost(self, step: Step) -> None:
         request = step.request
-        try:
-            outcome = self._executor.check_served(request) or await self._execute(request)
-        except asyncio.CancelledError:
-            if step.outcome != "lease_lost":
-                raise
-            self._steps.pop(request.request_id, None)
-            self.metrics.steps_total.labels(function=request.function_slug,
-                                            outcome="lease_lost").inc()
-            self._notify()
-            return
-        if step.ownership_check is not None:
-            step.ownership_check.cancel()
-            step.ownership_check = None
-        duration = time.monotonic() - step.started_at
+        self._steps.pop(request.request_id, None)
         self.metrics.steps_total.labels(function=request.function_slug,
-                                        outcome=outcome.label).inc()
-        self.metrics.step_duration_seconds.labels(function=request.function_slug).observe(duration)
-        step.outcome = outcome.label
-        step.reply = self._reply(request, outcome)
-        event(log, "step.finished", level=logging.DEBUG, request_id=request.request_id,
-              function=request.function_slug, outcome=outcome.label,
-              duration=round(duration, 3))
+                                        outcome="lease_lost").inc()
         self._notify()
-        await self._deliver(step)
+
+    def _finish(self, step: Step, outcome: Outcome) -> None:
+        """The SDK answered: build the reply and send it."""
+        request = step.request
+        duration = time.monotonic() - step.started_at
+        label = outcome.label
+        self.metrics.step_finished(request.function_slug, label, duration)
+        step.outcome = label
+        step.reply = self._reply(request, outcome)
+        if log.isEnabledFor(logging.DEBUG):
+            event(log, "step.finished", level=logging.DEBUG, request_id=request.request_id,
+                  function=request.function_slug, outcome=label,
+                  duration=round(duration, 3))
+        self._notify()
+        self._send_or_flush(step)
 
     @staticmethod
     def _reply(request: ExecutorRequest, outcome: Outcome) -> bytes:
@@ -590,60 +762,102 @@ class Worker:
             request_version=outcome.request_version,
         )
 
-    async def _execute(self, request: ExecutorRequest) -> Outcome:
-        try:
-            if self._limiter is None:
-                return await self._executor.execute(request)
-            async with self._limiter:
-                return await self._executor.execute(request)
-        except Exception:
-            log.exception("the SDK failed to run request %s", request.request_id)
-            return error_outcome("ExecutionError", "connect_worker could not run the step")
-
-    async def _send_reply(self, step: Step, session: Session) -> bool:
+    def _send_reply(self, step: Step, session: Session) -> bool:
+        """Write the reply on ``session``; its ACK is then due within reply_ack_timeout."""
         reply = step.reply
         assert reply is not None
         if not session.conn.live:
             return False
-        if await session.send(lambda conn: conn.reply(reply)):
+        if session.send_now(WorkerConnection.reply, reply):
             step.sent_on = session
+            step.sent_at = time.monotonic()
             self.metrics.replies_sent_total.inc()
+            if step.wake is None:  # the hand-back's _deliver waits for the ACK itself
+                self._acks.add(step.request.request_id)
             return True
         return False
 
-    async def _deliver(self, step: Step, *, ack_timeout: float | None = None) -> None:
-        """Get the reply acknowledged: socket first, flush when the ACK does not come."""
+    def _send_or_flush(self, step: Step) -> None:
+        """Send the reply on the newest live socket, else hand it to the flush at once."""
         session = self._live_session()
-        if session is not None and await self._send_reply(step, session):
+        if session is None or not self._send_reply(step, session):
+            self._start_flush(step)
+
+    def _acks_overdue(self, request_ids: list[str]) -> None:
+        """Replies whose ACK did not come in time go to the flush (see REPLY_ACK_PATIENCE)."""
+        steps = self._steps
+        now = time.monotonic()
+        patience = self._acks.delay
+        progressing = now - self._last_reply_ack_at < patience
+        for request_id in request_ids:
+            step = steps.get(request_id)
+            if step is None or step.reply is None or step.wake is not None:
+                continue
+            session = step.sent_on
+            if (progressing and session is not None and session is self._live_session()
+                    and now - step.sent_at < REPLY_ACK_PATIENCE * patience):
+                self._acks.add(request_id)
+            else:
+                self._start_flush(step)
+
+    def _start_flush(self, step: Step) -> None:
+        if step.delivered or step.flushing or self._closing or self._tg is None:
+            return
+        assert self._loop is not None
+        step.flushing = True
+        task = self._loop.create_task(self._flush(step))
+        self._step_tasks.add(task)
+        task.add_done_callback(self._step_done)
+
+    async def _deliver(self, step: Step, *, ack_timeout: float) -> None:
+        """Get a hand-back reply acknowledged: socket first, flush when no ACK comes."""
+        step.wake = asyncio.Event()
+        session = self._live_session()
+        if session is not None and self._send_reply(step, session):
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(ack_timeout or self.config.reply_ack_timeout):
+                async with asyncio.timeout(ack_timeout):
                     await step.wake.wait()
         if not step.delivered:
             await self._flush(step)
 
+    async def _flush_once(self, step: Step) -> bool:
+        """POST the reply once (at most FLUSH_CONCURRENCY at a time); False if it was
+        delivered meanwhile and not posted."""
+        assert self._api is not None and self._flush_slots is not None
+        async with self._flush_slots:
+            if step.delivered or step.reply is None:
+                return False
+            await self._api.flush(step.reply)
+            return True
+
     async def _flush(self, step: Step) -> None:
         """POST the reply to /v0/connect/flush until accepted or acknowledged another way."""
         assert self._api is not None and step.reply is not None
-        delays = backoff_delays(0.1, FLUSH_MAX_BACKOFF)
-        while not step.delivered:
-            try:
-                await self._api.flush(step.reply)
-            except ConnectWorkerError as exc:
-                self.metrics.flushes_total.labels(outcome="error").inc()
-                delay = next(delays)
-                event(log, "reply.flush_failed", level=logging.WARNING,
-                      request_id=step.request.request_id, error=str(exc),
-                      retry_in=round(delay, 3))
-                step.wake = asyncio.Event()
-                if not step.delivered:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(delay):
-                            await step.wake.wait()
-                continue
-            self.metrics.flushes_total.labels(outcome="ok").inc()
-            event(log, "reply.flushed", request_id=step.request.request_id,
-                  function=step.request.function_slug, draining=self._draining)
-            self._delivered(step)
+        step.flushing = True
+        try:
+            delays = backoff_delays(0.1, FLUSH_MAX_BACKOFF)
+            while not step.delivered:
+                try:
+                    if not await self._flush_once(step):
+                        break  # acknowledged on a socket while it waited for a slot
+                except ConnectWorkerError as exc:
+                    self.metrics.flushes_total.labels(outcome="error").inc()
+                    delay = next(delays)
+                    event(log, "reply.flush_failed", level=logging.WARNING,
+                          request_id=step.request.request_id, error=str(exc),
+                          retry_in=round(delay, 3))
+                    step.wake = asyncio.Event()
+                    if not step.delivered:
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(delay):
+                                await step.wake.wait()
+                    continue
+                self.metrics.flushes_total.labels(outcome="ok").inc()
+                event(log, "reply.flushed", request_id=step.request.request_id,
+                      function=step.request.function_slug, draining=self._draining)
+                self._delivered(step)
+        finally:
+            step.flushing = False
 
     async def _extend_leases(self) -> None:
         while True:
@@ -655,12 +869,9 @@ class Worker:
             session = self._live_session()
             if session is None:
                 continue  # leases outlive a reconnect; the next session extends them
-            for step in list(self._steps.values()):
-                if step.extending and not step.delivered:
-                    await session.send(partial(
-                        WorkerConnection.extend_lease, request=step.request,
-                        lease_id=step.lease_id,
-                    ))
+            await self._send_extensions(session, [
+                step for step in self._steps.values() if step.extending and not step.delivered
+            ])
 
     async def _report_status(self, session: Session) -> None:
         """WORKER_STATUS at the interval the gateway asked for (it only logs them today)."""
@@ -739,6 +950,10 @@ class Worker:
                 ))
                 handed_back.append(step)
         self.metrics.steps_abandoned_total.inc(len(steps))
+        # Unacknowledged replies that are not handed back stay unacknowledged: no more
+        # flushes for them (the hand-back below delivers its own replies).
+        self._closing = True
+        self._acks.clear()
         for task in list(self._step_tasks):
             task.cancel()  # the user task on the user loop gets the cancellation too
         if self._step_tasks:
@@ -762,8 +977,7 @@ class Worker:
         session = self._live_session()
         if not unconfirmed or session is None:
             return
-        for step in unconfirmed:
-            await self._send_extension(session, step)
+        await self._send_extensions(session, unconfirmed)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(OWNERSHIP_ANSWER_TIMEOUT):
                 await self._wait_until(

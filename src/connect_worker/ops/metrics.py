@@ -9,6 +9,8 @@ own metrics on the same registry.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "connect_worker_"
@@ -144,10 +146,24 @@ class WorkerMetrics:
             "How late the event loop ran its last scheduled probe.",
             registry=r,
         )
+        # Label children of the per-step metrics, looked up once per (function, outcome):
+        # ``labels()`` takes a lock and builds a key on every call.
+        self._step_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.set_connection_state("disconnected")
         # Pre-create common label values so dashboards and alert rules see 0, not gaps.
         for outcome in ("extended", "nack"):
             self.lease_extensions_total.labels(outcome=outcome)
+
+    def step_finished(self, function: str, outcome: str, duration: float) -> None:
+        """Count one finished step and observe its duration."""
+        children = self._step_children.get((function, outcome))
+        if children is None:
+            children = self._step_children[(function, outcome)] = (
+                self.steps_total.labels(function=function, outcome=outcome),
+                self.step_duration_seconds.labels(function=function),
+            )
+        children[0].inc()
+        children[1].observe(duration)
 
     def set_build_info(self, version: str, app_version: str, deployment_id: str) -> None:
         """Publish the one build-info series (replacing any earlier one)."""

@@ -134,8 +134,47 @@ def decode(frame: bytes) -> GatewayEvent:
     return decoder(envelope.payload)
 
 
-def _envelope(kind: Any, payload: bytes = b"") -> bytes:
-    return bytes(pb.ConnectMessage(kind=kind, payload=payload).SerializeToString())
+_SMALL_VARINTS = [bytes((n,)) for n in range(128)]
+
+
+def _varint(value: int) -> bytes:
+    if value < 128:
+        return _SMALL_VARINTS[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# Outgoing frames are encoded by hand: the same bytes the protobuf classes produce
+# (tests/protocol/test_codec.py compares them), without building a message per frame.
+# ConnectMessage: kind = field 1 (varint), payload = field 2 (bytes).
+_KIND_TAG, _PAYLOAD_TAG = b"\x08", b"\x12"
+# WorkerRequestExtendLeaseData.lease_id: field 10, length-delimited.
+_LEASE_ID_TAG = b"\x52"
+
+
+def _check_wire_numbers() -> None:
+    """The hand encoding above relies on these numbers: fail at import if they move."""
+    envelope = pb.ConnectMessage.DESCRIPTOR.fields_by_name
+    assert envelope["kind"].number == 1 and envelope["payload"].number == 2
+    ack = pb.WorkerRequestAckData.DESCRIPTOR.fields_by_name
+    extend = pb.WorkerRequestExtendLeaseData.DESCRIPTOR.fields_by_name
+    assert extend["lease_id"].number == 10
+    assert all(ack[name].number == extend[name].number for name in ack)
+    assert max(ack[name].number for name in ack) < 10
+
+
+_check_wire_numbers()
+
+
+def _envelope(kind: int, payload: bytes = b"") -> bytes:
+    head = _KIND_TAG + _varint(kind) if kind else b""  # proto3 leaves out zero values
+    if not payload:
+        return head
+    return b"".join((head, _PAYLOAD_TAG, _varint(len(payload)), payload))
 
 
 def encode_worker_connect(request: Any) -> bytes:
@@ -172,14 +211,25 @@ def _echo(req: ExecutorRequest) -> dict[str, Any]:
     return fields
 
 
-def encode_request_ack(req: ExecutorRequest) -> bytes:
-    ack = pb.WorkerRequestAckData(**_echo(req))
-    return _envelope(Kind.WORKER_REQUEST_ACK, ack.SerializeToString())
+def request_echo(req: ExecutorRequest) -> bytes:
+    """The echoed request fields, serialized once per request: a WorkerRequestAckData
+    payload, and the first part of every WorkerRequestExtendLeaseData (same field
+    numbers, 1-9; lease_id is 10)."""
+    return bytes(pb.WorkerRequestAckData(**_echo(req)).SerializeToString())
 
 
-def encode_extend_lease(req: ExecutorRequest, lease_id: str) -> bytes:
-    data = pb.WorkerRequestExtendLeaseData(lease_id=lease_id, **_echo(req))
-    return _envelope(Kind.WORKER_REQUEST_EXTEND_LEASE, data.SerializeToString())
+def encode_request_ack(req: ExecutorRequest, echo: bytes | None = None) -> bytes:
+    return _envelope(Kind.WORKER_REQUEST_ACK, request_echo(req) if echo is None else echo)
+
+
+def encode_extend_lease(req: ExecutorRequest, lease_id: str, echo: bytes | None = None) -> bytes:
+    """``echo`` is ``request_echo(req)`` when the caller kept it (an extension per step
+    every 30 s, thousands of steps: the echoed fields are encoded once)."""
+    payload = request_echo(req) if echo is None else echo
+    if lease_id:  # proto3 leaves out empty strings
+        lease = lease_id.encode()
+        payload = b"".join((payload, _LEASE_ID_TAG, _varint(len(lease)), lease))
+    return _envelope(Kind.WORKER_REQUEST_EXTEND_LEASE, payload)
 
 
 def encode_reply(sdk_response: bytes) -> bytes:

@@ -85,13 +85,15 @@ class WorkerConnection:
         self._apply(Input.SEND_HEARTBEAT)
         return codec.encode_heartbeat()
 
-    def ack(self, request: ExecutorRequest) -> bytes:
+    def ack(self, request: ExecutorRequest, echo: bytes | None = None) -> bytes:
+        """``echo``: ``codec.request_echo(request)``, if the caller keeps it for extensions."""
         self._apply(Input.SEND_REQUEST_ACK)
-        return codec.encode_request_ack(request)
+        return codec.encode_request_ack(request, echo)
 
-    def extend_lease(self, request: ExecutorRequest, lease_id: str) -> bytes:
+    def extend_lease(self, request: ExecutorRequest, lease_id: str,
+                     echo: bytes | None = None) -> bytes:
         self._apply(Input.SEND_EXTEND_LEASE)
-        return codec.encode_extend_lease(request, lease_id)
+        return codec.encode_extend_lease(request, lease_id, echo)
 
     def reply(self, sdk_response: bytes) -> bytes:
         self._apply(Input.SEND_REPLY)

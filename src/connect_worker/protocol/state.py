@@ -23,6 +23,10 @@ from ..errors import LocalProtocolError, RemoteProtocolError
 
 
 class State(Enum):
+    # Members are singletons: identity hashing is C-level (Enum's own __hash__ is Python
+    # code, and the table below is looked up for every frame).
+    __hash__ = object.__hash__
+
     AWAITING_HELLO = "awaiting_hello"
     SENDING_CONNECT = "sending_connect"
     AWAITING_READY = "awaiting_ready"
@@ -33,6 +37,8 @@ class State(Enum):
 
 
 class Input(Enum):
+    __hash__ = object.__hash__
+
     RECV_HELLO = "recv_hello"
     SEND_CONNECT = "send_connect"
     RECV_CONNECTION_READY = "recv_connection_ready"
