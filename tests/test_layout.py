@@ -2,7 +2,8 @@
 
 The rule (imports run one way, downwards)::
 
-    top level   __init__, __main__, cli, config, context, errors: the public API and CLI
+    top level   __init__, __main__, cli, devclient, config, context, errors: the public API
+                and the CLI (devclient: its commands against a running dev gateway)
     engine      the product: worker, session, userloop, executor, gateway_api, target
     ops         health, httpserver, metrics, logs, check
     protocol    the sans-I/O wire layer

@@ -1,4 +1,5 @@
-"""``connect-worker``: run | dev | check. Logging is configured here and nowhere else.
+"""``connect-worker``: run | check | dev | send | runs | workers | fault | demo |
+simulate-deploy. Logging is configured here and nowhere else.
 
 Every setting of ``config.SETTINGS`` is both an environment variable and a flag of
 ``run`` and ``check``; ``--help`` lists them all with their variables. An invalid
@@ -12,6 +13,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -85,10 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("demo", add_help=False,
                         help="a rolling deploy in the middle of three reports, narrated, with "
                         "a timeline picture (see demo --help)")
-    dev = commands.add_parser("dev", help="run the local Connect gateway (for development)")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8288, help="API port (start, flush, events)")
+    dev = commands.add_parser(
+        "dev", help="run the local Connect gateway (for development); its page is at "
+        "http://127.0.0.1:8288/")
+    dev.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1: this machine only)")
+    dev.add_argument("--port", type=int, default=8288,
+                     help="API port (start, flush, events, the page at /)")
     dev.add_argument("--gateway-port", type=int, default=8289, help="WebSocket gateway port")
+    dev.add_argument("--fast", action="store_true",
+                     help="short timings for rehearsals and tests: 1 s heartbeats and lease "
+                     "extensions, 4 s leases, 3 s drain window (default: production timings)")
+    from .devclient import add_commands
+
+    add_commands(commands)
     return parser
 
 
@@ -101,12 +113,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     return values
 
 
-def _configure_logging(config: Config | None) -> None:
+def _configure_logging(config: Config) -> None:
     from .ops.logs import configure_logging, register_secret
 
-    if config is None:
-        configure_logging("auto", "info", {})
-        return
     for secret in (config.signing_key, config.signing_key_fallback):
         register_secret(secret)
     configure_logging(
@@ -146,8 +155,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, _exit_before_start)
     if args.command == "dev":
-        _configure_logging(None)
+        from .ops.logs import configure_logging
+
+        # Text lines by default: the dev gateway's log is read in a terminal.
+        try:
+            configure_logging(os.environ.get("CONNECT_WORKER_LOG_FORMAT", "text"), "info", {})
+        except ValueError as exc:
+            print(f"connect-worker: CONNECT_WORKER_LOG_FORMAT: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         return _dev(args)
+    if args.command in ("send", "runs", "workers", "fault"):
+        from .devclient import run_command
+
+        return run_command(args)
     if args.command == "check":
         from .ops.check import run_check
 
@@ -223,19 +243,56 @@ async def _watch_signals(worker: Worker, *, task_status: TaskStatus[None]) -> No
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from .devserver import DevServerConfig
+    from .devserver import DevServer, DevServerConfig
     from .devserver import serve as serve_devserver
+
+    config = DevServerConfig.fast() if args.fast else DevServerConfig()
+    stop_on_signals()
+
+    def ready(dev: DevServer) -> None:
+        log.info("dev gateway ready: page %s/ ; start a worker with INNGEST_DEV=%s "
+                 "connect-worker run TARGET%s", dev.api_url, dev.api_url,
+                 " (fast timings)" if args.fast else "")
 
     try:
         anyio.run(
             lambda: serve_devserver(
-                DevServerConfig(), host=args.host, api_port=args.port,
-                gateway_port=args.gateway_port,
+                config, host=args.host, api_port=args.port,
+                gateway_port=args.gateway_port, ready=ready,
             )
         )
     except KeyboardInterrupt:
         pass
+    except OSError as exc:
+        # Binding is the one OSError that gets here: name the port and its flag, in one line.
+        print(f"connect-worker: dev gateway {_bind_error(exc, args)}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM stop a foreground tool cleanly (exit 0), even when the shell
+    started it with SIGINT ignored (a background job)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+
+
+def _bind_error(exc: OSError, args: argparse.Namespace) -> str:
+    text = str(exc.strerror or exc)
+    # asyncio: "error while attempting to bind on address ('127.0.0.1', 8288): address
+    # already in use".
+    found = re.search(r"address \('?([^',]*)'?, (\d+)[^)]*\): (.*)", text)
+    if found is None:
+        return (f"cannot listen on {args.host} (--port {args.port}, --gateway-port "
+                f"{args.gateway_port}): {text}")
+    host, port, reason = found.groups()
+    flag = "--port" if int(port) == args.port else "--gateway-port"
+    return (f"cannot listen on {host}:{port} ({flag}): {reason}; stop what uses it or "
+            f"pass another {flag}")
 
 
 if __name__ == "__main__":  # pragma: no cover

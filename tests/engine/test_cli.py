@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from connect_worker.config import SETTINGS
 
@@ -70,3 +71,15 @@ def test_taken_health_port_is_one_line_and_exit_2() -> None:
     errors = [line for line in result.stderr.splitlines() if line.startswith("connect-worker:")]
     assert errors == [f"connect-worker: cannot listen on CONNECT_WORKER_HTTP_PORT/PORT={port}: "
                       "Address already in use"]
+
+
+def test_failing_user_import_shows_the_users_line(tmp_path: Path) -> None:
+    app = tmp_path / "app.py"
+    app.write_text("import os\n\nKEY = os.environ['CW_TEST_UNSET_API_KEY']\n")
+    result = run_cli("run", str(app), env={"INNGEST_DEV": "1"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[:2] == [
+        f"connect-worker: importing {str(app)!r} failed: KeyError: 'CW_TEST_UNSET_API_KEY'",
+        f"  at {app}:3 in <module>: KEY = os.environ['CW_TEST_UNSET_API_KEY']",
+    ]

@@ -81,3 +81,41 @@ def test_import_error_is_reported(tmp_path: Path) -> None:
     path = write(tmp_path, "broken.py", "raise RuntimeError('boom')\n")
     with pytest.raises(TargetError, match="RuntimeError: boom"):
         load_target(str(path))
+
+
+def test_import_error_points_at_the_users_lines(tmp_path: Path) -> None:
+    """The failing line in the user's files (file:line and the code), most recent last,
+    then where it finally raised when that is inside a library."""
+    write(tmp_path, "settings_xyz.py",
+          "import os\n\ndef load():\n    return os.environ['NO_SUCH_KEY_XYZ']\n")
+    path = write(tmp_path, "app_xyz.py", "import settings_xyz\nKEY = settings_xyz.load()\n")
+    with pytest.raises(TargetError) as caught:
+        load_target(str(path))
+    lines = str(caught.value).splitlines()
+    assert lines[0] == f"importing {str(path)!r} failed: KeyError: 'NO_SUCH_KEY_XYZ'"
+    assert lines[1] == f"  at {path}:2 in <module>: KEY = settings_xyz.load()"
+    assert lines[2] == (f"  at {tmp_path / 'settings_xyz.py'}:4 in load: "
+                        "return os.environ['NO_SUCH_KEY_XYZ']")
+    assert lines[3].startswith("  raised in ") and "__getitem__" in lines[3]
+    assert len(lines) == 4
+
+
+def test_syntax_error_and_missing_dependency_name_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "typo_xyz.py", "x = 1\ndef f(:\n    pass\n")
+    with pytest.raises(TargetError) as caught:
+        load_target(str(path))
+    assert str(caught.value).splitlines()[-1] == f"  at {path}:2: def f(:"
+    # A module that exists but imports one that does not: not "TARGET not found".
+    write(tmp_path, "needs_xyz.py", "import not_installed_pkg_xyz\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(TargetError) as caught:
+            load_target("needs_xyz")
+    finally:
+        sys.path.remove(str(tmp_path))
+    message = str(caught.value)
+    assert message.startswith("importing 'needs_xyz' failed: ModuleNotFoundError: "
+                              "No module named 'not_installed_pkg_xyz'")
+    assert "needs_xyz.py:1 in <module>: import not_installed_pkg_xyz" in message

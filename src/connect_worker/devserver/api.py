@@ -1,12 +1,16 @@
 """The HTTP API (one port, like the dev server's 8288): Connect REST
 (``/v0/connect/start``, ``/v0/connect/flush``), the event API (``/e/{key}``,
-``/invoke/{slug}``) and a read API for runs and connections."""
+``/invoke/{slug}``), a read API for runs and connections, the page at ``/``, and
+fault commands (``/v1/faults/...``, loopback clients only) for rehearsing deploys."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import logging
 import time
+from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,18 +18,66 @@ from google.protobuf.message import DecodeError
 
 from ..ops.httpserver import Handler, Request, Response
 from ..protocol import pb
+from . import logfmt
 from .auth import check_authorization
 from .core import Core
 from .executor import CheckpointRejected, Executor
 from .gateway import Gateway
-from .state import StartCall
+from .state import Faults, StartCall
 from .ulid import new_ulid
+from .views import connections_view, run_view, runs_view
+
+log = logging.getLogger(__name__)
 
 PROTOBUF = "application/octet-stream"
 
 
 def _json(value: Any, status: int = 200) -> Response:
     return Response(status, json.dumps(value, default=str).encode(), "application/json")
+
+
+def _is_loopback(peer: str) -> bool:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _loopback_only(handler: Handler) -> Handler:
+    async def guarded(request: Request) -> Response:
+        if not _is_loopback(request.peer):
+            return _json({"error": "answered for loopback clients only"}, 403)
+        return await handler(request)
+
+    return guarded
+
+
+def _count(request: Request) -> int:
+    """``{"count": N}`` from the body (default 1); ValueError if not a whole number >= 1."""
+    body = json.loads(request.body or b"{}")
+    count = body.get("count", 1) if isinstance(body, dict) else None
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError("count must be a whole number >= 1")
+    return count
+
+
+class NextN:
+    """A fault predicate true for the next ``remaining`` requests it is asked about."""
+
+    def __init__(self, remaining: int) -> None:
+        self.remaining = remaining
+
+    def __call__(self, request_id: str) -> bool:
+        if self.remaining <= 0:
+            return False
+        self.remaining -= 1
+        return True
+
+
+PAGE = "page.html"
 
 
 class API:
@@ -51,6 +103,13 @@ class API:
             ("GET", "/v0/connect/envs/*"): self.conns,
             ("GET", "/v0/connect/conns"): self.conns,
             ("GET", "/health"): self.health,
+            # For the person at this machine only, even on a --host 0.0.0.0 gateway:
+            # the page and lists show event data; faults disturb workers.
+            ("GET", "/"): _loopback_only(self.page),
+            ("GET", "/v1/runs"): _loopback_only(self.list_runs),
+            ("GET", "/v1/connections"): _loopback_only(self.connections),
+            ("GET", "/v1/faults"): _loopback_only(self.faults_status),
+            ("POST", "/v1/faults/*"): _loopback_only(self.fault),
         }
 
     async def health(self, request: Request) -> Response:
@@ -143,6 +202,7 @@ class API:
             return Response(400, b"invalid system_trace_ctx\n")
         self.state.record("in", "HTTP_FLUSH", request_id=resp.request_id)
         self.core.persist_reply(resp, "flush", None)
+        log.info("reply by HTTP flush: %s", logfmt.reply(resp))
         out = pb.FlushResponse(request_id=resp.request_id)
         return Response(200, out.SerializeToString(), PROTOBUF)
 
@@ -215,7 +275,7 @@ class API:
         run = self.state.runs.get(request.path[len("/v1/runs/"):].strip("/"))
         if run is None:
             return _json({"error": "run not found"}, 404)
-        return _json({"data": run.to_json()})
+        return _json({"data": {**run.to_json(), "view": run_view(self.state, run)}})
 
     async def delete_run(self, request: Request) -> Response:
         run_id = request.path[len("/v1/runs/"):].strip("/")
@@ -235,3 +295,77 @@ class API:
 
     async def conns(self, request: Request) -> Response:
         return _json({"data": [c.to_json() for c in self.state.connections.values()]})
+
+    # -- for people: the page, runs and connections by name ------------------
+
+    async def page(self, request: Request) -> Response:
+        html = resources.files(__package__).joinpath(PAGE).read_bytes()
+        return Response(200, html, "text/html; charset=utf-8",
+                        {"cache-control": "no-store"})
+
+    async def list_runs(self, request: Request) -> Response:
+        try:
+            limit = int(request.query.get("limit", ["50"])[0])
+        except ValueError:
+            return _json({"error": "limit must be a whole number"}, 400)
+        return _json({"data": runs_view(self.state, max(1, limit)), "now": time.time()})
+
+    async def connections(self, request: Request) -> Response:
+        live = set(self.gateway.live)
+        return _json({"data": connections_view(self.state, live), "now": time.time()})
+
+    # -- faults (rehearse a deploy by hand) ----------------------------------
+
+    def _pending_faults(self) -> dict[str, int]:
+        faults: Faults = self.state.faults
+        withhold = faults.withhold_reply_ack
+        return {
+            "withhold_reply_ack": withhold.remaining if isinstance(withhold, NextN)
+            else int(withhold is True),
+            "dual_dispatch": faults.dual_dispatch,
+        }
+
+    async def faults_status(self, request: Request) -> Response:
+        return _json({"data": self._pending_faults()})
+
+    def _targets(self, request: Request) -> list[str]:
+        """Live connections named by ``{"worker": ...}`` (instance id, connection id or
+        its tail), or every live connection."""
+        body = json.loads(request.body or b"{}")
+        wanted = body.get("worker") if isinstance(body, dict) else None
+        conns = [c.info for c in self.gateway.live.values()]
+        if not wanted:
+            return [c.conn_id for c in conns]
+        return [c.conn_id for c in conns if wanted in (c.instance_id, c.conn_id)
+                or (len(wanted) >= 4 and c.conn_id.endswith(wanted.upper()))]
+
+    async def fault(self, request: Request) -> Response:
+        name = request.path[len("/v1/faults/"):].strip("/")
+        faults = self.state.faults
+        try:
+            if name in ("gateway-closing", "drop"):
+                targets = self._targets(request)
+                if not targets:
+                    return _json({"error": "no live connection matches"}, 404)
+                action = (self.gateway.gateway_closing if name == "gateway-closing"
+                          else self.gateway.drop_socket)
+                for conn_id in targets:
+                    # GATEWAY_CLOSING waits up to drain_window for the worker: answer now.
+                    self.gateway._spawn_background(action(conn_id))
+                return _json({"data": {"fault": name, "connections": targets}})
+            if name == "withhold-reply-ack":
+                count = _count(request)
+                current = faults.withhold_reply_ack
+                if isinstance(current, NextN):
+                    current.remaining += count
+                else:
+                    faults.withhold_reply_ack = NextN(count)
+            elif name == "dual-dispatch":
+                faults.dual_dispatch += _count(request)
+            else:
+                return _json({"error": f"unknown fault {name!r}; one of gateway-closing, "
+                              "drop, withhold-reply-ack, dual-dispatch"}, 404)
+        except ValueError as exc:
+            return _json({"error": str(exc)}, 400)
+        self.state.notify()
+        return _json({"data": {"fault": name, "pending": self._pending_faults()}})

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..protocol import pb
 from ..protocol.durations import parse_go_duration
+from . import logfmt
 from .core import ACCOUNT_ID, ENV_ID, Core, app_uuid, function_uuid
 from .gateway import Gateway
 from .state import Dispatch, Event, Run, RunStatus
@@ -202,6 +203,8 @@ class Executor:
                     run = self.start_run(app, slug, event)
                     event.run_ids.append(run.run_id)
         self.state.notify()
+        log.info("event received: %s id %s, runs started: %s", name, event.id,
+                 ", ".join(event.run_ids) or "none (no synced function has this trigger)")
         return event
 
     def invoke(self, slug: str, data: Any) -> Run:
@@ -228,6 +231,8 @@ class Executor:
         )
         self.state.runs[run.run_id] = run
         self._history(run, "run_started", event=event.name)
+        log.info("run started: %s run %s (%s attempts per step)", slug, run.run_id,
+                 run.max_attempts)
         task = asyncio.create_task(self._drive(run), name=f"run-{run.run_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -261,6 +266,8 @@ class Executor:
         if status in (RunStatus.COMPLETED, RunStatus.FAILED):
             self._start_defers(run)
         self._defers.pop(run.run_id, None)
+        log.info("run %s: %s run %s in %.2f s%s", status.value, run.function_slug, run.run_id,
+                 run.ended_at - run.started_at, logfmt.error(error, ": "))
 
     # -- driving a run ---------------------------------------------------------
 
@@ -321,6 +328,9 @@ class Executor:
                               job_id=item.job_id, error=result.error)
                 if item.attempt + 1 < run.max_attempts:
                     item.attempt += 1
+                    log.info("retrying %s of run %s (attempt %d of %d): %s",
+                             logfmt.step(run, item.step_id), run.run_id, item.attempt + 1,
+                             run.max_attempts, result.error)
                     await self._backoff()
                     continue
                 error = {"name": "StepError", "message": result.error}
@@ -344,6 +354,8 @@ class Executor:
                     self._finish(run, RunStatus.FAILED, error=body)
                     return []
                 item.attempt += 1
+                log.info("retrying run %s (attempt %d of %d): the function raised %s",
+                         run.run_id, item.attempt + 1, run.max_attempts, logfmt.error(body))
                 await self._backoff(resp.retry_after if resp.HasField("retry_after") else None)
                 continue
             # NOT_COMPLETED: a list of opcodes.
@@ -375,6 +387,8 @@ class Executor:
             if retry_same:
                 if item.attempt + 1 < run.max_attempts:
                     item.attempt += 1
+                    log.info("retrying a step of run %s (attempt %d of %d): it raised an error",
+                             run.run_id, item.attempt + 1, run.max_attempts)
                     await self._backoff(resp.retry_after if resp.HasField("retry_after") else None)
                     continue
                 self._finish(run, RunStatus.FAILED, error={"message": "step attempts exhausted"})
@@ -582,6 +596,7 @@ class Executor:
             self._checkpoint_error(run, f"{problem}: {[op['op'] for op in ops]}")
             raise CheckpointRejected(400, problem)
         self._check_dispatch(run, body)
+        log.info("checkpoint over HTTP for run %s: %s", run_id, logfmt.ops(ops))
         for op in ops:
             code = op["op"]
             if code in ("StepRun", "Step"):
@@ -749,11 +764,18 @@ class Executor:
             )
             self.state.dispatches.append(dispatch)
             self.state.notify()
+            log.info("dispatching %s of %s run %s (attempt %d) to %s: request %s",
+                     logfmt.step(run, item.step_id), run.function_slug, run.run_id,
+                     item.attempt + 1, logfmt.who(conn.info if conn else None),
+                     request.request_id)
             if await self.gateway.forward(route.conn_id, request):
                 dispatch.acked_at = time.time()
                 dispatch.outcome = "acked"
                 self.state.notify()
+                log.info("request %s ACKed by %s", request.request_id, instance)
                 return None
+            log.info("request %s not ACKed by %s (forward %d of %d)", request.request_id,
+                     instance, attempt, self.config.forward_attempts)
             dispatch.outcome = "forward_failed"
             core.leases.assign(request.request_id, None)
             self.state.notify()
@@ -774,10 +796,16 @@ class Executor:
             for conn_id in conn_ids}
         self.state.dispatches.extend(dispatches.values())
         self.state.notify()
+        log.info("dispatching %s of %s run %s to two workers at once (fault): %s: request %s",
+                 logfmt.step(run, item.step_id), run.function_slug, run.run_id,
+                 " and ".join(str(logfmt.who(self.state.connections.get(c))) for c in conn_ids),
+                 request.request_id)
         acked: list[str] = []
 
         async def forward(conn_id: str) -> None:
             ok = await self.gateway.forward(conn_id, request)
+            log.info("request %s %s on conn %s (dual dispatch)", request.request_id,
+                     "ACKed" if ok else "not ACKed", conn_id)
             dispatches[conn_id].outcome = "acked" if ok else "forward_failed"
             if ok:
                 dispatches[conn_id].acked_at = time.time()
@@ -830,6 +858,8 @@ class Executor:
             if leases.is_live(request_id):
                 continue  # extended during the grace period
             self._mark(request_id, "lease_lost")
+            log.info("lease expired: request %s got no reply or lease extension for %.0f s "
+                     "(the worker stopped responding)", request_id, cfg.lease_duration)
             return ProxyResult(None, STOPPED_RESPONDING)
 
     def _mark(self, request_id: str, outcome: str) -> None:

@@ -29,6 +29,7 @@ from websockets.typing import Subprotocol
 
 from ..protocol import pb
 from ..protocol.durations import format_go_duration
+from . import logfmt
 from .core import ACCOUNT_ID, Core, Session
 from .state import ConnectionInfo, ConnStatus, Phase, SyncRecord, check
 from .ulid import is_ulid
@@ -344,6 +345,7 @@ class Gateway:
             req, session = await self._handshake(ws)
             configs, hashes = self._parse_apps(req, session.env)
         except _HandshakeError as exc:
+            log.info("connection refused in handshake: close %d %s", exc.code, exc.reason)
             await self._close(ws, exc.code, exc.reason)
             return
         except ConnectionClosed:
@@ -372,6 +374,8 @@ class Gateway:
         self.live[info.conn_id] = conn
         self.core.leases.set_capacity(info.instance_id, info.max_worker_concurrency)
         self.state.notify()
+        log.info("connection opened: %s, gateway %s, functions %s", logfmt.who(info), group,
+                 [f["id"] for fns in configs.values() for f in fns])
         try:
             if not await self._sync(conn, configs):
                 return
@@ -397,6 +401,7 @@ class Gateway:
             if not self.state.faults.sync_failure_persistent:
                 self.state.faults.sync_failure = None
             code, message = failure
+            log.info("sync failed (injected): %s: %s %s", logfmt.who(conn.info), code, message)
             await self.send(conn, Kind.SYNC_FAILED,
                             pb.SystemError(code=code, message=message).SerializeToString())
             await self._close(conn.ws, 1008, code, conn.info.conn_id)
@@ -421,6 +426,7 @@ class Gateway:
             conn.info.set_phase(Phase.READY)
             conn.info.status = ConnStatus.READY
             self.state.notify()
+            log.info("connection ready: %s", logfmt.who(conn.info))
 
     # -- read loop -------------------------------------------------------------
 
@@ -490,6 +496,7 @@ class Gateway:
                 info.status = ConnStatus.DRAINING
             conn.fail_pending()
             self.state.notify()
+            log.info("connection paused (WORKER_PAUSE, draining): %s", logfmt.who(info))
         elif kind == Kind.WORKER_READY:
             self.state.record("in", "WORKER_READY", info.conn_id)
             if info.gateway_group in self.draining_groups:
@@ -619,9 +626,12 @@ class Gateway:
         faults = self.state.faults
         if check(faults.drop_replies, resp.request_id):
             self.state.record("in", "REPLY_DROPPED", conn.info.conn_id, resp.request_id)
+            log.info("reply dropped (fault): %s", logfmt.reply(resp))
             return
         record = self.core.persist_reply(resp, "ws", conn.info.conn_id)
+        log.info("reply by socket from %s: %s", conn.info.instance_id, logfmt.reply(resp))
         if check(faults.withhold_reply_ack, resp.request_id):
+            log.info("WORKER_REPLY_ACK withheld (fault) for request %s", resp.request_id)
             return
         payload = pb.WorkerReplyAckData(request_id=resp.request_id).SerializeToString()
 
@@ -670,6 +680,7 @@ class Gateway:
                 continue
             self.state.record("out", "DROP", conn.info.conn_id,
                               detail="CONSECUTIVE_HEARTBEATS_MISSED")
+            log.info("no heartbeat for %.0f s: dropping %s", limit, logfmt.who(conn.info))
             conn.info.close_class = "CONSECUTIVE_HEARTBEATS_MISSED"
             conn.ws.transport.abort()
             return
@@ -679,6 +690,7 @@ class Gateway:
         if conn is None:
             return
         self.state.record("out", "DROP", conn_id, detail="injected")
+        log.info("dropping the socket (fault): %s", logfmt.who(conn.info))
         conn.ws.transport.abort()
         await self._wait_closed(conn)
 
@@ -697,6 +709,8 @@ class Gateway:
         info.gateway_closing_sent = True
         conn.fail_pending()
         self.state.notify()
+        log.info("GATEWAY_CLOSING to %s (closing in %.0f s at most)", logfmt.who(info),
+                 self.config.drain_window)
         await self.send(conn, Kind.GATEWAY_CLOSING)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.drain_window):
@@ -782,6 +796,8 @@ class Gateway:
         info.status = ConnStatus.DISCONNECTED
         info.set_phase(Phase.CLOSED)
         info.closed_at = time.time()
+        log.info("connection closed: %s, close %s %s", logfmt.who(info), info.close_code,
+                 info.close_class)
         # A worker group disappears with its last connection (§5.5).
         remaining = {
             h for c in self.live.values() for h in c.info.group_hashes.values()

@@ -13,6 +13,8 @@ import importlib
 import importlib.util
 import os
 import sys
+import sysconfig
+import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,6 +23,49 @@ import inngest
 
 from ..errors import TargetError
 from .executor import App
+
+# Frames from these directories are the interpreter's and the libraries', not the user's.
+_LIBRARY_DIRS = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+_NOT_USER = (
+    *(str(Path(p).resolve()) + os.sep for p in _LIBRARY_DIRS),
+    str(Path(__file__).resolve().parents[1]) + os.sep,  # connect_worker itself
+)
+MAX_FRAMES = 3
+
+
+def _is_user_file(filename: str) -> bool:
+    if filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
+        return False
+    return not str(Path(filename).resolve()).startswith(_NOT_USER)
+
+
+def _where(exc: BaseException) -> str:
+    """The last frames of the traceback that are in the user's files, as
+    ``  at app.py:12 in <module>: key = os.environ["X"]`` lines (most recent last), plus the
+    line that raised when that is inside a library. A SyntaxError names its own line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if _is_user_file(f.filename)]
+    lines = [f"  at {_short(f.filename)}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+             for f in user[-MAX_FRAMES:]]
+    if frames and user and frames[-1] is not user[-1]:
+        last = frames[-1]
+        lines.append(f"  raised in {_short(last.filename)}:{last.lineno} in {last.name}")
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        lines.append(f"  at {_short(exc.filename)}:{exc.lineno}: {(exc.text or '').strip()}")
+    return "".join("\n" + line for line in lines)
+
+
+def _short(filename: str) -> str:
+    """Relative to the working directory when under it (what the user typed)."""
+    path = Path(filename)
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return filename
+
+
+def _failed(spec: str, exc: Exception) -> TargetError:
+    return TargetError(f"importing {spec!r} failed: {type(exc).__name__}: {exc}{_where(exc)}")
 
 
 def _import(spec: str) -> ModuleType:
@@ -38,19 +83,22 @@ def _import(spec: str) -> ModuleType:
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:
-            raise TargetError(f"importing {spec!r} failed: {type(exc).__name__}: {exc}") from exc
+            raise _failed(spec, exc) from exc
         return module
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         return importlib.import_module(spec)
     except ModuleNotFoundError as exc:
+        if exc.name is not None and spec != exc.name and not spec.startswith(exc.name + "."):
+            # The target exists; something it imports does not.
+            raise _failed(spec, exc) from exc
         raise TargetError(
             f"TARGET module {spec!r} not found ({exc}); run from the project root or "
             "pass a path to the .py file"
         ) from exc
     except Exception as exc:
-        raise TargetError(f"importing {spec!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise _failed(spec, exc) from exc
 
 
 def _check_functions(value: Any, where: str) -> list[inngest.Function[Any]]:

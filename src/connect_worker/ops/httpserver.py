@@ -30,6 +30,8 @@ class Request:
     query: dict[str, list[str]]
     headers: dict[str, str]  # lower-cased names
     body: bytes
+    # The client's IP address ("" if unknown), for handlers that serve loopback only.
+    peer: str = ""
 
 
 @dataclass
@@ -113,10 +115,12 @@ class HTTPServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        peername = writer.get_extra_info("peername")
+        peer = str(peername[0]) if isinstance(peername, tuple) and peername else ""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         try:
             while True:
-                request = await self._read_request(conn, reader)
+                request = await self._read_request(conn, reader, peer)
                 if request is None:
                     return
                 handler = self._find(request.method, request.path)
@@ -147,7 +151,7 @@ class HTTPServer:
             writer.close()
 
     async def _read_request(
-        self, conn: h11.Connection, reader: asyncio.StreamReader
+        self, conn: h11.Connection, reader: asyncio.StreamReader, peer: str = ""
     ) -> Request | None:
         head: h11.Request | None = None
         body = bytearray()
@@ -174,6 +178,7 @@ class HTTPServer:
                     query=parse_qs(target.query),
                     headers={k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers},
                     body=bytes(body),
+                    peer=peer,
                 )
             elif isinstance(event, h11.ConnectionClosed):
                 return None
