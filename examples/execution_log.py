@@ -1,26 +1,5 @@
-"""One line per step-body run, so tests and the demo can prove exactly-once execution
-across worker processes.
+"""``connect_worker.lab.apps.execution_log`` under its checkout name."""
 
-:func:`record` appends ``{"step", "run_id", "pid", "ts"}`` as one JSON line to the file
-named by ``CONNECT_WORKER_EXECUTION_LOG`` (nothing when it is unset);
-``connect_worker.devserver.fleet.read_executions`` reads them back.
-"""
+from connect_worker.lab.apps.execution_log import record
 
-from __future__ import annotations
-
-import json
-import os
-import time
-
-
-def record(step: str, run_id: str) -> None:
-    """Append one execution record; O_APPEND writes of one line are atomic."""
-    path = os.environ.get("CONNECT_WORKER_EXECUTION_LOG")
-    if not path:
-        return
-    line = json.dumps({"step": step, "run_id": run_id, "pid": os.getpid(), "ts": time.time()})
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
+__all__ = ["record"]

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="rolling deploys of real workers on the local gateway, under load "
         "(see simulate-deploy --help)",
     )
+    commands.add_parser("soak", add_help=False,
+                        help="random overlapping faults on real workers under load, then "
+                        "an audit of duplicates and lost replies (see soak --help)")
     commands.add_parser("demo", add_help=False,
                         help="a rolling deploy in the middle of three reports, narrated, with "
                         "a timeline picture (see demo --help)")
@@ -141,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .lab.demo import main as demo
 
         return demo(argv[1:])
+    if argv[:1] == ["soak"]:
+        from .lab.soak import main as soak
+
+        return soak(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "run":
         # Until the worker's own handlers are installed (after imports and config), a

@@ -125,6 +125,10 @@ class API:
         self.state.record("in", "HTTP_START")
         if faults.start_delay > 0:
             await asyncio.sleep(faults.start_delay)
+        if faults.gateway_down():
+            call.status = 503
+            self.state.notify()
+            return Response(503, b"gateway restarting\n")
         if faults.start_failures:
             call.status = faults.start_failures.pop(0)
             self.state.notify()
@@ -175,6 +179,9 @@ class API:
         return f"ws://{hostname}:{self.gateway.ports[group]}/v0/connect"
 
     async def flush(self, request: Request) -> Response:
+        if time.monotonic() < self.state.faults.flush_failing_until:
+            self.state.record("in", "HTTP_FLUSH_FAILED")
+            return Response(503, b"injected failure\n")
         ok, _ = check_authorization(request.headers.get("authorization"), self.config.signing_key)
         if not ok:
             return Response(401, b"unauthorized\n")

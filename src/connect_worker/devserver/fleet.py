@@ -1,8 +1,10 @@
-"""Worker processes for drain tests, the deploy simulator and the demo.
+"""Worker processes for drain tests, the deploy simulator, the soak and the demo.
 
 ``WorkerProcess`` runs ``python -m connect_worker run TARGET`` as a real
 subprocess against a DevServer, parses its JSON log lines as they arrive, and
-lets the caller wait for readiness, send real signals and collect the exit code.
+lets the caller wait for readiness, send real signals (SIGTERM, or SIGKILL as a
+crash), sample its memory and collect the exit code. ``replace_when_ready`` is
+one step of a rolling deploy the way Railway does it with a healthcheck.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class WorkerProcess:
     logs: list[dict[str, Any]] = field(default_factory=list)
     started_at: float = 0.0
     signalled_at: float | None = None
+    killed_at: float | None = None  # SIGKILLed by crash() (a crash, not a stop)
     exited_at: float | None = None
     returncode: int | None = None
     _proc: asyncio.subprocess.Process | None = None
@@ -107,16 +110,36 @@ class WorkerProcess:
                 await self._log_changed.wait()
 
     async def wait_ready(self, dev: DevServer, timeout: float = 15.0) -> ConnectionInfo:  # noqa: ASYNC109
-        """Wait until this worker has a READY connection on ``dev``."""
+        """Wait until this worker has a READY connection on ``dev``.
+
+        A worker that exits first (a target that does not import, a bad setting) fails
+        at once with its last log line, not after ``timeout``."""
+        ready = asyncio.ensure_future(dev.wait_for_connection(
+            lambda c: c.instance_id == self.instance_id, timeout=timeout
+        ))
+        waitables: set[asyncio.Future[Any]] = {ready}
+        if self._reader is not None:
+            waitables.add(self._reader)
         try:
-            return await dev.wait_for_connection(
-                lambda c: c.instance_id == self.instance_id, timeout=timeout
-            )
-        except TimeoutError as exc:
-            raise TimeoutError(f"{self.instance_id} not ready:\n{self.tail()}") from exc
+            await asyncio.wait(waitables, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not ready.done():
+                ready.cancel()
+        if ready.done() and not ready.cancelled():
+            if ready.exception() is None:
+                return ready.result()
+            raise TimeoutError(f"{self.instance_id} not ready after {timeout} s:\n"
+                               + self.tail())
+        assert self._proc is not None
+        code = await self._proc.wait()
+        last = self.logs[-1].get("message", "") if self.logs else ""
+        raise RuntimeError(f"worker {self.instance_id} exited with code {code} before it "
+                           f"was ready: {last}".rstrip(": "))
 
     def send_signal(self, signum: int = signal.SIGTERM) -> None:
         assert self._proc is not None
+        if self._proc.returncode is not None:
+            return  # already gone (a crash): there is nobody to signal
         if self.signalled_at is None:
             self.signalled_at = time.time()
         self._proc.send_signal(signum)
@@ -124,6 +147,29 @@ class WorkerProcess:
     def kill(self) -> None:
         if self._proc is not None and self._proc.returncode is None:
             self._proc.kill()
+
+    def crash(self) -> None:
+        """SIGKILL, recorded as a crash: nothing of the drain runs."""
+        if self._proc is not None and self._proc.returncode is None:
+            self.killed_at = time.time()
+            self._proc.send_signal(signal.SIGKILL)
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    def rss_bytes(self) -> int | None:
+        """Resident memory from /proc (Linux); None elsewhere or once exited."""
+        if not self.alive:
+            return None
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
 
     async def wait(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109
         """Wait for exit; returns the exit code (kills the process on timeout)."""
@@ -168,8 +214,22 @@ class WorkerProcess:
                 await self._reader
 
 
+async def replace_when_ready(dev: DevServer, live: list[WorkerProcess], slot: int,
+                             replacement: WorkerProcess, timeout: float = 15.0) -> WorkerProcess:  # noqa: ASYNC109
+    """One step of a rolling deploy, the way Railway does it with a healthcheck: start
+    ``replacement``, wait until it is READY, then put it in ``live[slot]`` and SIGTERM
+    the process it replaces (whichever is there by then: a crash may have restarted it
+    meanwhile). Returns that old process; the caller awaits its exit."""
+    await replacement.start()
+    await replacement.wait_ready(dev, timeout)
+    old, live[slot] = live[slot], replacement
+    old.send_signal()
+    return old
+
+
 def read_executions(path: str) -> list[dict[str, Any]]:
-    """Step-body executions recorded by examples.execution_log (one JSON line each)."""
+    """Step-body executions recorded by connect_worker.lab.apps.execution_log (one JSON
+    line each)."""
     try:
         with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]

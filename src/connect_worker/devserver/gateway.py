@@ -89,6 +89,10 @@ def worker_group_hash(
     return hashlib.sha256(":".join(parts).encode()).hexdigest()
 
 
+# A frame on a slow wire: (due, frame, kind, conn_id, request_id).
+_Late = tuple[float, bytes, int, str | None, str | None]
+
+
 class _HandshakeError(Exception):
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
@@ -124,6 +128,8 @@ class Gateway:
         self.urls: dict[str, str] = {}
         self.ports: dict[str, int] = {}
         self.draining_groups: set[str] = set()
+        # Frames delayed by faults.frame_latency, per socket (see _write).
+        self._outboxes: dict[ServerConnection, asyncio.Queue[_Late]] = {}
         # request_id -> instance owning the lease of a request forwarded twice
         # (Faults.dual_dispatch): extensions from the other copy are NACKed. An instance,
         # not a connection: the owner may extend over a newer connection after a drop.
@@ -174,6 +180,8 @@ class Gateway:
                 return connection.respond(HTTPStatus.OK, "ok\n")
             if path != "/v0/connect":
                 return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+            if self.state.faults.gateway_down():
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "restarting\n")
             return None
 
         return process_request
@@ -203,6 +211,17 @@ class Gateway:
         lock: asyncio.Lock | None = None,
     ) -> bool:
         frame = pb.ConnectMessage(kind=kind, payload=payload).SerializeToString()  # type: ignore[arg-type]
+        latency = self.state.faults.frame_latency
+        outbox = self._outboxes.get(ws)
+        if latency > 0 or outbox is not None:
+            # faults.frame_latency: the frame is on a slow wire. The caller goes on at once
+            # (as after a write into the kernel's buffer); one sender per socket delivers
+            # the frames in order, each ``latency`` after it was written.
+            if outbox is None:
+                outbox = self._outboxes[ws] = asyncio.Queue()
+                self._spawn_background(self._send_late(ws, outbox))
+            outbox.put_nowait((time.monotonic() + latency, frame, kind, conn_id, request_id))
+            return True
         try:
             if lock is not None:
                 async with lock:
@@ -215,6 +234,23 @@ class Gateway:
             return False
         self.state.record("out", kind_name(kind), conn_id, request_id)
         return True
+
+    async def _send_late(self, ws: ServerConnection, outbox: asyncio.Queue[_Late]) -> None:
+        try:
+            while True:
+                due, frame, kind, conn_id, request_id = await outbox.get()
+                if not frame:
+                    return  # the connection ended
+                if due > time.monotonic():
+                    await asyncio.sleep(due - time.monotonic())
+                try:
+                    async with asyncio.timeout(self.config.write_timeout):
+                        await ws.send(frame)
+                except (ConnectionClosed, TimeoutError, OSError):
+                    return  # what was still on the wire is lost with the socket
+                self.state.record("out", kind_name(kind), conn_id, request_id)
+        finally:
+            self._outboxes.pop(ws, None)
 
     async def send(self, conn: GatewayConnection, kind: int, payload: bytes = b"", *,
                    request_id: str | None = None) -> bool:
@@ -396,10 +432,18 @@ class Gateway:
 
     async def _read_loop(self, conn: GatewayConnection) -> None:
         info = conn.info
+        # With faults.frame_latency, frames go through a delay line (due time, frame) so
+        # that they keep their order and a burst is not slowed down frame by frame.
+        late: asyncio.Queue[tuple[float, pb.ConnectMessage]] | None = None
         while True:
             try:
                 frame = await conn.ws.recv()
             except ConnectionClosed:
+                if late is not None:
+                    # Frames read before the close were on the wire before it.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.state.faults.frame_latency + 2):
+                            await late.join()
                 return
             if not isinstance(frame, bytes):
                 # Binary frames only (assumption: close 1003 unsupported data).
@@ -411,7 +455,26 @@ class Gateway:
                 self.state.record("in", "UNDECODABLE", info.conn_id)
                 self.state.error(f"undecodable frame on {info.conn_id}")
                 continue
-            await self._handle(conn, msg)
+            latency = self.state.faults.frame_latency
+            if late is None and latency <= 0:
+                await self._handle(conn, msg)
+                continue
+            if late is None:
+                late = asyncio.Queue()
+                self._spawn(conn, self._deliver_late(conn, late))
+            late.put_nowait((time.monotonic() + latency, msg))
+
+    async def _deliver_late(
+        self, conn: GatewayConnection, late: asyncio.Queue[tuple[float, pb.ConnectMessage]]
+    ) -> None:
+        while True:
+            due, msg = await late.get()
+            try:
+                if due > time.monotonic():
+                    await asyncio.sleep(due - time.monotonic())
+                await self._handle(conn, msg)
+            finally:
+                late.task_done()
 
     async def _handle(self, conn: GatewayConnection, msg: pb.ConnectMessage) -> None:
         info = conn.info
@@ -449,9 +512,9 @@ class Gateway:
             self.state.record("in", "WORKER_REQUEST_ACK", info.conn_id, ack.request_id)
             delay = self.state.faults.delay_request_ack
             if delay > 0:
-                self._spawn(conn, self._ack_later(ack.request_id, delay, conn))
+                self._spawn(conn, self._ack_later(conn, ack.request_id, delay))
             else:
-                self._complete_ack(ack.request_id, conn)
+                self._complete_ack(conn, ack.request_id)
         elif kind == Kind.WORKER_REQUEST_EXTEND_LEASE:
             ext = pb.WorkerRequestExtendLeaseData()
             ok = _parse(ext, msg.payload)
@@ -508,20 +571,23 @@ class Gateway:
         conn.tasks.add(task)
         task.add_done_callback(conn.tasks.discard)
 
-    async def _ack_later(self, request_id: str, delay: float,
-                         conn: GatewayConnection | None = None) -> None:
+    async def _ack_later(self, conn: GatewayConnection, request_id: str, delay: float) -> None:
         await asyncio.sleep(delay)
-        self._complete_ack(request_id, conn)
+        self._complete_ack(conn, request_id)
 
-    def _complete_ack(self, request_id: str, acking: GatewayConnection | None = None) -> None:
-        # The acking connection's own forward first: a request forwarded to two
-        # connections at once (Faults.dual_dispatch) has a pending ACK on each.
-        for conn in ([acking] if acking is not None else []) + list(self.live.values()):
-            fut = conn.pending.get(request_id)
-            if fut is not None and not fut.done():
-                fut.set_result(True)
-                return
-        log.debug("late or unknown WORKER_REQUEST_ACK for %s", request_id)
+    def _complete_ack(self, conn: GatewayConnection, request_id: str) -> None:
+        """Complete the pending forward of ``request_id`` on the connection the ACK came in
+        on (completePendingAck is per connection handler). A late ACK, for a forward that
+        already failed when its connection left READY, is ignored even when the request
+        has since been re-routed to another connection: the re-route race of §5.2. (A
+        request forwarded to two connections at once, Faults.dual_dispatch, has a pending
+        ACK on each.)"""
+        fut = conn.pending.get(request_id)
+        if fut is not None and not fut.done():
+            fut.set_result(True)
+            return
+        self.state.record("in", "ACK_IGNORED", conn.info.conn_id, request_id,
+                          detail="no pending forward on this connection")
 
     async def _extend(self, conn: GatewayConnection, ext: pb.WorkerRequestExtendLeaseData) -> None:
         faults = self.state.faults
@@ -663,6 +729,18 @@ class Gateway:
         targets = [c.info.conn_id for c in self.live.values() if c.info.gateway_group == group]
         await asyncio.gather(*(self.gateway_closing(cid) for cid in targets))
 
+    async def restart(self, down_for: float) -> None:
+        """Restart like a crashed gateway: drop every socket (no close frame), refuse
+        upgrades and /v0/connect/start for ``down_for`` seconds."""
+        self.state.faults.gateway_down_until = time.monotonic() + down_for
+        self.state.record("out", "GATEWAY_RESTART", detail=f"down for {down_for:.2f} s")
+        conns = list(self.live.values())
+        for conn in conns:
+            conn.info.close_class = "GATEWAY_RESTART"
+            conn.ws.transport.abort()
+        for conn in conns:
+            await self._wait_closed(conn)
+
     async def send_raw(self, conn_id: str, data: bytes | str) -> None:
         conn = self.live.get(conn_id)
         if conn is None:
@@ -682,6 +760,10 @@ class Gateway:
         info.set_phase(Phase.DISCONNECTING)
         info.status = ConnStatus.DISCONNECTING
         conn.fail_pending()
+        outbox = self._outboxes.get(conn.ws)
+        if outbox is not None:
+            # Stop the late sender; what was still on the wire is lost with the socket.
+            outbox.put_nowait((0.0, b"", 0, None, None))
         for task in list(conn.tasks):
             task.cancel()
         ws = conn.ws

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -222,6 +223,15 @@ class DevServer:
     async def drain_gateway(self, group: str) -> None:
         """Drain a whole gateway group; it refuses new upgrades from then on."""
         await self.gateway.drain_group(group)
+
+    async def restart_gateway(self, down_for: float) -> None:
+        """Every gateway group restarts: all sockets drop (no close frame), and
+        ``/v0/connect/start`` and WebSocket upgrades answer 503 for ``down_for`` s."""
+        await self.gateway.restart(down_for)
+
+    def fail_flush(self, seconds: float) -> None:
+        """``/v0/connect/flush`` answers 503 for the next ``seconds``."""
+        self.faults.flush_failing_until = time.monotonic() + seconds
 
     async def send_raw(self, conn_id: str, data: bytes | str) -> None:
         await self.gateway.send_raw(conn_id, data)

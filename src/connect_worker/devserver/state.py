@@ -297,6 +297,17 @@ class Faults:
     # other copy runs too but its lease extensions are NACKed, like the loser of a
     # re-route race. Decremented per forward that found a second connection.
     dual_dispatch: int = 0
+    # A whole-gateway restart (DevServer.restart_gateway drops every socket): until
+    # this time.monotonic(), /v0/connect/start answers 503 and upgrades are refused.
+    gateway_down_until: float = 0.0
+    # /v0/connect/flush answers 503 until this time.monotonic() (DevServer.fail_flush).
+    flush_failing_until: float = 0.0
+    # Seconds added to every frame in each direction, like a slow network: frames keep
+    # their order, and a frame in flight when the socket drops is lost.
+    frame_latency: float = 0.0
+
+    def gateway_down(self) -> bool:
+        return time.monotonic() < self.gateway_down_until
 
 
 class DevState:

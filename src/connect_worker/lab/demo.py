@@ -10,9 +10,9 @@ that a v2 replica continues), waits for the gateway's ``WORKER_REPLY_ACK``,
 closes and exits 0.
 
 Everything is real except Inngest and the model: the local gateway
-(``connect_worker.devserver``) runs in this process, every worker is a
-``connect-worker run examples.reports`` subprocess running the example report
-functions (``generate-report``, ``generate-discovery-report``,
+(``connect_worker.devserver``) runs in this process, every worker is a ``connect-worker
+run connect_worker.lab.apps.reports`` subprocess running the example report functions
+(``generate-report``, ``generate-discovery-report``,
 ``generate-hybrid-report``), and their model calls go to the simulated provider
 (``CONNECT_WORKER_LLM_PROVIDER=simulated``: realistic latency divided by
 ``--speedup``, streaming, token usage) through one SQLite result cache that every
@@ -48,12 +48,12 @@ from ..devserver.fleet import WorkerProcess, read_executions
 from .simulate import SimulationResult, SimulationSettings, tally
 from .timeline import Note, from_simulation, render_svg
 
-TARGET = "examples.reports"
+TARGET = "connect_worker.lab.apps.reports"
 
 
 @dataclass(frozen=True)
 class ReportKind:
-    """One of the example report functions (examples/reports/pipelines.py)."""
+    """One of the example report functions (connect_worker/lab/apps/reports/pipelines.py)."""
 
     fn_id: str
     event: str
@@ -605,9 +605,10 @@ def _seed(text: str) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="connect-worker demo",
-        description="A rolling deploy in the middle of a few LLM reports (examples.reports "
-        "on a simulated model), on the local gateway with real worker processes: narrates "
-        "it, prints a summary and writes a timeline SVG.",
+        description="A rolling deploy in the middle of a few LLM reports (the report "
+        "functions shipped in connect_worker.lab.apps.reports, on a simulated model), on "
+        "the local gateway with real worker processes: narrates it, prints a summary and "
+        "writes a timeline SVG.",
     )
     d = DemoSettings()
     parser.add_argument("--reports", type=int, default=d.reports,

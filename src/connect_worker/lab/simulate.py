@@ -21,14 +21,15 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..devserver import DevServer, DevServerConfig, RunStatus
-from ..devserver.fleet import WorkerProcess, read_executions
+from ..devserver.fleet import WorkerProcess, read_executions, replace_when_ready
 
-TARGET = "examples.pipeline"
+TARGET = "connect_worker.lab.apps.pipeline"
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,6 @@ class SimulationResult:
         )
 
     def rows(self) -> list[tuple[str, str]]:
-        drains = sorted(self.drain_seconds)
-        p50 = f"{statistics.median(drains):.2f} s" if drains else "-"
-        worst = f"{drains[-1]:.2f} s" if drains else "-"
         codes = ", ".join(f"{code}: {n}" for code, n in sorted(self.exit_codes.items()))
         s = self.settings
         return [
@@ -93,16 +91,27 @@ class SimulationResult:
             ("duplicate executions", str(self.duplicate_executions)),
             ("lost replies", str(self.lost_replies)),
             ("steps interrupted or abandoned", str(self.steps_abandoned)),
-            ("drain time p50 / max (SIGTERM to exit)", f"{p50} / {worst}"),
+            ("drain time p50 / max (SIGTERM to exit)", drain_summary(self.drain_seconds)),
             ("worker exit codes (all stopped)", codes or "-"),
             ("wall time", f"{self.wall_seconds:.1f} s"),
         ]
 
     def table(self) -> str:
-        width = max(len(k) for k, _ in self.rows())
-        lines = [f"{k.ljust(width)}  {v}" for k, v in self.rows()]
         verdict = "OK: no report interrupted, repeated or lost" if self.ok else "PROBLEMS FOUND"
-        return "\n".join([*lines, verdict])
+        return render_table(self.rows(), verdict)
+
+
+def render_table(rows: list[tuple[str, str]], verdict: str) -> str:
+    """Two aligned columns and a verdict line (the simulator's and the soak's tables)."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([*(f"{k.ljust(width)}  {v}" for k, v in rows), verdict])
+
+
+def drain_summary(seconds: list[float]) -> str:
+    """``p50 / max`` of drain times (SIGTERM to exit)."""
+    if not seconds:
+        return "- / -"
+    return f"{statistics.median(seconds):.2f} s / {max(seconds):.2f} s"
 
 
 async def run_simulation(
@@ -138,17 +147,18 @@ async def run_simulation(
                 await process.wait_ready(dev)
             run_ids: list[str] = []
             stop_load = asyncio.Event()
-            load = asyncio.create_task(_keep_load(dev, settings, run_ids, stop_load))
+            load = asyncio.create_task(keep_load(
+                dev, settings.reports_in_flight, run_ids, stop_load,
+                lambda: dev.send_event("report/long", {"sections": settings.sections}),
+                settings.settle_timeout,
+            ))
             drains: list[asyncio.Task[int]] = []
             for _ in range(settings.deploys):
                 await asyncio.sleep(settings.deploy_interval)
                 version += 1
                 for replica in range(settings.replicas):
                     replacement = spawn(replica)
-                    await replacement.start()
-                    await replacement.wait_ready(dev)
-                    old, live[replica] = live[replica], replacement
-                    old.send_signal()
+                    old = await replace_when_ready(dev, live, replica, replacement)
                     drains.append(asyncio.create_task(old.wait(settings.drain_timeout + 30)))
                     if not quiet:
                         print(f"  deploy v{version}: replica {replica} replaced "
@@ -169,18 +179,26 @@ async def run_simulation(
     return result
 
 
-async def _keep_load(dev: DevServer, settings: SimulationSettings, run_ids: list[str],
-                     stop: asyncio.Event) -> None:
-    """Keep ``reports_in_flight`` reports running until ``stop`` is set."""
+async def keep_load(dev: DevServer, in_flight_target: int, run_ids: list[str],
+                    stop: asyncio.Event, send: Callable[[], Awaitable[list[str]]],
+                    timeout: float) -> None:  # noqa: ASYNC109
+    """Keep ``in_flight_target`` runs going (``send()`` starts one) until ``stop`` is set."""
+    running: set[str] = set()
+
     def in_flight() -> int:
-        return sum(1 for r in run_ids if not dev.runs[r].status.terminal)
+        # Only the runs still going are looked at (a long soak sends thousands).
+        for run_id in [r for r in running if dev.runs[r].status.terminal]:
+            running.discard(run_id)
+        return len(running)
 
     while not stop.is_set():
-        while in_flight() < settings.reports_in_flight:
-            run_ids.extend(await dev.send_event("report/long", {"sections": settings.sections}))
+        while in_flight() < in_flight_target:
+            started = await send()
+            run_ids.extend(started)
+            running.update(started)
         waiter = asyncio.create_task(
-            dev.wait_for(lambda: in_flight() < settings.reports_in_flight or stop.is_set(),
-                          timeout=settings.settle_timeout)
+            dev.wait_for(lambda: in_flight() < in_flight_target or stop.is_set(),
+                         timeout=timeout)
         )
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,11 +1,12 @@
 """The Inngest app: three report functions, each a pipeline of LLM steps.
 
-Run it on connect_worker (``connect-worker run examples.reports``) with real keys
-(``OPENAI_API_KEY`` or ``ANTHROPIC_API_KEY``) or offline with
+Run it on connect_worker (``connect-worker run connect_worker.lab.apps.reports``) with
+real keys (``OPENAI_API_KEY`` or ``ANTHROPIC_API_KEY``) or offline with
 ``CONNECT_WORKER_LLM_PROVIDER=simulated`` (``CONNECT_WORKER_LLM_SIM_SPEEDUP=50`` for a
 fast demo). Each step body run appends one line to the file named by
-``CONNECT_WORKER_EXECUTION_LOG`` when it is set (see :mod:`examples.execution_log`), so
-the demo and tests can prove that no step ran twice.
+``CONNECT_WORKER_EXECUTION_LOG`` when it is set (see
+:mod:`connect_worker.lab.apps.execution_log`), so the demo and tests can prove that no
+step ran twice.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 
 import inngest
 
+from connect_worker.lab.apps.execution_log import record
 from connect_worker.llm import LLM
-from examples.execution_log import record
 
 from .pipelines import PIPELINES, Pipeline, Step, Writer, run_pipeline
 
