@@ -17,6 +17,7 @@ import logging
 import pytest
 
 from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
+from connect_worker.protocol import pb
 
 from .apps import probe
 from .harness import running_worker
@@ -119,3 +120,33 @@ async def test_reconnect_backoff_stays_inside_the_leases_of_steps_in_flight(
     assert len(dev.start_calls) >= 10  # the first, eight refused, the one that worked
     assert probe.counts["slow"] == 1, "a lease lapsed during the backoff: the step ran twice"
     assert not lease_lost_records(caplog)
+
+
+async def test_a_request_forwarded_again_after_delivery_is_answered_not_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The gateway forwards a request again after the worker delivered its reply (it
+    never counted the worker's ACK, and the worker came back routable): the worker
+    answers with the reply it kept and does not run the step body again."""
+    caplog.set_level(logging.INFO, logger="connect_worker")
+    async with DevServer(DevServerConfig.fast()) as dev, running_worker(dev, instance_id="a"):
+        conn = await dev.wait_for_connection()
+        [run_id] = await dev.send_event("t/slow", {"seconds": 0.05})
+        run = await dev.wait_for_run(run_id, timeout=10)
+        step = next(d for d in dev.dispatches if d.run_id == run_id)
+        replies_before = [r for r in dev.replies if r.request_id == step.request_id]
+        again = pb.GatewayExecutorRequestData(
+            request_id=step.request_id, run_id=run_id, app_name="engine",
+            function_slug=step.function_slug, step_id=step.step_id, job_id=step.job_id,
+            lease_id="01J0000000000000000000000", request_payload=b"{}",
+        )
+        assert await dev.send_message(conn.conn_id, pb.GatewayMessageType.GATEWAY_EXECUTOR_REQUEST,
+                                      again.SerializeToString())
+        await dev.wait_for(lambda: len([r for r in dev.replies
+                                        if r.request_id == step.request_id])
+                           > len(replies_before), 5)
+
+    assert run.status is RunStatus.COMPLETED
+    assert probe.counts["slow"] == 1
+    assert [r.__dict__["fields"]["request_id"] for r in caplog.records
+            if getattr(r, "event", None) == "request.redelivered"] == [step.request_id]

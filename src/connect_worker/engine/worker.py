@@ -45,7 +45,7 @@ import os
 import platform
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -104,6 +104,11 @@ EXTENSION_BATCH = 256
 # Hand-back replies at the drain deadline get this long to be acknowledged (socket or
 # flush) before the process exits: the platform's SIGKILL is close behind.
 HAND_BACK_TIMEOUT = 1.5
+# Delivered replies are kept this long (and at most this many) so a request the gateway
+# forwards again after we delivered it is answered, not run again: it re-routes a forward
+# it never saw ACKed for up to about the route wait (10 s) per attempt, three attempts.
+DELIVERED_REPLY_TTL = 60.0
+DELIVERED_REPLIES_KEPT = 1024
 # How long the deadline waits for the gateway to confirm steps it never confirmed
 # before handing them back (those it does not confirm are not handed back).
 OWNERSHIP_ANSWER_TIMEOUT = 0.5
@@ -249,6 +254,8 @@ class Worker:
         self._running = 0  # steps in the SDK, for max_worker_concurrency
         self._queued: deque[Step] = deque()  # ACKed, waiting for max_worker_concurrency
         self._to_start: list[Step] = []  # ACKed in this loop iteration (_start_acked)
+        # request id -> (delivered at, reply) for the newest delivered replies, oldest first
+        self._delivered_replies: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._due_checks: list[Step] = []  # early ownership checks to send now
         self._checks_task: asyncio.Task[None] | None = None
         self._checks = _Deadlines(OWNERSHIP_CHECK_DELAY, self._check_ownership)
@@ -550,6 +557,18 @@ class Worker:
             if session.conn.accepts_work:
                 session.send_now(WorkerConnection.ack, request)
             return
+        delivered = self._delivered_replies.get(request.request_id)
+        if delivered is not None:
+            # Delivered already, yet forwarded again: the gateway never counted our ACK
+            # and re-forwarded the request once this worker was routable again (the soak
+            # saw steps run twice this way). Answer with the same reply; never run it.
+            if session.conn.accepts_work:
+                session.send_now(WorkerConnection.ack, request)
+            session.send_now(WorkerConnection.reply, delivered[1])
+            event(log, "request.redelivered", level=logging.WARNING, conn_id=session.id,
+                  request_id=request.request_id, run_id=request.run_id,
+                  delivered_ago=round(time.monotonic() - delivered[0], 3))
+            return
         if self._draining or not session.conn.accepts_work:
             # Not acking makes the gateway re-route it at once (it fails un-ACKed
             # forwards when it processes our PAUSE).
@@ -703,7 +722,20 @@ class Worker:
         if step.wake is not None:
             step.wake.set()
         self._steps.pop(step.request.request_id, None)
+        if step.reply is not None:
+            self._remember_delivered(step.request.request_id, step.reply)
         self._notify()
+
+    def _remember_delivered(self, request_id: str, reply: bytes) -> None:
+        """Keep the newest replies a while, for a request the gateway forwards again."""
+        recent = self._delivered_replies
+        now = time.monotonic()
+        recent[request_id] = (now, reply)
+        while recent:
+            oldest_at = next(iter(recent.values()))[0]
+            if len(recent) <= DELIVERED_REPLIES_KEPT and now - oldest_at < DELIVERED_REPLY_TTL:
+                break
+            recent.popitem(last=False)
 
     # ----- steps ---------------------------------------------------------------------
 
