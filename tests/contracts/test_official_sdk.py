@@ -9,7 +9,6 @@ import contextlib
 import datetime
 import importlib
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import inngest
@@ -17,10 +16,10 @@ import pytest
 from inngest._internal import const as inngest_const
 from inngest.connect import connect
 
-from connect_worker.config import Config
 from connect_worker.devserver import ConnStatus, DevServer, DevServerConfig, RunStatus
 from connect_worker.devserver.testing import realistic_races
-from connect_worker.engine.worker import Worker
+
+from ..engine.harness import running_worker
 
 
 async def test_official_sdk_completes_three_step_run() -> None:
@@ -285,7 +284,8 @@ async def test_defer_runs_after_the_parent_completes(client_kind: str) -> None:
             if client_kind == "official":
                 await stack.enter_async_context(_SDKWorker(dev, fns, client))
             else:
-                worker = await stack.enter_async_context(running_worker(dev, client, fns))
+                worker = await stack.enter_async_context(running_worker(
+                    dev, [(client, fns)], instance_id="contract-engine", drain_timeout=10.0))
             run_id = (await dev.send_event("contract/defer"))[0]
             run = await dev.wait_for_run(run_id)
             assert run.status is RunStatus.COMPLETED and run.output == "A", dev.dump()
@@ -302,23 +302,3 @@ async def test_defer_runs_after_the_parent_completes(client_kind: str) -> None:
                 done = worker.metrics.steps_total.labels(
                     function="defer-app-parent", outcome="done")._value.get()
                 assert done == 1
-
-
-@contextlib.asynccontextmanager
-async def running_worker(dev: DevServer, client: inngest.Inngest,
-                         fns: list[inngest.Function[Any]]) -> AsyncIterator[Worker]:
-    """This project's worker (engine/executor.py runs the SDK) serving ``fns``."""
-    config = Config(dev=True, api_base_url=dev.api_url, http_port=None,
-                    instance_id="contract-engine", drain_timeout=10.0, reply_ack_timeout=0.5)
-    worker = Worker(config, [(client, fns)])
-    task = asyncio.create_task(worker.run())
-    try:
-        await asyncio.wait_for(worker.wait_ready(), 15)
-        yield worker
-    finally:
-        worker.request_shutdown()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 20)
-        except TimeoutError:
-            worker.abort()
-            await asyncio.wait_for(task, 5)

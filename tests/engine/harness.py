@@ -9,6 +9,7 @@ from typing import Any
 
 from connect_worker.config import Config
 from connect_worker.devserver import DevServer
+from connect_worker.engine.executor import App
 from connect_worker.engine.worker import Worker
 
 from . import apps
@@ -30,8 +31,12 @@ def worker_config(server: DevServer, /, **overrides: Any) -> Config:
 
 
 @asynccontextmanager
-async def running_worker(server: DevServer, /, **overrides: Any) -> AsyncIterator[Worker]:
-    worker = Worker(worker_config(server, **overrides), [(apps.client, apps.functions)])
+async def running_worker(
+    server: DevServer, /, serve: list[App] | None = None, **overrides: Any
+) -> AsyncIterator[Worker]:
+    """A Worker serving ``serve`` (default: the engine test apps) until the block ends."""
+    worker = Worker(worker_config(server, **overrides),
+                    serve or [(apps.client, apps.functions)])
     task = asyncio.create_task(worker.run())
     try:
         await asyncio.wait_for(worker.wait_ready(), 10)

@@ -18,14 +18,13 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
+import referencing
+import yaml
 
 from connect_worker.config import RAILWAY_DRAIN_SAFETY_MARGIN, Config
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate")  # dev group: always in CI
-yaml = pytest.importorskip("yaml")
-jsonschema = pytest.importorskip("jsonschema")
-referencing = pytest.importorskip("referencing")
 
 REPO = Path(__file__).resolve().parents[2]
 KUBE = REPO / "deploy" / "kubernetes"
