@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +30,18 @@ class RequestIdentity:
     app_name: str
     function_slug: str
     step_id: str | None
-    attempt: int
+    # The request's JSON body, read only when ``attempt`` is asked for: parsing it on
+    # every request cost as much as a tenth of the worker's own per-step CPU.
+    payload: bytes = field(default=b"", repr=False, compare=False)
+
+    @property
+    def attempt(self) -> int:
+        """Which attempt of the step this is (``ctx.attempt``; 0 for the first)."""
+        try:
+            value = json.loads(self.payload)["ctx"]["attempt"]
+        except (ValueError, KeyError, TypeError):
+            return 0
+        return value if isinstance(value, int) else 0
 
 
 _current: ContextVar[RequestIdentity | None] = ContextVar("connect_worker_request", default=None)

@@ -33,6 +33,7 @@ class Probe:
         self.cancelled: Counter[str] = Counter()
         self.finished: Counter[str] = Counter()
         self.job_ids: list[str] = []
+        self.attempts: list[int] = []  # current_request().attempt, as step bodies saw it
         self.running = 0
         self.max_running = 0
 
@@ -143,4 +144,22 @@ async def drain_aware(ctx: inngest.Context) -> str:
     return await ctx.step.run("loop", long_loop)
 
 
-functions = [three_steps, gated, slow, blocking, sync_fn, drain_aware]
+@client.create_function(fn_id="second-try", trigger=inngest.TriggerEvent(event="t/second-try"),
+                        retries=1)
+async def second_try(ctx: inngest.Context) -> list[int]:
+    """Fails its first attempt; returns the attempt numbers its step body saw."""
+
+    async def work() -> list[int]:
+        request = connect_worker.current_request()
+        assert request is not None
+        probe.enter("second-try")
+        seen = probe.attempts
+        seen.append(request.attempt)
+        if request.attempt == 0:
+            raise RuntimeError("the first attempt fails")
+        return list(seen)
+
+    return await ctx.step.run("work", work)
+
+
+functions = [three_steps, gated, slow, blocking, sync_fn, drain_aware, second_try]

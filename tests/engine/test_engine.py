@@ -214,6 +214,15 @@ async def test_sync_function_sees_its_request_identity(dev: DevServer) -> None:
     assert run.output in {d.job_id for d in dev.dispatches}
 
 
+async def test_step_body_sees_which_attempt_it_is(dev: DevServer) -> None:
+    async with running_worker(dev):
+        [run_id] = await dev.send_event("t/second-try", {})
+        run = await dev.wait_for_run(run_id, timeout=15)
+    assert run.status is RunStatus.COMPLETED
+    assert run.output == [0, 1]
+    assert probe.counts == {"second-try": 2}
+
+
 async def test_shutdown_mid_step_pauses_finishes_and_closes_cleanly(dev: DevServer) -> None:
     async with running_worker(dev) as worker:
         [run_id] = await dev.send_event("t/gated", {})

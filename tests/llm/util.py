@@ -17,7 +17,7 @@ SECRET = "sk-test-Zq8XvN3p0Lm2Kj5Hg7Fd"
 def serving(job_id: str, request_id: str, run_id: str = "run-1") -> Iterator[None]:
     """Pretend to be inside the executor, serving one attempt (request) of one step (job)."""
     token = _current.set(RequestIdentity(request_id, run_id, job_id, "reports",
-                                         "reports-generate-report", None, 0))
+                                         "reports-generate-report", None))
     try:
         yield
     finally:

@@ -88,22 +88,41 @@ class _ContextThreadPool(concurrent.futures.ThreadPoolExecutor):
         return super().submit(context.run, fn, *args, **kwargs)
 
 
-class _UntrackedAsyncBlock(net._AsyncBlockServerTiming):
-    """The SDK's event-loop-block timing without its tracker task.
+class _NoTiming(net.ServerTiming):
+    """A timer that measures nothing: the SDK's timings only fill an HTTP
+    ``Server-Timing`` header, and Connect replies carry no headers."""
 
-    For each request in progress the SDK runs a task that wakes every 100 ms, only to
-    fill an HTTP ``Server-Timing`` header; Connect replies carry no headers. With
-    thousands of steps in flight those wake-ups were most of the worker's CPU.
-    """
+    def __init__(self) -> None:
+        super().__init__("")
 
-    def __enter__(self) -> _UntrackedAsyncBlock:
+    def __enter__(self) -> _NoTiming:
         return self
 
+    def __exit__(self, *args: object) -> None:
+        pass
 
-def _connect_timings() -> net.ServerTimings:
-    timings = net.ServerTimings()
-    timings.async_block = _UntrackedAsyncBlock("async_block")
-    return timings
+    def to_header(self) -> str:
+        return ""
+
+
+class _NoTimings(net.ServerTimings):
+    """The SDK's per-request timings, not measured.
+
+    Its default runs, for each request, a task waking every 100 ms to time event-loop
+    blocking (with thousands of steps in flight those wake-ups were most of the worker's
+    CPU), and six timers and a header string per request. Stateless, so one is shared.
+    """
+
+    def __init__(self) -> None:  # no super().__init__(): it builds the real timers
+        self.async_block = self.comm_handler = self.function = _NO_TIMING  # type: ignore[assignment]
+        self.mw_transform_input = self.mw_transform_output = self.use_api = _NO_TIMING
+
+    def to_header(self) -> str:
+        return ""
+
+
+_NO_TIMING = _NoTiming()
+_NO_TIMINGS = _NoTimings()
 
 
 def error_outcome(name: str, message: str, *, no_retry: bool = False) -> Outcome:
@@ -180,10 +199,11 @@ class Executor:
         return await self.user_loop.run(self._call(request))
 
     def submit(self, request: ExecutorRequest,
-               on_done: Callable[[asyncio.Future[Outcome]], None]) -> asyncio.Future[Outcome]:
-        """Start ``request`` on the user loop; ``on_done`` gets the future once it is done.
-        Cancelling the future cancels the user task."""
-        return self.user_loop.submit(self._call(request), on_done)
+               on_done: Callable[[asyncio.Future[Outcome]], None],
+               loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future[Outcome]:
+        """Start ``request`` on the user loop; ``on_done`` gets the future (of ``loop``,
+        the caller's) once it is done. Cancelling the future cancels the user task."""
+        return self.user_loop.submit(self._call(request), on_done, loop)
 
     async def _call(self, request: ExecutorRequest) -> Outcome:
         handler = self._handlers[request.app_name]
@@ -194,7 +214,7 @@ class Executor:
             app_name=request.app_name,
             function_slug=request.function_slug,
             step_id=request.step_id,
-            attempt=_attempt(request.request_payload),
+            payload=request.request_payload,
         )
         headers = {_REQUEST_ID: request.request_id}
         if request.job_id:
@@ -215,7 +235,7 @@ class Executor:
                     request_url="",
                     serve_origin=None,
                     serve_path=None,
-                    timings=_connect_timings(),
+                    timings=_NO_TIMINGS,
                 )
             )
         finally:
@@ -247,10 +267,3 @@ def _ends_run(body: bytes) -> bool:
         isinstance(op, dict) and op.get("op") == "RunComplete" for op in ops
     )
 
-
-def _attempt(payload: bytes) -> int:
-    try:
-        value = json.loads(payload)["ctx"]["attempt"]
-    except (ValueError, KeyError, TypeError):
-        return 0
-    return value if isinstance(value, int) else 0

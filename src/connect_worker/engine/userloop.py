@@ -31,7 +31,7 @@ class _Inbox:
     """A queue of callables for one event loop, woken at most once per batch."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = self._loop = loop
         self._items: deque[Callable[[], None]] = deque()
         self._lock = threading.Lock()
         self._scheduled = False
@@ -96,7 +96,7 @@ class _Job(Generic[T]):
             self._coro.close()
             self._reply_to.put(self._resolve_cancelled)
             return
-        self._task = asyncio.get_running_loop().create_task(self._coro)
+        self._task = self._user.loop.create_task(self._coro)
         self._task.add_done_callback(self._done)
 
     def cancel_soon(self) -> None:  # on the engine loop
@@ -171,15 +171,17 @@ class UserLoop:
             self._ready.wait()
 
     def submit(self, coro: Coroutine[Any, Any, T],
-               on_done: Callable[[JobFuture[T]], None] | None = None) -> JobFuture[T]:
+               on_done: Callable[[JobFuture[T]], None] | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> JobFuture[T]:
         """Start ``coro`` on the user loop; its outcome arrives in the returned future,
-        which belongs to the calling loop, and ``on_done`` is called with it then.
+        which belongs to the calling loop (``loop``, when the caller knows it: finding
+        the running loop costs a system call), and ``on_done`` is called with it then.
         Cancelling that future cancels the user task.
 
         A future and a callback instead of a task awaiting one: the engine needs no task
         per step.
         """
-        engine = asyncio.get_running_loop()
+        engine = loop or asyncio.get_running_loop()
         reply_to = self._replies.get(engine)
         if reply_to is None:
             reply_to = self._replies[engine] = _Inbox(engine)

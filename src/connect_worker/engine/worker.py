@@ -197,9 +197,13 @@ class _Deadlines:
         self._on_due = on_due
         self._due: deque[tuple[float, str]] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        # Bound on first use: asyncio.get_running_loop() costs a system call (getpid).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, key: str) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         at = loop.time() + self.delay
         self._due.append((at, key))
         if self._timer is None:
@@ -207,7 +211,8 @@ class _Deadlines:
 
     def _fire(self) -> None:
         self._timer = None
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         now = loop.time()
         due = self._due
         keys: list[str] = []
@@ -223,6 +228,7 @@ class _Deadlines:
             self._timer.cancel()
             self._timer = None
         self._due.clear()
+        self._loop = None
 
 
 class Worker:
@@ -742,7 +748,8 @@ class Worker:
     def _execute(self, step: Step) -> None:
         """Start the step in the SDK; ``_step_returned`` gets its outcome."""
         self._running += 1
-        future = self._executor.submit(step.request, partial(self._step_returned, step))
+        future = self._executor.submit(step.request, partial(self._step_returned, step),
+                                       self._loop)
         step.task = future
         self._step_tasks.add(future)
 
