@@ -299,6 +299,7 @@ async def test_defer_runs_after_the_parent_completes(client_kind: str) -> None:
             assert not dev.errors, dev.errors
             if client_kind == "connect_worker":
                 # The parent ended in [DeferAdd, RunComplete]: counted as done, not a step.
-                done = worker.metrics.steps_total.labels(
-                    function="defer-app-parent", outcome="done")._value.get()
+                done = worker.metrics.registry.get_sample_value(
+                    "connect_worker_steps_total",
+                    {"function": "defer-app-parent", "outcome": "done"})
                 assert done == 1

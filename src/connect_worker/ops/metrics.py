@@ -9,9 +9,15 @@ own metrics on the same registry.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import metrics as _prometheus_metrics
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 PREFIX = "connect_worker_"
 
@@ -26,6 +32,159 @@ STEP_BUCKETS: tuple[float, ...] = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0,
     1200.0, 1800.0,
 )
+
+
+def _use_created() -> bool:
+    # prometheus_client's own switch (PROMETHEUS_DISABLE_CREATED_SERIES, or
+    # disable_created_metrics()), read at each scrape as its metrics do.
+    return bool(_prometheus_metrics._use_created)
+
+
+def _label_values(labelnames: tuple[str, ...], values: Sequence[object],
+                  kwargs: dict[str, object]) -> tuple[str, ...]:
+    """Label values in ``labelnames`` order, checked as prometheus_client checks them."""
+    if values and kwargs:
+        raise ValueError("can't pass both *args and **kwargs")
+    if kwargs:
+        if sorted(kwargs) != sorted(labelnames):
+            raise ValueError("Incorrect label names")
+        return tuple(str(kwargs[name]) for name in labelnames)
+    if len(values) != len(labelnames):
+        raise ValueError("Incorrect label count")
+    return tuple(str(value) for value in values)
+
+
+# The hot-path metrics: counted in plain attributes, read by a collector at scrape time.
+# prometheus_client takes a lock and checks several things on every inc() (about 1 us);
+# an executor request made about six of them. Every mutation happens on the engine's
+# event-loop thread, so there is one writer; a scrape from another thread reads values
+# that are each whole, and a histogram's count is derived from its buckets (count ==
+# +Inf bucket always).
+
+
+class CounterChild:
+    """One series of a hot counter: ``value`` may also be incremented directly."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class HistogramChild:
+    """One series of a hot histogram: per-bucket (not cumulative) counts and the sum."""
+
+    __slots__ = ("bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds  # ends with +Inf
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose bound is >= amount, as prometheus_client picks it.
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+
+class HotCounter(Collector):
+    """A counter with prometheus_client's exposition (``_total``, ``_created``), for
+    the engine's event-loop thread only."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
+                 registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], CounterChild] = {}
+        # An unlabelled counter is its own single series, exported from the start.
+        self._single = CounterChild() if not self._labelnames else None
+        if self._single is not None:
+            self._children[()] = self._single
+        registry.register(self)
+
+    def labels(self, *values: object, **kwargs: object) -> CounterChild:
+        key = _label_values(self._labelnames, values, kwargs)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = CounterChild()
+        return child
+
+    def inc(self, amount: float = 1.0) -> None:
+        if self._single is None:
+            raise ValueError(f"{self._name} has labels: call labels() first")
+        self._single.value += amount
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        created = _use_created()
+        for key, child in self._children.copy().items():
+            family.add_metric(key, float(child.value),
+                              created=child.created if created else None)
+        yield family
+
+
+class HotHistogram(Collector):
+    """A histogram with prometheus_client's exposition (buckets, ``_count``, ``_sum``,
+    ``_created``), for the engine's event-loop thread only."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
+                 buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        bounds = [float(b) for b in buckets]
+        if bounds != sorted(bounds):
+            raise ValueError("Buckets not in sorted order")
+        if bounds[-1] != float("inf"):
+            bounds.append(float("inf"))
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = tuple(bounds)
+        # The "le" label exactly as prometheus_client writes it ("1800.0", "+Inf").
+        self._les = [floatToGoString(b) for b in bounds]  # type: ignore[no-untyped-call]
+        self._children: dict[tuple[str, ...], HistogramChild] = {}
+        self._single = HistogramChild(self._bounds) if not self._labelnames else None
+        if self._single is not None:
+            self._children[()] = self._single
+        registry.register(self)
+
+    def labels(self, *values: object, **kwargs: object) -> HistogramChild:
+        key = _label_values(self._labelnames, values, kwargs)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = HistogramChild(self._bounds)
+        return child
+
+    def observe(self, amount: float) -> None:
+        if self._single is None:
+            raise ValueError(f"{self._name} has labels: call labels() first")
+        self._single.observe(amount)
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        created = _use_created()
+        for key, child in self._children.copy().items():
+            counts = child.counts.copy()  # one consistent snapshot of the buckets
+            total = 0.0
+            buckets = []
+            for le, count in zip(self._les, counts, strict=True):
+                total += count
+                buckets.append((le, total))
+            family.add_metric(key, buckets, child.sum)
+            if created:
+                family.add_sample(self._name + "_created",
+                                  dict(zip(self._labelnames, key, strict=True)), child.created)
+        yield family
 
 
 class WorkerMetrics:
@@ -64,20 +223,20 @@ class WorkerMetrics:
             "Executor requests currently running.",
             registry=r,
         )
-        self.steps_total = Counter(
+        self.steps_total = HotCounter(
             "connect_worker_steps_total",
             "Executor requests finished, by function and outcome.",
             ["function", "outcome"],
             registry=r,
         )
-        self.step_duration_seconds = Histogram(
+        self.step_duration_seconds = HotHistogram(
             "connect_worker_step_duration_seconds",
             "Wall time of executor requests, by function.",
             ["function"],
             buckets=STEP_BUCKETS,
             registry=r,
         )
-        self.requests_acked_total = Counter(
+        self.requests_acked_total = HotCounter(
             "connect_worker_requests_acked_total",
             "Executor requests accepted and acknowledged to the gateway.",
             registry=r,
@@ -88,12 +247,12 @@ class WorkerMetrics:
             ["reason"],
             registry=r,
         )
-        self.replies_sent_total = Counter(
+        self.replies_sent_total = HotCounter(
             "connect_worker_replies_sent_total",
             "Step results sent to the gateway as WORKER_REPLY.",
             registry=r,
         )
-        self.reply_acks_total = Counter(
+        self.reply_acks_total = HotCounter(
             "connect_worker_reply_acks_total",
             "WORKER_REPLY_ACK messages received from the gateway.",
             registry=r,
@@ -109,7 +268,7 @@ class WorkerMetrics:
             "Replies sent but not yet acknowledged by the gateway or flushed.",
             registry=r,
         )
-        self.lease_extensions_total = Counter(
+        self.lease_extensions_total = HotCounter(
             "connect_worker_lease_extensions_total",
             "Request lease extensions, by outcome (extended or nack).",
             ["outcome"],
@@ -146,9 +305,8 @@ class WorkerMetrics:
             "How late the event loop ran its last scheduled probe.",
             registry=r,
         )
-        # Label children of the per-step metrics, looked up once per (function, outcome):
-        # ``labels()`` takes a lock and builds a key on every call.
-        self._step_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        # Label children of the per-step metrics, looked up once per (function, outcome).
+        self._step_children: dict[tuple[str, str], tuple[CounterChild, HistogramChild]] = {}
         self.set_connection_state("disconnected")
         # Pre-create common label values so dashboards and alert rules see 0, not gaps.
         for outcome in ("extended", "nack"):
@@ -162,7 +320,7 @@ class WorkerMetrics:
                 self.steps_total.labels(function=function, outcome=outcome),
                 self.step_duration_seconds.labels(function=function),
             )
-        children[0].inc()
+        children[0].value += 1
         children[1].observe(duration)
 
     def set_build_info(self, version: str, app_version: str, deployment_id: str) -> None:
