@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+import sys
+import threading
+import time
+from typing import Any
 
-from connect_worker.ops.metrics import CONNECTION_STATES, WorkerMetrics
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+
+from connect_worker.ops.metrics import (
+    CONNECTION_STATES,
+    HotCounter,
+    HotHistogram,
+    WorkerMetrics,
+)
 
 # name -> (type, labels) — the contract with the engine, alerts and the dashboard.
 EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -128,3 +140,104 @@ def test_step_duration_buckets_reach_thirty_minutes(metrics: WorkerMetrics) -> N
 def test_two_registries_do_not_collide() -> None:
     WorkerMetrics(CollectorRegistry())
     WorkerMetrics(CollectorRegistry())
+
+
+# --- The hot-path metrics export exactly what prometheus_client's own objects would. ---
+
+
+def _twin_registry(m: WorkerMetrics) -> tuple[CollectorRegistry, dict[str, Any]]:
+    """A registry exporting, in the same order, prometheus_client twins of ``m``'s hot
+    metrics (same name, help, labels, buckets) and ``m``'s other metrics themselves."""
+    registry = CollectorRegistry()
+    twins: dict[str, Any] = {}
+    for attr, value in vars(m).items():
+        if isinstance(value, HotCounter):
+            twins[attr] = Counter(value._name, value._documentation, value._labelnames,
+                                  registry=registry)
+        elif isinstance(value, HotHistogram):
+            twins[attr] = Histogram(value._name, value._documentation, value._labelnames,
+                                    buckets=value._bounds, registry=registry)
+        elif isinstance(value, MetricWrapperBase):
+            registry.register(value)
+    assert set(twins) == {"steps_total", "step_duration_seconds", "requests_acked_total",
+                          "replies_sent_total", "reply_acks_total", "lease_extensions_total"}
+    return registry, twins
+
+
+def test_hot_metrics_expose_what_prometheus_client_would(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.25)  # the _created samples
+    m = WorkerMetrics(CollectorRegistry())
+    twin_registry, twin = _twin_registry(m)
+    for outcome in ("extended", "nack"):  # as WorkerMetrics pre-creates them
+        twin["lease_extensions_total"].labels(outcome=outcome)
+    durations = [0.0, 0.05, 0.051, 3.0, 1800.0, 1800.1, 1e9, -1.0]
+    for i, duration in enumerate(durations * 3):
+        function, outcome = f"fn-{i % 3}", ("ok", "step", "error", "done")[i % 4]
+        m.step_finished(function, outcome, duration)
+        twin["steps_total"].labels(function=function, outcome=outcome).inc()
+        twin["step_duration_seconds"].labels(function=function).observe(duration)
+        for attr in ("requests_acked_total", "replies_sent_total", "reply_acks_total"):
+            getattr(m, attr).inc()
+            twin[attr].inc()
+        for metric in (m.lease_extensions_total, twin["lease_extensions_total"]):
+            metric.labels(outcome="extended").inc()
+    for metric in (m.lease_extensions_total, twin["lease_extensions_total"]):
+        metric.labels("nack").inc()
+    for metric in (m.steps_total, twin["steps_total"]):
+        metric.labels(function="fn-1", outcome="lease_lost").inc(2)
+    for metric in (m.step_duration_seconds, twin["step_duration_seconds"]):
+        metric.labels(function="unused")  # a series with no observation yet
+    assert generate_latest(m.registry) == generate_latest(twin_registry)
+    assert openmetrics_latest(m.registry) == openmetrics_latest(twin_registry)
+
+
+def test_hot_labels_are_checked_like_prometheus_client(metrics: WorkerMetrics) -> None:
+    for bad in ({"function": "f"}, {"function": "f", "outcome": "ok", "x": "y"}):
+        with pytest.raises(ValueError):
+            metrics.steps_total.labels(**bad)
+    with pytest.raises(ValueError):
+        metrics.steps_total.labels("f")
+    with pytest.raises(ValueError):
+        metrics.lease_extensions_total.inc()  # labelled: a series must be chosen
+    assert metrics.steps_total.labels("f", "ok") is metrics.steps_total.labels(
+        outcome="ok", function="f")
+    with pytest.raises(ValueError):  # registered: a second copy on the registry collides
+        WorkerMetrics(metrics.registry)
+
+
+def test_histogram_scraped_from_another_thread_is_self_consistent(
+        metrics: WorkerMetrics) -> None:
+    observations = 50_000
+    stop = threading.Event()
+    scrapes: list[dict[str, float]] = []
+
+    def scrape() -> None:
+        while not stop.is_set():
+            scrapes.append({
+                f"{s.name}{s.labels.get('le', '')}": s.value
+                for f in metrics.registry.collect()
+                if f.name == "connect_worker_step_duration_seconds" for s in f.samples
+            })
+
+    scraper = threading.Thread(target=scrape)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: mid-observe, mid-collect
+    scraper.start()
+    try:
+        for i in range(observations):
+            metrics.step_finished("f", "ok", (i % 40) * 50.0)
+    finally:
+        stop.set()
+        scraper.join(timeout=30)
+        sys.setswitchinterval(interval)
+    assert not scraper.is_alive()
+    scrapes = [samples for samples in scrapes if samples]
+    assert scrapes  # at least one scrape saw observations
+    for samples in scrapes:
+        buckets = [v for k, v in samples.items() if "_bucket" in k]
+        assert buckets == sorted(buckets)
+        assert samples["connect_worker_step_duration_seconds_count"] == buckets[-1]
+    get = metrics.registry.get_sample_value
+    assert get("connect_worker_step_duration_seconds_count", {"function": "f"}) == observations
+    assert get("connect_worker_steps_total", {"function": "f", "outcome": "ok"}) == observations
