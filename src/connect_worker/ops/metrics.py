@@ -5,6 +5,11 @@ values are in base units (seconds), counters end in ``_total``. Labels are
 bounded: function slugs, outcomes and reasons only, never run, request or job
 ids. docs/observability.md describes each metric; the LLM toolkit registers its
 own metrics on the same registry.
+
+The metrics bumped once or more per executor request (``HotCounter``,
+``HotHistogram``) are plain attributes read by a collector at scrape time, with
+the exposition prometheus_client's own objects would give; the rest are
+prometheus_client objects.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ STEP_BUCKETS: tuple[float, ...] = (
 def _use_created() -> bool:
     # prometheus_client's own switch (PROMETHEUS_DISABLE_CREATED_SERIES, or
     # disable_created_metrics()), read at each scrape as its metrics do.
-    return bool(_prometheus_metrics._use_created)
+    return bool(getattr(_prometheus_metrics, "_use_created", True))
 
 
 def _label_values(labelnames: tuple[str, ...], values: Sequence[object],
