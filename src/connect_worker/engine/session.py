@@ -7,13 +7,14 @@ exceptions are mapped here and nowhere else: ``send`` returns False instead of
 raising, so callers decide what a lost frame means (a reply goes to the flush).
 
 The per-step traffic (requests in; ACKs, replies and lease extensions out) takes a
-synchronous path through websockets' connection object (``_Connection``): binary
-frames are handed to the worker from the protocol's ``process_event`` hook, inside
-the read callback, and frames go out with one ``transport.write`` (the pattern of
+synchronous path through websockets' connection object (``_Connection``): incoming
+bytes are split into frames here and binary frames are handed to the worker inside
+the read callback; frames go out with one ``transport.write`` (the pattern of
 websockets' ``broadcast``), several frames of one read batch in one write. That skips
-websockets' receive queue, its per-message futures and its async send context, which
-were most of the engine's CPU per step. Everything else (the opening handshake, TLS,
-proxies, pings, the closing handshake, fragmented or text frames) stays websockets'.
+websockets' frame parser, its receive queue, its per-message futures and its async
+send context, which were most of the engine's CPU per step. Everything else (the
+opening handshake, TLS, proxies, pings, the closing handshake, fragmented or text
+frames) stays websockets', which is handed whole frames.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import anyio
 import websockets
 from anyio.abc import TaskStatus
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.frames import Frame, Opcode
+from websockets.frames import Opcode
 from websockets.protocol import State as WsState
 
 try:  # websockets' C masking; the pure-Python one where the extension is not built
@@ -80,6 +81,7 @@ class EventSink(Protocol):
 _HEAD_7 = struct.Struct("!BB")
 _HEAD_16 = struct.Struct("!BBH")
 _HEAD_64 = struct.Struct("!BBQ")
+_FIN = 0x80
 _FIN_BINARY = 0x82
 _MASKED = 0x80
 _MASK_POOL_BYTES = 4096
@@ -87,6 +89,8 @@ _MASK_POOL_BYTES = 4096
 # ms); the rest of a large read (a burst of dispatches) goes through later callbacks, so
 # heartbeats and timers are not held up behind thousands of frames.
 READ_CHUNK_BYTES = 64 * 1024
+# An HTTP response head longer than this is handed to websockets as it is (it rejects it).
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 
 
 class _Masks:
@@ -123,16 +127,28 @@ def client_frame(payload: bytes) -> bytes:
 class _Connection(ClientConnection):
     """websockets' client connection with a synchronous path for whole binary frames.
 
-    ``on_frame`` (set once the session runs) gets each unfragmented binary frame
-    straight from ``process_event`` (websockets' documented override point); other
-    frames still go to the receive queue that ``Session._read`` iterates.
-    ``write_binary`` is websockets' ``broadcast`` for one connection, with the
-    writes of one read batch joined into one ``transport.write``.
+    Incoming bytes are split into frames here (``_receive``): each final, unmasked,
+    unfragmented binary frame goes straight to ``on_frame`` (set once the session runs),
+    inside the read callback. Everything else (the HTTP response, control frames, text
+    and fragmented messages, frames before ``on_frame`` is set or after a close frame,
+    anything malformed) is handed to websockets, always a whole frame at a time, so its
+    parser only ever starts at a frame boundary and keeps every check of its own.
+    ``write_binary`` is websockets' ``broadcast`` for one connection, with the writes of
+    one read batch joined into one ``transport.write``.
     """
 
     on_frame: Callable[[bytes], None] | None = None
     _corked: list[bytes] | None = None
     _backlog: bytes = b""  # read, not handled yet (reading is paused meanwhile)
+    # An incomplete frame (or HTTP response head): its chunks, their size, and the size
+    # the frame needs in all once its header has been read (0 before).
+    _pending: list[bytes] | None = None
+    _pending_size = 0
+    _pending_needed = 0
+    # False once the stream is handed to websockets unsplit (a rejected handshake, a
+    # malformed frame, the end of the stream): from then on it is websockets' alone.
+    _framing = True
+    _fragmented = False  # websockets holds the first frames of a fragmented message
 
     def data_received(self, data: bytes) -> None:
         if self._backlog:
@@ -144,7 +160,7 @@ class _Connection(ClientConnection):
             self.transport.pause_reading()
             self.loop.call_soon(self._feed_backlog)
         with self.corked():
-            super().data_received(data)
+            self._receive(data)
 
     def _feed_backlog(self) -> None:
         data = self._backlog[:READ_CHUNK_BYTES]
@@ -155,14 +171,19 @@ class _Connection(ClientConnection):
             self.transport.resume_reading()
         if data:
             with self.corked():
-                super().data_received(data)
+                self._receive(data)
 
     def _feed_all(self) -> None:
-        """Handle the whole backlog now (the stream is ending: frames before the end)."""
+        """Handle the whole backlog now, and give websockets any incomplete frame (the
+        stream is ending: it judges a truncated frame)."""
         data, self._backlog = self._backlog, b""
-        if data:
-            with self.corked():
-                super().data_received(data)
+        with self.corked():
+            if data:
+                self._receive(data)
+            if self._pending is not None:
+                rest = b"".join(self._pending)
+                self._pending, self._pending_size, self._framing = None, 0, False
+                super().data_received(rest)
 
     def eof_received(self) -> None:
         self._feed_all()
@@ -172,13 +193,85 @@ class _Connection(ClientConnection):
         self._feed_all()
         super().connection_lost(exc)
 
-    def process_event(self, event: Any) -> None:
+    def _receive(self, data: bytes) -> None:
+        """Split ``data`` into frames: binary messages to ``on_frame``, the rest to
+        websockets (see the class docstring)."""
+        pending = self._pending
+        if pending is not None:
+            pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size < self._pending_needed:
+                return  # a large frame still arriving: join its chunks once, at the end
+            data = b"".join(pending)
+            self._pending, self._pending_size = None, 0
+        if not self._framing:
+            super().data_received(data)
+            return
+        protocol = self.protocol
+        if protocol.state is WsState.CONNECTING:
+            data = self._receive_response(data)
+            if not data:
+                return
         on_frame = self.on_frame
-        if (on_frame is not None and type(event) is Frame and event.fin
-                and event.opcode is Opcode.BINARY):
-            on_frame(bytes(event.data))
-        else:
-            super().process_event(event)
+        pos, size, needed = 0, len(data), 0
+        while size - pos >= 2:
+            first, second = data[pos], data[pos + 1]
+            length = second & 0x7F
+            start = pos + 2
+            if length == 126:
+                if size - start < 2:
+                    break
+                length = int.from_bytes(data[start : start + 2], "big")
+                start += 2
+            elif length == 127:
+                if size - start < 8:
+                    break
+                length = int.from_bytes(data[start : start + 8], "big")
+                start += 8
+            if second & _MASKED or length > MAX_FRAME_BYTES:
+                # A server may not mask; too large: websockets fails the connection.
+                self._framing = False
+                super().data_received(data[pos:])
+                return
+            end = start + length
+            if end > size:
+                needed = end - pos
+                break
+            if (first == _FIN_BINARY and on_frame is not None and not self._fragmented
+                    and protocol.state is WsState.OPEN):
+                on_frame(data[start:end])
+            else:
+                opcode = first & 0x0F
+                if opcode in (Opcode.TEXT, Opcode.BINARY):  # starts a message
+                    self._fragmented = not first & _FIN
+                elif opcode == Opcode.CONT and first & _FIN:  # ends one
+                    self._fragmented = False
+                super().data_received(data[pos:end])
+            pos = end
+        if pos < size:
+            self._pending = [data[pos:]]
+            self._pending_size = size - pos
+            self._pending_needed = needed
+
+    def _receive_response(self, data: bytes) -> bytes:
+        """Give websockets the HTTP response head; return the bytes after it (frames)."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(data) > MAX_RESPONSE_HEAD_BYTES:
+                self._framing = False  # websockets rejects it
+                super().data_received(data)
+            else:
+                self._pending, self._pending_size, self._pending_needed = [data], len(data), 0
+            return b""
+        end += 4
+        super().data_received(data[:end])
+        rest = data[end:]
+        if self.protocol.state is not WsState.OPEN:  # rejected: the rest is a body
+            self._framing = False
+            if rest:
+                super().data_received(rest)
+            return b""
+        return rest
 
     @contextmanager
     def corked(self) -> Iterator[None]:
