@@ -159,7 +159,8 @@ async def test_every_cut_gives_the_same_frames_in_order() -> None:
     rng = random.Random(2026)
     for _ in range(20):
         points = sorted(rng.sample(range(1, len(STREAM)), 12))
-        cuttings.append([STREAM[a:b] for a, b in zip([0, *points], [*points, len(STREAM)])])
+        bounds = zip([0, *points], [*points, len(STREAM)], strict=True)
+        cuttings.append([STREAM[a:b] for a, b in bounds])
     for chunks in cuttings:
         assert await feed(chunks) == (WORKER_GETS, ["hello", b"abcd"], [b"p1", b"p2"]), (
             [len(c) for c in chunks])
