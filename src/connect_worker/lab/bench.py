@@ -15,7 +15,10 @@ Each worker is a subprocess of its own, so its CPU time and RSS are its own
   the measured runs, divided by N;
 - SDK execution: the same two requests per run executed N times in-process
   through the SDK's ``CommHandler.post`` (a separate subprocess, no transport),
-  CPU ms per run. Both workers pay it; ``own overhead`` = worker CPU - this;
+  CPU ms per run, called as each worker calls it: the official client with the
+  SDK's default request timings (six timers and a 100 ms tracker task per
+  request, for an HTTP header), connect_worker without them (``NO_TIMINGS``);
+  ``own overhead`` = worker CPU - its SDK execution;
 - dispatch->ack / dispatch->reply p50 and p99: from the devserver's
   ``Dispatch.sent_at``/``acked_at``/``replied_at`` (every request of the
   measured runs);
@@ -158,7 +161,7 @@ FIELDS: list[tuple[str, str, str]] = [
     # (Summary attribute, label, format)
     ("runs_per_s", "runs/s", "{:.0f}"),
     ("cpu_ms_per_run", "worker CPU ms/run (total)", "{:.3f}"),
-    ("sdk_ms_per_run", "  SDK execution, shared", "{:.3f}"),
+    ("sdk_ms_per_run", "  SDK execution, as it calls it", "{:.3f}"),
     ("overhead_ms_per_run", "  worker's own overhead", "{:.3f}"),
     ("ack_p50_ms", "dispatch->ack p50 ms", "{:.2f}"),
     ("ack_p99_ms", "dispatch->ack p99 ms", "{:.2f}"),
@@ -387,9 +390,10 @@ async def measure(kind: str, round_no: int, args: argparse.Namespace,
     )
 
 
-async def sdk_cost_subprocess(runs: int, bound: float) -> float:
+async def sdk_cost_subprocess(kind: str, runs: int, bound: float) -> float:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "connect_worker.lab.bench", "sdk-cost", "--runs", str(runs),
+        "--as", kind,
         env=_worker_env("http://127.0.0.1:9", "bench-sdk-cost"),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -402,7 +406,7 @@ async def sdk_cost_subprocess(runs: int, bound: float) -> float:
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     samples: list[Sample] = []
-    sdk_costs: list[float] = []
+    sdk_costs: dict[str, list[float]] = {kind: [] for kind in WORKERS}
     with tempfile.TemporaryDirectory(prefix="connect-worker-bench-") as tmp:
         for round_no in range(1, args.rounds + 1):
             order = WORKERS if round_no % 2 else WORKERS[::-1]
@@ -415,11 +419,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     f"reply p50 {sample.reply_p50_ms:.2f} ms p99 {sample.reply_p99_ms:.2f} ms, "
                     f"failed {sample.failed_runs}, exit {sample.exit_code}"
                 )
-            sdk_costs.append(await sdk_cost_subprocess(args.runs, args.timeout))
+            for kind in order:
+                sdk_costs[kind].append(await sdk_cost_subprocess(kind, args.runs, args.timeout))
             _progress(f"round {round_no}/{args.rounds} SDK execution: "
-                      f"{sdk_costs[-1]:.3f} CPU ms/run")
-    cw = summarize(CW, samples, sdk_costs)
-    sdk = summarize(SDK, samples, sdk_costs)
+                      f"{sdk_costs[CW][-1]:.3f} CPU ms/run as connect_worker calls it, "
+                      f"{sdk_costs[SDK][-1]:.3f} as the SDK client does")
+    cw = summarize(CW, samples, sdk_costs[CW])
+    sdk = summarize(SDK, samples, sdk_costs[SDK])
     return {
         "config": {k: getattr(args, k) for k in
                    ("runs", "concurrency", "rounds", "warmup", "idle")},
@@ -829,14 +835,15 @@ async def instructions_per_run(kind: str, args: argparse.Namespace, tmp: Path) -
     return float(_callgrind_total(f"{prefix}.{proc.pid}.") / n)
 
 
-async def sdk_instructions_per_run(args: argparse.Namespace, tmp: Path) -> float:
+async def sdk_instructions_per_run(kind: str, args: argparse.Namespace, tmp: Path) -> float:
     totals = []
     small, large = args.instructions, 2 * args.instructions
     for runs in (small, large):
-        prefix = str(tmp / f"cg.sdk-cost.{runs}")
+        prefix = str(tmp / f"cg.sdk-cost.{kind}.{runs}")
         proc = await asyncio.create_subprocess_exec(
             "valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}",
             sys.executable, "-m", "connect_worker.lab.bench", "sdk-cost", "--runs", str(runs),
+            "--as", kind,
             env=_worker_env("http://127.0.0.1:9", "bench-sdk-cost"),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
@@ -853,18 +860,21 @@ async def instructions(args: argparse.Namespace) -> dict[str, float]:
         for kind in WORKERS:
             _progress(f"--instructions {args.instructions}: {LABELS[kind]} under callgrind ...")
             result[kind] = await instructions_per_run(kind, args, Path(tmp))
-        _progress("--instructions: SDK execution under callgrind ...")
-        result["sdk_execution"] = await sdk_instructions_per_run(args, Path(tmp))
+        for kind in WORKERS:
+            _progress(f"--instructions: SDK execution as {LABELS[kind]} calls it, "
+                      "under callgrind ...")
+            result[f"sdk_execution_{kind}"] = await sdk_instructions_per_run(
+                kind, args, Path(tmp))
     return result
 
 
 def render_instructions(args: argparse.Namespace, result: dict[str, float]) -> str:
-    sdk = result["sdk_execution"]
     cw, client = result[CW], result[SDK]
+    cw_sdk, client_sdk = result[f"sdk_execution_{CW}"], result[f"sdk_execution_{SDK}"]
     rows = [
         ("instructions per run (total)", cw, client),
-        ("  SDK execution, shared", sdk, sdk),
-        ("  worker's own overhead", cw - sdk, client - sdk),
+        ("  SDK execution, as it calls it", cw_sdk, client_sdk),
+        ("  worker's own overhead", cw - cw_sdk, client - client_sdk),
     ]
     width = 32
     lines = [
@@ -963,12 +973,17 @@ def _payload(run_id: str, steps: dict[str, Any], stack: list[str]) -> bytes:
     }).encode()
 
 
-async def sdk_cost(runs: int, warmup: int = 50) -> float:
+async def sdk_cost(runs: int, warmup: int = 50, kind: str = SDK) -> float:
     """CPU ms per run of the SDK executing the bench function: its two requests,
-    straight through ``CommHandler.post`` (no transport, no protobuf)."""
-    from inngest._internal import comm_lib, const, server_lib
+    straight through ``CommHandler.post`` (no transport, no protobuf), with the request
+    timings ``kind`` passes (see the module docstring)."""
+    from inngest._internal import comm_lib, const, net, server_lib
 
+    from ..engine.executor import NO_TIMINGS
     from . import bench_app
+
+    def timings() -> net.ServerTimings:
+        return NO_TIMINGS if kind == CW else net.ServerTimings()
 
     handler = comm_lib.CommHandler(
         client=bench_app.client,
@@ -993,6 +1008,7 @@ async def sdk_cost(runs: int, warmup: int = 50) -> float:
             request_url="",
             serve_origin=None,
             serve_path=None,
+            timings=timings(),
         )
 
     first = _payload("01BENCHRUN", {}, [])
@@ -1066,7 +1082,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["sdk-cost"]:
         sub = argparse.ArgumentParser(prog="bench sdk-cost")
         sub.add_argument("--runs", type=int, default=500)
-        ms = asyncio.run(sdk_cost(sub.parse_args(argv[1:]).runs))
+        sub.add_argument("--as", dest="kind", choices=WORKERS, default=SDK)
+        parsed = sub.parse_args(argv[1:])
+        ms = asyncio.run(sdk_cost(parsed.runs, kind=parsed.kind))
         sys.stdout.write(json.dumps({"ms_per_run": ms}) + "\n")
         return 0
     args = build_parser().parse_args(argv)
