@@ -37,9 +37,14 @@ between a step's lease renewals (ACK, extensions, reply) and between heartbeats 
 gateway saw them, and the worker's CPU per lease extension (all its CPU while holding,
 divided by the extensions it sent meanwhile: an upper bound).
 
+``--bridge-cost`` adds a third worker to each round of the default mode: connect_worker
+with its user-code thread taken out (``UserLoop.submit`` patched to run the request on
+the engine's own loop). connect_worker has no such mode: it would let one blocking step
+stop every heartbeat and lease extension. The difference prices that guarantee.
+
 Internal modes (used by the bench itself): ``sdk-worker`` runs the official
 client, ``cw-worker`` runs connect_worker as ``connect_worker run`` does plus the lag
-probe, ``sdk-cost`` measures the SDK execution cost.
+probe (``--inline``: the experiment above), ``sdk-cost`` measures the SDK execution cost.
 """
 
 from __future__ import annotations
@@ -68,8 +73,11 @@ if TYPE_CHECKING:
 
 CW = "connect_worker"
 SDK = "sdk_client"
+# An experiment, not a mode connect_worker has: user code on the engine's own loop, no
+# thread (``--bridge-cost``). It prices the guarantee the thread buys (see the docstring).
+INLINE = "connect_worker_inline"
 WORKERS = (CW, SDK)
-LABELS = {CW: "connect_worker", SDK: "SDK client"}
+LABELS = {CW: "connect_worker", SDK: "SDK client", INLINE: "cw, no thread"}
 REQUESTS_PER_RUN = 2
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE_KB = 1024.0
@@ -229,6 +237,20 @@ def paired_ratios(samples: list[Sample], attr: str) -> list[float]:
     return [ratio(r[CW], r[SDK]) for _, r in sorted(by_round.items()) if CW in r and SDK in r]
 
 
+def render_bridge_cost(cw: Summary, sdk: Summary, inline: Summary) -> str:
+    """The ``--bridge-cost`` lines: what the user-code thread costs per run."""
+    return "\n".join([
+        "",
+        "the user-code thread's cost (--bridge-cost; no thread is an experiment, not a mode):",
+        f"  worker CPU ms/run, no thread   {inline.cpu_ms_per_run:.3f}"
+        f"  ({ratio(inline.cpu_ms_per_run, sdk.cpu_ms_per_run):.2f}x the SDK client's)",
+        f"  the thread costs               {cw.cpu_ms_per_run - inline.cpu_ms_per_run:.3f}"
+        f" ms/run ({ratio(cw.cpu_ms_per_run - inline.cpu_ms_per_run, cw.cpu_ms_per_run):.0%}"
+        " of connect_worker's CPU)",
+        f"  dispatch->reply p50/p99 ms     {inline.reply_p50_ms:.2f} / {inline.reply_p99_ms:.2f}",
+    ])
+
+
 def render(args: argparse.Namespace, cw: Summary, sdk: Summary, ncpu: int,
            paired: dict[str, list[float]]) -> str:
     head = (
@@ -284,6 +306,8 @@ async def drive(dev: DevServer, n: int, concurrency: int, bound: float) -> list[
 def _worker_command(kind: str, instance_id: str) -> list[str]:
     if kind == CW:
         return [sys.executable, "-m", "connect_worker", "run", "connect_worker.lab.bench_app"]
+    if kind == INLINE:
+        return [sys.executable, "-m", "connect_worker.lab.bench", "cw-worker", "--inline"]
     return [sys.executable, "-m", "connect_worker.lab.bench", "sdk-worker",
             "--instance-id", instance_id]
 
@@ -410,7 +434,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="connect-worker-bench-") as tmp:
         for round_no in range(1, args.rounds + 1):
             order = WORKERS if round_no % 2 else WORKERS[::-1]
-            for kind in order:
+            for kind in (*order, INLINE) if args.bridge_cost else order:
                 sample = await measure(kind, round_no, args, Path(tmp))
                 samples.append(sample)
                 _progress(
@@ -426,13 +450,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                       f"{sdk_costs[SDK][-1]:.3f} as the SDK client does")
     cw = summarize(CW, samples, sdk_costs[CW])
     sdk = summarize(SDK, samples, sdk_costs[SDK])
+    inline = summarize(INLINE, samples, sdk_costs[CW]) if args.bridge_cost else None
     return {
         "config": {k: getattr(args, k) for k in
                    ("runs", "concurrency", "rounds", "warmup", "idle")},
         "cpus": os.cpu_count() or 0,
         "samples": [asdict(s) for s in samples],
         "sdk_costs_ms_per_run": sdk_costs,
-        "summary": {CW: asdict(cw), SDK: asdict(sdk)},
+        "summary": {CW: asdict(cw), SDK: asdict(sdk),
+                    **({INLINE: asdict(inline)} if inline else {})},
         "ratios": {attr: ratio(float(getattr(cw, attr)), float(getattr(sdk, attr)))
                    for attr, _, _ in FIELDS if attr not in ("sdk_ms_per_run", "failed_runs")},
         "targets": dict(targets(cw, sdk)),
@@ -911,9 +937,43 @@ async def run_sdk_worker(instance_id: str) -> None:
         probe.write()
 
 
-def run_cw_worker() -> int:
+def _run_user_code_inline() -> None:
+    """The ``--bridge-cost`` experiment: ``UserLoop.submit`` runs the request as a task
+    on the calling (engine) loop instead of handing it to the user-code thread."""
+    from ..engine.userloop import JobFuture, UserLoop
+
+    def submit(self: UserLoop, coro: Any, on_done: Any = None, loop: Any = None) -> Any:
+        engine = loop or asyncio.get_running_loop()
+        result: JobFuture[Any] = JobFuture(loop=engine)
+        result._on_done = on_done  # (JobFuture.cancel calls it)
+        task = engine.create_task(coro)
+
+        def settle(task: asyncio.Task[Any]) -> None:
+            if result.done():
+                return
+            if task.cancelled():
+                result.cancel()  # (calls on_done)
+                return
+            if (exc := task.exception()) is not None:
+                result.set_exception(exc)
+            else:
+                result.set_result(task.result())
+            if on_done is not None:
+                on_done(result)
+
+        task.add_done_callback(settle)
+        result.add_done_callback(lambda f: f.cancelled() and task.cancel())
+        return result
+
+    UserLoop.submit = submit  # type: ignore[method-assign]
+
+
+def run_cw_worker(inline: bool = False) -> int:
     """``connect_worker run connect_worker.lab.bench_app`` plus the lag probe."""
     import anyio
+
+    if inline:
+        _run_user_code_inline()
 
     from ..cli import serve
     from ..config import Config
@@ -1063,6 +1123,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --scale: seconds each step waits")
     parser.add_argument("--workers", nargs="+", choices=WORKERS, default=list(WORKERS),
                         help="with --scale: which workers to measure (default both)")
+    parser.add_argument("--bridge-cost", action="store_true",
+                        help="also measure connect_worker without its user-code thread "
+                             "(an experiment: what the thread costs per run)")
     parser.add_argument("--instructions", type=int, metavar="N", default=0,
                         help="instead: instructions per run under valgrind's callgrind, "
                         "N runs per worker (load-independent; about 50x slower)")
@@ -1078,7 +1141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(run_sdk_worker(sub.parse_args(argv[1:]).instance_id))
         return 0
     if argv[:1] == ["cw-worker"]:
-        return run_cw_worker()
+        return run_cw_worker(inline="--inline" in argv[1:])
     if argv[:1] == ["sdk-cost"]:
         sub = argparse.ArgumentParser(prog="bench sdk-cost")
         sub.add_argument("--runs", type=int, default=500)
@@ -1118,6 +1181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cw = Summary(**result["summary"][CW])
     sdk = Summary(**result["summary"][SDK])
     sys.stdout.write(render(args, cw, sdk, result["cpus"], result["paired_ratios"]) + "\n")
+    if INLINE in result["summary"]:
+        inline = Summary(**result["summary"][INLINE])
+        sys.stdout.write(render_bridge_cost(cw, sdk, inline) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
