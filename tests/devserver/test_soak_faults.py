@@ -90,3 +90,19 @@ async def test_latency_delays_frames_both_ways_and_keeps_order() -> None:
         await w.ack(req)
         await w.reply(make_reply(req, S.DONE, "slow"))
         assert (await dev.wait_for_run(run_id)).status is RunStatus.COMPLETED
+
+
+async def test_a_worker_can_connect_while_frames_are_late() -> None:
+    # GATEWAY_HELLO serializes to an empty frame: the delay line once took it for its
+    # end-of-socket marker, so no handshake could finish during a latency fault (a soak
+    # replica stayed disconnected for 7 s, and a re-route race went unchecked).
+    async with DevServer(fast_config()) as dev:
+        dev.faults.frame_latency = 0.1
+        async with scripted_worker(dev) as w:
+            await w.connect()
+            run_id = (await dev.send_event("test/evt"))[0]
+            req = await w.next_request()
+            await w.ack(req)
+            await w.reply(make_reply(req, S.DONE, "late"))
+            assert (await dev.wait_for_run(run_id)).output == "late"
+        assert [e.kind for e in dev.timeline][:2] == ["HTTP_START", "GATEWAY_HELLO"]

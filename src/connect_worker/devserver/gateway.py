@@ -90,7 +90,9 @@ def worker_group_hash(
 
 
 # A frame on a slow wire: (due, frame, kind, conn_id, request_id).
-_Late = tuple[float, bytes, int, str | None, str | None]
+# (due, frame, kind, conn_id, request_id); a frame of None ends the sender. Not b"":
+# GATEWAY_HELLO (kind 0, no payload) serializes to an empty frame.
+_Late = tuple[float, bytes | None, int, str | None, str | None]
 
 
 class _HandshakeError(Exception):
@@ -239,7 +241,7 @@ class Gateway:
         try:
             while True:
                 due, frame, kind, conn_id, request_id = await outbox.get()
-                if not frame:
+                if frame is None:
                     return  # the connection ended
                 if due > time.monotonic():
                     await asyncio.sleep(due - time.monotonic())
@@ -763,7 +765,7 @@ class Gateway:
         outbox = self._outboxes.get(conn.ws)
         if outbox is not None:
             # Stop the late sender; what was still on the wire is lost with the socket.
-            outbox.put_nowait((0.0, b"", 0, None, None))
+            outbox.put_nowait((0.0, None, 0, None, None))
         for task in list(conn.tasks):
             task.cancel()
         ws = conn.ws
