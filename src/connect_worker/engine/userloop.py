@@ -78,6 +78,26 @@ class JobFuture(asyncio.Future[T]):
             self.get_loop().call_soon(self._on_done, self)
         return True
 
+    def settle(self, task: asyncio.Task[T]) -> None:
+        """Take ``task``'s outcome (on this future's loop) and call ``on_done``."""
+        if self.done():
+            return
+        if task.cancelled():
+            self.cancel()  # (calls on_done)
+            return
+        if (exc := task.exception()) is not None:
+            self.set_exception(exc)
+        else:
+            self.set_result(task.result())
+        on_done = self._on_done
+        if on_done is not None:
+            try:
+                on_done(self)
+            except Exception as exc:  # as asyncio does for a failing callback
+                self.get_loop().call_exception_handler({
+                    "message": "a job's completion callback failed", "exception": exc,
+                })
+
 
 class _Job(Generic[T]):
     """One coroutine crossing the bridge: runs on the user loop, resolves on the engine's."""
@@ -111,24 +131,7 @@ class _Job(Generic[T]):
         self._reply_to.put(lambda: self._resolve(task))
 
     def _resolve(self, task: asyncio.Task[T]) -> None:  # on the engine loop
-        result = self._result
-        if result.done():
-            return
-        if task.cancelled():
-            result.cancel()  # (calls on_done)
-            return
-        if (exc := task.exception()) is not None:
-            result.set_exception(exc)
-        else:
-            result.set_result(task.result())
-        on_done = result._on_done
-        if on_done is not None:
-            try:
-                on_done(result)
-            except Exception as exc:  # as asyncio does for a failing callback
-                result.get_loop().call_exception_handler({
-                    "message": "a job's completion callback failed", "exception": exc,
-                })
+        self._result.settle(task)
 
     def _resolve_cancelled(self) -> None:  # on the engine loop
         if not self._result.done():

@@ -947,21 +947,7 @@ def _run_user_code_inline() -> None:
         result: JobFuture[Any] = JobFuture(loop=engine)
         result._on_done = on_done  # (JobFuture.cancel calls it)
         task = engine.create_task(coro)
-
-        def settle(task: asyncio.Task[Any]) -> None:
-            if result.done():
-                return
-            if task.cancelled():
-                result.cancel()  # (calls on_done)
-                return
-            if (exc := task.exception()) is not None:
-                result.set_exception(exc)
-            else:
-                result.set_result(task.result())
-            if on_done is not None:
-                on_done(result)
-
-        task.add_done_callback(settle)
+        task.add_done_callback(result.settle)
         result.add_done_callback(lambda f: f.cancelled() and task.cancel())
         return result
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import metrics as _prometheus_metrics
@@ -97,33 +98,49 @@ class HistogramChild:
         self.sum += amount
 
 
-class HotCounter(Collector):
+C = TypeVar("C", bound=CounterChild | HistogramChild)
+
+
+class _HotFamily(Collector, Generic[C]):
+    """The series of one hot metric, by label values (``labels()`` as prometheus_client
+    checks them); an unlabelled metric is its own single series, exported from the start.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 new_child: Callable[[], C], registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._new_child: Callable[[], C] = new_child
+        self._children: dict[tuple[str, ...], C] = {}
+        self._single: C | None = new_child() if not self._labelnames else None
+        if self._single is not None:
+            self._children[()] = self._single
+        registry.register(self)
+
+    def labels(self, *values: object, **kwargs: object) -> C:
+        key = _label_values(self._labelnames, values, kwargs)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._new_child()
+        return child
+
+    def _only(self) -> C:
+        if self._single is None:
+            raise ValueError(f"{self._name} has labels: call labels() first")
+        return self._single
+
+
+class HotCounter(_HotFamily[CounterChild]):
     """A counter with prometheus_client's exposition (``_total``, ``_created``), for
     the engine's event-loop thread only."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
                  registry: CollectorRegistry) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], CounterChild] = {}
-        # An unlabelled counter is its own single series, exported from the start.
-        self._single = CounterChild() if not self._labelnames else None
-        if self._single is not None:
-            self._children[()] = self._single
-        registry.register(self)
-
-    def labels(self, *values: object, **kwargs: object) -> CounterChild:
-        key = _label_values(self._labelnames, values, kwargs)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = CounterChild()
-        return child
+        super().__init__(name, documentation, labelnames, CounterChild, registry)
 
     def inc(self, amount: float = 1.0) -> None:
-        if self._single is None:
-            raise ValueError(f"{self._name} has labels: call labels() first")
-        self._single.value += amount
+        self._only().value += amount
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
@@ -137,7 +154,7 @@ class HotCounter(Collector):
         yield family
 
 
-class HotHistogram(Collector):
+class HotHistogram(_HotFamily[HistogramChild]):
     """A histogram with prometheus_client's exposition (buckets, ``_count``, ``_sum``,
     ``_created``), for the engine's event-loop thread only."""
 
@@ -148,29 +165,14 @@ class HotHistogram(Collector):
             raise ValueError("Buckets not in sorted order")
         if bounds[-1] != float("inf"):
             bounds.append(float("inf"))
-        self._name = name
-        self._documentation = documentation
-        self._labelnames = tuple(labelnames)
         self._bounds = tuple(bounds)
         # The "le" label exactly as prometheus_client writes it ("1800.0", "+Inf").
         self._les = [floatToGoString(b) for b in bounds]  # type: ignore[no-untyped-call]
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
-        self._single = HistogramChild(self._bounds) if not self._labelnames else None
-        if self._single is not None:
-            self._children[()] = self._single
-        registry.register(self)
-
-    def labels(self, *values: object, **kwargs: object) -> HistogramChild:
-        key = _label_values(self._labelnames, values, kwargs)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = HistogramChild(self._bounds)
-        return child
+        super().__init__(name, documentation, labelnames,
+                         lambda: HistogramChild(self._bounds), registry)
 
     def observe(self, amount: float) -> None:
-        if self._single is None:
-            raise ValueError(f"{self._name} has labels: call labels() first")
-        self._single.observe(amount)
+        self._only().observe(amount)
 
     def describe(self) -> Iterator[Metric]:
         yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
