@@ -149,8 +149,6 @@ class _Connection(ClientConnection):
     # malformed frame, the end of the stream): from then on it is websockets' alone.
     _framing = True
     _fragmented = False  # websockets holds the first frames of a fragmented message
-    # Callbacks to run once the frames written while handling this read are on the wire.
-    _after_read: list[Callable[[], None]] | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._backlog:
@@ -161,7 +159,8 @@ class _Connection(ClientConnection):
             data = data[:READ_CHUNK_BYTES]
             self.transport.pause_reading()
             self.loop.call_soon(self._feed_backlog)
-        self._handle_read(data)
+        with self.corked():
+            self._receive(data)
 
     def _feed_backlog(self) -> None:
         data = self._backlog[:READ_CHUNK_BYTES]
@@ -171,36 +170,8 @@ class _Connection(ClientConnection):
         elif not self.transport.is_closing():
             self.transport.resume_reading()
         if data:
-            self._handle_read(data)
-
-    def _handle_read(self, data: bytes) -> None:
-        """Handle ``data`` with the socket corked; then run the ``call_after_read``
-        callbacks (the frames written meanwhile are on the wire by then)."""
-        after: list[Callable[[], None]] = []
-        self._after_read = after
-        try:
             with self.corked():
                 self._receive(data)
-        finally:
-            self._after_read = None
-        if not after:
-            return
-        self.uncork()  # frames held by an earlier cork of this iteration go first too
-        for callback in after:
-            try:
-                callback()
-            except Exception as exc:  # as the loop does for a failing callback
-                self.loop.call_exception_handler({
-                    "message": "a callback after a read failed", "exception": exc,
-                })
-
-    def call_after_read(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` once the frames written while handling the current read
-        are on the wire (outside a read: from the loop, soon)."""
-        if self._after_read is not None:
-            self._after_read.append(callback)
-        else:
-            self.loop.call_soon(callback)
 
     def _feed_all(self) -> None:
         """Handle the whole backlog now, and give websockets any incomplete frame (the
@@ -460,11 +431,6 @@ class Session:
     def corked(self) -> Any:
         """A context in which frames sent are written to the socket together at its end."""
         return self._ws.corked()
-
-    def call_after_read(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` once the frames sent while handling the current read are
-        written (from ``handle_event``: after the read's ACKs are on the wire)."""
-        self._ws.call_after_read(callback)
 
     async def run(self, sink: EventSink, *, task_status: TaskStatus[None]) -> None:
         """Read frames and send heartbeats until the socket ends."""

@@ -18,7 +18,6 @@ import asyncio
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine
-from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -36,8 +35,6 @@ class _Inbox:
         self._items: deque[Callable[[], None]] = deque()
         self._lock = threading.Lock()
         self._scheduled = False
-        # Wraps each drained batch (see ``UserLoop.around_replies``).
-        self.around_batch: Callable[[], AbstractContextManager[object]] | None = None
 
     def put(self, item: Callable[[], None]) -> None:
         with self._lock:
@@ -57,14 +54,8 @@ class _Inbox:
             else:
                 batch, self._items = items, deque()
                 self._scheduled = False
-        around = self.around_batch
-        if around is None:
-            for item in batch:
-                item()
-            return
-        with around():
-            for item in batch:
-                item()
+        for item in batch:
+            item()
 
 
 class JobFuture(asyncio.Future[T]):
@@ -194,26 +185,15 @@ class UserLoop:
         per step.
         """
         engine = loop or asyncio.get_running_loop()
-        reply_to = self._reply_inbox(engine)
+        reply_to = self._replies.get(engine)
+        if reply_to is None:
+            reply_to = self._replies[engine] = _Inbox(engine)
         result: JobFuture[T] = JobFuture(loop=engine)
         job = _Job(coro, result, reply_to, self._inbox)
         result._job = job
         result._on_done = on_done
         self._inbox.put(job.start)
         return result
-
-    def _reply_inbox(self, engine: asyncio.AbstractEventLoop) -> _Inbox:
-        reply_to = self._replies.get(engine)
-        if reply_to is None:
-            reply_to = self._replies[engine] = _Inbox(engine)
-        return reply_to
-
-    def around_replies(self, engine: asyncio.AbstractEventLoop,
-                       context: Callable[[], AbstractContextManager[object]] | None) -> None:
-        """Run each batch of outcomes arriving on ``engine`` inside ``context()``: the
-        engine corks its socket there, so the replies of one batch go out in one write at
-        its end, not from a callback in the loop's next iteration."""
-        self._reply_inbox(engine).around_batch = context
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the user loop and await it from the calling loop.

@@ -47,7 +47,6 @@ import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -326,7 +325,6 @@ class Worker:
         """Serve until shut down; returns the process exit code."""
         self._stop = anyio.Event()
         self._loop = asyncio.get_running_loop()
-        self._executor.user_loop.around_replies(self._loop, self._corked_for_replies)
         self._closing = False
         self._flush_slots = asyncio.Semaphore(FLUSH_CONCURRENCY)
         # One worker per process drains once; a new run (embedding, tests) starts clear.
@@ -390,11 +388,6 @@ class Worker:
                 await self._changed.wait()
             finally:
                 self._waiters -= 1
-
-    def _corked_for_replies(self) -> AbstractContextManager[object]:
-        """Where a batch of step outcomes runs: replies go out together at its end."""
-        session = self._live_session()
-        return session.corked() if session is not None else nullcontext()
 
     def _live_session(self) -> Session | None:
         """The newest session that can carry extensions and replies."""
@@ -603,10 +596,11 @@ class Worker:
         if outcome is not None:
             self._finish(step, outcome)
             return
-        # User code starts once the steps ACKed in this read are: after the read's
-        # frames (these ACKs) are written, still in the read callback.
+        # User code starts from the next loop iteration, with the steps ACKed in this
+        # read: the ACKs (written when the read callback ends) are on the wire first.
         if not self._to_start:
-            session.call_after_read(self._start_acked)
+            assert self._loop is not None
+            self._loop.call_soon(self._start_acked)
         self._to_start.append(step)
 
     def _start_acked(self) -> None:
