@@ -7,15 +7,12 @@ dispatches per job, replies received and how (socket or flush), connections.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 
-import connect_worker
 from connect_worker.devserver import ConnStatus, DevServer, DevServerConfig, RunStatus
-from connect_worker.engine import session as session_module
 from connect_worker.protocol import pb
 
 from .apps import probe
@@ -215,56 +212,6 @@ async def test_sync_function_sees_its_request_identity(dev: DevServer) -> None:
         run = await dev.wait_for_run(run_id, timeout=15)
     assert run.status is RunStatus.COMPLETED
     assert run.output in {d.job_id for d in dev.dispatches}
-
-
-async def test_a_step_body_starts_only_after_its_ack_is_written(
-        dev: DevServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The ACK of a request is on the wire before its body runs (else a late ACK lets the
-    gateway re-route a step that already started): recorded where frames reach the
-    socket (``_Connection.uncork``) and where step bodies start, for a burst of runs
-    whose requests arrive many to a read."""
-    order: list[tuple[str, str]] = []
-    lock = threading.Lock()
-    held: dict[int, list[bytes]] = {}
-    connection = session_module._Connection
-    write_binary, uncork = connection.write_binary, connection.uncork
-
-    def recording_write_binary(self: session_module._Connection, payload: bytes) -> bool:
-        written = write_binary(self, payload)
-        if written:
-            held.setdefault(id(self), []).append(payload)
-        return written
-
-    def recording_uncork(self: session_module._Connection) -> None:
-        payloads = held.pop(id(self), [])
-        uncork(self)
-        for payload in payloads:
-            message = pb.ConnectMessage.FromString(payload)
-            if message.kind == pb.GatewayMessageType.WORKER_REQUEST_ACK:
-                ack = pb.WorkerRequestAckData.FromString(message.payload)
-                with lock:
-                    order.append(("ack", ack.request_id))
-
-    enter = probe.enter
-
-    def recording_enter(name: str) -> None:
-        request = connect_worker.current_request()
-        assert request is not None
-        with lock:
-            order.append(("start", request.request_id))
-        enter(name)
-
-    monkeypatch.setattr(session_module._Connection, "write_binary", recording_write_binary)
-    monkeypatch.setattr(session_module._Connection, "uncork", recording_uncork)
-    monkeypatch.setattr(probe, "enter", recording_enter)
-    async with running_worker(dev):
-        run_ids = [rid for _ in range(30) for rid in await dev.send_event("t/three", {})]
-        runs = [await dev.wait_for_run(rid, timeout=30) for rid in run_ids]
-    assert all(run.status is RunStatus.COMPLETED for run in runs)
-    starts = [rid for kind, rid in order if kind == "start"]
-    assert len(starts) == 90
-    for request_id in starts:
-        assert order.index(("ack", request_id)) < order.index(("start", request_id))
 
 
 async def test_step_body_sees_which_attempt_it_is(dev: DevServer) -> None:
