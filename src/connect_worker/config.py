@@ -151,6 +151,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Cap of the jittered reconnect backoff in seconds (default 30)."),
     Setting("http_port", "CONNECT_WORKER_HTTP_PORT", _port, "Port of the /metrics, /healthz, "
             "/readyz listener on [::] (default: PORT, else 9090; 'off' disables it)."),
+    Setting("event_loop", "CONNECT_WORKER_EVENT_LOOP", _choice("uvloop", "asyncio"),
+            "uvloop (default; asyncio's own loop where uvloop is not installed) or asyncio: "
+            "the event loop of the engine and of user code."),
     Setting("log_format", "CONNECT_WORKER_LOG_FORMAT", _choice("auto", "json", "text"),
             "auto (JSON unless stderr is a terminal), json or text."),
     Setting("log_level", "CONNECT_WORKER_LOG_LEVEL",
@@ -176,6 +179,7 @@ class Config:
     reconnect_max_backoff: float = 30.0
     reconnect_min_backoff: float = 0.25
     http_port: int | None = 9090
+    event_loop: str = "uvloop"
     log_format: str = "auto"
     log_level: str = "info"
     deployment_id: str | None = None

@@ -202,11 +202,14 @@ async def test_signal_before_ready_exits_within_a_second(dev: DevServer, exec_lo
     assert (early.exited_at or 0) - (early.signalled_at or 0) < 1.0
 
 
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 async def test_signal_with_nothing_in_flight_exits_within_a_second(
-    dev: DevServer, exec_log: str
+    dev: DevServer, exec_log: str, event_loop: str
 ) -> None:
-    async with worker(dev, "idle", exec_log) as idle:
+    async with worker(dev, "idle", exec_log, CONNECT_WORKER_EVENT_LOOP=event_loop) as idle:
         conn = await idle.wait_ready(dev)
+        # The loop the worker runs on (uvloop by default, the drain the same on either).
+        assert (await idle.wait_log("worker.start"))["event_loop"] == event_loop
         idle.send_signal(signal.SIGTERM)
         assert await idle.wait(10) == 0
     assert (idle.exited_at or 0) - (idle.signalled_at or 0) < 1.0

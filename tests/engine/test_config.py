@@ -50,6 +50,7 @@ def test_api_origin_precedence() -> None:
         ("CONNECT_WORKER_REPLY_ACK_TIMEOUT", "0", "seconds > 0"),
         ("CONNECT_WORKER_HTTP_PORT", "70000", "port number"),
         ("CONNECT_WORKER_LOG_FORMAT", "xml", "auto, json, text"),
+        ("CONNECT_WORKER_EVENT_LOOP", "trio", "uvloop, asyncio"),
         ("INNGEST_API_BASE_URL", "ftp://x", "http:// or https://"),
         ("INNGEST_CONNECT_GATEWAY_URL", "http://x", "ws:// or wss://"),
         ("INNGEST_DEV", "maybe", "1/true/yes/on"),

@@ -133,7 +133,9 @@ def error_outcome(name: str, message: str, *, no_retry: bool = False) -> Outcome
 class Executor:
     """Maps executor requests to the right app's SDK handler and runs them."""
 
-    def __init__(self, apps: Sequence[App], *, app_version: str | None = None) -> None:
+    def __init__(self, apps: Sequence[App], *, app_version: str | None = None,
+                 new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+                 ) -> None:
         if not apps:
             raise ExecutionError("no apps to serve")
         self._handlers: dict[str, comm_lib.CommHandler] = {}
@@ -169,7 +171,7 @@ class Executor:
                 )
             )
         self._slugs = {app.app_name: app.function_slugs for app in self.apps}
-        self.user_loop = UserLoop()
+        self.user_loop = UserLoop(new_loop=new_loop)
 
     def start(self) -> None:
         self.user_loop.start()

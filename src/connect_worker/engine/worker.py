@@ -82,6 +82,7 @@ from .executor import SDK_LANGUAGE, SDK_VERSION, App, Executor, Outcome, error_o
 from .gateway_api import GatewayAPI
 from .session import Session
 from .stacks import running_steps
+from .userloop import loop_factory
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,8 @@ class Worker:
         )
         # One per lease extension ACK: thousands per round with many steps in flight.
         self._extended = self.metrics.lease_extensions_total.labels(outcome="extended")
-        self._executor = Executor(apps, app_version=config.app_version)
+        self._executor = Executor(apps, app_version=config.app_version,
+                                  new_loop=loop_factory(config.event_loop))
         self._api: GatewayAPI | None = None
         self._steps: dict[str, Step] = {}
         # Steps running in the SDK (futures) and reply flushes (tasks): the drain's to cancel.
@@ -352,7 +354,8 @@ class Worker:
         event(log, "worker.start", instance_id=self.config.instance_id,
               apps=[a.app_name for a in self._executor.apps],
               app_version=self.config.app_version, api=self.config.api_base_url,
-              drain_timeout=self.config.drain_timeout)
+              drain_timeout=self.config.drain_timeout,
+              event_loop=type(self._loop).__module__.partition(".")[0])
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg

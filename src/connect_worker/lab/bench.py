@@ -985,8 +985,10 @@ def run_cw_worker(inline: bool = False) -> int:
             tg.cancel_scope.cancel()
         return code
 
+    from ..engine.userloop import loop_factory
+
     try:
-        return anyio.run(main)
+        return anyio.run(main, backend_options={"loop_factory": loop_factory(config.event_loop)})
     finally:
         probe.write()
 
