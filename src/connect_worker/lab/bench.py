@@ -501,7 +501,8 @@ class LagProbe:
         while True:
             start = loop.time()
             await asyncio.sleep(LAG_INTERVAL)
-            self.samples.append((time.time(), loop.time() - start - LAG_INTERVAL))
+            # (uvloop's timers round to the millisecond: a wake-up may come a hair early)
+            self.samples.append((time.time(), max(0.0, loop.time() - start - LAG_INTERVAL)))
 
     def write(self) -> None:
         path = os.environ.get(LAG_FILE_ENV)
