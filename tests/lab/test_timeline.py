@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import shutil
 import struct
@@ -33,6 +32,8 @@ from connect_worker.lab.timeline import (
     continuations,
     render_svg,
 )
+
+from ..missing import missing
 
 SVG = "{http://www.w3.org/2000/svg}"
 DATA = Path(__file__).parent / "data" / "demo_timeline.json"
@@ -200,9 +201,7 @@ def test_png_rendering_of_the_recorded_demo(
     test_png_rendering_of_the_reco0/timeline.png); look at it after changing the layout."""
     _, root, svg = recorded
     if shutil.which("rsvg-convert") is None:
-        if os.environ.get("CI", "").lower() in ("1", "true"):
-            pytest.fail("rsvg-convert missing: scripts/setup.d/rsvg.sh installs it")
-        pytest.skip("rsvg-convert not installed (scripts/setup.d/rsvg.sh)")
+        missing("rsvg-convert missing: scripts/setup.d/rsvg.sh installs it")
     source = tmp_path / "timeline.svg"
     source.write_text(svg, encoding="utf-8")
     png = tmp_path / "timeline.png"

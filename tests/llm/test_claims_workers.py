@@ -85,6 +85,15 @@ def claims(cache: str) -> list[tuple[str | None, str | None]]:
         return list(conn.execute("SELECT owner, partial FROM llm_claims"))
 
 
+def kill_claim_owner(procs: dict[str, asyncio.subprocess.Process], cache: str) -> str:
+    """SIGKILL the worker whose process holds the (one) live claim; return its name."""
+    (owner,) = [owner for owner, _ in claims(cache) if owner]
+    pid = int(owner.split("/")[1])
+    (victim,) = [name for name, proc in procs.items() if proc.pid == pid]
+    procs[victim].send_signal(signal.SIGKILL)
+    return victim
+
+
 async def until(predicate: Any, timeout: float = 30) -> None:  # noqa: ASYNC109
     """Poll state another process writes (a database row) until ``predicate()`` holds."""
     deadline = time.monotonic() + timeout
@@ -151,10 +160,7 @@ async def test_a_claim_owner_killed_mid_call_is_taken_over_once_its_claim_lapses
         (run_id,) = await devserver.send_event("llm/ask", {"prompt": "Summarise the memo."})
         await asyncio.wait_for(requested.wait(), 30)
         await until(lambda: any(owner for owner, _ in claims(cache)))
-        (owner,) = [owner for owner, _ in claims(cache) if owner]
-        pid = int(owner.split("/")[1])
-        (victim,) = [name for name, proc in procs.items() if proc.pid == pid]
-        procs[victim].send_signal(signal.SIGKILL)
+        victim = kill_claim_owner(procs, cache)
         run = await devserver.wait_for_run(run_id, timeout=60)
 
     assert run.status is RunStatus.COMPLETED, run.error
@@ -181,10 +187,7 @@ async def test_a_stream_killed_halfway_is_continued_not_asked_again(
             return len(json.loads(rows[0])["text"].split()) if rows else 0
 
         await until(lambda: saved_words() == 40)  # saved every claim_ttl / 3
-        (owner,) = [owner for owner, _ in claims(cache) if owner]
-        pid = int(owner.split("/")[1])
-        (victim,) = [name for name, proc in procs.items() if proc.pid == pid]
-        procs[victim].send_signal(signal.SIGKILL)
+        kill_claim_owner(procs, cache)
         run = await devserver.wait_for_run(run_id, timeout=60)
 
     assert run.status is RunStatus.COMPLETED, run.error

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import os
 import shlex
 import tomllib
 from pathlib import Path
@@ -16,10 +15,12 @@ import pytest
 from connect_worker.config import RAILWAY_DRAIN_SAFETY_MARGIN
 from connect_worker.ops.check import OK, run_check
 
+from ..missing import in_ci
+
 REPO = Path(__file__).resolve().parents[2]
 SHELL_SYNTAX = set("$&|;<>`()*?~\\'\"")
 
-if os.environ.get("CI", "").lower() in ("1", "true"):
+if in_ci():
     import railway_sdk  # CI installs the dev group: a missing SDK is a failure there
 else:
     railway_sdk = pytest.importorskip("railway_sdk")

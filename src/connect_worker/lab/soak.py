@@ -359,8 +359,8 @@ class Soak:
         self.deploying = asyncio.Lock()
         self.load_rng = random.Random(f"connect-worker-soak-load:{settings.seed}")
         self.withhold_until = 0.0
-        self.latency_until = 0.0
-        self.slow_acks_until = 0.0
+        # When each delay fault (a dev.faults setting) in force ends.
+        self.delays_until: dict[str, float] = {}
         self.stopping = False
 
     # -- replicas --------------------------------------------------------------
@@ -574,17 +574,18 @@ class Soak:
         elif kind == "flush-outage":
             dev.fail_flush(fault.seconds)
         elif kind == "latency":
-            self.latency_until = time.monotonic() + fault.seconds
-            dev.faults.frame_latency = fault.delay
-            await asyncio.sleep(fault.seconds)
-            if time.monotonic() >= self.latency_until:
-                dev.faults.frame_latency = 0.0
+            await self._delay_for_a_while(dev, "frame_latency", fault)
         elif kind == "slow-acks":
-            self.slow_acks_until = time.monotonic() + fault.seconds
-            dev.faults.delay_request_ack = fault.delay
-            await asyncio.sleep(fault.seconds)
-            if time.monotonic() >= self.slow_acks_until:
-                dev.faults.delay_request_ack = 0.0
+            await self._delay_for_a_while(dev, "delay_request_ack", fault)
+
+    async def _delay_for_a_while(self, dev: DevServer, setting: str, fault: Fault) -> None:
+        """Set the delay ``dev.faults.<setting>`` for the fault's seconds; a fault of the
+        same kind landing meanwhile extends it (only the last one to end clears it)."""
+        until = self.delays_until[setting] = time.monotonic() + fault.seconds
+        setattr(dev.faults, setting, fault.delay)
+        await asyncio.sleep(fault.seconds)
+        if self.delays_until[setting] == until:
+            setattr(dev.faults, setting, 0.0)
 
     async def _deploy(self, dev: DevServer, applied: Applied) -> None:
         """Every slot in turn: replacement READY, then SIGTERM to the old process. One
