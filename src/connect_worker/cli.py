@@ -16,19 +16,21 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
 import anyio
-from anyio.abc import TaskStatus
 
 from . import __version__
 from .config import SETTINGS, Config
 from .errors import ConfigError, TargetError
 
 if TYPE_CHECKING:
-    from .engine.executor import App
-    from .engine.worker import Worker
+    from prometheus_client import CollectorRegistry
+
+    from .engine.runner import Listener
+    from .ops.metrics import WorkerMetrics
 
 log = logging.getLogger("connect_worker")
 
@@ -190,10 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TargetError as exc:
         print(f"connect-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from .engine.runner import serve
     from .engine.userloop import loop_factory
 
     try:
-        return anyio.run(serve, config, apps,
+        return anyio.run(lambda: serve(config, apps, listener=_health_listener(config)),
                          backend_options={"loop_factory": loop_factory(config.event_loop)})
     except OSError as exc:
         # Binding the health listener is the one OSError that reaches here.
@@ -202,50 +205,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-async def serve(config: Config, apps: Sequence[App]) -> int:
-    """Run one worker with its health listener and signal handling; returns the exit code."""
-    from prometheus_client import REGISTRY
+def _health_listener(config: Config) -> Listener:
+    """The health listener on CONNECT_WORKER_HTTP_PORT (none when it is unset)."""
 
-    from .engine.worker import Worker
+    def listen(registry: CollectorRegistry, ready: Callable[[], bool],
+               metrics: WorkerMetrics) -> AbstractAsyncContextManager[object] | None:
+        if config.http_port is None:
+            return None
+        return _health(config.http_port, registry, ready, metrics)
+
+    return listen
+
+
+@contextlib.asynccontextmanager
+async def _health(port: int, registry: CollectorRegistry, ready: Callable[[], bool],
+                  metrics: WorkerMetrics) -> AsyncIterator[object]:
     from .ops.health import HealthServer
-    from .ops.metrics import WorkerMetrics
 
-    metrics = WorkerMetrics(REGISTRY)
-    worker = Worker(config, apps, metrics=metrics)
-    async with contextlib.AsyncExitStack() as stack:
-        # Bound before anything connects (a taken port is a configuration error) and
-        # closed last, so /readyz answers 503 throughout the drain.
-        if config.http_port is not None:
-            health = await stack.enter_async_context(
-                HealthServer(config.http_port, REGISTRY, lambda: worker.ready, metrics=metrics)
-            )
-            log.info("health listener on port %d", health.port,
-                     extra={"event": "health.listening", "fields": {"port": health.port}})
-        async with anyio.create_task_group() as tg:
-            await tg.start(_watch_signals, worker)
-            code = await worker.run()
-            tg.cancel_scope.cancel()
-    return code
-
-
-async def _watch_signals(worker: Worker, *, task_status: TaskStatus[None]) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        task_status.started()
-        count = 0
-        async for signum in signals:
-            count += 1
-            name = signal.Signals(signum).name
-            if count == 1:
-                log.info("drain.requested", extra={"event": "drain.requested",
-                                                   "fields": {"signal": name}})
-                worker.request_shutdown()
-            else:
-                log.warning("drain.aborted", extra={"event": "drain.aborted",
-                                                    "fields": {"signal": name}})
-                worker.abort()
+    async with HealthServer(port, registry, ready, metrics=metrics) as health:
+        log.info("health listener on port %d", health.port,
+                 extra={"event": "health.listening", "fields": {"port": health.port}})
+        yield health
 
 
 def _dev(args: argparse.Namespace) -> int:
+    from .devclient import stop_on_signals
     from .devserver import DevServer, DevServerConfig
     from .devserver import serve as serve_devserver
 
@@ -271,17 +255,6 @@ def _dev(args: argparse.Namespace) -> int:
         print(f"connect-worker: dev gateway {_bind_error(exc, args)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def stop_on_signals() -> None:
-    """Ctrl-C and SIGTERM stop a foreground tool cleanly (exit 0), even when the shell
-    started it with SIGINT ignored (a background job)."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt)
 
 
 def _bind_error(exc: OSError, args: argparse.Namespace) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -211,8 +212,6 @@ def runs(url: str, run_id: str | None, limit: int, watch: bool, out: TextIO) -> 
     if not watch:
         print(render(), file=out)
         return 0
-    from .cli import stop_on_signals
-
     stop_on_signals()
     return _watch(render, out, 1.0, lambda: False)
 
@@ -307,3 +306,14 @@ def run_command(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM stop a foreground tool cleanly (exit 0), even when the shell
+    started it with SIGINT ignored (a background job)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)

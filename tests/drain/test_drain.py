@@ -61,16 +61,21 @@ async def first_step_acked_on(dev: DevServer, conn_id: str) -> None:
 
 
 async def test_sigterm_mid_step_finishes_on_old_worker_rest_on_new(
-    dev: DevServer, exec_log: str
+    dev: DevServer, exec_log: str, tmp_path: Path
 ) -> None:
-    new = worker(dev, "new", exec_log, autostart=False)
-    async with worker(dev, "old", exec_log) as old, new:
+    # The first step holds until the gate opens: after the replacement is READY and the
+    # old worker has paused (no bet on how fast a subprocess starts under load).
+    gate = tmp_path / "gate"
+    new = worker(dev, "new", exec_log, autostart=False, STEP_GATE=str(gate))
+    async with worker(dev, "old", exec_log, STEP_GATE=str(gate)) as old, new:
         old_conn = await old.wait_ready(dev)
         [run_id] = await dev.send_event("report/requested", {"topic": "deploys"})
         await first_step_acked_on(dev, old_conn.conn_id)
         await new.start()  # the replacement comes up while the old one works
         await new.wait_ready(dev)
         old.send_signal(signal.SIGTERM)
+        await old.wait_log("drain.pause")
+        gate.touch()
         assert await old.wait(30) == 0
         run = await dev.wait_for_run(run_id, timeout=30)
         await new.stop()
@@ -114,10 +119,14 @@ async def test_sigterm_with_withheld_reply_ack_flushes_before_exit(
 
 @pytest.mark.parametrize("disruption", ["gateway_closing", "socket_drop"])
 async def test_disruption_during_drain_keeps_new_connection_paused(
-    dev: DevServer, exec_log: str, disruption: str
+    dev: DevServer, exec_log: str, disruption: str, tmp_path: Path
 ) -> None:
+    """The old worker's socket is replaced (GATEWAY_CLOSING) or lost (a drop, with the
+    gateway down and the flush failing) while its step runs: the step's reply goes out on
+    the draining worker's next session, which is PAUSEd, never READY, never routed to."""
+    gate = tmp_path / "gate"
     new = worker(dev, "new", exec_log, autostart=False)
-    async with worker(dev, "old", exec_log, step_seconds=1.5) as old, new:
+    async with worker(dev, "old", exec_log, STEP_GATE=str(gate)) as old, new:
         old_conn = await old.wait_ready(dev)
         [run_id] = await dev.send_event("report/requested", {})
         await first_step_acked_on(dev, old_conn.conn_id)
@@ -127,11 +136,18 @@ async def test_disruption_during_drain_keeps_new_connection_paused(
         await dev.wait_for(lambda: old_conn.paused, 10)
         if disruption == "gateway_closing":
             closing = asyncio.create_task(dev.gateway_closing(old_conn.conn_id))
+            await old.wait_log("drain.pause_on_reconnect")
         else:
-            # Just before the step ends, and slow to come back: the step ends meanwhile.
-            await asyncio.sleep(1.0)
-            dev.faults.start_delay = 0.6
+            # No socket at all when the step ends, and the flush failing: the reply can
+            # only get out on the next session, once the gateway is back.
+            dev.faults.gateway_down_until = time.monotonic() + 60
+            dev.faults.flush_failing_until = time.monotonic() + 60
             await dev.drop_socket(old_conn.conn_id)
+            await old.wait_log("connection.retry")
+        gate.touch()
+        if disruption == "socket_drop":
+            await old.wait_log("reply.flush_failed")
+            dev.faults.gateway_down_until = 0.0
         assert await old.wait(30) == 0
         if disruption == "gateway_closing":
             await asyncio.wait_for(closing, 10)
@@ -141,9 +157,11 @@ async def test_disruption_during_drain_keeps_new_connection_paused(
     counts = executions(exec_log)
     assert set(counts.values()) == {1} and len(counts) == 3
     [step_request] = [d.request_id for d in dev.dispatches if d.conn_id == old_conn.conn_id]
-    delivered = [r for r in dev.replies + dev.flushes if r.request_id == step_request]
-    assert delivered
     later = [c for c in conns_of(dev, "old") if c.conn_id != old_conn.conn_id]
+    assert later, "the draining worker never reconnected: nothing was checked"
+    later_ids = {c.conn_id for c in later}
+    # The reply went out on a later (paused) session of the draining worker.
+    assert [r for r in dev.replies if r.request_id == step_request and r.conn_id in later_ids]
     for conn in later:  # any reconnect of the draining worker never became routable
         assert conn.paused
         readies = [e for e in dev.timeline if e.kind == "WORKER_READY"]

@@ -161,7 +161,7 @@ def test_socket_drop_between_reply_and_ack_flushes_and_resends_once_each() -> No
     assert run(ledger, step, E.SOCKET_LOST) == [A.FLUSH]
     assert run(ledger, step, E.SOCKET_READY) == [A.EXTEND_NOW, A.RESEND_REPLY]
     assert run(ledger, step, E.SOCKET_LOST) == []  # the flush is already running
-    assert run(ledger, step, E.REPLY_ACKED) == [A.REMEMBER]
+    assert run(ledger, step, E.REPLY_ACKED) == [A.REMEMBER, A.WAKE]
     assert run(ledger, step, E.FLUSHED) == []  # the POST that was in flight lands late
     assert step.state is S.DELIVERED
 

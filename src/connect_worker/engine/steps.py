@@ -88,7 +88,9 @@ class Action(Enum):
     ARM_ACK_TIMER = "arm_ack_timer"  # wait another reply_ack_timeout for the ACK
     FLUSH = "flush"  # POST the reply to /v0/connect/flush until accepted
     HAND_BACK = "hand_back"  # build a retryable error reply and deliver it
-    WAKE = "wake"  # the hand-back's delivery stops waiting (ACKed, or its socket is gone)
+    # A delivery waiting on the step moves on: the hand-back's (ACKed, or its socket is
+    # gone: on to the flush) or a flush between retries (ACKed on a socket).
+    WAKE = "wake"
     ACK_AGAIN = "ack_again"  # ACK the repeated forward (never run it twice)
     REMEMBER = "remember"  # keep the delivered reply for a request forwarded again
     LOG_LEASE_LOST = "log_lease_lost"  # step.lease_lost (before the cancel unwinds its stack)
@@ -181,7 +183,7 @@ _rows(S.REPLY_SENT, {
     E.GIVE_UP: (S.ABANDONED, (A.LOG_ABANDONED,)),
 })
 _rows(S.FLUSHING, {
-    E.REPLY_ACKED: (S.DELIVERED, (A.REMEMBER,)),
+    E.REPLY_ACKED: (S.DELIVERED, (A.REMEMBER, A.WAKE)),  # (a flush between retries)
     E.FLUSHED: (S.DELIVERED, (A.REMEMBER,)),
     # Sent both ways: the gateway stores replies set-if-absent and ACKs duplicates.
     E.SOCKET_READY: (S.FLUSHING, (A.EXTEND_NOW, A.RESEND_REPLY)),

@@ -962,8 +962,8 @@ def run_cw_worker(inline: bool = False) -> int:
     if inline:
         _run_user_code_inline()
 
-    from ..cli import serve
     from ..config import Config
+    from ..engine.runner import serve
     from ..engine.target import load_target
     from ..protocol import WorkerConnection
 

@@ -29,23 +29,34 @@ def _step_seconds() -> float:
     return float(os.environ.get("STEP_SECONDS", "0.2"))
 
 
+async def _work() -> None:
+    """A report step's work: ``STEP_SECONDS``, then, when ``STEP_GATE`` names a file, until
+    that file exists (a test opens the gate when the moment it needs has come, instead of
+    betting that a step outlasts something it does not control)."""
+    await asyncio.sleep(_step_seconds())
+    gate = os.environ.get("STEP_GATE")
+    # Another process opens it: a stat every 10 ms is the whole cost.
+    while gate and not os.path.exists(gate):  # noqa: ASYNC110, ASYNC240
+        await asyncio.sleep(0.01)
+
+
 @client.create_function(fn_id="report", trigger=inngest.TriggerEvent(event="report/requested"))
 async def report(ctx: inngest.Context) -> dict[str, object]:
     topic = str(ctx.event.data.get("topic", "widgets"))
 
     async def research() -> str:
         record("research", ctx.run_id)
-        await asyncio.sleep(_step_seconds())
+        await _work()
         return f"notes on {topic}"
 
     async def draft() -> str:
         record("draft", ctx.run_id)
-        await asyncio.sleep(_step_seconds())
+        await _work()
         return f"draft about {topic}"
 
     async def review() -> str:
         record("review", ctx.run_id)
-        await asyncio.sleep(_step_seconds())
+        await _work()
         return "approved"
 
     notes = await ctx.step.run("research", research)
