@@ -39,7 +39,6 @@ import pytest
 
 PACKAGE = "connect_worker"
 SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
-TOP_LEVEL = ("__init__", "__main__", "cli", "config", "context", "errors")
 SUBPACKAGES = ("engine", "ops", "protocol", "llm", "devserver", "lab")
 PRODUCT = ("engine", "ops", "protocol", "llm")
 RIG = ("devserver", "lab")

@@ -25,8 +25,9 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-class GatewayError(Exception):
-    """The dev gateway is unreachable or refused the command; the message is one line."""
+class DevClientError(Exception):
+    """The dev gateway is unreachable or refused the command; the message is one line.
+    (Not ``errors.GatewayError``: that is the Connect API refusing the worker.)"""
 
 
 def default_url() -> str:
@@ -44,7 +45,7 @@ def _request(url: str, method: str, path: str, body: Any = None) -> Any:
     try:
         response = httpx.request(method, url + path, json=body, timeout=10)
     except httpx.HTTPError as exc:
-        raise GatewayError(f"no dev gateway at {url} ({exc.__class__.__name__}); start one "
+        raise DevClientError(f"no dev gateway at {url} ({exc.__class__.__name__}); start one "
                            "with `connect-worker dev` or pass --url") from None
     try:
         payload = response.json()
@@ -52,7 +53,7 @@ def _request(url: str, method: str, path: str, body: Any = None) -> Any:
         payload = None
     if response.status_code >= 400:
         detail = payload.get("error") if isinstance(payload, dict) else response.text.strip()
-        raise GatewayError(f"{method} {path}: {response.status_code} {detail}")
+        raise DevClientError(f"{method} {path}: {response.status_code} {detail}")
     return payload
 
 
@@ -182,8 +183,7 @@ def send(url: str, name: str, data: Any, out: TextIO) -> int:
     return 0
 
 
-def _watch(render: Callable[[], str], out: TextIO, interval: float,
-           stop: Callable[[], bool]) -> int:
+def _watch(render: Callable[[], str], out: TextIO, interval: float) -> int:
     """Redraw on a terminal; elsewhere print each new version of the output."""
     last = None
     tty = out.isatty()
@@ -196,8 +196,6 @@ def _watch(render: Callable[[], str], out: TextIO, interval: float,
             out.write(f"--- {clock(time.time())}\n{text}\n")
         out.flush()
         last = text
-        if stop():
-            return 0
         time.sleep(interval)
 
 
@@ -213,7 +211,7 @@ def runs(url: str, run_id: str | None, limit: int, watch: bool, out: TextIO) -> 
         print(render(), file=out)
         return 0
     stop_on_signals()
-    return _watch(render, out, 1.0, lambda: False)
+    return _watch(render, out, 1.0)
 
 
 def workers(url: str, out: TextIO) -> int:
@@ -301,7 +299,7 @@ def run_command(args: argparse.Namespace) -> int:
             print("connect-worker: --count must be >= 1", file=sys.stderr)
             return EXIT_USAGE
         return fault(url, args.fault, args.worker, args.count, sys.stdout)
-    except GatewayError as exc:
+    except DevClientError as exc:
         print(f"connect-worker: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
-"""Runs executor requests through the inngest SDK. The only module that imports inngest.
+"""Runs executor requests through the inngest SDK: the only module that touches the SDK's
+execution internals (``inngest._internal``; the rest of the package uses its public API).
 
 An SDK upgrade that changes the private execution entry point (``comm_lib.CommHandler``)
 breaks this file and its contract test, not the daemon. Each request runs on the
@@ -195,10 +196,6 @@ class Executor:
                 f"{request.function_slug!r}",
             )
         return None
-
-    async def execute(self, request: ExecutorRequest) -> Outcome:
-        """Run ``request`` on the user loop; cancelling this cancels the user task."""
-        return await self.user_loop.run(self._call(request))
 
     def submit(self, request: ExecutorRequest,
                on_done: Callable[[asyncio.Future[Outcome]], None],

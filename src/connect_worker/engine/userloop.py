@@ -4,7 +4,7 @@ User functions run on their own event loop in a dedicated thread, so a step that
 blocks its loop (``time.sleep``, a synchronous HTTP client) cannot delay the
 engine's heartbeats or lease extensions. ``def`` functions go one step further,
 into the SDK's thread pool. The only traffic across the bridge is: a coroutine
-in (``run``), its result or exception out, and cancellation.
+in (``submit``), its result or exception out, and cancellation.
 
 Each direction is a queue drained by one callback on the receiving loop. Waking
 a loop from another thread costs a syscall and a GIL hand-off, so a wake-up is
@@ -213,13 +213,6 @@ class UserLoop:
         result._on_done = on_done
         self._inbox.put(job.start)
         return result
-
-    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the user loop and await it from the calling loop.
-
-        Cancelling the caller cancels the user task.
-        """
-        return await self.submit(coro)
 
     def stop(self, timeout: float = 1.0) -> None:
         """Stop the loop (running user tasks are abandoned; the thread is a daemon)."""
