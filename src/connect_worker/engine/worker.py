@@ -13,7 +13,7 @@ lifecycle is one table). The parts it wires together, each in its own module::
     ├─ steps (no task each): ACKed in the read callback -> body on the user loop
     │                  (bodies.py, a future) -> reply written from its callback -> ACK
     │                  timer or flush task (delivery.py)
-    └─ drain           on request: stop acking, PAUSE, wait until the ledger has no live
+    └─ drain           (drain.py) stop acking, PAUSE, wait until the ledger has no live
                        step within the deadline, then give up on the rest (the owned
                        ones are *handed back*: a retryable error reply naming the worker,
                        so Inngest retries at once instead of after the lease expires),
@@ -26,12 +26,10 @@ one handler (``_handlers``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import anyio
 from prometheus_client import CollectorRegistry
@@ -45,12 +43,12 @@ from ..protocol import ExecutorRequest, GatewayEvent, LeaseExtended, ReplyAck, W
 from ..protocol.codec import request_echo
 from .bodies import Bodies
 from .delivery import Delivery, build_reply
-from .executor import App, Executor, Outcome, error_outcome
+from .drain import EXIT_ABANDONED, EXIT_FATAL, EXIT_OK, Drain
+from .executor import App, Executor, Outcome
 from .gateway_api import GatewayAPI
 from .leases import Leases
 from .session import Session
-from .stacks import running_steps
-from .steps import LIVE, Action, Arrival, Ledger, Step, StepEvent, StepState
+from .steps import LIVE, Action, Arrival, Ledger, Step, StepEvent
 from .supervisor import MAX_CONSECUTIVE_SYNC_FAILURES, Supervisor, is_fatal
 from .timers import Changes
 from .userloop import loop_factory
@@ -60,28 +58,13 @@ __all__ = ["EXIT_ABANDONED", "EXIT_FATAL", "EXIT_OK", "MAX_CONSECUTIVE_SYNC_FAIL
 
 log = logging.getLogger(__name__)
 
-# The gateway handles PAUSE and ACKs on different goroutines: an ACK written just
-# before PAUSE can lose that race and the request would be re-routed while we run it
-# (spec §5.2). PAUSE therefore waits until the newest ACK is this old.
-PAUSE_SETTLE = 0.2
-# Hand-back replies at the drain deadline get this long to be acknowledged (socket or
-# flush) before the process exits: the platform's SIGKILL is close behind.
-HAND_BACK_TIMEOUT = 1.5
 # Delivered replies are kept this long (and at most this many) so a request the gateway
 # forwards again after we delivered it is answered, not run again: it re-routes a forward
 # it never saw ACKed for up to about the route wait (10 s) per attempt, three attempts.
 DELIVERED_REPLY_TTL = 60.0
 DELIVERED_REPLIES_KEPT = 1024
-# How long the deadline waits for the gateway to confirm steps it never confirmed
-# before handing them back (those it does not confirm are not handed back).
-OWNERSHIP_ANSWER_TIMEOUT = 0.5
-
 GC_DEFAULT_THRESHOLD = 700  # CPython's generation-0 threshold
 GC_THRESHOLD = 10_000
-
-EXIT_OK = 0
-EXIT_ABANDONED = 3  # the drain deadline passed with steps still running
-EXIT_FATAL = 2  # stopped without being asked (key refused, sync rejected, a bug)
 
 
 class Worker:
@@ -127,23 +110,18 @@ class Worker:
             Action.CANCEL_BODY: lambda step, _: self._bodies.cancel(step),
             Action.LOG_LEASE_LOST: self._log_lease_lost,
             Action.COUNT_LEASE_LOST: self._count_lease_lost,
-            Action.LOG_ABANDONED: self._log_abandoned,
-            Action.HAND_BACK: self._hand_back,
+            Action.LOG_ABANDONED: lambda step, _: self._drain.log_abandoned(step),
+            Action.HAND_BACK: lambda step, _: self._drain.hand_back(step),
         }
         self._flushes: set[asyncio.Task[None]] = set()
+        self._drain = Drain(config, self.metrics, ledger, self._changes, self._supervisor,
+                            self._delivery, self._bodies, fire=self._fire,
+                            user_loop=lambda: self._executor.user_loop.loop,
+                            cancel_flushes=self._cancel_flushes)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._stop: anyio.Event | None = None
-        self._drain_scope: anyio.CancelScope | None = None
         self._stop_requested = False
-        self._abort_requested = False
-        self._draining = False
-        self._last_ack_at = 0.0
-        self._fatal: BaseException | None = None
-        # Set when the drain gives up (read by the LOG_ABANDONED and HAND_BACK handlers).
-        self._give_up_reason = ""
-        self._step_names: dict[str, str] = {}
-        self._handed_back: list[Step] = []
         self.exit_code: int | None = None
 
     # ----- public surface -------------------------------------------------------------
@@ -169,16 +147,14 @@ class Worker:
 
     def abort(self) -> None:
         """End the drain now (second signal): in-flight steps are reported as abandoned."""
-        self._abort_requested = True
+        self._drain.abort()
         self.request_shutdown()
-        if self._drain_scope is not None:
-            self._drain_scope.cancel()
 
     async def run(self) -> int:
         """Serve until shut down; returns the process exit code."""
         self._stop = anyio.Event()
         self._loop = asyncio.get_running_loop()
-        self._step_names = {}
+        self._drain.reset()
         # One worker per process drains once; a new run (embedding, tests) starts clear.
         draining().clear()
         # Everything loaded so far (the SDK, the user's apps) lives as long as the
@@ -213,7 +189,7 @@ class Worker:
                 tg.start_soon(self._leases.extend_periodically)
                 tg.start_soon(self._leases.send_queued)
                 await self._stop.wait()
-                self.exit_code = await self._drain()
+                self.exit_code = await self._drain.run()
                 tg.cancel_scope.cancel()
         finally:
             self._tg = None
@@ -232,7 +208,7 @@ class Worker:
         except Exception as exc:
             # Never alive-but-dead: anything the supervisor cannot handle stops the
             # worker with a non-zero exit so the platform restarts it.
-            self._fatal = exc
+            self._drain.fatal = exc
             event(log, "worker.fatal", level=logging.ERROR, error=str(exc),
                   error_type=type(exc).__name__)
             self.abort()
@@ -280,13 +256,13 @@ class Worker:
         request_id = request.request_id
         ledger = self._ledger
         arrival = ledger.arrive(
-            request_id, routable=not self._draining and session.conn.accepts_work)
+            request_id, routable=not self._drain.started and session.conn.accepts_work)
         if arrival is Arrival.NEW:
             echo = request_echo(request)
             if not session.send_now(WorkerConnection.ack, request, echo):
                 return  # never acked: the gateway re-routes it
             now = time.monotonic()
-            self._last_ack_at = now
+            self._drain.last_ack_at = now
             self.metrics.requests_acked_total.inc()
             step = ledger.open(request, echo, now)
             self._changes.notify()
@@ -353,8 +329,13 @@ class Worker:
         # unknown state.
         exc = task.exception()
         log.error("a reply flush failed", exc_info=exc)
-        self._fatal = exc
+        self._drain.fatal = exc
         self.abort()
+
+    def _cancel_flushes(self) -> set[asyncio.Task[None]]:
+        for task in self._flushes:
+            task.cancel()
+        return set(self._flushes)
 
     def _remember(self, step: Step, session: Session | None) -> None:
         if step.reply is not None:
@@ -365,12 +346,6 @@ class Worker:
         if session is not None and session.conn.accepts_work:
             session.send_now(WorkerConnection.ack, step.request)
 
-    def _step_name(self, step: Step) -> str:
-        """The step's name from the user's code, else the request's step id."""
-        request = step.request
-        names = self._step_names or running_steps(self._executor.user_loop.loop)
-        return names.get(request.run_id) or request.step_id or "step"
-
     def _log_lease_lost(self, step: Step, session: Session | None) -> None:
         # Another copy holds the lease (a re-route race, or ours expired): that copy's
         # reply is the one Inngest uses. Logged before CANCEL_BODY: the cancellation
@@ -378,110 +353,9 @@ class Worker:
         request = step.request
         event(log, "step.lease_lost", level=logging.WARNING,
               request_id=request.request_id, run_id=request.run_id,
-              function=request.function_slug, step_id=self._step_name(step),
+              function=request.function_slug, step_id=self._drain.step_name(step),
               ran_for=round(time.monotonic() - step.started_at, 3))
 
     def _count_lease_lost(self, step: Step, session: Session | None) -> None:
         self.metrics.steps_total.labels(function=step.request.function_slug,
                                         outcome="lease_lost").inc()
-
-    def _log_abandoned(self, step: Step, session: Session | None) -> None:
-        request = step.request
-        event(log, "drain.step_abandoned", level=logging.ERROR,
-              function=request.function_slug, run_id=request.run_id,
-              step_id=self._step_name(step), job_id=request.job_id,
-              request_id=request.request_id,
-              state="running" if step.reply is None else "reply_unacknowledged",
-              running_for=round(time.monotonic() - step.started_at, 3),
-              handed_back=step.state is StepState.HANDING_BACK)
-
-    def _hand_back(self, step: Step, session: Session | None) -> None:
-        request = step.request
-        step.reply = build_reply(request, error_outcome(
-            "StepAbandoned",
-            f"connect_worker instance {self.config.instance_id} gave up step "
-            f"{self._step_name(step)!r} of {request.function_slug!r} after "
-            f"{time.monotonic() - step.started_at:.1f} s: {self._give_up_reason}. "
-            f"Inngest retries it.",
-        ))
-        self._handed_back.append(step)
-
-    # ----- drain ---------------------------------------------------------------------
-
-    async def _drain(self) -> int:
-        self._draining = self._supervisor.draining = self._delivery.draining = True
-        draining().set()
-        drain_started_at = time.monotonic()
-        self.metrics.start_drain(self.config.drain_timeout)
-        event(log, "drain.start", in_flight=len(self._ledger.steps),
-              drain_timeout=self.config.drain_timeout)
-        settle = self._last_ack_at + PAUSE_SETTLE - time.monotonic()
-        if settle > 0 and self._fatal is None:
-            await anyio.sleep(settle)
-        await self._supervisor.pause()
-        with anyio.CancelScope(deadline=anyio.current_time() + self.config.drain_timeout) as scope:
-            self._drain_scope = scope
-            if self._abort_requested:
-                scope.cancel()
-            await self._changes.wait_until(lambda: not self._ledger.steps)
-        abandoned = len(self._ledger.steps)
-        if abandoned:
-            await self._give_up()
-        await self._supervisor.close_all()
-        duration = time.monotonic() - drain_started_at
-        self.metrics.drain_duration_seconds.set(duration)
-        self.metrics.draining.set(0)
-        if self._fatal is not None:
-            code = EXIT_FATAL
-        elif abandoned:
-            code = EXIT_ABANDONED
-        else:
-            code = EXIT_OK
-        event(log, "drain.end", duration=round(duration, 3), abandoned=abandoned,
-              exit_code=code)
-        return code
-
-    async def _give_up(self) -> None:
-        """The deadline: ask about unconfirmed steps, then give up on every live one
-        (logged by name, bodies cancelled, the owned ones handed back)."""
-        self._step_names = running_steps(self._executor.user_loop.loop)  # before cancelling
-        self.fire_all(StepEvent.DEADLINE)
-        ledger = self._ledger
-        if self._supervisor.live_session() is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(OWNERSHIP_ANSWER_TIMEOUT):
-                    await self._changes.wait_until(
-                        lambda: not ledger.in_state(frozenset({StepState.ACKED})))
-        if self._fatal is not None:
-            self._give_up_reason = "the worker is stopping after a fatal error"
-        elif self._abort_requested:
-            self._give_up_reason = "the worker got a second stop signal"
-        else:
-            self._give_up_reason = f"the drain deadline ({self.config.drain_timeout:g} s) passed"
-        given_up = list(ledger.steps.values())
-        self.metrics.steps_abandoned_total.inc(len(given_up))
-        # Unacknowledged replies that are not handed back stay unacknowledged: no more
-        # flushes for them (the hand-back below delivers its own replies).
-        self._delivery.stop()
-        for step in given_up:
-            self._fire(step, StepEvent.GIVE_UP)
-        self._bodies.cancel_all()
-        for task in list(self._flushes):
-            task.cancel()
-        pending: set[asyncio.Future[Any]] = {*self._bodies.running, *self._flushes}
-        if pending:
-            await asyncio.wait(pending, timeout=1.0)
-        handed_back, self._handed_back = self._handed_back, []
-        if not handed_back:
-            return
-        # Without this reply Inngest would wait for the lease to expire (minutes) before
-        # retrying. The budget is short: the platform's SIGKILL is close behind.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(HAND_BACK_TIMEOUT):
-                await asyncio.gather(*(
-                    self._delivery.hand_back(step, ack_timeout=HAND_BACK_TIMEOUT / 2)
-                    for step in handed_back
-                ))
-        event(log, "drain.handed_back", steps=len(handed_back),
-              acknowledged=sum(1 for s in handed_back if s.state is StepState.DELIVERED))
-
