@@ -206,3 +206,41 @@ def test_public_modules_do_not_load_the_rig_in_a_fresh_interpreter() -> None:
 @pytest.mark.parametrize("area", SUBPACKAGES)
 def test_every_subpackage_named_in_the_rule_exists(area: str) -> None:
     assert (SRC / area / "__init__.py").is_file()
+
+
+def _module_of(target: str, modules: set[str]) -> str:
+    """The module ``target`` names (``from x import name`` records ``x.name`` too)."""
+    parts = target.split(".")
+    while parts and ".".join(parts) not in modules:
+        parts.pop()
+    return ".".join(parts)
+
+
+def test_no_import_cycle_between_our_modules() -> None:
+    """Any import counts (inside functions and under TYPE_CHECKING too: a deferred import
+    hides a cycle from the interpreter, not from the reader). A module importing its own
+    package (``from . import x``) is not an edge: that is how a sibling is reached."""
+    modules = {i.module for i in IMPORTS}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for i in IMPORTS:
+        target = _module_of(i.target, modules) if _ours(i.target) else ""
+        if target and target != i.module and not i.module.startswith(target + "."):
+            graph[i.module].add(target)
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = 1
+        path.append(module)
+        for nxt in sorted(graph[module]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[module] = 2
+        return None
+
+    for module in sorted(modules):
+        if module not in state and (cycle := visit(module)):
+            pytest.fail("import cycle: " + " -> ".join(cycle))
