@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from google.protobuf.message import DecodeError
 
 from ..ops.httpserver import Handler, Request, Response
-from ..protocol import pb
+from ..protocol import constants, pb
 from . import logfmt
 from .auth import check_authorization
 from .core import Core
@@ -90,8 +90,8 @@ class API:
 
     def routes(self) -> dict[tuple[str, str], Handler]:
         return {
-            ("POST", "/v0/connect/start"): self.start,
-            ("POST", "/v0/connect/flush"): self.flush,
+            ("POST", constants.START_PATH): self.start,
+            ("POST", constants.FLUSH_PATH): self.flush,
             ("POST", "/e/*"): self.event,
             ("POST", "/invoke/*"): self.invoke,
             # Checkpoint API (Inngest's pkg/api/apiv1/checkpoint.go).

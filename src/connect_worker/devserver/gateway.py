@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from ..protocol import pb
+from ..protocol import constants, pb
 from ..protocol.durations import format_go_duration
 from . import logfmt
 from .core import ACCOUNT_ID, Core, Session
@@ -36,8 +36,8 @@ from .ulid import is_ulid
 
 log = logging.getLogger(__name__)
 
-SUBPROTOCOL = Subprotocol("v0.connect.inngest.com")
-MAX_FRAME = 8 * 1024 * 1024
+SUBPROTOCOL = Subprotocol(constants.SUBPROTOCOL)
+MAX_FRAME = constants.MAX_FRAME_BYTES
 Kind = pb.GatewayMessageType
 
 # Close reasons (syscodes) the real gateway uses, spec §5.4.3.

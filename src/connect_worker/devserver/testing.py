@@ -29,13 +29,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from ..protocol import pb
+from ..protocol import constants, pb
 from ..protocol.durations import parse_go_duration
 from .config import DevServerConfig
 from .server import DevServer
 
 Kind = pb.GatewayMessageType
-SUBPROTOCOL = Subprotocol("v0.connect.inngest.com")
+SUBPROTOCOL = Subprotocol(constants.SUBPROTOCOL)
 
 
 def fast_config(**changes: Any) -> DevServerConfig:
@@ -210,7 +210,7 @@ class ScriptedWorker:
     async def start_session(self, exclude_gateways: list[str] | None = None) -> pb.StartResponse:
         async with httpx.AsyncClient() as http:
             res = await http.post(
-                f"{self.api_url}/v0/connect/start",
+                f"{self.api_url}{constants.START_PATH}",
                 content=pb.StartRequest(
                     exclude_gateways=exclude_gateways or []
                 ).SerializeToString(),
@@ -248,7 +248,7 @@ class ScriptedWorker:
         target = url or (self.start.gateway_endpoint if self.start else "")
         self.ws = await connect(
             target, subprotocols=[SUBPROTOCOL] if subprotocol else None,
-            max_size=8 * 1024 * 1024, ping_interval=None, close_timeout=2,
+            max_size=constants.MAX_FRAME_BYTES, ping_interval=None, close_timeout=2,
         )
         self._spawn(self._reader(self.ws))
         return self.ws

@@ -20,6 +20,7 @@ import httpx
 from ..config import Config
 from ..errors import AuthError, GatewayError, TransportError
 from ..protocol import pb
+from ..protocol.constants import FLUSH_PATH, START_PATH
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,10 @@ class GatewayAPI:
     async def start(self, exclude_gateways: list[str]) -> StartResult:
         """Ask for a gateway and a session; raises GatewayError/TransportError/AuthError."""
         body = pb.StartRequest(exclude_gateways=exclude_gateways).SerializeToString()
-        response = await self._post("/v0/connect/start", body)
+        response = await self._post(START_PATH, body)
         if response.status_code != 200:
             raise GatewayError(
-                f"/v0/connect/start answered HTTP {response.status_code}: "
+                f"{START_PATH} answered HTTP {response.status_code}: "
                 f"{response.text[:200]!r}",
                 status=response.status_code,
             )
@@ -100,9 +101,10 @@ class GatewayAPI:
         try:
             parsed.ParseFromString(response.content)
         except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning
-            raise GatewayError("/v0/connect/start returned an undecodable body") from exc
+            raise GatewayError(f"{START_PATH} returned an undecodable body") from exc
         if not parsed.connection_id or not parsed.gateway_endpoint:
-            raise GatewayError("/v0/connect/start returned no connection id or gateway endpoint")
+            raise GatewayError(f"{START_PATH} returned no connection id or gateway "
+                               "endpoint")
         endpoint = self._config.gateway_url or parsed.gateway_endpoint
         return StartResult(
             connection_id=parsed.connection_id,
@@ -114,9 +116,9 @@ class GatewayAPI:
 
     async def flush(self, sdk_response: bytes) -> None:
         """Persist a reply over HTTP; returns only when the API accepted it (HTTP 200)."""
-        response = await self._post("/v0/connect/flush", sdk_response)
+        response = await self._post(FLUSH_PATH, sdk_response)
         if response.status_code != 200:
             raise GatewayError(
-                f"/v0/connect/flush answered HTTP {response.status_code}",
+                f"{FLUSH_PATH} answered HTTP {response.status_code}",
                 status=response.status_code,
             )

@@ -50,6 +50,7 @@ from ..protocol import (
     SyncFailed,
     WorkerConnection,
 )
+from ..protocol.constants import MAX_FRAME_BYTES, SUBPROTOCOL
 from .gateway_api import StartResult
 
 if TYPE_CHECKING:
@@ -57,10 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SUBPROTOCOL = "v0.connect.inngest.com"
-# The gateway reads at most 8 MiB from a worker; its own requests carry <= 4 MiB of
-# payload, so 8 MiB bounds what we accept too.
-MAX_FRAME_BYTES = 8 * 1024 * 1024
 # Two unanswered heartbeats mean the socket is dead even if TCP has not noticed.
 MAX_UNANSWERED_HEARTBEATS = 2
 
