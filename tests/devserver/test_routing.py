@@ -50,9 +50,13 @@ async def test_instance_capacity_shared_across_connections() -> None:
         r1 = (await dev.send_event("test/evt"))[0]
         r2 = (await dev.send_event("test/evt"))[0]
         await dev.wait_for(lambda: len(dev.dispatches) == 1)
-        # Give the router every chance to over-commit: it must not.
+        # The instance's one slot is taken on both of its connections: the router (asked
+        # again on every state change, so asking it here is what the queue sees) has no
+        # connection to offer, and the second run waits.
         await dev.wait_for(lambda: dev.dispatches[0].outcome == "acked")
-        await asyncio.sleep(0.2)
+        first = dev.dispatches[0]
+        route = dev.core.router.route("test-app", first.function_slug)
+        assert (route.conn_id, route.error) == (None, "connect_all_workers_at_capacity")
         assert len(dev.dispatches) == 1
         first = dev.dispatches[0]
         holder = w1 if first.conn_id == w1.conn_id else w2

@@ -173,7 +173,9 @@ async def test_step_longer_than_drain_budget_is_abandoned_then_retried_elsewhere
     dev: DevServer, exec_log: str
 ) -> None:
     new = worker(dev, "new", exec_log, step_seconds=0.2, autostart=False)
-    async with worker(dev, "old", exec_log, step_seconds=4.0, drain_timeout=1.0) as old, new:
+    # A step far longer than anything the drain may wait for: the old worker exiting at
+    # all proves it gave up at the deadline (no bound on the clock to be lucky with).
+    async with worker(dev, "old", exec_log, step_seconds=60.0, drain_timeout=1.0) as old, new:
         old_conn = await old.wait_ready(dev)
         [run_id] = await dev.send_event("report/requested", {})
         await first_step_acked_on(dev, old_conn.conn_id)
@@ -187,9 +189,9 @@ async def test_step_longer_than_drain_budget_is_abandoned_then_retried_elsewhere
     [abandoned] = old.events("drain.step_abandoned")
     assert abandoned["function"] == "pipeline-report"
     assert abandoned["run_id"] == run_id
-    assert abandoned["job_id"] and abandoned["step_id"] and abandoned["running_for"] > 0
-    old_signal_to_exit = (old.exited_at or 0) - (old.signalled_at or 0)
-    assert old_signal_to_exit < 3.0
+    assert abandoned["job_id"] and abandoned["step_id"]
+    assert 0 < abandoned["running_for"] < 60.0
+    assert old.events("drain.end")[0]["abandoned"] == 1
     counts = executions(exec_log)
     assert counts[(run_id, "research")] == 2  # once abandoned, once completed
     assert counts[(run_id, "draft")] == 1 and counts[(run_id, "review")] == 1
