@@ -150,3 +150,26 @@ async def test_a_request_forwarded_again_after_delivery_is_answered_not_run(
     assert probe.counts["slow"] == 1
     assert [r.__dict__["fields"]["request_id"] for r in caplog.records
             if getattr(r, "event", None) == "request.redelivered"] == [step.request_id]
+
+
+async def test_pause_waits_for_the_newest_ack_to_settle() -> None:
+    """The gateway reads our ACK and our PAUSE on different goroutines (spec §5.2): a PAUSE
+    written right after an ACK can be processed first, and the gateway then fails the
+    forward and re-routes it while we run it. The drain therefore waits until the newest
+    ACK is PAUSE_SETTLE old. Here the gateway processes ACKs 50 ms late and the drain
+    starts the moment the step's body starts (just after its ACK was written): the ACK
+    must still count. Without the settle, the PAUSE wins (outcome forward_failed)."""
+    async with DevServer(DevServerConfig.fast()) as dev:
+        async with running_worker(dev) as worker:
+            dev.faults.delay_request_ack = 0.05
+            await dev.send_event("t/gated", {})
+            await probe.wait_started("gated")
+            worker.request_shutdown()
+            await dev.wait_for(lambda: any(e.kind == "WORKER_PAUSE" for e in dev.timeline), 10)
+            probe.gates["gated"].set()
+            [dispatch] = dev.dispatches
+            await dev.wait_for(lambda: dispatch.outcome is not None, 10)
+    assert dispatch.outcome in ("acked", "replied")  # not forward_failed
+    assert [d.conn_id for d in dev.dispatches if d.request_id == dispatch.request_id] == [
+        dispatch.conn_id]  # never re-routed
+    assert probe.counts == {"gated": 1}
