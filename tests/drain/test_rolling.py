@@ -21,3 +21,9 @@ async def test_rolling_deploys_under_load_lose_and_repeat_nothing(tmp_path: Path
     assert result.exit_codes == {0: 6}
     # Work really moved across versions during the deploys.
     assert len({e["pid"] for e in result.executions}) >= 3
+    # The drains carried work: the simulator signals a replaced replica once it has a
+    # step in flight (a step can still end in the milliseconds before the signal lands:
+    # one of the four may drain empty). Workers are listed in spawn order, so the first
+    # four are the replaced ones.
+    drains = [w.events("drain.start")[0]["in_flight"] for w in result.workers[:4]]
+    assert sum(1 for n in drains if n >= 1) >= 3, drains

@@ -215,16 +215,28 @@ class WorkerProcess:
 
 
 async def replace_when_ready(dev: DevServer, live: list[WorkerProcess], slot: int,
-                             replacement: WorkerProcess, timeout: float = 15.0) -> WorkerProcess:  # noqa: ASYNC109
+                             replacement: WorkerProcess, timeout: float = 15.0,  # noqa: ASYNC109
+                             *, with_work: bool = False) -> WorkerProcess:
     """One step of a rolling deploy, the way Railway does it with a healthcheck: start
     ``replacement``, wait until it is READY, then put it in ``live[slot]`` and SIGTERM
     the process it replaces (whichever is there by then: a crash may have restarted it
-    meanwhile). Returns that old process; the caller awaits its exit."""
+    meanwhile). With ``with_work``, the signal waits (at most ``timeout``) until the old
+    process has a step in flight, so its drain has something to carry. Returns that old
+    process; the caller awaits its exit."""
     await replacement.start()
     await replacement.wait_ready(dev, timeout)
     old, live[slot] = live[slot], replacement
+    if with_work:
+        with contextlib.suppress(TimeoutError):
+            await dev.wait_for(lambda: has_step_in_flight(dev, old.instance_id), timeout)
     old.send_signal()
     return old
+
+
+def has_step_in_flight(dev: DevServer, instance_id: str) -> bool:
+    """Whether a step ACKed by ``instance_id`` has no reply yet."""
+    conns = {c.conn_id for c in dev.connections if c.instance_id == instance_id}
+    return any(d.conn_id in conns and d.acked_at and not d.replied_at for d in dev.dispatches)
 
 
 def read_executions(path: str) -> list[dict[str, Any]]:

@@ -158,7 +158,7 @@ async def run_simulation(
                 version += 1
                 for replica in range(settings.replicas):
                     replacement = spawn(replica)
-                    old = await replace_when_ready(dev, live, replica, replacement)
+                    old = await replace_when_ready(dev, live, replica, replacement, with_work=True)
                     drains.append(asyncio.create_task(old.wait(settings.drain_timeout + 30)))
                     if not quiet:
                         print(f"  deploy v{version}: replica {replica} replaced "
