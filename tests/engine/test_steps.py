@@ -224,6 +224,40 @@ def test_leases_are_extended_on_every_new_socket() -> None:
         assert A.EXTEND_NOW in ledger.fire(step, E.SOCKET_READY)
 
 
+def test_every_live_state_acks_a_repeated_forward_and_never_runs_it_again() -> None:
+    for state in LIVE:
+        ledger, step = opened()
+        step.state = state
+        assert ledger.fire(step, E.REDELIVERED) == (A.ACK_AGAIN,)
+        assert step.state is state
+
+
+@pytest.mark.parametrize("state", [S.ACKED, S.OWNED])
+def test_a_running_step_replies_when_done_and_stops_silently_when_its_lease_is_lost(
+    state: StepState,
+) -> None:
+    ledger, step = opened()
+    step.state = state
+    assert ledger.fire(step, E.BODY_DONE) == (A.SEND_REPLY,)
+    ledger, step = opened()
+    step.state = state
+    assert ledger.fire(step, E.LEASE_NACKED) == (A.LOG_LEASE_LOST, A.CANCEL_BODY)
+
+
+def test_every_unacknowledged_reply_goes_out_again_on_a_new_socket() -> None:
+    for state in (S.REPLY_SENT, S.FLUSHING, S.HANDING_BACK):
+        ledger, step = opened()
+        step.state = state
+        assert ledger.fire(step, E.SOCKET_READY) == (A.EXTEND_NOW, A.RESEND_REPLY)
+
+
+def test_a_hand_back_acknowledged_on_the_socket_is_delivered_and_wakes_its_delivery() -> None:
+    ledger, step = opened()
+    run(ledger, step, E.LEASE_EXTENDED, E.DEADLINE, E.GIVE_UP)
+    assert run(ledger, step, E.REPLY_ACKED) == [A.WAKE]
+    assert step.state is S.DELIVERED and not ledger.steps
+
+
 def test_sub_second_steps_are_checked_early_and_confirmed_ones_are_not() -> None:
     """The soak's case: sub-second steps ran to the end twice before the first
     extension; the ownership check 0.2 s in stops the losing copy."""
