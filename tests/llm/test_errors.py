@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import inngest
 import pytest
@@ -95,3 +96,25 @@ async def test_a_missing_api_key_names_the_variable(
     with pytest.raises(LLMFatalError, match=f"set {env}"):
         await llm.complete("Go.")
     assert not openai_stub.requests and not anthropic_stub.requests
+
+
+@pytest.mark.parametrize(("module", "extra", "load"), [
+    ("openai", "openai", "connect_worker.llm.providers:_import_openai"),
+    ("anthropic", "anthropic", "connect_worker.llm.providers:_import_anthropic"),
+    ("psycopg", "postgres", "connect_worker.llm.cache:_import_psycopg"),
+])
+def test_a_missing_optional_client_is_one_line_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch, module: str, extra: str, load: str
+) -> None:
+    import importlib
+
+    from connect_worker.llm.errors import LLMFatalError
+
+    path, _, name = load.partition(":")
+    importer = getattr(importlib.import_module(path), name)
+    assert importer().__name__ == module  # installed here (the dev group has them)
+    monkeypatch.setitem(sys.modules, module, None)  # what an absent package looks like
+    with pytest.raises(LLMFatalError) as raised:
+        importer()
+    message = str(raised.value)
+    assert "\n" not in message and f"pip install 'connect-worker[{extra}]'" in message

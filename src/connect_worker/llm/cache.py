@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from .errors import missing_extra
 from .types import Answer, Usage
 
 _T = TypeVar("_T")
@@ -362,6 +363,14 @@ _CHANNEL = "connect_worker_llm"
 _NOW = "extract(epoch from clock_timestamp())::float8"
 
 
+def _import_psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise missing_extra("psycopg", "postgres") from None
+    return psycopg
+
+
 class PostgresCache:
     """The same tables in PostgreSQL, for several replicas (``psycopg`` 3, autocommit).
 
@@ -381,9 +390,7 @@ class PostgresCache:
         self._last_sweep = 0.0
 
     def _open(self) -> Any:
-        import psycopg
-
-        return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+        return _import_psycopg().connect(self.dsn, autocommit=True, connect_timeout=10)
 
     def _connection(self) -> Any:
         if self._conn is None or self._conn.closed:
@@ -411,7 +418,7 @@ class PostgresCache:
         return self._conn
 
     def _with(self, body: Callable[[Any], _T]) -> _T:
-        import psycopg
+        psycopg = _import_psycopg()
 
         with self._lock:
             if self._closed:

@@ -34,6 +34,12 @@ class LLMFatalError(inngest.NonRetriableError):
         self.status = status
 
 
+def missing_extra(package: str, extra: str) -> LLMFatalError:
+    """The one-line error for an optional dependency that is not installed."""
+    return LLMFatalError(f"the {package!r} package is not installed: "
+                         f"pip install 'connect-worker[{extra}]'", provider=extra)
+
+
 class LLMUnavailableError(ConnectWorkerError):
     """Rate limits, 5xx, timeouts or connection errors lasted longer than the retry budget."""
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from .errors import LLMFatalError, Transient
+from .errors import LLMFatalError, Transient, missing_extra
 from .types import Answer, Call, ToolCall, Usage
 
 OnText = Callable[[str], None]
@@ -163,6 +163,22 @@ def _check_credentials(label: str, client_kwargs: dict[str, Any], *env_vars: str
         raise LLMFatalError(f"no {label} API key: set {env_vars[0]}", provider=label)
 
 
+def _import_openai() -> Any:
+    try:
+        import openai
+    except ImportError:
+        raise missing_extra("openai", "openai") from None
+    return openai
+
+
+def _import_anthropic() -> Any:
+    try:
+        import anthropic
+    except ImportError:
+        raise missing_extra("anthropic", "anthropic") from None
+    return anthropic
+
+
 class OpenAIProvider:
     name = "openai"
     label = "OpenAI"
@@ -170,7 +186,7 @@ class OpenAIProvider:
 
     def __init__(self, **client_kwargs: Any) -> None:
         def create() -> Any:
-            import openai  # loaded on first use: it takes ~0.4 s to import
+            openai = _import_openai()  # loaded on first use: it takes ~0.4 s to import
 
             if not {"workload_identity", "admin_api_key"} & client_kwargs.keys():
                 _check_credentials(self.label, client_kwargs, self.key_env)
@@ -200,8 +216,7 @@ class OpenAIProvider:
         self, call: Call, *, attempt_timeout: float, stream: bool, on_text: OnText | None,
         should_stop: ShouldStop | None,
     ) -> Answer:
-        import openai
-
+        openai = _import_openai()
         client = self._clients.get()
         with map_errors(openai, self.label, self.key_env, call.model, self._secrets):
             if stream:
@@ -269,7 +284,7 @@ class AnthropicProvider:
 
     def __init__(self, **client_kwargs: Any) -> None:
         def create() -> Any:
-            import anthropic  # loaded on first use: it takes ~1 s to import
+            anthropic = _import_anthropic()  # loaded on first use: it takes ~1 s to import
 
             if not {"auth_token", "credentials"} & client_kwargs.keys():
                 _check_credentials(self.label, client_kwargs, self.key_env,
@@ -301,8 +316,7 @@ class AnthropicProvider:
         self, call: Call, *, attempt_timeout: float, stream: bool, on_text: OnText | None,
         should_stop: ShouldStop | None,
     ) -> Answer:
-        import anthropic
-
+        anthropic = _import_anthropic()
         client = self._clients.get()
         with map_errors(anthropic, self.label, self.key_env, call.model, self._secrets):
             if stream:
