@@ -30,7 +30,11 @@ async def test_transient_failures_are_retried_until_answered(
     result = await llm.complete("Go.")
 
     assert result.text == "finally" and result.attempts == 5
-    assert len(openai_stub.requests) == 5 and len(openai_stub.answered) == 1
+    assert len(openai_stub.requests) == 5
+    # The attempt we timed out may still be answered (and, by a real provider, billed):
+    # the model ran up to five times, and the metrics say so instead of claiming one.
+    assert 1 <= len(openai_stub.answered) <= 2
+    assert sample(registry, "timed_out_attempts_total", **LABELS) == 1
     # The SDK's own retries are off: one HTTP request per attempt, retry count 0 every time.
     assert {seen.headers["x-stainless-retry-count"] for seen in openai_stub.requests} == {"0"}
     assert sample(registry, "retries_total", **LABELS) == 4

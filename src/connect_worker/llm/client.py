@@ -562,8 +562,14 @@ class LLM:
                     sent = next_request() if next_request is not None else call
                     remaining = cfg.retry_budget - (time.monotonic() - started)
                     timeout = max(min(cfg.request_timeout, remaining), 1.0)
-                    answer = await provider.send(sent, attempt_timeout=timeout, stream=stream,
-                                                 on_text=on_text, should_stop=should_stop)
+                    try:
+                        answer = await provider.send(sent, attempt_timeout=timeout,
+                                                     stream=stream, on_text=on_text,
+                                                     should_stop=should_stop)
+                    except Transient as exc:
+                        if exc.maybe_billed:
+                            self.metrics.timed_out.labels(*labels).inc()
+                        raise
                     if call.json_output and not answer.partial and not answer.tool_calls:
                         try:
                             parse_json_text(answer.text)

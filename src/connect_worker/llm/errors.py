@@ -60,6 +60,10 @@ class LLMRejectedError(ConnectWorkerError):
 class Transient(Exception):
     """Internal: one attempt failed in a way worth retrying (mapped from the SDKs)."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 maybe_billed: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        # The request reached the provider and we stopped waiting (a timeout): it may
+        # well have run to the end and been billed, so a retry can pay twice.
+        self.maybe_billed = maybe_billed

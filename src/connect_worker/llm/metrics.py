@@ -31,6 +31,10 @@ class LLMMetrics:
         self.output_tokens = counter("output_tokens_total", "Output tokens billed.")
         self.cost = counter("cost_usd_total", "Estimated spend, in US dollars.")
         self.retries = counter("retries_total", "HTTP attempts retried after a transient error.")
+        self.timed_out = counter(
+            "timed_out_attempts_total",
+            "Attempts we stopped waiting for after sending them: the provider may have "
+            "finished and billed them (tokens unknown: not in cost_usd_total).")
         self.cache_hits = counter("cache_hits_total",
                                   "Calls answered by the result cache instead of the model.")
         self.saved = counter("saved_usd_total",

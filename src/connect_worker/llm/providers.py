@@ -92,7 +92,7 @@ def map_errors(sdk: Any, label: str, key_env: str, model: str, secrets: tuple[st
     try:
         yield
     except sdk.APITimeoutError:
-        raise Transient(f"{label} timed out") from None
+        raise Transient(f"{label} timed out", maybe_billed=True) from None
     except sdk.APIConnectionError:
         raise Transient(f"could not connect to {label}") from None
     except sdk.APIResponseValidationError:
