@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=8288,
                      help="API port (start, flush, events, the page at /)")
     dev.add_argument("--gateway-port", type=int, default=8289, help="WebSocket gateway port")
+    dev.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                     help="also answer requests addressed to NAME (e.g. a Compose or "
+                     "Kubernetes service name); loopback names and IP addresses always are, "
+                     "other names get 403 (a web page cannot rebind its DNS name to us)")
     dev.add_argument("--fast", action="store_true",
                      help="short timings for rehearsals and tests: 1 s heartbeats and lease "
                      "extensions, 4 s leases, 3 s drain window (default: production timings)")
@@ -249,7 +253,8 @@ def _dev(args: argparse.Namespace) -> int:
     from .devserver import DevServer, DevServerConfig
     from .devserver import serve as serve_devserver
 
-    config = DevServerConfig.fast() if args.fast else DevServerConfig()
+    config = (DevServerConfig.fast() if args.fast else DevServerConfig()).replace(
+        allowed_hosts=tuple(args.allow_host))
     stop_on_signals()
 
     def ready(dev: DevServer) -> None:

@@ -54,6 +54,9 @@ class DevServerConfig:
     interval_format: Literal["go", "seconds"] = "go"
     seed: int | None = None
     env_name: str = "dev"
+    # Host names (besides loopback names and IP addresses) the HTTP API and the gateway
+    # answer to, e.g. a Compose or Kubernetes service name (devserver/browser.py).
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.gateway_groups:
