@@ -12,7 +12,8 @@
 #   Python as PID 1 is fine here: the worker installs its own SIGTERM/SIGINT handlers.
 # * It runs as an unprivileged user (uid 10001, matched by deploy/kubernetes).
 # * The health listener (/metrics, /healthz, /readyz) listens on $PORT when the platform
-#   sets it, else 9090; the image sets neither PORT nor CONNECT_WORKER_HTTP_PORT.
+#   sets it, else 9090; the image sets neither PORT nor CONNECT_WORKER_HTTP_PORT, and
+#   listens on every interface (CONNECT_WORKER_HTTP_HOST=::).
 # * Docker's own stop timeout is 10 s: give it the drain budget plus 5 s, e.g.
 #   `docker stop -t 35` or `stop_grace_period: 35s` in compose (the worker's default
 #   drain budget is 25 s; set CONNECT_WORKER_DRAIN_TIMEOUT for longer steps).
@@ -27,9 +28,12 @@ COPY src/ src/
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.12-slim-bookworm
+# CONNECT_WORKER_HTTP_HOST: every interface even in dev mode (the worker's own default
+# there is loopback): a probe or scrape reaches a container only by its address.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    CONNECT_WORKER_HTTP_HOST=::
 RUN groupadd --system --gid 10001 worker \
     && useradd --system --uid 10001 --gid worker --home-dir /app --no-create-home worker
 COPY --from=build /wheels /wheels

@@ -202,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         # Binding the health listener is the one OSError that reaches here.
         print(f"connect-worker: cannot listen on CONNECT_WORKER_HTTP_PORT/PORT="
-              f"{config.http_port}: {exc.strerror or exc}", file=sys.stderr)
+              f"{config.http_port} (CONNECT_WORKER_HTTP_HOST={config.http_host}): "
+              f"{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -221,10 +222,12 @@ async def serve(config: Config, apps: Sequence[App]) -> int:
         # closed last, so /readyz answers 503 throughout the drain.
         if config.http_port is not None:
             health = await stack.enter_async_context(
-                HealthServer(config.http_port, REGISTRY, lambda: worker.ready, metrics=metrics)
+                HealthServer(config.http_port, REGISTRY, lambda: worker.ready, metrics=metrics,
+                             host=config.http_host)
             )
-            log.info("health listener on port %d", health.port,
-                     extra={"event": "health.listening", "fields": {"port": health.port}})
+            log.info("health listener on %s port %d", config.http_host, health.port,
+                     extra={"event": "health.listening",
+                            "fields": {"host": config.http_host, "port": health.port}})
         async with anyio.create_task_group() as tg:
             await tg.start(_watch_signals, worker)
             code = await worker.run()

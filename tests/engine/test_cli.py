@@ -69,8 +69,9 @@ def test_taken_health_port_is_one_line_and_exit_2() -> None:
                               "CONNECT_WORKER_LOG_FORMAT": "json"})
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("connect-worker:")]
-    assert errors == [f"connect-worker: cannot listen on CONNECT_WORKER_HTTP_PORT/PORT={port}: "
-                      "Address already in use"]
+    # Dev mode on a laptop: the listener is on loopback (CONNECT_WORKER_HTTP_HOST).
+    assert errors == [f"connect-worker: cannot listen on CONNECT_WORKER_HTTP_PORT/PORT={port} "
+                      "(CONNECT_WORKER_HTTP_HOST=127.0.0.1): Address already in use"]
 
 
 def test_failing_user_import_shows_the_users_line(tmp_path: Path) -> None:
