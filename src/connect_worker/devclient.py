@@ -129,6 +129,8 @@ def format_run(run: dict[str, Any], now: float, *, requests: bool = False) -> li
             lines.extend(f"      {note}" for note in notes.get(index, []))
     if run["error"]:
         lines.append(f"    error: {run['error']}")
+    elif run["status"] == "completed":
+        lines.append(f"    output: {json.dumps(run['output'])}")
     if requests and run["requests"]:
         lines.append("    requests:")
         req_rows = [["sent", "step", "attempt", "worker", "acked", "replied", "via", "result"]]

@@ -156,6 +156,8 @@ def test_rolling_deploy_rehearsed_by_hand(gateway: Gateway, tmp_path: Path) -> N
                                                           "worker-v2 (v2)"}, text
         detail = gateway.cli("runs", run_id)
         assert "requests:" in detail.stdout and "function returned" in detail.stdout
+        # What the finished run returned (the API has it; the page shows it too).
+        assert re.search(r"^    output: \S", detail.stdout, re.M), detail.stdout
 
         # Withhold the next WORKER_REPLY_ACK: the worker flushes that reply over HTTP.
         armed = gateway.cli("fault", "withhold-ack")
