@@ -194,11 +194,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TargetError as exc:
         print(f"connect-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from .engine.exiting import exit_after_drain
     from .engine.userloop import loop_factory
 
     try:
-        return anyio.run(serve, config, apps,
-                         backend_options={"loop_factory": loop_factory(config.event_loop)})
+        code: int = anyio.run(serve, config, apps,
+                              backend_options={"loop_factory": loop_factory(config.event_loop)})
+        return exit_after_drain(code)
     except OSError as exc:
         # Binding the health listener is the one OSError that reaches here.
         print(f"connect-worker: cannot listen on CONNECT_WORKER_HTTP_PORT/PORT="
