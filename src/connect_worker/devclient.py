@@ -307,5 +307,10 @@ def run_command(args: argparse.Namespace) -> int:
     except GatewayError as exc:
         print(f"connect-worker: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        # `connect-worker runs | head`: the reader has what it wanted. Python would
+        # still flush stdout at exit and print a traceback; point it at nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return 0
