@@ -1,0 +1,311 @@
+"""``connect-worker compat``: would this code continue the recorded runs without drift?
+
+Each recorded history (a run's memos, their completion order, step names) is replayed
+against the new code for every prefix of its completion order, the way the gateway would
+call the new code at each point of the run: a memoized step returns its stored output;
+the first step with no memo stops the replay before anything runs (no step body, sleep,
+wait, invoke or model call). A prefix is compatible when the function consumed every memo
+of the prefix before it reached a new step or returned. The same per-request tracker as
+the run-time guard (``engine/drift.py``) judges it, so ``compat`` and
+``CONNECT_WORKER_ON_DRIFT`` agree on what drift is.
+
+Histories come from ``CONNECT_WORKER_RECORD_HISTORY`` files or from the dev gateway
+(``--from-gateway URL`` live, or ``connect-worker runs --export DIR`` files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from .engine import drift
+from .engine.executor import STATUS_ERROR, App, Executor
+from .protocol import ExecutorRequest
+
+EXIT_DRIFT = 1
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class History:
+    """One run as recorded: what a request for it would carry."""
+
+    run_id: str
+    function: str
+    status: str
+    event: dict[str, Any]
+    events: list[dict[str, Any]] | None
+    stack: list[str]
+    steps: dict[str, Any]
+    names: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def in_flight(self) -> bool:
+        return self.status not in TERMINAL
+
+
+def history_from_record(doc: dict[str, Any], source: str = "") -> History:
+    """A ``CONNECT_WORKER_RECORD_HISTORY`` file (or a ``runs --export`` one)."""
+    if doc.get("format") != drift.HISTORY_FORMAT:
+        raise ValueError(f"{source}: not a connect-worker history (format "
+                         f"{doc.get('format')!r})")
+    return History(run_id=str(doc["run_id"]), function=str(doc["function"]),
+                   status=str(doc.get("status") or "running"), event=doc.get("event") or {},
+                   events=doc.get("events"), stack=list(doc.get("stack") or []),
+                   steps=dict(doc.get("steps") or {}), names=dict(doc.get("names") or {}),
+                   source=source)
+
+
+def history_from_gateway(run: dict[str, Any], source: str = "") -> History:
+    """A dev gateway run (``GET /v1/runs/{id}``)."""
+    names = {str(h["step"]): str(h["name"]) for h in run.get("history", [])
+             if h.get("type") == "step_completed" and h.get("name")}
+    event = run.get("event") or {"name": "", "data": {}}
+    return History(run_id=str(run["run_id"]), function=str(run["function_slug"]),
+                   status=str(run.get("status") or "running"), event=event,
+                   events=run.get("events"), stack=list(run.get("stack") or []),
+                   steps=dict(run.get("steps") or {}), names=names, source=source)
+
+
+def load_histories(paths: Iterable[str | Path]) -> list[History]:
+    """Every ``*.json`` history in ``paths`` (files or directories)."""
+    out: list[History] = []
+    for path in map(Path, paths):
+        files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+        for file in files:
+            doc = json.loads(file.read_text())
+            out.append(history_from_record(doc, str(file)))
+    return out
+
+
+def fetch_gateway(url: str, limit: int = 1000) -> list[History]:
+    """The dev gateway's newest ``limit`` runs, with their memos (live)."""
+    from .devclient import _request
+
+    url = url.rstrip("/")
+    listed = _request(url, "GET", f"/v1/runs?limit={limit}")["data"]
+    out = []
+    for item in listed:
+        run = _request(url, "GET", f"/v1/runs/{item['run_id']}")["data"]
+        out.append(history_from_gateway(run, f"{url}/v1/runs/{item['run_id']}"))
+    return out
+
+
+def export_gateway(url: str, directory: str | Path, limit: int = 1000) -> int:
+    """Write the dev gateway's runs as history files; returns how many."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    histories = fetch_gateway(url, limit)
+    for h in histories:
+        doc = {"format": drift.HISTORY_FORMAT, **asdict(h)}
+        (directory / f"{h.run_id}.json").write_text(json.dumps(doc))
+    return len(histories)
+
+
+# -- the replay --------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    run_id: str
+    prefix: int  # how many memos (in completion order) the replayed request carried
+    kind: str  # added | unconsumed | output_shape | error
+    new_step: str | None
+    unconsumed: list[str]
+    detail: str = ""
+    in_flight: bool = False
+
+
+@dataclass
+class FunctionReport:
+    function: str
+    runs: int = 0
+    in_flight: int = 0
+    prefixes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    served: bool = True
+
+    @property
+    def status(self) -> str:
+        if not self.served:
+            return "not served"
+        if any(p.kind == "added" for p in self.problems):
+            return "new step where a memo was expected"
+        return "drift" if self.problems else "compatible"
+
+    @property
+    def broken_runs(self) -> set[str]:
+        return {p.run_id for p in self.problems}
+
+    @property
+    def broken_in_flight(self) -> set[str]:
+        return {p.run_id for p in self.problems if p.in_flight}
+
+
+class _ReplayGuard(drift.DriftGuard):
+    def __init__(self) -> None:
+        super().__init__(on_drift="warn")
+        self.last: drift.RequestDrift | None = None
+
+    def begin(self, request: drift.Request) -> drift.RequestDrift:
+        self.last = drift.RequestDrift(self, request, replay=True)
+        return self.last
+
+
+def _request(h: History, app: str, prefix: int) -> ExecutorRequest:
+    stack = h.stack[:prefix]
+    payload = {
+        "event": h.event, "events": h.events or [h.event],
+        "steps": {k: h.steps[k] for k in stack if k in h.steps},
+        "ctx": {"run_id": h.run_id, "attempt": 0, "max_attempts": 1,
+                "disable_immediate_execution": False, "use_api": False,
+                "stack": {"stack": stack, "current": prefix}},
+        "version": 1, "use_api": False,
+    }
+    return ExecutorRequest(
+        request_id=f"compat-{h.run_id}-{prefix}", account_id="", env_id="", app_id="",
+        app_name=app, function_id="", function_slug=h.function, step_id="step",
+        request_payload=json.dumps(payload).encode(), system_trace_ctx=b"",
+        user_trace_ctx=b"", run_id=h.run_id, lease_id="", job_id="")
+
+
+def replay(apps: Sequence[App], histories: Sequence[History]) -> list[FunctionReport]:
+    """Replay every prefix of every history against ``apps``; one report per function."""
+    guard = _ReplayGuard()
+    executor = Executor(apps, drift=guard)
+    by_slug = {slug: app.app_name for app in executor.apps for slug in app.function_slugs}
+    reports: dict[str, FunctionReport] = {}
+    # The SDK logs each replayed function error; replay reports them itself.
+    quiet = [logging.getLogger(n) for n in ("inngest", "connect_worker.engine.executor")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
+    executor.start()
+    try:
+        for h in histories:
+            report = reports.setdefault(h.function, FunctionReport(h.function))
+            report.runs += 1
+            report.in_flight += h.in_flight
+            app = by_slug.get(h.function)
+            if app is None:
+                report.served = False
+                continue
+            names = {**h.names}
+            for prefix in range(len(h.stack) + 1):
+                report.prefixes += 1
+                outcome = asyncio.run_coroutine_threadsafe(
+                    executor._call(_request(h, app, prefix)), executor.user_loop.loop
+                ).result()
+                tracker = guard.last
+                assert tracker is not None
+                names.update(tracker.names)
+                for d in tracker.drifts:
+                    report.problems.append(Problem(
+                        h.run_id, prefix, d.kind, d.new_step,
+                        [drift.name_of(x, names) for x in d.unconsumed], d.detail, h.in_flight))
+                if (outcome.status == STATUS_ERROR and tracker.stopped_at is None
+                        and not tracker.drifts and h.status != "failed"):
+                    report.problems.append(Problem(
+                        h.run_id, prefix, "error", None, [],
+                        _error_message(outcome.body), h.in_flight))
+    finally:
+        executor.stop()
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
+    return sorted(reports.values(), key=lambda r: r.function)
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body[:200].decode(errors="replace")
+    if isinstance(doc, dict):
+        return f"{doc.get('name', 'Error')}: {doc.get('message', '')}"[:200]
+    return str(doc)[:200]
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def _first_problems(report: FunctionReport) -> list[Problem]:
+    """The first problem of each run (later prefixes repeat it)."""
+    seen: set[str] = set()
+    out = []
+    for p in report.problems:
+        if p.run_id not in seen:
+            seen.add(p.run_id)
+            out.append(p)
+    return out
+
+
+def _describe(p: Problem) -> str:
+    left = ", ".join(p.unconsumed)
+    if p.kind == "added":
+        return f"new step {p.new_step!r} where a memo of [{left}] was expected"
+    if p.kind == "output_shape":
+        return f"memo of {p.new_step!r} does not fit its type ({p.detail})"
+    if p.kind == "error":
+        return f"the function raised: {p.detail}"
+    return f"memos [{left}] never reached{p.detail}"
+
+
+def print_table(reports: Sequence[FunctionReport], out: TextIO) -> None:
+    rows = [("FUNCTION", "RUNS", "IN FLIGHT", "PREFIXES", "RESULT", "BREAKS")]
+    for r in reports:
+        breaks = (f"{len(r.broken_runs)} runs ({len(r.broken_in_flight)} in flight)"
+                  if r.problems else "-")
+        rows.append((r.function, str(r.runs), str(r.in_flight), str(r.prefixes),
+                     r.status, breaks))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        out.write("\n")
+    for r in reports:
+        for p in _first_problems(r):
+            flight = " (in flight)" if p.in_flight else ""
+            out.write(f"  {r.function} run {p.run_id}{flight}, after {p.prefix} memos: "
+                      f"{_describe(p)}\n")
+    total = sum(len(r.broken_in_flight) for r in reports)
+    flying = sum(r.in_flight for r in reports)
+    out.write(f"this deploy would break {total} of {flying} runs in flight\n")
+
+
+def as_json(reports: Sequence[FunctionReport]) -> dict[str, Any]:
+    return {
+        "compatible": all(r.status == "compatible" for r in reports),
+        "runs_in_flight": sum(r.in_flight for r in reports),
+        "runs_in_flight_broken": sum(len(r.broken_in_flight) for r in reports),
+        "functions": [
+            {"function": r.function, "status": r.status, "runs": r.runs,
+             "in_flight": r.in_flight, "prefixes": r.prefixes,
+             "broken_runs": sorted(r.broken_runs),
+             "broken_in_flight": sorted(r.broken_in_flight),
+             "problems": [asdict(p) for p in _first_problems(r)]}
+            for r in reports
+        ],
+    }
+
+
+def run(target: str, *, histories: Sequence[str], gateway: str | None, as_json_out: bool,
+        out: TextIO = sys.stdout) -> int:
+    """The CLI command: 0 compatible, 1 drift, 2 usage (bad target or histories)."""
+    from .engine.target import load_target
+
+    apps = load_target(target)
+    found = load_histories(histories)
+    if gateway:
+        found += fetch_gateway(gateway)
+    reports = replay(apps, found)
+    if as_json_out:
+        out.write(json.dumps(as_json(reports), indent=2) + "\n")
+    else:
+        print_table(reports, out)
+    return 0 if all(r.status == "compatible" for r in reports) else EXIT_DRIFT
