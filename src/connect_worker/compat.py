@@ -121,6 +121,9 @@ class Problem:
     unconsumed: list[str]
     detail: str = ""
     in_flight: bool = False
+    # Found by replaying the step the run is executing now, as other recorded runs
+    # completed it: the run breaks once that step finishes on the old version.
+    next_step: bool = False
 
 
 @dataclass
@@ -178,48 +181,83 @@ def _request(h: History, app: str, prefix: int) -> ExecutorRequest:
 
 def replay(apps: Sequence[App], histories: Sequence[History]) -> list[FunctionReport]:
     """Replay every prefix of every history against ``apps``; one report per function."""
-    guard = _ReplayGuard()
-    executor = Executor(apps, drift=guard)
-    by_slug = {slug: app.app_name for app in executor.apps for slug in app.function_slugs}
+    replayer = _Replayer(apps, histories)
     reports: dict[str, FunctionReport] = {}
     # The SDK logs each replayed function error; replay reports them itself.
     quiet = [logging.getLogger(n) for n in ("inngest", "connect_worker.engine.executor")]
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.CRITICAL)
-    executor.start()
+    replayer.executor.start()
     try:
         for h in histories:
             report = reports.setdefault(h.function, FunctionReport(h.function))
             report.runs += 1
             report.in_flight += h.in_flight
-            app = by_slug.get(h.function)
-            if app is None:
+            if h.function not in replayer.apps:
                 report.served = False
                 continue
-            names = {**h.names}
-            for prefix in range(len(h.stack) + 1):
-                report.prefixes += 1
-                outcome = asyncio.run_coroutine_threadsafe(
-                    executor._call(_request(h, app, prefix)), executor.user_loop.loop
-                ).result()
-                tracker = guard.last
-                assert tracker is not None
-                names.update(tracker.names)
-                for d in tracker.drifts:
-                    report.problems.append(Problem(
-                        h.run_id, prefix, d.kind, d.new_step,
-                        [drift.name_of(x, names) for x in d.unconsumed], d.detail, h.in_flight))
-                if (outcome.status == STATUS_ERROR and tracker.stopped_at is None
-                        and not tracker.drifts and h.status != "failed"):
-                    report.problems.append(Problem(
-                        h.run_id, prefix, "error", None, [],
-                        _error_message(outcome.body), h.in_flight))
+            found = [replayer.one(report, h, prefix) for prefix in range(len(h.stack) + 1)]
+            if h.in_flight and not any(found):
+                for ahead in _next_steps(h, histories):
+                    if replayer.one(report, ahead, len(ahead.stack), next_step=True):
+                        break
     finally:
-        executor.stop()
+        replayer.executor.stop()
         for q, level in zip(quiet, levels, strict=True):
             q.setLevel(level)
     return sorted(reports.values(), key=lambda r: r.function)
+
+
+class _Replayer:
+    def __init__(self, apps: Sequence[App], histories: Sequence[History]) -> None:
+        self.guard = _ReplayGuard()
+        self.executor = Executor(apps, drift=self.guard)
+        self.apps = {slug: app.app_name for app in self.executor.apps
+                     for slug in app.function_slugs}
+        self.names: dict[str, str] = {}
+        for h in histories:
+            self.names.update(h.names)
+
+    def one(self, report: FunctionReport, run: History, prefix: int,
+            next_step: bool = False) -> bool:
+        """Replay ``run``'s first ``prefix`` memos; whether it drifted."""
+        report.prefixes += 1
+        request = _request(run, self.apps[run.function], prefix)
+        outcome = asyncio.run_coroutine_threadsafe(
+            self.executor._call(request), self.executor.user_loop.loop).result()
+        tracker = self.guard.last
+        assert tracker is not None
+        self.names.update(tracker.names)
+        for d in tracker.drifts:
+            report.problems.append(Problem(
+                run.run_id, prefix, d.kind, d.new_step,
+                [drift.name_of(x, self.names) for x in d.unconsumed], d.detail,
+                run.in_flight, next_step))
+        if (outcome.status == STATUS_ERROR and tracker.stopped_at is None
+                and not tracker.drifts and run.status != "failed"):
+            report.problems.append(Problem(
+                run.run_id, prefix, "error", None, [], _error_message(outcome.body),
+                run.in_flight, next_step))
+        return bool(tracker.drifts)
+
+
+def _next_steps(h: History, histories: Sequence[History]) -> list[History]:
+    """``h`` extended by the step it is executing now, as each other recorded run of the
+    function that passed the same steps completed it (memo keys are hashes of step ids,
+    so equal prefixes mean the same steps): a run in flight finishes its current step on
+    the old version, then meets the new code."""
+    k = len(h.stack)
+    out: dict[str, History] = {}
+    for g in histories:
+        if g.function == h.function and len(g.stack) > k and g.stack[:k] == h.stack:
+            step = g.stack[k]
+            if step not in out and step in g.steps:
+                out[step] = History(
+                    run_id=h.run_id, function=h.function, status=h.status, event=h.event,
+                    events=h.events, stack=[*h.stack, step],
+                    steps={**h.steps, step: g.steps[step]}, names=h.names, source=h.source)
+    return list(out.values())
 
 
 def _error_message(body: bytes) -> str:
@@ -270,7 +308,8 @@ def print_table(reports: Sequence[FunctionReport], out: TextIO) -> None:
         out.write("\n")
     for r in reports:
         for p in _first_problems(r):
-            flight = " (in flight)" if p.in_flight else ""
+            flight = (" (in flight, once its running step completes)" if p.next_step
+                      else " (in flight)" if p.in_flight else "")
             out.write(f"  {r.function} run {p.run_id}{flight}, after {p.prefix} memos: "
                       f"{_describe(p)}\n")
     total = sum(len(r.broken_in_flight) for r in reports)

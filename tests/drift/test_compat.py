@@ -104,3 +104,25 @@ async def test_compat_cli_exit_codes(dev: DevServer, tmp_path: Path) -> None:
     assert good.returncode == 0, good.stderr
     doc = json.loads(good.stdout)
     assert doc["compatible"] is True and doc["runs_in_flight"] == 2
+
+
+def test_a_run_in_flight_breaks_once_its_running_step_completes() -> None:
+    """A v1 run that is executing b right now passes compat on its own memos, but finishes
+    b on v1 and then meets v2: other runs' histories say what b's memo looks like."""
+    h = {name: compat.drift.hash_step_id(name) for name in ("a", "b", "gate", "c")}
+    event = {"name": apps.TRIGGER, "data": {}}
+
+    def history(run_id: str, steps: list[str], status: str) -> compat.History:
+        memos = {h[s]: None if s == "gate" else {"data": s.upper()} for s in steps}
+        return compat.History(run_id, apps.FN, status, event, None, [h[s] for s in steps],
+                              memos, {h[s]: s for s in steps})
+
+    running = history("now", ["a"], "running")
+    done = history("done", ["a", "b", "gate", "c"], "completed")
+    alone = compat.replay([apps.make("rename")], [running])
+    assert alone[0].status == "compatible", alone[0].problems  # its own memos cannot tell
+    [report] = compat.replay([apps.make("rename")], [running, done])
+    assert report.broken_in_flight == {"now"}
+    [p] = [p for p in report.problems if p.run_id == "now"]
+    assert p.next_step and p.new_step == "b2" and p.unconsumed == ["b"]
+    assert compat.replay([apps.make("add_end")], [running, done])[0].status == "compatible"

@@ -344,7 +344,7 @@ class RequestDrift:
         self.drifts.append(drift)
         fail = self.guard.report(self, drift)
         if fail and not self.replay:
-            self.failure = drift.message(self.names)
+            self.failure = drift.message(self.guard.names_for(self))
             raise DriftStop(self.failure)
 
     def finish(self, *, returned: bool) -> None:
@@ -419,9 +419,7 @@ class DriftGuard:
                     self._seen.popitem(last=False)
         policy = self.policy(tracker)
         if fresh and not tracker.replay:
-            names = dict(tracker.names)
-            if self.recorder is not None:
-                names.update(self.recorder.names())
+            names = self.names_for(tracker)
             event(log, "run.version_drift", level=logging.WARNING,
                   kind=drift.kind, function=drift.function, run_id=drift.run_id,
                   unconsumed=[name_of(h, names) for h in drift.unconsumed],
@@ -432,11 +430,22 @@ class DriftGuard:
                 self.count(drift.function, drift.kind)
         return policy == "fail"
 
-    def finish(self, tracker: RequestDrift, *, returned: bool, failed: bool) -> str | None:
-        """End of a request: the drift message if the run must fail now, else None."""
+    def names_for(self, tracker: RequestDrift) -> dict[str, str]:
+        """Step names for ``tracker``'s memo keys: this request's, then the run's recorded
+        history (names an older version used)."""
+        names = {}
+        if self.recorder is not None and not tracker.replay:
+            names.update(self.recorder.names_for(tracker.request.run_id))
+        names.update(tracker.names)
+        return names
+
+    def finish(self, tracker: RequestDrift, *, returned: bool, failed: bool,
+               body: bytes = b"") -> str | None:
+        """End of a request: the drift message if the run must fail now, else None.
+        ``body`` is the SDK's answer (the recorder keeps the step output it reports)."""
         tracker.finish(returned=returned)
         if self.recorder is not None and tracker.attached:
-            self.recorder.record(tracker, returned=returned, failed=failed)
+            self.recorder.record(tracker, returned=returned, failed=failed, body=body)
         return tracker.failure
 
 
@@ -517,17 +526,16 @@ class HistoryRecorder:
         self.app_version = app_version
         self._lock = threading.Lock()
 
-    def names(self) -> dict[str, str]:
-        """Step names recorded by any worker writing to this directory."""
-        names: dict[str, str] = {}
-        for path in self.directory.glob("*.json"):
-            try:
-                names.update(json.loads(path.read_text()).get("names", {}))
-            except (OSError, ValueError, AttributeError):
-                continue
-        return names
+    def names_for(self, run_id: str) -> dict[str, str]:
+        """The step names recorded for ``run_id`` by any worker writing here."""
+        try:
+            names = json.loads((self.directory / f"{_safe(run_id)}.json").read_text())["names"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+        return dict(names) if isinstance(names, dict) else {}
 
-    def record(self, tracker: RequestDrift, *, returned: bool, failed: bool) -> None:
+    def record(self, tracker: RequestDrift, *, returned: bool, failed: bool,
+               body: bytes = b"") -> None:
         req = tracker.request
         try:
             payload = json.loads(req.payload or b"{}")
@@ -538,6 +546,13 @@ class HistoryRecorder:
         steps = dict(payload.get("steps") or {})
         if payload.get("use_api"):  # the memos came from the API, not the payload
             steps = {h: _raw_memo(o) for h, o in tracker.snapshot.items()}
+        if not stack:
+            stack = list(steps)
+        for hashed, memo in _completed_ops(body):
+            # The step this request ran: its memo arrives with the run's next request.
+            if hashed not in steps:
+                stack.append(hashed)
+            steps[hashed] = memo
         event_data = payload.get("event")
         events = payload.get("events")
         if self.shape_only:
@@ -563,13 +578,27 @@ class HistoryRecorder:
                 "shape_only": self.shape_only,
                 "event": event_data,
                 "events": events,
-                "stack": stack or list(steps),
+                "stack": stack,
                 "steps": steps,
                 "names": names,
             }
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(doc, default=str))
             tmp.replace(path)
+
+
+def _completed_ops(body: bytes) -> list[tuple[str, object]]:
+    """(hashed id, memo) of each step the SDK's answer reports as done (StepRun)."""
+    if b'"StepRun"' not in body:
+        return []
+    try:
+        ops = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(ops, list):
+        return []
+    return [(str(op["id"]), {"data": op.get("data")}) for op in ops
+            if isinstance(op, dict) and op.get("op") == "StepRun" and "id" in op]
 
 
 def _raw_memo(output: Output) -> object:

@@ -263,7 +263,8 @@ class Executor:
             returned = response.status_code == 200 or (
                 response.status_code == 206 and _RUN_COMPLETE in body and _ends_run(body))
             failure = self.drift.finish(tracker, returned=returned,
-                                        failed=response.status_code >= 400 and response.no_retry)
+                                        failed=response.status_code >= 400 and response.no_retry,
+                                        body=body)
             if failure is not None:
                 return error_outcome("VersionDrift", failure, no_retry=True)
         status = {200: STATUS_DONE, 206: STATUS_NOT_COMPLETED}.get(
