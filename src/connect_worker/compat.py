@@ -29,6 +29,7 @@ from .engine.executor import STATUS_ERROR, App, Executor
 from .protocol import ExecutorRequest
 
 EXIT_DRIFT = 1
+LISTED = 10  # runs listed per function in the table
 TERMINAL = ("completed", "failed", "cancelled")
 
 
@@ -307,11 +308,17 @@ def print_table(reports: Sequence[FunctionReport], out: TextIO) -> None:
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         out.write("\n")
     for r in reports:
-        for p in _first_problems(r):
+        problems = _first_problems(r)
+        # Runs in flight first: those are what the deploy would break now.
+        problems.sort(key=lambda p: not p.in_flight)
+        for p in problems[:LISTED]:
             flight = (" (in flight, once its running step completes)" if p.next_step
                       else " (in flight)" if p.in_flight else "")
             out.write(f"  {r.function} run {p.run_id}{flight}, after {p.prefix} memos: "
                       f"{_describe(p)}\n")
+        if len(problems) > LISTED:
+            out.write(f"  {r.function}: and {len(problems) - LISTED} more runs (--json lists "
+                      "them all)\n")
     total = sum(len(r.broken_in_flight) for r in reports)
     flying = sum(r.in_flight for r in reports)
     out.write(f"this deploy would break {total} of {flying} runs in flight\n")

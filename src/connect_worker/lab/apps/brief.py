@@ -3,8 +3,9 @@
 v2 renames the middle step (``write`` -> ``write-draft``) and keeps its prompt, the kind
 of tidy-up a team ships on a Friday. A run that finished ``write`` on v1 and continues on
 v2 meets a step with no memo: under ``CONNECT_WORKER_ON_DRIFT=warn`` it asks the model the
-same question again (paid twice), under ``fail`` it stops first. Targets:
-``connect_worker.lab.apps.brief:v1`` and ``:v2``. Model calls go wherever
+same question again (paid twice), under ``fail`` it stops first. ``v2_compatible``
+changes the same step's prompt under its old id and appends a step: no drift. Targets:
+``connect_worker.lab.apps.brief:v1``, ``:v2`` and ``:v2_compatible``. Model calls go wherever
 ``CONNECT_WORKER_LLM_PROVIDER`` says (``simulated`` in the rehearsal); each step body
 appends a line to ``CONNECT_WORKER_EXECUTION_LOG``.
 """
@@ -32,7 +33,7 @@ def llm() -> LLM:
 
 
 def make(version: str) -> list[inngest.Function[Any]]:
-    write_id = "write" if version == "v1" else "write-draft"
+    write_id = "write-draft" if version == "v2" else "write"
 
     @client.create_function(fn_id="brief", trigger=inngest.TriggerEvent(event="brief/requested"))
     async def brief(ctx: inngest.Context) -> dict[str, str]:
@@ -46,8 +47,12 @@ def make(version: str) -> list[inngest.Function[Any]]:
             return result.text
 
         outline = await ctx.step.run("outline", ask, "outline", f"Outline a brief on {topic}.")
-        draft = await ctx.step.run(write_id, ask, write_id, f"Write the brief: {outline[:80]}")
+        wording = "Write a crisp brief" if version == "v2_compatible" else "Write the brief"
+        draft = await ctx.step.run(write_id, ask, write_id, f"{wording}: {outline[:80]}")
         final = await ctx.step.run("polish", ask, "polish", f"Polish: {draft[:80]}")
+        if version == "v2_compatible":
+            title = await ctx.step.run("title", ask, "title", f"Title: {final[:80]}")
+            return {"topic": topic, "brief": final, "title": title}
         return {"topic": topic, "brief": final}
 
     return [brief]
@@ -55,3 +60,4 @@ def make(version: str) -> list[inngest.Function[Any]]:
 
 v1 = [(client, make("v1"))]
 v2 = [(client, make("v2"))]
+v2_compatible = [(client, make("v2_compatible"))]
