@@ -223,3 +223,15 @@ def test_bad_settings_are_one_line_errors() -> None:
 def test_shape_of_keeps_structure_and_types_only() -> None:
     assert drift.shape_of({"a": "secret", "n": 3, "x": [1.5, 2.5], "ok": True, "z": None}) == {
         "a": "", "n": 0, "x": [0.0], "ok": False, "z": None}
+
+
+def test_an_sdk_whose_internals_moved_runs_unguarded(caplog: pytest.LogCaptureFixture) -> None:
+    class Moved:
+        step = object()  # no _execution
+
+    tracker = drift.DriftGuard().begin(drift.Request("run-1", "unit-f", None))
+    with caplog.at_level(logging.ERROR, "connect_worker.engine.drift"):
+        tracker.attach(Moved(), object(), object())  # type: ignore[arg-type]
+    assert not tracker.attached
+    tracker.finish(returned=True)  # and nothing else happens
+    assert any(getattr(r, "event", "") == "drift.guard_unavailable" for r in caplog.records)

@@ -253,7 +253,6 @@ class RequestDrift:
         self.target = target if target and target != server_lib.UNSPECIFIED_STEP_ID else None
         self.policy = DriftPolicy()
         self.memos: step_lib.StepMemos | None = None
-        self.memo_keys: list[str] = []
         self.snapshot: dict[str, Output] = {}
         self.consumed: list[str] = []
         self.new_steps: list[step_lib.StepInfo] = []
@@ -266,21 +265,30 @@ class RequestDrift:
 
     # Called by the middleware, before the handler.
     def attach(self, ctx: Any, function: Any, memos: step_lib.StepMemos) -> None:
+        step = ctx.step
+        try:
+            execution = step._execution
+            original_report = execution.report_step
+            raw: object = memos._memos
+        except AttributeError as exc:
+            # An SDK whose internals moved: run unguarded (as the SDK alone would) rather
+            # than fail every run. The contract tests catch this before a release.
+            _warn_unsupported(exc)
+            return
+        if not isinstance(raw, dict):
+            _warn_unsupported(TypeError(f"StepMemos._memos is {type(raw).__name__}"))
+            return
         self.attached = True
         self.memos = memos
         self.policy = policy_for(str(function.id), getattr(function, "local_id", None))
-        raw: dict[str, Output] = memos._memos
         for old, new in self.policy.renamed.items():
             # A deliberate rename: hand each occurrence's old memo to the new id.
             for old_text, new_text in zip(occurrence_ids(old), occurrence_ids(new), strict=True):
                 old_hash, new_hash = hash_step_id(old_text), hash_step_id(new_text)
                 if old_hash in raw and new_hash not in raw:
                     raw[new_hash] = raw.pop(old_hash)
-        self.memo_keys = list(raw)
-        self.snapshot = dict(raw)
-        step = ctx.step
-        execution = step._execution
-        original_report = execution.report_step
+        if self.guard.recorder is not None:
+            self.snapshot = dict(raw)  # memos fetched from the API are not in the payload
         if inspect.iscoroutinefunction(original_report):
             async def report_step(info: step_lib.StepInfo) -> Any:
                 self.before_step(info)
@@ -482,6 +490,15 @@ def set_tracker(tracker: RequestDrift | None) -> Token[RequestDrift | None]:
 
 def reset_tracker(token: Token[RequestDrift | None]) -> None:
     _tracker.reset(token)
+
+
+_unsupported_warned = threading.Event()
+
+
+def _warn_unsupported(exc: Exception) -> None:
+    if not _unsupported_warned.is_set():
+        _unsupported_warned.set()
+        event(log, "drift.guard_unavailable", level=logging.ERROR, error=str(exc))
 
 
 class _DriftMiddleware(middleware_lib.MiddlewareSync):
