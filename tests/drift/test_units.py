@@ -226,12 +226,12 @@ def test_shape_of_keeps_structure_and_types_only() -> None:
 
 
 def test_an_sdk_whose_internals_moved_runs_unguarded(caplog: pytest.LogCaptureFixture) -> None:
-    class Moved:
-        step = object()  # no _execution
+    class Moved:  # an execution without the `_memos` the guard reads
+        pass
 
     tracker = drift.DriftGuard().begin(drift.Request("run-1", "unit-f", None))
     with caplog.at_level(logging.ERROR, "connect_worker.engine.drift"):
-        tracker.attach(Moved(), object(), object())  # type: ignore[arg-type]
+        tracker.attach(Moved(), object())
     assert not tracker.attached
     tracker.finish(returned=True)  # and nothing else happens
     assert any(getattr(r, "event", "") == "drift.guard_unavailable" for r in caplog.records)

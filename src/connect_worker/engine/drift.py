@@ -6,25 +6,25 @@ when the function reaches that step and, on a step with no memo, runs its body a
 even if memos remain that the function never reached: a renamed, removed or reordered
 step, or one inserted before steps the run had passed. It logs nothing.
 
-This module watches that lookup. ``DriftGuard.middleware`` is an SDK middleware whose
-``transform_input`` (called once per request, before the handler) wraps the request's
-``report_step`` (the one place every step kind asks for its memo: run, sleep,
-wait_for_event, invoke, send_event, ai.infer) and ``step.run`` (to learn declared return
-types). A sequential step with no memo, reached while memos remain, is drift: logged once
-per run (``run.version_drift``), counted, and under ``fail`` stopped before its body runs
-by a ``BaseException`` the executor turns into a non-retriable error. Steps reached inside
+This module watches that lookup: :func:`install_hooks` wraps the SDK's
+``ExecutionV0.report_step`` (the one place every step kind asks for its memo: run, sleep,
+wait_for_event, invoke, send_event, ai.infer), ``ExecutionV0.run`` (once per request,
+before the handler) and ``Step.run`` (to learn declared return types). A sequential step
+with no memo, reached while memos remain, is drift: logged once per run
+(``run.version_drift``), counted, and under ``fail`` stopped before its body runs by a
+``BaseException`` the executor turns into a non-retriable error. Steps reached inside
 ``group.parallel`` or in a request targeting one planned step are judged when the
 request ends: there, the SDK only plans new steps or runs the targeted one, and memos of
 later siblings are consumed after it (see ``RequestDrift.before_step``).
 
-The same tracker, in replay mode, drives ``connect-worker compat`` (``lab``-free, see
-``compat.py``): a step with no memo stops the function before anything runs.
+The same tracker, in replay mode, drives ``connect-worker compat`` (``compat.py``): a
+step with no memo stops the function before anything runs.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pydantic
-from inngest._internal import middleware_lib, server_lib, step_lib, types
+from inngest._internal import execution_lib, server_lib, step_lib, types
 from inngest._internal.step_lib.base import Output
 
 from ..ops.logs import event
@@ -118,8 +118,13 @@ def drift_policy(fn: F, *, on_drift: str | None = None,
     return fn
 
 
+_DEFAULT_POLICY = DriftPolicy()
+
+
 def policy_for(function_id: str, local_id: str | None = None) -> DriftPolicy:
-    return _policies.get(function_id) or _policies.get(local_id or "") or DriftPolicy()
+    if not _policies:
+        return _DEFAULT_POLICY
+    return _policies.get(function_id) or _policies.get(local_id or "") or _DEFAULT_POLICY
 
 
 def clear_policies() -> None:
@@ -144,6 +149,8 @@ def remember_names(step_id: str) -> None:
 
 
 def _remember(hashed: str, label: str) -> None:
+    if hashed in _names:  # the usual case, without the lock
+        return
     with _names_lock:
         if hashed not in _names:
             _names[hashed] = label
@@ -165,16 +172,27 @@ def name_of(hashed: str, extra: Mapping[str, str] | None = None) -> str:
 _adapters: dict[object, pydantic.TypeAdapter[Any]] = {}
 
 
+_resolved: dict[tuple[object, str], object] = {}
+
+
 def declared_type(handler: object, output_type: object) -> object | None:
-    """The type a step says it returns: ``output_type``, else the handler's annotation."""
+    """The type a step says it returns: ``output_type``, else the handler's annotation.
+    Runs for every ``step.run``: string annotations are resolved once per code object."""
     if output_type is not types.empty_sentinel and output_type is not None:
         return output_type
-    try:
-        hints = typing.get_type_hints(handler)
-    except Exception:  # lambdas, partials, unresolvable forward refs
+    annotations = getattr(handler, "__annotations__", None)
+    if not annotations:  # lambdas, partials, unannotated handlers
         return None
-    hint: object = hints.get("return")
-    if hint is None or hint is Any or hint is object:
+    hint: object = annotations.get("return")
+    if isinstance(hint, str):  # `from __future__ import annotations`
+        key = (getattr(handler, "__code__", handler), hint)
+        if key not in _resolved:
+            try:
+                _resolved[key] = typing.get_type_hints(handler).get("return")
+            except Exception:  # an unresolvable forward reference: nothing to check
+                _resolved[key] = None
+        hint = _resolved[key]
+    if hint is None or hint is Any or hint is object or hint is type(None):
         return None
     return hint
 
@@ -251,7 +269,7 @@ class RequestDrift:
         self.replay = replay
         target = request.step_id
         self.target = target if target and target != server_lib.UNSPECIFIED_STEP_ID else None
-        self.policy = DriftPolicy()
+        self.policy = _DEFAULT_POLICY
         self.memos: step_lib.StepMemos | None = None
         self.snapshot: dict[str, Output] = {}
         self.consumed: list[str] = []
@@ -263,12 +281,10 @@ class RequestDrift:
         self.stopped_at: step_lib.StepInfo | None = None
         self.attached = False
 
-    # Called by the middleware, before the handler.
-    def attach(self, ctx: Any, function: Any, memos: step_lib.StepMemos) -> None:
-        step = ctx.step
+    def attach(self, execution: Any, function: Any) -> None:
+        """Called (by the hooked ``ExecutionV0.run``) before the handler runs."""
         try:
-            execution = step._execution
-            original_report = execution.report_step
+            memos = execution._memos
             raw: object = memos._memos
         except AttributeError as exc:
             # An SDK whose internals moved: run unguarded (as the SDK alone would) rather
@@ -280,7 +296,8 @@ class RequestDrift:
             return
         self.attached = True
         self.memos = memos
-        self.policy = policy_for(str(function.id), getattr(function, "local_id", None))
+        if _policies:
+            self.policy = policy_for(str(function.id), getattr(function, "local_id", None))
         for old, new in self.policy.renamed.items():
             # A deliberate rename: hand each occurrence's old memo to the new id.
             for old_text, new_text in zip(occurrence_ids(old), occurrence_ids(new), strict=True):
@@ -289,25 +306,6 @@ class RequestDrift:
                     raw[new_hash] = raw.pop(old_hash)
         if self.guard.recorder is not None:
             self.snapshot = dict(raw)  # memos fetched from the API are not in the payload
-        if inspect.iscoroutinefunction(original_report):
-            async def report_step(info: step_lib.StepInfo) -> Any:
-                self.before_step(info)
-                return await original_report(info)
-        else:
-            def report_step(info: step_lib.StepInfo) -> Any:  # type: ignore[misc]
-                self.before_step(info)
-                return original_report(info)
-        execution.report_step = report_step
-        original_run = step.run
-
-        def run(step_id: str, handler: Any, *args: Any,
-                output_type: object = types.empty_sentinel) -> Any:
-            declared = declared_type(handler, output_type)
-            if declared is not None:
-                self.declared[step_id] = declared
-            return original_run(step_id, handler, *args, output_type=output_type)
-
-        step.run = run
 
     def before_step(self, info: step_lib.StepInfo) -> None:
         """Called before the SDK looks up ``info``'s memo; may raise DriftStop."""
@@ -359,6 +357,8 @@ class RequestDrift:
         """After the SDK answered: judge what only the end of a request shows."""
         if not self.attached or self.memos is None or self.failure is not None:
             return
+        if not self.memos._memos and self.target is None:
+            return  # every memo reached: the usual request
         left = list(self.memos._memos)
         reached = set(self.consumed) | {i.id for i in self.new_steps}
         if self.target is not None and self.target not in reached and not self.replay:
@@ -404,10 +404,6 @@ class DriftGuard:
 
     def begin(self, request: Request) -> RequestDrift:
         return RequestDrift(self, request)
-
-    def middleware(self) -> type[middleware_lib.MiddlewareSync]:
-        """An SDK middleware class that attaches the current request's tracker."""
-        return _DriftMiddleware
 
     def policy(self, tracker: RequestDrift) -> str:
         return tracker.policy.on_drift or self.on_drift
@@ -479,8 +475,9 @@ def guard_from_config(config: Config, apps: Sequence[tuple[Any, Any]],
                       recorder=recorder)
 
 
-# The tracker of the request being served; the middleware (built by the SDK per request,
-# in the request's context, a worker thread for ``def`` functions) picks it up.
+# The tracker of the request being served. Set by the executor around the SDK call and
+# read by the hooks below, in the request's context (a worker thread for ``def``
+# functions: the executor's thread pool carries the context).
 _tracker: ContextVar[RequestDrift | None] = ContextVar("connect_worker_drift", default=None)
 
 
@@ -501,11 +498,89 @@ def _warn_unsupported(exc: Exception) -> None:
         event(log, "drift.guard_unavailable", level=logging.ERROR, error=str(exc))
 
 
-class _DriftMiddleware(middleware_lib.MiddlewareSync):
-    def transform_input(self, ctx: Any, function: Any, steps: step_lib.StepMemos) -> None:
-        tracker: RequestDrift | None = _tracker.get()
+# -- the hooks in the SDK ----------------------------------------------------------------
+#
+# Methods of the SDK's execution classes, wrapped once per process: ``run`` (once per
+# request, before the handler: attach the tracker to the request's memos), ``report_step``
+# (every step kind asks it for its memo) and ``Step.run`` (learns declared return types).
+# Outside a guarded request (no tracker in the context) each wrapper only calls the SDK.
+# Class-level rather than an SDK middleware: a middleware that does nothing at all costs
+# the SDK about 50 us per request (a sixth of a whole request), more than the guard.
+
+_installed = False
+_install_lock = threading.Lock()
+
+
+def install_hooks() -> None:
+    """Wrap the SDK methods the guard watches (idempotent)."""
+    global _installed  # set once per process
+    with _install_lock:
+        if _installed:
+            return
+        _installed = True
+        _hook_async(execution_lib.ExecutionV0)
+        _hook_sync(execution_lib.ExecutionV0Sync)
+        for cls in (step_lib.Step, step_lib.StepSync):
+            _hook_step_run(cls)
+
+
+def _hook_async(cls: Any) -> None:
+    run, report_step = cls.run, cls.report_step
+
+    @functools.wraps(run)
+    async def hooked_run(self: Any, client: Any, ctx: Any, handler: Any, fn: Any,
+                         *args: Any, **kwargs: Any) -> Any:
+        tracker = _tracker.get()
         if tracker is not None and not tracker.attached:
-            tracker.attach(ctx, function, steps)
+            tracker.attach(self, fn)
+        return await run(self, client, ctx, handler, fn, *args, **kwargs)
+
+    @functools.wraps(report_step)
+    async def hooked_report_step(self: Any, info: step_lib.StepInfo) -> Any:
+        tracker = _tracker.get()
+        if tracker is not None and tracker.memos is self._memos:
+            tracker.before_step(info)
+        return await report_step(self, info)
+
+    cls.run, cls.report_step = hooked_run, hooked_report_step
+
+
+def _hook_sync(cls: Any) -> None:
+    run, report_step = cls.run, cls.report_step
+
+    @functools.wraps(run)
+    def hooked_run(self: Any, client: Any, ctx: Any, handler: Any, fn: Any,
+                   *args: Any, **kwargs: Any) -> Any:
+        tracker = _tracker.get()
+        if tracker is not None and not tracker.attached:
+            tracker.attach(self, fn)
+        return run(self, client, ctx, handler, fn, *args, **kwargs)
+
+    @functools.wraps(report_step)
+    def hooked_report_step(self: Any, info: step_lib.StepInfo) -> Any:
+        tracker = _tracker.get()
+        if tracker is not None and tracker.memos is self._memos:
+            tracker.before_step(info)
+        return report_step(self, info)
+
+    cls.run, cls.report_step = hooked_run, hooked_report_step
+
+
+def _hook_step_run(cls: Any) -> None:
+    run = cls.run
+
+    @functools.wraps(run)
+    def hooked(self: Any, step_id: str, handler: Any, *args: Any,
+               output_type: object = types.empty_sentinel) -> Any:
+        # Returns the SDK's coroutine unawaited for Step (async), its result for StepSync.
+        tracker = _tracker.get()
+        if tracker is not None:
+            declared = declared_type(handler, output_type)
+            if declared is not None:
+                tracker.declared[step_id] = declared
+        return run(self, step_id, handler, *args, output_type=output_type)
+
+    cls.run = hooked
 
 
 # -- recorded histories ------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Runs executor requests through the inngest SDK. The only module that drives it
-(``drift.py`` hooks the SDK's memo lookup from inside, as a middleware).
+(``drift.py`` wraps the SDK's memo lookup, see ``drift.install_hooks``).
 
 An SDK upgrade that changes the private execution entry point (``comm_lib.CommHandler``)
 breaks this file and its contract test, not the daemon. Each request runs on the
@@ -142,6 +142,8 @@ class Executor:
             raise ExecutionError("no apps to serve")
         self._handlers: dict[str, comm_lib.CommHandler] = {}
         self.drift = drift
+        if drift is not None:
+            _drift.install_hooks()
         self.apps: list[AppSpec] = []
         for client, functions in apps:
             configs = comm_lib.get_function_configs(
@@ -149,8 +151,6 @@ class Executor:
             )
             if isinstance(configs, Exception):
                 raise ExecutionError(f"app {client.app_id!r}: {configs}") from configs
-            if drift is not None and drift.middleware() not in client.middleware:
-                client.add_middleware(drift.middleware())
             handler = comm_lib.CommHandler(
                 client=client,
                 enable_unauthed_sync=None,
