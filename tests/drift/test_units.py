@@ -235,3 +235,23 @@ def test_an_sdk_whose_internals_moved_runs_unguarded(caplog: pytest.LogCaptureFi
     assert not tracker.attached
     tracker.finish(returned=True)  # and nothing else happens
     assert any(getattr(r, "event", "") == "drift.guard_unavailable" for r in caplog.records)
+
+
+def test_the_sdk_methods_the_guard_wraps_have_the_shape_it_expects() -> None:
+    """The contract with the installed SDK (0.5.19/0.5.20): fails here, not in production,
+    when an upgrade moves what the hooks call."""
+    import inspect
+
+    from inngest._internal import execution_lib, step_lib
+
+    drift.install_hooks()
+    for cls in (execution_lib.ExecutionV0, execution_lib.ExecutionV0Sync):
+        run = inspect.signature(cls.run.__wrapped__)
+        assert list(run.parameters)[:5] == ["self", "client", "ctx", "handler", "fn"]
+        report = inspect.signature(cls.report_step.__wrapped__)
+        assert list(report.parameters) == ["self", "step_info"]
+    for step_cls in (step_lib.Step, step_lib.StepSync):
+        params = inspect.signature(step_cls.run.__wrapped__).parameters
+        assert list(params)[:3] == ["self", "step_id", "handler"] and "output_type" in params
+    memos = step_lib.StepMemos.from_raw({"h": {"data": 1}})
+    assert isinstance(memos._memos, dict) and memos.pop("h") is not None
