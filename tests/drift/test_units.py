@@ -8,6 +8,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import inngest
@@ -255,3 +256,23 @@ def test_the_sdk_methods_the_guard_wraps_have_the_shape_it_expects() -> None:
         assert list(params)[:3] == ["self", "step_id", "handler"] and "output_type" in params
     memos = step_lib.StepMemos.from_raw({"h": {"data": 1}})
     assert isinstance(memos._memos, dict) and memos.pop("h") is not None
+
+
+def test_an_unwritable_history_directory_does_not_fail_runs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def fn(ctx: inngest.Context) -> Any:
+        return await ctx.step.run("a", body("a"))
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    client, f = app(fn)
+    with caplog.at_level(logging.ERROR, "connect_worker.engine.drift"):
+        guard = drift.DriftGuard(recorder=drift.HistoryRecorder(blocker / "histories"))
+        ex = Executor([(client, [f])], drift=guard)
+        ex.start()
+        try:
+            out = call(ex, {})
+        finally:
+            ex.stop()
+    assert out.status != STATUS_ERROR and ran == {"a": 1}
+    assert [r for r in caplog.records if getattr(r, "event", "") == "drift.history_unwritable"]

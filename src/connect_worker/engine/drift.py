@@ -613,10 +613,14 @@ class HistoryRecorder:
     def __init__(self, directory: str | os.PathLike[str], *, shape_only: bool = False,
                  app_version: str | None = None) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.shape_only = shape_only
         self.app_version = app_version
         self._lock = threading.Lock()
+        self._failed = False
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self._unwritable(exc)
 
     def names_for(self, run_id: str) -> dict[str, str]:
         """The step names recorded for ``run_id`` by any worker writing here."""
@@ -675,8 +679,18 @@ class HistoryRecorder:
                 "names": names,
             }
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(doc, default=str))
-            tmp.replace(path)
+            try:
+                tmp.write_text(json.dumps(doc, default=str))
+                tmp.replace(path)
+            except OSError as exc:
+                self._unwritable(exc)
+
+    def _unwritable(self, exc: OSError) -> None:
+        # Recording is an aid: a full disk or a bad path must not fail the runs.
+        if not self._failed:
+            self._failed = True
+            event(log, "drift.history_unwritable", level=logging.ERROR,
+                  directory=str(self.directory), error=str(exc))
 
 
 def _completed_ops(body: bytes) -> list[tuple[str, object]]:
