@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .engine import drift
+from .engine import drift, history
 from .engine.executor import STATUS_ERROR, App, Executor
 from .protocol import ExecutorRequest
 
@@ -54,7 +54,7 @@ class History:
 
 def history_from_record(doc: dict[str, Any], source: str = "") -> History:
     """A ``CONNECT_WORKER_RECORD_HISTORY`` file (or a ``runs --export`` one)."""
-    if doc.get("format") != drift.HISTORY_FORMAT:
+    if doc.get("format") != history.HISTORY_FORMAT:
         raise ValueError(f"{source}: not a connect-worker history (format "
                          f"{doc.get('format')!r})")
     return History(run_id=str(doc["run_id"]), function=str(doc["function"]),
@@ -105,7 +105,7 @@ def export_gateway(url: str, directory: str | Path, limit: int = 1000) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     histories = fetch_gateway(url, limit)
     for h in histories:
-        doc = {"format": drift.HISTORY_FORMAT, **asdict(h)}
+        doc = {"format": history.HISTORY_FORMAT, **asdict(h)}
         (directory / f"{h.run_id}.json").write_text(json.dumps(doc))
     return len(histories)
 

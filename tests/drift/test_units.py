@@ -15,7 +15,7 @@ import inngest
 import pytest
 
 from connect_worker.config import Config
-from connect_worker.engine import drift
+from connect_worker.engine import drift, history
 from connect_worker.engine.executor import STATUS_ERROR, Executor, Outcome
 from connect_worker.errors import ConfigError
 from connect_worker.protocol import ExecutorRequest
@@ -222,7 +222,7 @@ def test_bad_settings_are_one_line_errors() -> None:
 
 
 def test_shape_of_keeps_structure_and_types_only() -> None:
-    assert drift.shape_of({"a": "secret", "n": 3, "x": [1.5, 2.5], "ok": True, "z": None}) == {
+    assert history.shape_of({"a": "secret", "n": 3, "x": [1.5, 2.5], "ok": True, "z": None}) == {
         "a": "", "n": 0, "x": [0.0], "ok": False, "z": None}
 
 
@@ -266,8 +266,8 @@ def test_an_unwritable_history_directory_does_not_fail_runs(
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     client, f = app(fn)
-    with caplog.at_level(logging.ERROR, "connect_worker.engine.drift"):
-        guard = drift.DriftGuard(recorder=drift.HistoryRecorder(blocker / "histories"))
+    with caplog.at_level(logging.ERROR, "connect_worker.engine.history"):
+        guard = drift.DriftGuard(recorder=history.HistoryRecorder(blocker / "histories"))
         ex = Executor([(client, [f])], drift=guard)
         ex.start()
         try:
