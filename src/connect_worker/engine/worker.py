@@ -78,6 +78,7 @@ from ..protocol import (
 )
 from ..protocol.codec import build_sdk_response, request_echo
 from ..protocol.state import State
+from .drift import guard_from_config
 from .executor import SDK_LANGUAGE, SDK_VERSION, App, Executor, Outcome, error_outcome
 from .gateway_api import GatewayAPI
 from .session import Session
@@ -255,7 +256,8 @@ class Worker:
         # One per lease extension ACK: thousands per round with many steps in flight.
         self._extended = self.metrics.lease_extensions_total.labels(outcome="extended")
         self._executor = Executor(apps, app_version=config.app_version,
-                                  new_loop=loop_factory(config.event_loop))
+                                  new_loop=loop_factory(config.event_loop),
+                                  drift=guard_from_config(config, apps, self.metrics))
         self._api: GatewayAPI | None = None
         self._unreachable = UnreachableHint(config)
         self._steps: dict[str, Step] = {}
