@@ -34,6 +34,7 @@ from ..protocol.state import State
 from .executor import SDK_LANGUAGE, SDK_VERSION, AppSpec
 from .session import EventSink, Session
 from .timers import Changes, backoff_delays
+from .unreachable import UnreachableHint
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -97,6 +98,7 @@ class Supervisor:
         self.current: Session | None = None
         self.sessions: list[Session] = []
         self.draining = False
+        self._unreachable = UnreachableHint(config)
 
     def live_session(self) -> Session | None:
         """The newest session that can carry extensions and replies."""
@@ -133,6 +135,7 @@ class Supervisor:
                 )
             except (TransportError, GatewayError, ProtocolError) as exc:
                 sync_failures = sync_failures + 1 if isinstance(exc, SyncError) else 0
+                self._unreachable.failed(exc)
                 if is_fatal(exc, sync_failures):
                     raise
                 delay = next(delays)
@@ -149,6 +152,7 @@ class Supervisor:
                 continue
             delays = backoff_delays(self._config.reconnect_min_backoff,
                                     self._config.reconnect_max_backoff)
+            self._unreachable.connected()
             sync_failures = 0
             extend_interval = session.ready.extend_lease_interval
             await tg.start(session.run, sink)

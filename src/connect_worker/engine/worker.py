@@ -44,6 +44,7 @@ from ..protocol.codec import request_echo
 from .bodies import Bodies
 from .delivery import Delivery, build_reply
 from .drain import EXIT_ABANDONED, EXIT_FATAL, EXIT_OK, Drain
+from .drift import guard_from_config
 from .executor import App, Executor, Outcome
 from .gateway_api import GatewayAPI
 from .leases import Leases
@@ -84,7 +85,8 @@ class Worker:
         self._extended = self.metrics.lease_extensions_total.labels(outcome="extended")
         self._changes = Changes()
         self._executor = Executor(apps, app_version=config.app_version,
-                                  new_loop=loop_factory(config.event_loop))
+                                  new_loop=loop_factory(config.event_loop),
+                                  drift=guard_from_config(config, apps, self.metrics))
         self._supervisor = Supervisor(
             config, self.metrics, self._changes, self._executor.apps,
             in_flight=lambda: list(ledger.steps),
