@@ -50,6 +50,7 @@ class Import:
     target: str  # imported module, absolute, e.g. connect_worker.protocol.codec
     line: int
     at_import_time: bool  # module level, not inside a function or `if TYPE_CHECKING:`
+    type_only: bool = False  # under `if TYPE_CHECKING:` (for annotations only)
 
     def __str__(self) -> str:
         path = self.module.replace(".", "/")
@@ -73,9 +74,11 @@ class _Collector(ast.NodeVisitor):
         self.package = module if is_package else module.rpartition(".")[0]
         self.found: list[Import] = []
         self._deferred = 0  # depth of functions / TYPE_CHECKING blocks
+        self._type_only = 0  # depth of TYPE_CHECKING blocks
 
     def _add(self, target: str, node: ast.stmt) -> None:
-        self.found.append(Import(self.module, target, node.lineno, self._deferred == 0))
+        self.found.append(Import(self.module, target, node.lineno, self._deferred == 0,
+                                 self._type_only > 0))
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
@@ -106,9 +109,11 @@ class _Collector(ast.NodeVisitor):
     def visit_If(self, node: ast.If) -> None:
         if _is_type_checking(node.test):
             self._deferred += 1
+            self._type_only += 1
             for child in node.body:
                 self.visit(child)
             self._deferred -= 1
+            self._type_only -= 1
             for child in node.orelse:
                 self.visit(child)
         else:
@@ -217,14 +222,16 @@ def _module_of(target: str, modules: set[str]) -> str:
 
 
 def test_no_import_cycle_between_our_modules() -> None:
-    """Any import counts (inside functions and under TYPE_CHECKING too: a deferred import
-    hides a cycle from the interpreter, not from the reader). A module importing its own
-    package (``from . import x``) is not an edge: that is how a sibling is reached."""
+    """Any import that runs counts, inside functions too (a deferred import hides a cycle
+    from the interpreter, not from the reader). Not an edge: an import under
+    TYPE_CHECKING (annotations only: never runs), and a module importing its own package
+    (``from . import x`` is how a sibling is reached)."""
     modules = {i.module for i in IMPORTS}
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for i in IMPORTS:
         target = _module_of(i.target, modules) if _ours(i.target) else ""
-        if target and target != i.module and not i.module.startswith(target + "."):
+        if (target and not i.type_only and target != i.module
+                and not i.module.startswith(target + ".")):
             graph[i.module].add(target)
     state: dict[str, int] = {}  # 1 on the current path, 2 done
     path: list[str] = []

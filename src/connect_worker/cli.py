@@ -183,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"connect-worker: CONNECT_WORKER_LOG_FORMAT: {exc}", file=sys.stderr)
             return EXIT_USAGE
         return _dev(args)
+    if args.command == "runs" and args.export:
+        return _export_runs(args)
     if args.command in ("send", "runs", "workers", "fault"):
         from .devclient import run_command
 
@@ -249,6 +251,22 @@ async def _health(host: str, port: int, registry: CollectorRegistry,
                  extra={"event": "health.listening",
                         "fields": {"host": host, "port": health.port}})
         yield health
+
+
+def _export_runs(args: argparse.Namespace) -> int:
+    """``runs --export DIR``: the dev gateway's runs as history files for ``compat`` (here,
+    not in devclient: compat reads the gateway through devclient, not the other way)."""
+    from .compat import export_gateway
+    from .devclient import DevClientError, default_url
+
+    url = (args.url or default_url()).rstrip("/")
+    try:
+        count = export_gateway(url, args.export, max(1, args.limit))
+    except DevClientError as exc:
+        print(f"connect-worker: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported {count} runs to {args.export}")
+    return 0
 
 
 def _compat(args: argparse.Namespace) -> int:

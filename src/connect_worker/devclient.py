@@ -295,12 +295,6 @@ def run_command(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 return EXIT_USAGE
             return send(url, args.event, data, sys.stdout)
-        if args.command == "runs" and args.export:
-            from .compat import export_gateway
-
-            count = export_gateway(url, args.export, max(1, args.limit))
-            print(f"exported {count} runs to {args.export}")
-            return 0
         if args.command == "runs":
             return runs(url, args.run_id, max(1, args.limit), args.watch, sys.stdout)
         if args.command == "workers":

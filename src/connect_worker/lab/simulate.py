@@ -333,7 +333,7 @@ async def run_compat(histories: Path) -> ChangeResult:
 
 
 def tally_change(change: ChangeResult, result: SimulationResult, dev: DevServer) -> None:
-    from .demo import LLMStats
+    from .llmstats import LLMStats
 
     stats = LLMStats.from_workers(result.workers)
     change.model_requests = stats.paid
