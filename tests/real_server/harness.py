@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sys
 import time
@@ -56,9 +57,12 @@ class Counts:
     duplicate_bodies: int  # (run, step) bodies that ran to their end more than once
     interrupted: int  # started, never ended nor cancelled (the process died under it)
     dispatches: int  # GATEWAY_EXECUTOR_REQUEST frames
-    replies: int  # distinct requests the workers replied to (WORKER_REPLY)
-    replies_acked: int  # ... and the server acknowledged (WORKER_REPLY_ACK)
-    extensions_nacked: int  # EXTEND_LEASE_ACK without a new lease id
+    replies: int  # distinct requests the workers replied to (WORKER_REPLY or flush)
+    replies_acked: int  # ... and the server acknowledged (WORKER_REPLY_ACK, flush 200)
+    replies_flushed: int  # ... of which through POST /v0/connect/flush
+    # EXTEND_LEASE_ACK without a new lease id for a step not replied to yet (a NACK
+    # after the reply is normal: the server deletes a lease once it used the reply).
+    extensions_nacked: int
     model_requests: int
 
     def line(self) -> str:
@@ -92,7 +96,14 @@ class Scenario:
         proxy = await self.stack.enter_async_context(
             WsProxy(self.server.gateway_url, name=name))
         self.proxies[name] = proxy
+        self.stack.callback(self._dump_frames, name, proxy)
         return proxy
+
+    def _dump_frames(self, name: str, proxy: WsProxy) -> None:
+        """Every frame the proxy saw, one JSON line each (for reading a failure)."""
+        path = self.tmp / f"{self.app_id}-{name}-frames.jsonl"
+        path.write_text("".join(json.dumps(f.to_json(), default=str) + "\n"
+                                for f in proxy.frames))
 
     async def ours(self, name: str, *, app_version: str = "v1", drain_timeout: float = 20.0,
                    **env: str) -> WorkerProcess:
@@ -174,16 +185,26 @@ class Scenario:
         started = sum(p["start"] for p in phases.values())
         ended = sum(p["end"] for p in phases.values())
         cancelled = sum(p["cancelled"] for p in phases.values())
-        replied = {f.request_id for f in self.frames("WORKER_REPLY")}
-        acked = {f.request_id for f in self.frames("WORKER_REPLY_ACK")} & replied
+        flushed = {str(e.get("request_id")) for w in self.workers.values()
+                   for e in w.events("reply.flushed")}
+        sent = {f.request_id for f in self.frames("WORKER_REPLY")}
+        replied = sent | flushed
+        acked = ({f.request_id for f in self.frames("WORKER_REPLY_ACK")} & sent) | flushed
+        first_reply: dict[str | None, float] = {}
+        for proxy in self.proxies.values():
+            for f in proxy.select("WORKER_REPLY"):
+                first_reply.setdefault(f.request_id, f.wall)
         nacks = [f for f in self.frames("WORKER_REQUEST_EXTEND_LEASE_ACK")
-                 if not f.fields.get("new_lease_id")]
+                 if not f.fields.get("new_lease_id")
+                 and f.request_id not in flushed
+                 and first_reply.get(f.request_id, float("inf")) > f.wall]
         return Counts(
             bodies_started=started, bodies_ended=ended, bodies_cancelled=cancelled,
             duplicate_bodies=sum(p["end"] - 1 for p in phases.values() if p["end"] > 1),
             interrupted=started - ended - cancelled,
             dispatches=len(self.frames("GATEWAY_EXECUTOR_REQUEST")),
-            replies=len(replied), replies_acked=len(acked), extensions_nacked=len(nacks),
+            replies=len(replied), replies_acked=len(acked), replies_flushed=len(flushed),
+            extensions_nacked=len(nacks),
             model_requests=len(self.stub.requests),
         )
 

@@ -5,6 +5,7 @@ the same server, the official Python SDK's own Connect client (the baseline)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.real_server
 
 STEPS = 7
 REPORTS = 3
+SLOW = 8.0  # seconds: longer than starting v2 takes, far shorter than the drain budget
 
 
 @dataclass
@@ -37,12 +39,16 @@ async def rolling_deploy(scn: Scenario, official: bool) -> Deploy:
     start = scn.official if official else scn.ours
     v1 = await start("v1", app_version="v1")
     await scn.ready("v1")
-    runs = [await scn.send_report(topic=f"topic {i}", step_seconds=1.0) for i in range(REPORTS)]
-    # v1 is inside a step of the first report (its body started, not ended).
+    # section-2 of the first report takes a few seconds more: v1 is still in it when
+    # v2 is up and v1 gets SIGTERM (checked below).
+    runs = [await scn.send_report(topic=f"topic {i}", step_seconds=1.0,
+                                  slow={"section-2": SLOW} if i == 0 else {})
+            for i in range(REPORTS)]
     running = await scn.wait_execution(run_id=runs[0], step="section-2", phase="start")
     v2 = await start("v2", app_version="v2")
     await scn.ready("v2")
     v1.send_signal(signal.SIGTERM)
+    assert not scn.executions(run_id=runs[0], step="section-2", phase="end"), "too late"
     code = await v1.wait(60)
     assert v1.signalled_at is not None and v1.exited_at is not None
     finished = [await scn.wait_run(run_id) for run_id in runs]
@@ -95,5 +101,10 @@ async def test_a_rolling_deploy_mid_step_side_by_side_with_the_official_client(
     assert "worker_manual_readiness_ack" not in sdk_v1.select("WORKER_CONNECT")[0].fields
     [sdk_close] = sdk_v1.select("CLOSE", direction="worker")
     assert sdk_close.fields["reason"] == ""
+    # (Whether its last reply was acknowledged before it closed is timing: logged.)
+    acks = sdk_v1.select("WORKER_REPLY_ACK")
+    logging.getLogger("real_server").info(
+        "official client v1: closed %.3f s after its last reply ACK; close %s",
+        sdk_close.at - acks[-1].at if acks else float("nan"), sdk_close.fields)
     # Whatever it lost or repeated is in the log line above; it never paid less.
     assert theirs.counts.model_requests >= REPORTS * STEPS
