@@ -119,10 +119,10 @@ class Scenario:
         self.workers[name] = await self.stack.enter_async_context(worker)
         return worker
 
-    async def official(self, name: str, *, app_version: str = "v1", **env: str
-                       ) -> WorkerProcess:
-        """The official SDK's Connect client, started, behind its own proxy
-        (``app_version`` is not sent: the SDK's Connect client has no such setting)."""
+    async def official(self, name: str, *, app_version: str = "v1", drain_timeout: float = 0.0,
+                       **env: str) -> WorkerProcess:
+        """The official SDK's Connect client, started, behind its own proxy. It has no
+        setting for ``app_version`` nor a drain deadline: both are ignored."""
         proxy = await self._proxy(name)
         worker = OfficialWorker(
             "official", api_url=self.server.api_url, instance_id=name,
