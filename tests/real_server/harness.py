@@ -57,6 +57,7 @@ class Counts:
     duplicate_bodies: int  # (run, step) bodies that ran to their end more than once
     interrupted: int  # started, never ended nor cancelled (the process died under it)
     dispatches: int  # GATEWAY_EXECUTOR_REQUEST frames
+    requests_acked: int  # distinct requests a worker took (WORKER_REQUEST_ACK)
     replies: int  # distinct requests the workers replied to (WORKER_REPLY or flush)
     replies_acked: int  # ... and the server acknowledged (WORKER_REPLY_ACK, flush 200)
     replies_flushed: int  # ... of which through POST /v0/connect/flush
@@ -203,6 +204,7 @@ class Scenario:
             duplicate_bodies=sum(p["end"] - 1 for p in phases.values() if p["end"] > 1),
             interrupted=started - ended - cancelled,
             dispatches=len(self.frames("GATEWAY_EXECUTOR_REQUEST")),
+            requests_acked=len({f.request_id for f in self.frames("WORKER_REQUEST_ACK")}),
             replies=len(replied), replies_acked=len(acked), replies_flushed=len(flushed),
             extensions_nacked=len(nacks),
             model_requests=len(self.stub.requests),
