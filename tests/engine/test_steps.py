@@ -244,6 +244,17 @@ def test_a_running_step_replies_when_done_and_stops_silently_when_its_lease_is_l
     assert ledger.fire(step, E.LEASE_NACKED) == (A.LOG_LEASE_LOST, A.CANCEL_BODY)
 
 
+@pytest.mark.parametrize("state", [S.ACKED, S.OWNED])
+def test_a_lease_lapsed_by_our_own_clock_stops_the_copy_silently(state: StepState) -> None:
+    """lease_clock.py: no confirmation for a whole lease means the gateway gave this copy
+    up; it stops like a NACKed one, and a late reply is never sent."""
+    ledger, step = opened()
+    step.state = state
+    assert ledger.fire(step, E.LEASE_EXPIRED) == (A.LOG_LEASE_EXPIRED, A.CANCEL_BODY)
+    assert run(ledger, step, E.SOCKET_READY, E.BODY_CANCELLED) == [A.COUNT_LEASE_LOST]
+    assert step.state is S.LEASE_LOST
+
+
 def test_every_unacknowledged_reply_goes_out_again_on_a_new_socket() -> None:
     for state in (S.REPLY_SENT, S.FLUSHING, S.HANDING_BACK):
         ledger, step = opened()
@@ -302,7 +313,7 @@ class World:
         if state not in LIVE:
             return out
         out += [E.LEASE_EXTENDED, E.LEASE_NACKED, E.REDELIVERED, E.GATEWAY_CLOSING,
-                E.SOCKET_READY, E.CHECK_DUE, E.ACK_LATE, E.ACK_OVERDUE]
+                E.SOCKET_READY, E.CHECK_DUE, E.ACK_LATE, E.ACK_OVERDUE, E.LEASE_EXPIRED]
         if self.body == "running":
             out.append(E.BODY_DONE)
         if self.written:
@@ -329,7 +340,7 @@ class World:
             self.written = False
         actions = ledger.fire(self.step, ev)
         self.actions += actions
-        if ev is E.LEASE_NACKED and before in (S.ACKED, S.OWNED):
+        if ev in (E.LEASE_NACKED, E.LEASE_EXPIRED) and before in (S.ACKED, S.OWNED):
             self.lost_lease_while_running = True
             assert A.CANCEL_BODY in actions, "a body kept running after its lease was lost"
         if ev is E.GIVE_UP:
@@ -378,7 +389,7 @@ def test_random_event_orders_keep_the_promise(choices: list[tuple[int, bool]]) -
 def test_gateway_and_timer_events_never_raise_in_a_live_state(events: list[StepEvent]) -> None:
     """Whatever the gateway sends and whenever timers tick, the ledger does not raise."""
     outside = [ev for ev in events if ev in GATEWAY_EVENTS or ev in (
-        E.SOCKET_READY, E.CHECK_DUE, E.ACK_LATE, E.ACK_OVERDUE)]
+        E.SOCKET_READY, E.CHECK_DUE, E.ACK_LATE, E.ACK_OVERDUE, E.LEASE_EXPIRED)]
     for state in LIVE:
         ledger, step = opened()
         step.state = state

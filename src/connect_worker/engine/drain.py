@@ -45,6 +45,10 @@ HAND_BACK_TIMEOUT = 1.5
 # How long the deadline waits for the gateway to confirm steps it never confirmed
 # before handing them back (those it does not confirm are not handed back).
 OWNERSHIP_ANSWER_TIMEOUT = 0.5
+# The hand-back reply's retry_after (seconds, the soonest Inngest accepts): without it
+# Inngest's retry backoff applies, 15 s plus up to 30 s of jitter for a first retry
+# (pkg/backoff), where the hand-back promises a retry within seconds.
+HAND_BACK_RETRY_AFTER = "1"
 
 EXIT_OK = 0
 EXIT_ABANDONED = 3  # the drain deadline passed with steps still running
@@ -202,6 +206,6 @@ class Drain:
             f"connect_worker instance {self._config.instance_id} gave up step "
             f"{self.step_name(step)!r} of {request.function_slug!r} after "
             f"{time.monotonic() - step.started_at:.1f} s: {self._reason}. "
-            f"Inngest retries it.",
+            f"Inngest retries it.", retry_after=HAND_BACK_RETRY_AFTER,
         ))
         self._handed_back.append(step)

@@ -70,6 +70,9 @@ class StepEvent(Enum):
     BODY_CANCELLED = "body_cancelled"
     # Timers.
     CHECK_DUE = "check_due"  # OWNERSHIP_CHECK_DELAY after the ACK
+    # No confirmation for a whole lease by our own clock: the gateway gave this copy up
+    # and retries the step elsewhere (lease_clock.py).
+    LEASE_EXPIRED = "lease_expired"
     ACK_LATE = "ack_late"  # reply_ack_timeout passed, but the gateway is busy ACKing others
     ACK_OVERDUE = "ack_overdue"  # reply_ack_timeout passed and patience ran out
     DEADLINE = "deadline"  # the drain deadline (or a second signal)
@@ -94,6 +97,7 @@ class Action(Enum):
     ACK_AGAIN = "ack_again"  # ACK the repeated forward (never run it twice)
     REMEMBER = "remember"  # keep the delivered reply for a request forwarded again
     LOG_LEASE_LOST = "log_lease_lost"  # step.lease_lost (before the cancel unwinds its stack)
+    LOG_LEASE_EXPIRED = "log_lease_expired"  # step.lease_expired (likewise)
     COUNT_LEASE_LOST = "count_lease_lost"
     LOG_ABANDONED = "log_abandoned"  # drain.step_abandoned, counted
 
@@ -138,6 +142,7 @@ for _state in LIVE:
         TRANSITIONS[_state, _event] = (_state, _actions)
     # Timers are not cancelled per step (see timers.py): a stale tick is a no-op.
     TRANSITIONS[_state, E.CHECK_DUE] = (_state, _)
+    TRANSITIONS[_state, E.LEASE_EXPIRED] = (_state, _)
     TRANSITIONS[_state, E.ACK_OVERDUE] = (_state, _)
     TRANSITIONS[_state, E.ACK_LATE] = (_state, _)
     TRANSITIONS[_state, E.DEADLINE] = (_state, _)
@@ -151,6 +156,7 @@ _rows(S.ACKED, {
     E.DEADLINE: (S.ACKED, (A.EXTEND_NOW,)),
     E.LEASE_EXTENDED: (S.OWNED, _),
     E.LEASE_NACKED: (S.CANCELLING, (A.LOG_LEASE_LOST, A.CANCEL_BODY)),
+    E.LEASE_EXPIRED: (S.CANCELLING, (A.LOG_LEASE_EXPIRED, A.CANCEL_BODY)),
     E.BODY_DONE: (S.REPLY_SENT, (A.SEND_REPLY,)),
     # Never confirmed: it may have lost a re-route race, and an error reply from it
     # could beat the real owner's answer into the reply buffer. No hand-back.
@@ -162,6 +168,7 @@ _rows(S.OWNED, {
     E.LEASE_EXTENDED: (S.OWNED, _),
     # Our lease expired (a long disconnect) and another copy took it.
     E.LEASE_NACKED: (S.CANCELLING, (A.LOG_LEASE_LOST, A.CANCEL_BODY)),
+    E.LEASE_EXPIRED: (S.CANCELLING, (A.LOG_LEASE_EXPIRED, A.CANCEL_BODY)),
     E.BODY_DONE: (S.REPLY_SENT, (A.SEND_REPLY,)),
     # Handed back so Inngest retries at once rather than after the lease lapses.
     E.GIVE_UP: (S.HANDING_BACK, (A.LOG_ABANDONED, A.CANCEL_BODY, A.HAND_BACK)),
@@ -230,6 +237,13 @@ class Step:
     sent_on: object | None = None  # the session that last carried the reply
     sent_at: float = 0.0
     wake: Any = None  # asyncio.Event while the hand-back delivery waits
+    # When the lease lapses unless the gateway confirms it again (monotonic; lease_clock.py).
+    lease_deadline: float = 0.0
+
+    @property
+    def extending(self) -> bool:
+        """Whether the worker still extends this step's lease (lease_clock.Leased)."""
+        return self.state in EXTENDING
 
 
 class Arrival(Enum):

@@ -99,6 +99,8 @@ class Supervisor:
         self.sessions: list[Session] = []
         self.draining = False
         self._unreachable = UnreachableHint(config)
+        # The newest session's; short until one says (the lease watch wakes this often).
+        self.extend_interval = 1.0
 
     def live_session(self) -> Session | None:
         """The newest session that can carry extensions and replies."""
@@ -185,6 +187,7 @@ class Supervisor:
             await session.send(WorkerConnection.send_ready)
             self._metrics.set_connection_state("ready")
         self.current = session
+        self.extend_interval = session.ready.extend_lease_interval
         if session.ready.status_interval > 0:
             tg.start_soon(self._report_status, session)
         set_log_context(conn_id=session.id)

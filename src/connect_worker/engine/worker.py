@@ -47,9 +47,10 @@ from .drain import EXIT_ABANDONED, EXIT_FATAL, EXIT_OK, Drain
 from .drift import guard_from_config
 from .executor import App, Executor, Outcome
 from .gateway_api import GatewayAPI
+from .lease_clock import lease_seconds, watch_leases
 from .leases import Leases
 from .session import Session
-from .steps import LIVE, Action, Arrival, Ledger, Step, StepEvent
+from .steps import LIVE, Action, Arrival, Ledger, Step, StepEvent, StepState
 from .supervisor import MAX_CONSECUTIVE_SYNC_FAILURES, Supervisor, is_fatal
 from .timers import Changes
 from .userloop import loop_factory
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 # it never saw ACKed for up to about the route wait (10 s) per attempt, three attempts.
 DELIVERED_REPLY_TTL = 60.0
 DELIVERED_REPLIES_KEPT = 1024
+# Steps whose lease the worker's own clock watches (running, lease not lost).
+_HELD = frozenset({StepState.ACKED, StepState.OWNED})
 GC_DEFAULT_THRESHOLD = 700  # CPython's generation-0 threshold
 GC_THRESHOLD = 10_000
 
@@ -110,7 +113,10 @@ class Worker:
             Action.WAKE: lambda step, _: self._delivery.wake(step),
             Action.ACK_AGAIN: self._ack_again,
             Action.CANCEL_BODY: lambda step, _: self._bodies.cancel(step),
-            Action.LOG_LEASE_LOST: self._log_lease_lost,
+            Action.LOG_LEASE_LOST: lambda step, _: self._log_lease_lost(step,
+                                                                         "step.lease_lost"),
+            Action.LOG_LEASE_EXPIRED: lambda step, _: self._log_lease_lost(
+                step, "step.lease_expired"),
             Action.COUNT_LEASE_LOST: self._count_lease_lost,
             Action.LOG_ABANDONED: lambda step, _: self._drain.log_abandoned(step),
             Action.HAND_BACK: lambda step, _: self._drain.hand_back(step),
@@ -190,6 +196,9 @@ class Worker:
                 tg.start_soon(self._supervise, api, tg)
                 tg.start_soon(self._leases.extend_periodically)
                 tg.start_soon(self._leases.send_queued)
+                tg.start_soon(watch_leases, lambda: self._ledger.in_state(_HELD),
+                              lambda step: self._fire(step, StepEvent.LEASE_EXPIRED),
+                              lambda: self._supervisor.extend_interval)
                 await self._stop.wait()
                 self.exit_code = await self._drain.run()
                 tg.cancel_scope.cancel()
@@ -267,6 +276,8 @@ class Worker:
             self._drain.last_ack_at = now
             self.metrics.requests_acked_total.inc()
             step = ledger.open(request, echo, now)
+            step.lease_deadline = now + lease_seconds(request.lease_id,
+                                                      self._supervisor.extend_interval)
             self._changes.notify()
             self._leases.checks.add(request_id)
             outcome = self._executor.check_served(request)
@@ -295,6 +306,8 @@ class Worker:
             return
         if ack.new_lease_id:
             step.lease_id = ack.new_lease_id
+            step.lease_deadline = time.monotonic() + lease_seconds(
+                ack.new_lease_id, self._supervisor.extend_interval)
             self._extended.inc()
             self._fire(step, StepEvent.LEASE_EXTENDED)
         else:
@@ -348,12 +361,12 @@ class Worker:
         if session is not None and session.conn.accepts_work:
             session.send_now(WorkerConnection.ack, step.request)
 
-    def _log_lease_lost(self, step: Step, session: Session | None) -> None:
+    def _log_lease_lost(self, step: Step, why: str) -> None:
         # Another copy holds the lease (a re-route race, or ours expired): that copy's
         # reply is the one Inngest uses. Logged before CANCEL_BODY: the cancellation
         # reaches the user loop at once and unwinds the stack the name is read from.
         request = step.request
-        event(log, "step.lease_lost", level=logging.WARNING,
+        event(log, why, level=logging.WARNING,
               request_id=request.request_id, run_id=request.run_id,
               function=request.function_slug, step_id=self._drain.step_name(step),
               ran_for=round(time.monotonic() - step.started_at, 3))
