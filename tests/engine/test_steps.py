@@ -198,6 +198,14 @@ def test_deadline_with_a_reply_unsent_is_logged_not_dropped_silently() -> None:
     assert step.state is S.ABANDONED and not ledger.steps
 
 
+def test_a_reply_still_unacknowledged_at_the_deadline_is_logged_and_given_up() -> None:
+    ledger, step = opened()
+    run(ledger, step, E.BODY_DONE, E.DEADLINE)
+    assert step.state is S.REPLY_SENT
+    assert run(ledger, step, E.GIVE_UP) == [A.LOG_ABANDONED]
+    assert step.state is S.ABANDONED and not ledger.steps
+
+
 def test_redelivery_of_an_in_flight_request_acks_again_and_never_runs_twice() -> None:
     ledger, step = opened()
     assert ledger.arrive("req-1", routable=True) is Arrival.IN_FLIGHT
