@@ -105,6 +105,8 @@ EXTENSION_BATCH = 256
 # Hand-back replies at the drain deadline get this long to be acknowledged (socket or
 # flush) before the process exits: the platform's SIGKILL is close behind.
 HAND_BACK_TIMEOUT = 1.5
+# retry_after of a hand-back reply: seconds until Inngest retries the step (spec §5.4.1).
+HAND_BACK_RETRY_AFTER = "1"
 # Delivered replies are kept this long (and at most this many) so a request the gateway
 # forwards again after we delivered it is answered, not run again: it re-routes a forward
 # it never saw ACKed for up to about the route wait (10 s) per attempt, three attempts.
@@ -996,6 +998,9 @@ class Worker:
                     f"connect_worker instance {self.config.instance_id} gave up step "
                     f"{name!r} of {request.function_slug!r} after {running_for:.1f} s: "
                     f"{reason}. Inngest retries it.",
+                    # Without it Inngest's queue waits its backoff (15 s + up to 30 s
+                    # of jitter for a first retry); "1" is the soonest it allows.
+                    retry_after=HAND_BACK_RETRY_AFTER,
                 ))
                 handed_back.append(step)
         self.metrics.steps_abandoned_total.inc(len(steps))
