@@ -91,7 +91,8 @@ class ProxyResult:
 def _trace_ctx() -> bytes:
     trace = new_ulid().lower().rjust(32, "0")[:32]
     span = new_ulid().lower()[-16:]
-    return json.dumps({"traceparent": f"00-{trace}-{span}-01", "tracestate": ""}).encode()
+    # Only the traceparent: the propagator leaves out an empty tracestate.
+    return json.dumps({"traceparent": f"00-{trace}-{span}-01"}).encode()
 
 
 def _user_trace_ctx(system: bytes, app_id: str, function_id: str) -> bytes:
