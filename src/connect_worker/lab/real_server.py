@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -260,7 +261,7 @@ class RealServer:
     @property
     def flushes(self) -> list[ReplyView]:
         """Replies the workers delivered through ``/v0/connect/flush`` (their logs)."""
-        return [ReplyView(str(e.get("request_id")), None, float(e.get("ts") or time.time()))
+        return [ReplyView(str(e.get("request_id")), None, _when(e.get("ts")))
                 for w in self._workers for e in w.events("reply.flushed")]
 
     # ----- faults ----------------------------------------------------------------------
@@ -273,3 +274,11 @@ class RealServer:
         """Hold every worker's frames for ``seconds`` (the gateway hears nothing)."""
         assert self.proxy is not None
         self.proxy.stall(seconds, direction="worker")
+
+
+def _when(stamp: Any) -> float:
+    """A log record's ``ts`` (ISO 8601) as epoch seconds; now if it has none."""
+    if isinstance(stamp, str):
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return time.time()
