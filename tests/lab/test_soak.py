@@ -53,6 +53,21 @@ def test_cli_prints_the_plan_and_rejects_bad_flags(capsys: pytest.CaptureFixture
     assert "LOW <= HIGH" in capsys.readouterr().err
 
 
+def test_faults_inngest_cannot_do_are_refused_in_one_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["soak", "--server", "http://127.0.0.1:9", "--faults", "deploy,withhold-ack"])
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert "cannot be made to do withhold-ack" in line and "deploy, crash, drop, stall" in line
+    with pytest.raises(SystemExit):
+        cli.main(["soak", "--faults", "stall"])  # a proxy fault: Inngest's server only
+    assert "stall needs --server" in capsys.readouterr().err
+    # The real server's menu by default, minus --no-<kind>.
+    assert cli.main(["soak", "--server", "http://127.0.0.1:9", "--plan", "--no-crash"]) == 0
+    kinds = {json.loads(x)["kind"] for x in capsys.readouterr().out.splitlines()}
+    assert kinds == {"deploy", "drop", "stall"}
+
+
 @pytest.mark.timeout(240)
 def test_short_soak_keeps_the_promise(tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
