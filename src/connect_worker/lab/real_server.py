@@ -47,7 +47,8 @@ REAL_SERVER_FAULTS: dict[str, str] = {
 _STATUSES = {"Completed": RunStatus.COMPLETED, "Failed": RunStatus.FAILED,
              "Cancelled": RunStatus.CANCELLED}
 # How often run statuses are read while anything waits on them.
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.25
+POLL_BATCH = 20  # reads at once
 
 
 def refused_faults(kinds: list[str] | tuple[str, ...]) -> str | None:
@@ -74,6 +75,7 @@ class ConnView:
     status: ConnStatus = ConnStatus.CONNECTED
     paused: bool = False
     closed: bool = False
+    manual: bool = True  # worker_manual_readiness_ack: routable after WORKER_READY only
 
 
 @dataclass
@@ -169,14 +171,18 @@ class RealServer:
     async def _poll(self) -> None:
         """Read the status of every run still going, a few at a time."""
         assert self._api is not None
+        api = self._api
+
+        async def read(view: RunView) -> None:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                status = _STATUSES.get((await api.run(view.run_id)).status)
+                if status is not None:
+                    view.status = status
+
         while True:
             going = [r for r in self.runs.values() if not r.status.terminal]
-            for view in going:
-                with contextlib.suppress(httpx.HTTPError, ValueError):
-                    run = await self._api.run(view.run_id)
-                    status = _STATUSES.get(run.status)
-                    if status is not None:
-                        view.status = status
+            for first in range(0, len(going), POLL_BATCH):
+                await asyncio.gather(*(read(v) for v in going[first:first + POLL_BATCH]))
             await asyncio.sleep(POLL_SECONDS)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
@@ -200,7 +206,9 @@ class RealServer:
         for frame in frames[self._seen:]:
             conn, rid = frame.conn, frame.request_id
             if frame.kind == "WORKER_CONNECT":
-                self._conns[conn] = ConnView(str(conn), str(frame.fields.get("instance_id", "")))
+                self._conns[conn] = ConnView(
+                    str(conn), str(frame.fields.get("instance_id", "")),
+                    manual=bool(frame.fields.get("worker_manual_readiness_ack")))
             elif frame.kind == "GATEWAY_EXECUTOR_REQUEST" and rid:
                 self._dispatches[(conn, rid)] = DispatchView(
                     rid, str(frame.fields.get("job_id", "")), str(frame.fields.get("run_id", "")),
@@ -216,7 +224,9 @@ class RealServer:
             view = self._conns.get(conn)
             if view is None:
                 continue
-            if frame.kind == "WORKER_READY" and not view.paused:
+            # Without manual readiness (the official client) CONNECTION_READY is enough.
+            if not view.paused and (frame.kind == "WORKER_READY" or (
+                    frame.kind == "GATEWAY_CONNECTION_READY" and not view.manual)):
                 view.status = ConnStatus.READY
             elif frame.kind == "WORKER_PAUSE":
                 view.paused, view.status = True, ConnStatus.DRAINING
