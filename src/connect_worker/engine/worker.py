@@ -80,6 +80,7 @@ from ..protocol.codec import build_sdk_response, request_echo
 from ..protocol.state import State
 from .executor import SDK_LANGUAGE, SDK_VERSION, App, Executor, Outcome, error_outcome
 from .gateway_api import GatewayAPI
+from .lease_clock import lease_seconds, watch_leases
 from .session import Session
 from .stacks import running_steps
 from .userloop import loop_factory
@@ -105,7 +106,9 @@ EXTENSION_BATCH = 256
 # Hand-back replies at the drain deadline get this long to be acknowledged (socket or
 # flush) before the process exits: the platform's SIGKILL is close behind.
 HAND_BACK_TIMEOUT = 1.5
-# retry_after of a hand-back reply: seconds until Inngest retries the step (spec §5.4.1).
+# The hand-back reply's retry_after (seconds, the soonest Inngest accepts): without it
+# Inngest's retry backoff applies, 15 s plus up to 30 s of jitter for a first retry
+# (pkg/backoff), where the hand-back promises a retry within seconds.
 HAND_BACK_RETRY_AFTER = "1"
 # Delivered replies are kept this long (and at most this many) so a request the gateway
 # forwards again after we delivered it is answered, not run again: it re-routes a forward
@@ -175,6 +178,8 @@ class Step:
     extending: bool = True
     # A successful extension proved the gateway counts this copy as the lease holder.
     confirmed: bool = False
+    # When the lease lapses unless the gateway confirms it again (lease_clock.py).
+    lease_deadline: float = 0.0
     sent_on: Session | None = None
     sent_at: float = 0.0  # when the reply last went out on a socket (monotonic)
     delivered: bool = False
@@ -286,6 +291,8 @@ class Worker:
         self._abort_requested = False
         self._draining = False
         self._last_ack_at = 0.0
+        # The newest session's; short until one says (the lease watch wakes this often).
+        self._extend_interval = 1.0
         self._fatal: BaseException | None = None
         self.exit_code: int | None = None
 
@@ -363,6 +370,8 @@ class Worker:
                 self._tg = tg
                 tg.start_soon(self._supervise)
                 tg.start_soon(self._extend_leases)
+                tg.start_soon(watch_leases, self._steps.values, self._lease_expired,
+                              lambda: self._extend_interval)
                 await self._stop.wait()
                 self.exit_code = await self._drain()
                 tg.cancel_scope.cancel()
@@ -502,6 +511,7 @@ class Worker:
             await session.send(WorkerConnection.send_ready)
             self.metrics.set_connection_state("ready")
         self._current = session
+        self._extend_interval = session.ready.extend_lease_interval
         if session.ready.status_interval > 0:
             self._tg_start(self._report_status, session)
         set_log_context(conn_id=session.id)
@@ -594,6 +604,7 @@ class Worker:
         self._last_ack_at = now
         self.metrics.requests_acked_total.inc()
         step = Step(request, request.lease_id, now, echo)
+        step.lease_deadline = now + lease_seconds(request.lease_id, self._extend_interval)
         self._steps[request.request_id] = step
         self._notify()
         self._checks.add(request.request_id)
@@ -687,17 +698,26 @@ class Worker:
             return
         if ack.new_lease_id:
             step.lease_id = ack.new_lease_id
+            step.lease_deadline = time.monotonic() + lease_seconds(
+                ack.new_lease_id, self._extend_interval)
             if not step.confirmed:
                 step.confirmed = True
                 self._notify()
             self._extended.inc()
             return
         self.metrics.lease_extensions_total.labels(outcome="nack").inc()
+        # Another copy holds the lease (a re-route race, or ours expired): stop, and
+        # send no reply; that copy's reply is the one Inngest uses.
+        self._lose_lease(step, "step.lease_lost")
+
+    def _lease_expired(self, step: Step) -> None:
+        """No confirmation for a whole lease: the gateway gave this copy up (lease_clock.py)."""
+        self._lose_lease(step, "step.lease_expired")
+
+    def _lose_lease(self, step: Step, why: str) -> None:
         step.extending = False
         self._notify()
         if step.reply is None and step.outcome != "lease_lost":
-            # Another copy holds the lease (a re-route race, or ours expired): stop, and
-            # send no reply; that copy's reply is the one Inngest uses.
             request = step.request
             step.outcome = "lease_lost"
             # Read before cancelling: the cancellation reaches the user loop at once and
@@ -707,7 +727,7 @@ class Worker:
                 step.task.cancel()  # _step_returned drops the step
             else:  # not started yet: it never starts
                 self._lease_lost(step)
-            event(log, "step.lease_lost", level=logging.WARNING,
+            event(log, why, level=logging.WARNING,
                   request_id=request.request_id, run_id=request.run_id,
                   function=request.function_slug, step_id=name,
                   confirmed_before=step.confirmed,
@@ -997,10 +1017,7 @@ class Worker:
                     "StepAbandoned",
                     f"connect_worker instance {self.config.instance_id} gave up step "
                     f"{name!r} of {request.function_slug!r} after {running_for:.1f} s: "
-                    f"{reason}. Inngest retries it.",
-                    # Without it Inngest's queue waits its backoff (15 s + up to 30 s
-                    # of jitter for a first retry); "1" is the soonest it allows.
-                    retry_after=HAND_BACK_RETRY_AFTER,
+                    f"{reason}. Inngest retries it.", retry_after=HAND_BACK_RETRY_AFTER,
                 ))
                 handed_back.append(step)
         self.metrics.steps_abandoned_total.inc(len(steps))

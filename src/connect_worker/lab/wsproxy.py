@@ -297,15 +297,24 @@ class WsProxy:
             and (request_id is None or f.request_id == request_id),
             timeout, f"{kind} from {direction or 'either side'}")
 
+    async def wait_forwarded(self, frame: Frame, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        """Until ``frame`` went out to the other side (a stall may be holding it)."""
+        async with asyncio.timeout(timeout):
+            while frame.forwarded_at is None:
+                await self._changed.wait()
+
     # ----- plumbing -------------------------------------------------------------------
+
+    def _pulse(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def _record(self, conn: int, direction: Direction, kind: str, fields: dict[str, Any],
                 size: int) -> Frame:
         frame = Frame(next(self._seq), conn, direction, kind, fields, size, self.now(),
                       time.time())
         self.frames.append(frame)
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        self._pulse()
         return frame
 
     def _abort(self, link: _Link) -> None:
@@ -419,5 +428,6 @@ class WsProxy:
                 except ConnectionClosed:
                     return
                 frame.forwarded_at = self.now()
+                self._pulse()
             finally:
                 queue.task_done()
