@@ -659,8 +659,10 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
         return out
 
     abandoned = logged("drain.step_abandoned")
-    # The contract's name, and the name workers used before it.
-    lease_lost = {**logged("lease.lost"), **logged("step.lease_lost")}
+    # The contract's name, the name workers used before it, and a copy stopped by the
+    # worker's own lease clock (its lease lapsed unconfirmed): no reply either way.
+    lease_lost = {**logged("lease.lost"), **logged("step.lease_lost"),
+                  **logged("step.lease_expired")}
 
     # Re-route races: one request id whose body started twice (on two replicas, or twice
     # on one that got it again on its new connection).
