@@ -648,6 +648,15 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
         seen[key] += 1
     result.step_executions = len(starts)
     delivered = {r.request_id for r in [*dev.replies, *dev.flushes]}
+    # (pid, request id) of every reply a replica itself got to the gateway: a SIGKILLed
+    # replica's copy that ended is a crash duplicate unless *its* reply landed (the same
+    # request re-routed to another replica may have delivered one).
+    pid_of = {c.conn_id: w.pid for c in dev.connections for w in result.workers
+              if w.started_at and w.instance_id == c.instance_id}
+    delivered_by = {(pid_of.get(str(getattr(r, "conn_id", None))), r.request_id)
+                    for r in dev.replies}
+    delivered_by |= {(w.pid, str(e.get("request_id"))) for w in result.workers
+                     if w.started_at for e in w.events("reply.flushed")}
 
     def logged(event: str) -> dict[tuple[int, str], dict[str, Any]]:
         """(pid, request id) -> the worker's log record of ``event``."""
@@ -673,7 +682,12 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
         if len(runs) < 2:
             continue
         finished = [r for r in runs if r["ended"]]
-        winner = next((r for r in finished), None)
+        # A copy that ended on a replica SIGKILLed before its reply landed lost its
+        # result with the process: the crash explains it, not the race.
+        lost_in_crash = [r for r in finished if by_pid.get(r["pid"]) is not None
+                         and by_pid[r["pid"]].killed_at is not None
+                         and (r["pid"], request_id) not in delivered_by]
+        winner = next((r for r in finished if r not in lost_in_crash), None)
         losers = [r for r in runs if r is not winner]
         ran_for = []
         for r in losers:
@@ -686,7 +700,7 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
             request_id=request_id, run_id=str(runs[0]["run_id"]), step=str(runs[0]["step"]),
             winner=_name(by_pid, winner["pid"]) if winner else None,
             losers=[_name(by_pid, r["pid"]) for r in losers], loser_ran_for=ran_for,
-            ran_to_end_twice=len(finished) > 1,
+            ran_to_end_twice=len(finished) - len(lost_in_crash) > 1,
         ))
 
     # Duplicates: per (run, step), every copy but one must be explained.
@@ -701,7 +715,7 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
             key = (r["pid"], str(r["request_id"]))
             worker = by_pid.get(r["pid"])
             if worker is not None and worker.killed_at is not None and (
-                    not r["ended"] or r["request_id"] not in delivered):
+                    not r["ended"] or key not in delivered_by):
                 result.duplicates["crash"] += 1
             elif key in abandoned:
                 result.duplicates["abandoned"] += 1
