@@ -1,4 +1,4 @@
-"""``connect-worker``: run | check | dev | send | runs | workers | fault | demo |
+"""``connect-worker``: run | check | compat | dev | send | runs | workers | fault | demo |
 simulate-deploy. Logging is configured here and nowhere else.
 
 Every setting of ``config.SETTINGS`` is both an environment variable and a flag of
@@ -87,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("demo", add_help=False,
                         help="a rolling deploy in the middle of three reports, narrated, with "
                         "a timeline picture (see demo --help)")
+    compat = commands.add_parser(
+        "compat", help="replay recorded run histories against TARGET without running any "
+        "step: would this deploy drift the runs in flight? (exit 1 if so)",
+        description="Replays every prefix of each recorded run against TARGET's code; a "
+        "memoized step returns its stored output, the first step with no memo stops the "
+        "replay. Exit codes: 0 compatible, 1 drift, 2 usage. See docs/drift.md.")
+    compat.add_argument("target", metavar="TARGET", help="the new code, as for `run`")
+    compat.add_argument("histories", metavar="PATH", nargs="*",
+                        help="history files or directories (CONNECT_WORKER_RECORD_HISTORY, "
+                        "`runs --export`)")
+    compat.add_argument("--from-gateway", metavar="URL", default=None,
+                        help="also replay the runs of this dev gateway, live")
+    compat.add_argument("--json", action="store_true", help="JSON instead of a table")
     dev = commands.add_parser(
         "dev", help="run the local Connect gateway (for development); its page is at "
         "http://127.0.0.1:8288/")
@@ -168,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .devclient import run_command
 
         return run_command(args)
+    if args.command == "compat":
+        return _compat(args)
     if args.command == "check":
         from .ops.check import run_check
 
@@ -243,6 +258,22 @@ async def _watch_signals(worker: Worker, *, task_status: TaskStatus[None]) -> No
                 log.warning("drain.aborted", extra={"event": "drain.aborted",
                                                     "fields": {"signal": name}})
                 worker.abort()
+
+
+def _compat(args: argparse.Namespace) -> int:
+    from . import compat
+    from .errors import GatewayError
+
+    if not args.histories and not args.from_gateway:
+        print("connect-worker: compat needs history PATHs or --from-gateway URL",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return compat.run(args.target, histories=args.histories, gateway=args.from_gateway,
+                          as_json_out=args.json)
+    except (TargetError, GatewayError, OSError, ValueError, KeyError) as exc:
+        print(f"connect-worker: compat: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _dev(args: argparse.Namespace) -> int:

@@ -154,6 +154,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("event_loop", "CONNECT_WORKER_EVENT_LOOP", _choice("uvloop", "asyncio"),
             "uvloop (default; asyncio's own loop where uvloop is not installed) or asyncio: "
             "the event loop of the engine and of user code."),
+    Setting("on_drift", "CONNECT_WORKER_ON_DRIFT", _choice("warn", "fail"),
+            "warn (default: log run.version_drift and go on, as the SDK does) or fail (the "
+            "drifted step's body does not run; the run fails, not retried). See docs/drift.md."),
+    Setting("record_history", "CONNECT_WORKER_RECORD_HISTORY", _text, "Directory where each "
+            "run's memos, their order and step names are written, for `connect-worker compat`."),
+    Setting("record_history_shape_only", "CONNECT_WORKER_RECORD_HISTORY_SHAPE_ONLY", _bool,
+            "Record outputs and events reduced to their shape (no customer data)."),
     Setting("log_format", "CONNECT_WORKER_LOG_FORMAT", _choice("auto", "json", "text"),
             "auto (JSON unless stderr is a terminal), json or text."),
     Setting("log_level", "CONNECT_WORKER_LOG_LEVEL",
@@ -180,6 +187,9 @@ class Config:
     reconnect_min_backoff: float = 0.25
     http_port: int | None = 9090
     event_loop: str = "uvloop"
+    on_drift: str = "warn"
+    record_history: str | None = None
+    record_history_shape_only: bool = False
     log_format: str = "auto"
     log_level: str = "info"
     deployment_id: str | None = None

@@ -262,6 +262,8 @@ def add_commands(commands: Any) -> None:
     runs_p.add_argument("--watch", action="store_true", help="refresh every second (Ctrl-C "
                         "stops)")
     runs_p.add_argument("--limit", type=int, default=10, help="newest N runs (default 10)")
+    runs_p.add_argument("--export", metavar="DIR", default=None, help="write the newest "
+                        "--limit runs as history files for `connect-worker compat`")
     add_url(runs_p)
     workers_p = commands.add_parser("workers", help="list the worker connections of the dev "
                                     "gateway (state, app version, in-flight steps)")
@@ -294,6 +296,12 @@ def run_command(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 return EXIT_USAGE
             return send(url, args.event, data, sys.stdout)
+        if args.command == "runs" and args.export:
+            from .compat import export_gateway
+
+            count = export_gateway(url, args.export, max(1, args.limit))
+            print(f"exported {count} runs to {args.export}")
+            return 0
         if args.command == "runs":
             return runs(url, args.run_id, max(1, args.limit), args.watch, sys.stdout)
         if args.command == "workers":

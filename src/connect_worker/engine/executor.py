@@ -1,4 +1,5 @@
-"""Runs executor requests through the inngest SDK. The only module that imports inngest.
+"""Runs executor requests through the inngest SDK. The only module that drives it
+(``drift.py`` wraps the SDK's memo lookup, see ``drift.install_hooks``).
 
 An SDK upgrade that changes the private execution entry point (``comm_lib.CommHandler``)
 breaks this file and its contract test, not the daemon. Each request runs on the
@@ -24,6 +25,7 @@ from inngest._internal import comm_lib, const, net, server_lib
 from ..context import RequestIdentity, _current
 from ..errors import ExecutionError
 from ..protocol import ExecutorRequest, pb
+from . import drift as _drift
 from .userloop import UserLoop
 
 log = logging.getLogger(__name__)
@@ -135,11 +137,14 @@ class Executor:
     """Maps executor requests to the right app's SDK handler and runs them."""
 
     def __init__(self, apps: Sequence[App], *, app_version: str | None = None,
-                 new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-                 ) -> None:
+                 new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+                 drift: _drift.DriftGuard | None = None) -> None:
         if not apps:
             raise ExecutionError("no apps to serve")
         self._handlers: dict[str, comm_lib.CommHandler] = {}
+        self.drift = drift
+        if drift is not None:
+            _drift.install_hooks()
         self.apps: list[AppSpec] = []
         for client, functions in apps:
             configs = comm_lib.get_function_configs(
@@ -222,7 +227,10 @@ class Executor:
         headers = {_REQUEST_ID: request.request_id}
         if request.job_id:
             headers[_JOB_ID] = request.job_id
+        tracker = None if self.drift is None else self.drift.begin(_drift.Request(
+            request.run_id, request.function_slug, request.step_id, request.request_payload))
         token = _current.set(identity)
+        drift_token = _drift.set_tracker(tracker)
         try:
             response = await handler.post(
                 comm_lib.CommRequest(
@@ -241,12 +249,25 @@ class Executor:
                     timings=NO_TIMINGS,
                 )
             )
+        except _drift.DriftStop as stop:
+            # fail: the drifted step's body did not run; nothing was paid twice.
+            return error_outcome("VersionDrift", tracker.failure if tracker and tracker.failure
+                                 else str(stop), no_retry=True)
         finally:
+            _drift.reset_tracker(drift_token)
             _current.reset(token)
         body = response.body_bytes()
         if isinstance(body, Exception):
             log.error("the SDK produced an unserialisable response: %s", body)
             return error_outcome("SerializationError", "the step result could not be serialised")
+        if tracker is not None and self.drift is not None:
+            returned = response.status_code == 200 or (
+                response.status_code == 206 and _RUN_COMPLETE in body and _ends_run(body))
+            failure = self.drift.finish(tracker, returned=returned,
+                                        failed=response.status_code >= 400 and response.no_retry,
+                                        body=body)
+            if failure is not None:
+                return error_outcome("VersionDrift", failure, no_retry=True)
         status = {200: STATUS_DONE, 206: STATUS_NOT_COMPLETED}.get(
             response.status_code, STATUS_ERROR
         )

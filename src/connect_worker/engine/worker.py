@@ -78,6 +78,7 @@ from ..protocol import (
 )
 from ..protocol.codec import build_sdk_response, request_echo
 from ..protocol.state import State
+from .drift import guard_from_config
 from .executor import SDK_LANGUAGE, SDK_VERSION, App, Executor, Outcome, error_outcome
 from .gateway_api import GatewayAPI
 from .lease_clock import lease_seconds, watch_leases
@@ -261,7 +262,8 @@ class Worker:
         # One per lease extension ACK: thousands per round with many steps in flight.
         self._extended = self.metrics.lease_extensions_total.labels(outcome="extended")
         self._executor = Executor(apps, app_version=config.app_version,
-                                  new_loop=loop_factory(config.event_loop))
+                                  new_loop=loop_factory(config.event_loop),
+                                  drift=guard_from_config(config, apps, self.metrics))
         self._api: GatewayAPI | None = None
         self._steps: dict[str, Step] = {}
         # Steps running in the SDK (futures) and reply flushes (tasks): the drain's to cancel.
