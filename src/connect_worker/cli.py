@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=8288,
                      help="API port (start, flush, events, the page at /)")
     dev.add_argument("--gateway-port", type=int, default=8289, help="WebSocket gateway port")
+    dev.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                     help="also answer requests addressed to NAME (e.g. a Compose or "
+                     "Kubernetes service name); loopback names and IP addresses always are, "
+                     "other names get 403 (a web page cannot rebind its DNS name to us)")
     dev.add_argument("--fast", action="store_true",
                      help="short timings for rehearsals and tests: 1 s heartbeats and lease "
                      "extensions, 4 s leases, 3 s drain window (default: production timings)")
@@ -205,15 +209,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TargetError as exc:
         print(f"connect-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from .engine.exiting import exit_after_drain
     from .engine.userloop import loop_factory
 
     try:
-        return anyio.run(serve, config, apps,
-                         backend_options={"loop_factory": loop_factory(config.event_loop)})
+        code: int = anyio.run(serve, config, apps,
+                              backend_options={"loop_factory": loop_factory(config.event_loop)})
+        return exit_after_drain(code)
     except OSError as exc:
         # Binding the health listener is the one OSError that reaches here.
         print(f"connect-worker: cannot listen on CONNECT_WORKER_HTTP_PORT/PORT="
-              f"{config.http_port}: {exc.strerror or exc}", file=sys.stderr)
+              f"{config.http_port} (CONNECT_WORKER_HTTP_HOST={config.http_host}): "
+              f"{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -232,10 +239,12 @@ async def serve(config: Config, apps: Sequence[App]) -> int:
         # closed last, so /readyz answers 503 throughout the drain.
         if config.http_port is not None:
             health = await stack.enter_async_context(
-                HealthServer(config.http_port, REGISTRY, lambda: worker.ready, metrics=metrics)
+                HealthServer(config.http_port, REGISTRY, lambda: worker.ready, metrics=metrics,
+                             host=config.http_host)
             )
-            log.info("health listener on port %d", health.port,
-                     extra={"event": "health.listening", "fields": {"port": health.port}})
+            log.info("health listener on %s port %d", config.http_host, health.port,
+                     extra={"event": "health.listening",
+                            "fields": {"host": config.http_host, "port": health.port}})
         async with anyio.create_task_group() as tg:
             await tg.start(_watch_signals, worker)
             code = await worker.run()
@@ -280,7 +289,8 @@ def _dev(args: argparse.Namespace) -> int:
     from .devserver import DevServer, DevServerConfig
     from .devserver import serve as serve_devserver
 
-    config = DevServerConfig.fast() if args.fast else DevServerConfig()
+    config = (DevServerConfig.fast() if args.fast else DevServerConfig()).replace(
+        allowed_hosts=tuple(args.allow_host))
     stop_on_signals()
 
     def ready(dev: DevServer) -> None:

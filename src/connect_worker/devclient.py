@@ -129,6 +129,8 @@ def format_run(run: dict[str, Any], now: float, *, requests: bool = False) -> li
             lines.extend(f"      {note}" for note in notes.get(index, []))
     if run["error"]:
         lines.append(f"    error: {run['error']}")
+    elif run["status"] == "completed":
+        lines.append(f"    output: {json.dumps(run['output'])}")
     if requests and run["requests"]:
         lines.append("    requests:")
         req_rows = [["sent", "step", "attempt", "worker", "acked", "replied", "via", "result"]]
@@ -313,5 +315,10 @@ def run_command(args: argparse.Namespace) -> int:
     except GatewayError as exc:
         print(f"connect-worker: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        # `connect-worker runs | head`: the reader has what it wanted. Python would
+        # still flush stdout at exit and print a traceback; point it at nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return 0

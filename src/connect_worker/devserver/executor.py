@@ -718,7 +718,7 @@ class Executor:
                                                function_uuid(run.function_slug)),
                 run_id=run.run_id,
                 lease_id=lease.lease_id,
-                job_id=item.job_id,
+                job_id=item.job_id if self.config.send_job_id else "",
             )
             error = await self._forward(run, item, request)
             if error is not None:

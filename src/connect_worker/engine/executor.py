@@ -14,6 +14,7 @@ import concurrent.futures
 import contextvars
 import json
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,6 +30,8 @@ from . import drift as _drift
 from .userloop import UserLoop
 
 log = logging.getLogger(__name__)
+
+USER_LOOP_STOP_TIMEOUT = 0.1
 
 T = TypeVar("T")
 App = tuple[inngest.Inngest, Sequence[inngest.Function[Any]]]
@@ -81,13 +84,34 @@ class AppSpec:
 
 
 class _ContextThreadPool(concurrent.futures.ThreadPoolExecutor):
-    """A thread pool that runs each job in the submitter's contextvars context."""
+    """A thread pool that runs each job in the submitter's contextvars context, and
+    counts the jobs running in all such pools (Python waits for them at exit; see
+    engine/exiting.py)."""
+
+    running = 0
+    _count_lock = threading.Lock()
 
     def submit(
         self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[T]:
         context = contextvars.copy_context()
-        return super().submit(context.run, fn, *args, **kwargs)
+        return super().submit(context.run, _counted, fn, *args, **kwargs)
+
+
+def _counted(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    pool = _ContextThreadPool
+    with pool._count_lock:
+        pool.running += 1
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        with pool._count_lock:
+            pool.running -= 1
+
+
+def user_threads_running() -> int:
+    """``def`` step bodies still running in the SDK's thread pools."""
+    return _ContextThreadPool.running
 
 
 class _NoTiming(net.ServerTiming):
@@ -183,7 +207,9 @@ class Executor:
         self.user_loop.start()
 
     def stop(self) -> None:
-        self.user_loop.stop()
+        # Abandoned steps had their second to unwind in the drain; an idle loop stops at
+        # once. This only bounds how long user code blocking the loop holds the exit.
+        self.user_loop.stop(timeout=USER_LOOP_STOP_TIMEOUT)
 
     def check_served(self, request: ExecutorRequest) -> Outcome | None:
         """An error outcome when this worker does not serve the request's app or function."""

@@ -84,6 +84,7 @@ from .gateway_api import GatewayAPI
 from .lease_clock import lease_seconds, watch_leases
 from .session import Session
 from .stacks import running_steps
+from .unreachable import UnreachableHint
 from .userloop import loop_factory
 
 log = logging.getLogger(__name__)
@@ -265,6 +266,7 @@ class Worker:
                                   new_loop=loop_factory(config.event_loop),
                                   drift=guard_from_config(config, apps, self.metrics))
         self._api: GatewayAPI | None = None
+        self._unreachable = UnreachableHint(config)
         self._steps: dict[str, Step] = {}
         # Steps running in the SDK (futures) and reply flushes (tasks): the drain's to cancel.
         self._step_tasks: set[asyncio.Future[Any]] = set()
@@ -464,6 +466,7 @@ class Worker:
                 )
             except (TransportError, GatewayError, ProtocolError) as exc:
                 sync_failures = sync_failures + 1 if isinstance(exc, SyncError) else 0
+                self._unreachable.failed(exc)
                 if is_fatal(exc, sync_failures):
                     raise
                 delay = next(delays)
@@ -480,6 +483,7 @@ class Worker:
                 continue
             delays = backoff_delays(self.config.reconnect_min_backoff,
                                     self.config.reconnect_max_backoff)
+            self._unreachable.connected()
             sync_failures = 0
             extend_interval = session.ready.extend_lease_interval
             await self._tg.start(session.run, self)
