@@ -18,6 +18,8 @@ import pytest
 
 from connect_worker.lab.inngest_dev import HOW_TO_GET, InngestDevServer, find_binary
 
+from .background import Background
+
 LOG_TAIL_CHARS = 20_000
 
 StartServer = Callable[..., AbstractAsyncContextManager[InngestDevServer]]
@@ -71,6 +73,26 @@ async def inngest(start_inngest: StartServer) -> AsyncIterator[InngestDevServer]
         yield server
 
 
+def _background(item: pytest.Item) -> Background | None:
+    found = getattr(getattr(item, "module", None), "BACKGROUND", None)
+    return found if isinstance(found, Background) else None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that collect background scenarios run last: the rest overlaps with them."""
+    items.sort(key=lambda item: _background(item) is not None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_background(request: pytest.FixtureRequest, inngest_cli: str,
+                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    """At the tier's first test: start every selected module's background scenarios."""
+    for item in request.session.items:
+        background = _background(item)
+        if background is not None:
+            background.start(inngest_cli, tmp_path_factory.mktemp("background"))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
                               ) -> Generator[None, Any, None]:
@@ -78,6 +100,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
     if report.failed:
-        for server in item.__dict__.get("inngest_servers", []):
+        background = _background(item)
+        servers = [*item.__dict__.get("inngest_servers", []),
+                   *(background.servers if background is not None else [])]
+        for server in servers:
             report.sections.append((f"inngest dev log ({server.log_path.name})",
                                     server.log_text(LOG_TAIL_CHARS)))

@@ -57,6 +57,7 @@ class Counts:
     duplicate_bodies: int  # (run, step) bodies that ran to their end more than once
     interrupted: int  # started, never ended nor cancelled (the process died under it)
     dispatches: int  # GATEWAY_EXECUTOR_REQUEST frames
+    requests_acked: int  # distinct requests a worker took (WORKER_REQUEST_ACK)
     replies: int  # distinct requests the workers replied to (WORKER_REPLY or flush)
     replies_acked: int  # ... and the server acknowledged (WORKER_REPLY_ACK, flush 200)
     replies_flushed: int  # ... of which through POST /v0/connect/flush
@@ -119,10 +120,10 @@ class Scenario:
         self.workers[name] = await self.stack.enter_async_context(worker)
         return worker
 
-    async def official(self, name: str, *, app_version: str = "v1", **env: str
-                       ) -> WorkerProcess:
-        """The official SDK's Connect client, started, behind its own proxy
-        (``app_version`` is not sent: the SDK's Connect client has no such setting)."""
+    async def official(self, name: str, *, app_version: str = "v1", drain_timeout: float = 0.0,
+                       **env: str) -> WorkerProcess:
+        """The official SDK's Connect client, started, behind its own proxy. It has no
+        setting for ``app_version`` nor a drain deadline: both are ignored."""
         proxy = await self._proxy(name)
         worker = OfficialWorker(
             "official", api_url=self.server.api_url, instance_id=name,
@@ -203,6 +204,7 @@ class Scenario:
             duplicate_bodies=sum(p["end"] - 1 for p in phases.values() if p["end"] > 1),
             interrupted=started - ended - cancelled,
             dispatches=len(self.frames("GATEWAY_EXECUTOR_REQUEST")),
+            requests_acked=len({f.request_id for f in self.frames("WORKER_REQUEST_ACK")}),
             replies=len(replied), replies_acked=len(acked), replies_flushed=len(flushed),
             extensions_nacked=len(nacks),
             model_requests=len(self.stub.requests),

@@ -14,7 +14,7 @@ from .harness import scenario
 pytestmark = pytest.mark.real_server
 
 STEPS = 4
-STALL = 6.0  # shorter than a lease (2 min): the gateway keeps the step
+STALL = 10.0  # > 6 reply-ACK timeouts (REPLY_ACK_PATIENCE), < a lease (2 min)
 
 
 async def test_drops_and_a_stall_mid_report_land_every_reply_once(

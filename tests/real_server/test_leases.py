@@ -1,6 +1,8 @@
 """Leases on Inngest's own dev server, where a lease lasts 2 minutes (extended every 30 s)
 and cannot be shortened: a step longer than the lease, a worker SIGKILLed after its
-model answer was stored, and a stall longer than the lease. They take minutes each, so
+model answer was stored, a stall longer than the lease, and a deploy whose grace period
+ends inside a step (connect_worker and the official client side by side). They take
+minutes each, so
 they run side by side, each with its own app and workers, on one server whose retry
 backoff is 1 s (``--retry-interval 1``; the lease, not the backoff, is what they test).
 """
@@ -10,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import signal
 from pathlib import Path
 
 import pytest
 
 from connect_worker.lab.inngest_dev import InngestDevServer
 
-from .conftest import StartServer
-from .harness import scenario
+from .background import Background
+from .harness import Scenario, scenario
 
 pytestmark = [pytest.mark.real_server, pytest.mark.timeout(480)]
 log = logging.getLogger("real_server")
@@ -123,13 +126,77 @@ async def stalled_past_the_lease(server: InngestDevServer, tmp: Path) -> None:
     assert {a["job_id"] for a in scn.executions(step="section-1")} == {first["job_id"]}
 
 
-async def test_leases_beyond_two_minutes(start_inngest: StartServer, tmp_path: Path) -> None:
-    async with start_inngest(retry_interval=1) as server:
+GRACE = 10.0  # the platform's SIGTERM -> SIGKILL grace period (Kubernetes: 30 s)
+DRAIN = 4.0  # connect_worker's drain budget, inside the grace period
+FIRST_BACKOFF = 15.0
+
+
+async def deploy_with_a_grace_period(scn: Scenario, official: bool) -> float:
+    """A rolling deploy whose platform SIGKILLs the old worker ``GRACE`` s after SIGTERM,
+    during a step longer than that. Returns SIGTERM -> the step's retry starting."""
+    start = scn.official if official else scn.ours
+    v1 = await start("v1", drain_timeout=DRAIN)
+    await scn.ready("v1")
+    run_id = await scn.send_report(steps=3, slow={"section-2": 600})
+    await scn.wait_execution(run_id=run_id, step="section-2", phase="start")
+    await start("v2", app_version="v2")
+    await scn.ready("v2")
+    v1.send_signal(signal.SIGTERM)
+    try:
+        await v1.wait(GRACE)
+    except TimeoutError:  # wait() SIGKILLs it: what the platform does at the deadline
+        pass
+    retry = await scn.wait_execution(run_id=run_id, step="section-2", phase="start",
+                                     attempt=1, timeout=GIVE_UP)
+    run = await scn.wait_run(run_id, timeout=60)
+    assert run.status == "Completed", run.raw
+    assert v1.signalled_at is not None
+    took = retry["ts"] - v1.signalled_at
+    scn.report("grace period, official client" if official else "grace period",
+               sigterm_to_retry_s=round(took, 1), v1_exit=v1.returncode)
+    return took
+
+
+async def grace_period_side_by_side(server: InngestDevServer, tmp: Path) -> None:
+    """The same deploy for connect_worker and the official client: ours hands the step
+    back at its drain deadline and the retry starts in seconds; the official client runs
+    it until the platform kills it, and the retry waits for the lease to lapse."""
+    async with scenario(server, tmp, "rs-grace") as ours, \
+            scenario(server, tmp, "rs-grace-sdk") as sdk:
+        mine, theirs = await asyncio.gather(deploy_with_a_grace_period(ours, False),
+                                            deploy_with_a_grace_period(sdk, True))
+        log.info("grace period %g s: SIGTERM -> retry %.1f s (connect_worker) vs %.1f s "
+                 "(official client)", GRACE, mine, theirs)
+        assert ours.workers["v1"].returncode == 3  # exited in time, step handed back
+        assert sdk.workers["v1"].returncode == -9  # still in the step at the deadline
+        mine_counts, theirs_counts = ours.counts(), sdk.counts()
+
+    assert mine < FIRST_BACKOFF
+    assert theirs > LEASE - EXTEND_INTERVAL  # nothing tells the server before the lease
+    # Ours stopped its copy (cancelled, handed back); theirs was killed inside the body.
+    assert mine_counts.interrupted == 0 and mine_counts.bodies_cancelled == 1
+    assert theirs_counts.interrupted == 1
+    assert mine_counts.duplicate_bodies == theirs_counts.duplicate_bodies == 0
+
+
+async def lease_scenarios(binary: str, tmp: Path, servers: list[InngestDevServer]) -> None:
+    server = InngestDevServer(binary, tmp / "inngest-dev-leases.log", retry_interval=1)
+    servers.append(server)
+    async with server:
         results = await asyncio.gather(
-            longer_than_the_lease(server, tmp_path),
-            killed_after_the_answer(server, tmp_path),
-            stalled_past_the_lease(server, tmp_path),
+            longer_than_the_lease(server, tmp),
+            killed_after_the_answer(server, tmp),
+            stalled_past_the_lease(server, tmp),
+            grace_period_side_by_side(server, tmp),
             return_exceptions=True)
     failures = [r for r in results if isinstance(r, Exception)]
     if failures:
         raise ExceptionGroup("lease scenarios failed", failures)
+
+
+# Started with the tier (conftest.py), in a thread of its own: see background.py.
+BACKGROUND = Background(lease_scenarios)
+
+
+def test_leases_beyond_two_minutes() -> None:
+    BACKGROUND.join(timeout=420)

@@ -5,8 +5,9 @@ partition, a stalled socket, a gateway that stopped reading us), Inngest gives t
 up and retries it on another worker. Nobody tells the old copy, and Inngest's gateway
 keeps the lapsed lease record (only a reply deletes it), so once the old copy is heard
 again its extension with the same lease id is *granted*: it would run to its end next to
-its retry and reply into the void, the step body twice. (Seen on ``inngest dev``; the
-repository's dev gateway used to drop the lease and refuse that extension.)
+its retry and reply into the void, the step body twice. (Seen on ``inngest dev``; this
+repository's dev gateway drops the lease when it gives a step up, so it refused that
+extension and hid the problem.)
 
 So the worker keeps a deadline per running step: when the gateway last confirmed the
 lease (the request itself, or an extension's ACK) plus the lease's length, and stops the
