@@ -66,7 +66,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from ..devserver import DevServer
@@ -256,7 +256,8 @@ def render(args: argparse.Namespace, cw: Summary, sdk: Summary, ncpu: int,
     head = (
         f"N={args.runs} runs x {REQUESTS_PER_RUN} requests (1 no-op step), C={args.concurrency},"
         f" {args.rounds} round(s), warm-up {args.warmup}, idle {args.idle:g}s;"
-        f" medians; {ncpu} CPU(s); Python {sys.version.split()[0]}"
+        f" medians; {ncpu} CPU(s); Python {sys.version.split()[0]}; server: "
+        f"{getattr(args, 'server', None) or 'our dev gateway'}"
     )
     width = 32
     lines = [head, "",
@@ -292,8 +293,11 @@ async def drive(dev: DevServer, n: int, concurrency: int, bound: float) -> list[
         return any(runs[r].status.terminal for r in inflight)
 
     while len(started) < n or inflight:
-        while len(inflight) < concurrency and len(started) < n:
-            ids = await dev.send_event(EVENT, {"i": len(started)})
+        wanted = min(concurrency - len(inflight), n - len(started))
+        # At once: on Inngest's server each send waits for its run to be created.
+        sent = await asyncio.gather(*(dev.send_event(EVENT, {"i": len(started) + i})
+                                      for i in range(max(0, wanted))))
+        for ids in sent:
             if len(ids) != 1:
                 raise RuntimeError(f"event started {len(ids)} runs (is the worker synced?)")
             started.append(ids[0])
@@ -343,14 +347,25 @@ async def _stop(proc: asyncio.subprocess.Process, grace: float) -> int | None:
 async def measure(kind: str, round_no: int, args: argparse.Namespace,
                   log_dir: Path) -> Sample:
     from ..devserver import DevServer, DevServerConfig, RunStatus
+    from .real_server import RealServer
 
     instance_id = f"bench-{kind}-{round_no}"
     cfg = DevServerConfig(interval_format="seconds")
     log_path = log_dir / f"{instance_id}.log"
-    async with DevServer(cfg) as dev:
+    async with contextlib.AsyncExitStack() as stack:
+        env_extra: dict[str, str] = {}
+        if args.server:
+            # Duck-typed: RealServer answers every DevServer member used here; both
+            # workers connect through its recording proxy.
+            real = await stack.enter_async_context(RealServer(args.server))
+            env_extra = real.worker_env
+            dev = cast("DevServer", real)
+        else:
+            dev = await stack.enter_async_context(DevServer(cfg))
         with log_path.open("wb") as log_file:
             proc = await asyncio.create_subprocess_exec(
-                *_worker_command(kind, instance_id), env=_worker_env(dev.api_url, instance_id),
+                *_worker_command(kind, instance_id),
+                env={**_worker_env(dev.api_url, instance_id), **env_extra},
                 stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             )
         pid = proc.pid
@@ -930,7 +945,10 @@ async def run_sdk_worker(instance_id: str) -> None:
     logging.basicConfig(level=logging.WARNING)
     probe = LagProbe()
     probe_task = asyncio.create_task(probe.run())
-    conn = connect([(bench_app.client, list(bench_app.functions))], instance_id=instance_id)
+    # Through the lab's proxy when one is set (--server), as connect_worker is.
+    gateway = os.environ.get("INNGEST_CONNECT_GATEWAY_URL")
+    conn = connect([(bench_app.client, list(bench_app.functions))], instance_id=instance_id,
+                   rewrite_gateway_endpoint=(lambda _url: gateway) if gateway else None)
     try:
         await conn.start()
     finally:
@@ -1106,6 +1124,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="bound on each wait (connect, a run, shutdown)")
     parser.add_argument("--json", metavar="PATH", help="also write all samples as JSON here")
+    parser.add_argument("--server", metavar="URL",
+                        help="measure against a running Inngest dev server (`inngest dev`) "
+                        "at URL instead of our dev gateway (the default mode only)")
     parser.add_argument("--scale", type=int, metavar="N", default=0,
                         help="instead: hold N steps in flight per worker (see the docstring)")
     parser.add_argument("--hold", type=float, default=60.0,
@@ -1145,6 +1166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not Path("/proc/self/stat").exists():
         sys.stderr.write("scripts/bench: needs Linux /proc\n")
+        return 2
+    if args.server and (args.scale or args.instructions or args.bridge_cost):
+        sys.stderr.write("scripts/bench: --server measures the default mode only (not "
+                         "--scale, --instructions or --bridge-cost)\n")
         return 2
     if args.instructions:
         if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
