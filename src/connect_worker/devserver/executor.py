@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -90,6 +91,14 @@ class ProxyResult:
 
 def _trace_ctx() -> bytes:
     trace = new_ulid().lower().rjust(32, "0")[:32]
+    span = new_ulid().lower()[-16:]
+    return json.dumps({"traceparent": f"00-{trace}-{span}-01", "tracestate": ""}).encode()
+
+
+def _user_trace_ctx(run_id: str) -> bytes:
+    """As Inngest sends it: the run's trace (one trace id for all its steps, on whatever
+    worker they run) and a new parent span per request, with the W3C carrier's keys."""
+    trace = hashlib.sha256(run_id.encode()).hexdigest()[:32]
     span = new_ulid().lower()[-16:]
     return json.dumps({"traceparent": f"00-{trace}-{span}-01", "tracestate": ""}).encode()
 
@@ -705,7 +714,7 @@ class Executor:
                 step_id=item.step_id,
                 request_payload=self._payload(run, item, request_id),
                 system_trace_ctx=trace,
-                user_trace_ctx=b"{}",
+                user_trace_ctx=_user_trace_ctx(run.run_id),
                 run_id=run.run_id,
                 lease_id=lease.lease_id,
                 job_id=item.job_id,

@@ -23,6 +23,7 @@ from inngest._internal import comm_lib, const, net, server_lib
 
 from ..context import RequestIdentity, _current
 from ..errors import ExecutionError
+from ..ops import tracing
 from ..protocol import ExecutorRequest, pb
 from .userloop import UserLoop
 
@@ -222,6 +223,7 @@ class Executor:
         if request.job_id:
             headers[_JOB_ID] = request.job_id
         token = _current.set(identity)
+        span_token = tracing.enter_step(request)  # the step's span is current in user code
         try:
             response = await handler.post(
                 comm_lib.CommRequest(
@@ -241,6 +243,7 @@ class Executor:
                 )
             )
         finally:
+            tracing.exit_step(span_token)
             _current.reset(token)
         body = response.body_bytes()
         if isinstance(body, Exception):

@@ -65,6 +65,7 @@ from ..errors import (
     SyncError,
     TransportError,
 )
+from ..ops import tracing
 from ..ops.logs import event
 from ..ops.logs import set_context as set_log_context
 from ..ops.metrics import WorkerMetrics
@@ -469,6 +470,7 @@ class Worker:
                                     self.config.reconnect_max_backoff)
             sync_failures = 0
             extend_interval = session.ready.extend_lease_interval
+            tracing.session_started(session)
             await self._tg.start(session.run, self)
             await self._activate(session)
             await _first_of(session.closed, session.gateway_closing)
@@ -531,6 +533,7 @@ class Worker:
 
     def session_closed(self, session: Session) -> None:
         """Called by each session when its socket is gone, whatever the reason."""
+        tracing.session_finished(session)
         if session in self._sessions:
             self._sessions.remove(session)
         if self._current is session:
@@ -593,6 +596,7 @@ class Worker:
         self.metrics.requests_acked_total.inc()
         step = Step(request, request.lease_id, now, echo)
         self._steps[request.request_id] = step
+        tracing.step_started(step)
         self._notify()
         self._checks.add(request.request_id)
         outcome = self._executor.check_served(request)
@@ -691,6 +695,7 @@ class Worker:
             self._extended.inc()
             return
         self.metrics.lease_extensions_total.labels(outcome="nack").inc()
+        tracing.step_event(step, "lease.extension_failed")
         step.extending = False
         self._notify()
         if step.reply is None and step.outcome != "lease_lost":
@@ -722,12 +727,14 @@ class Worker:
             return
         self.metrics.reply_acks_total.inc()
         self._last_reply_ack_at = time.monotonic()
+        tracing.step_event(step, "reply.acked")
         self._delivered(step)
 
     def _delivered(self, step: Step) -> None:
         if step.delivered:
             return
         step.delivered = True
+        tracing.step_finished(step)
         if step.wake is not None:
             step.wake.set()
         self._steps.pop(step.request.request_id, None)
@@ -780,6 +787,7 @@ class Worker:
     def _lease_lost(self, step: Step) -> None:
         request = step.request
         self._steps.pop(request.request_id, None)
+        tracing.step_finished(step, "lease_lost")
         self.metrics.steps_total.labels(function=request.function_slug,
                                         outcome="lease_lost").inc()
         self._notify()
@@ -791,6 +799,7 @@ class Worker:
         label = outcome.label
         self.metrics.step_finished(request.function_slug, label, duration)
         step.outcome = label
+        tracing.step_outcome(step, outcome)
         step.reply = self._reply(request, outcome)
         if log.isEnabledFor(logging.DEBUG):
             event(log, "step.finished", level=logging.DEBUG, request_id=request.request_id,
@@ -821,6 +830,7 @@ class Worker:
             step.sent_on = session
             step.sent_at = time.monotonic()
             self.metrics.replies_sent_total.inc()
+            tracing.step_event(step, "reply.sent")
             if step.wake is None:  # the hand-back's _deliver waits for the ACK itself
                 self._acks.add(step.request.request_id)
             return True
@@ -902,6 +912,7 @@ class Worker:
                                 await step.wake.wait()
                     continue
                 self.metrics.flushes_total.labels(outcome="ok").inc()
+                tracing.step_event(step, "reply.flushed")
                 event(log, "reply.flushed", request_id=step.request.request_id,
                       function=step.request.function_slug, draining=self._draining)
                 self._delivered(step)
@@ -938,6 +949,7 @@ class Worker:
         draining().set()
         drain_started_at = time.monotonic()
         self.metrics.start_drain(self.config.drain_timeout)
+        tracing.drain_started(self._steps.values())
         event(log, "drain.start", in_flight=len(self._steps),
               drain_timeout=self.config.drain_timeout)
         await self._pause_sessions()
@@ -962,6 +974,7 @@ class Worker:
             code = EXIT_OK
         event(log, "drain.end", duration=round(duration, 3), abandoned=len(abandoned),
               exit_code=code)
+        tracing.drain_finished(code)
         return code
 
     async def _abandon(self, steps: list[Step]) -> None:
@@ -998,6 +1011,7 @@ class Worker:
                     f"{reason}. Inngest retries it.",
                 ))
                 handed_back.append(step)
+                tracing.step_event(step, "handed_back")
         self.metrics.steps_abandoned_total.inc(len(steps))
         # Unacknowledged replies that are not handed back stay unacknowledged: no more
         # flushes for them (the hand-back below delivers its own replies).

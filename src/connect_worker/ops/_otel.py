@@ -1,0 +1,390 @@
+"""The OpenTelemetry side of ``ops/tracing.py``: imported only when tracing is on.
+
+Spans (see docs/observability.md for every attribute):
+
+- ``step {function}``: one per executor request, from its ACK until its reply is
+  delivered (acknowledged or flushed), it lost its lease, or the drain gave up on it.
+  Its parent is the trace context the gateway sent with the request (``user_trace_ctx``,
+  else ``system_trace_ctx``: W3C ``traceparent``/``tracestate`` as JSON), so the steps
+  of one run share the run's trace, across replicas and deploys.
+- ``drain``: SIGTERM to exit, linked to the spans of the steps it waited for.
+- ``session``: one per gateway WebSocket, connect to close.
+- ``chat {model}``: one per ``LLM.complete`` call (GenAI semantic conventions).
+
+Step spans live in a dict keyed by request id: the engine's callbacks write it on the
+engine loop, the user loop only reads it (``enter_step``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.propagate import extract
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+)
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+
+from .. import __version__
+from ..config import Config
+from ..errors import ConfigError
+from ..protocol import ExecutorRequest
+from . import logs
+
+log = logging.getLogger(__name__)
+
+SCOPE = "connect_worker"
+A = "connect_worker."  # our attributes' prefix
+CONTENT_VARIABLE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+_ATTEMPT = re.compile(rb'"attempt"\s*:\s*(\d+)')
+
+# Resource attributes from the platform's environment, where present. Railway sets its
+# variables itself; deploy/kubernetes/deployment.yaml sets the K8S_* ones (downward API).
+PLATFORM_RESOURCE = (
+    ("RAILWAY_SERVICE_NAME", "railway.service.name"),
+    ("RAILWAY_SERVICE_ID", "railway.service.id"),
+    ("RAILWAY_REPLICA_ID", "railway.replica.id"),
+    ("RAILWAY_REPLICA_REGION", "cloud.region"),
+    ("RAILWAY_DEPLOYMENT_ID", "deployment.id"),
+    ("RAILWAY_ENVIRONMENT_NAME", "deployment.environment.name"),
+    ("RAILWAY_PROJECT_NAME", "railway.project.name"),
+    ("RAILWAY_GIT_COMMIT_SHA", "vcs.ref.head.revision"),
+    ("RAILWAY_GIT_BRANCH", "vcs.ref.head.name"),
+    ("K8S_POD_NAME", "k8s.pod.name"),
+    ("K8S_POD_UID", "k8s.pod.uid"),
+    ("K8S_NAMESPACE_NAME", "k8s.namespace.name"),
+    ("K8S_NODE_NAME", "k8s.node.name"),
+    ("K8S_CONTAINER_NAME", "k8s.container.name"),
+    ("K8S_DEPLOYMENT_NAME", "k8s.deployment.name"),
+)
+
+# The official OpenAI / Anthropic instrumentations (and OpenLLMetry's) wrap these
+# methods with wrapt, which exposes ``__wrapped__``: the SDK call is traced already.
+_INSTRUMENTED_METHODS = {
+    "openai": ("openai.resources.chat.completions", "AsyncCompletions", "create"),
+    "anthropic": ("anthropic.resources.messages", "AsyncMessages", "create"),
+}
+
+
+def build_resource(config: Config, environ: Mapping[str, str]) -> Resource:
+    """Ours first, then what OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES say (they win)."""
+    ours: dict[str, Any] = {
+        "service.name": environ.get("RAILWAY_SERVICE_NAME") or "connect-worker",
+        "service.instance.id": config.instance_id,
+        "host.name": socket.gethostname(),
+        "process.pid": os.getpid(),
+        "connect_worker.version": __version__,
+    }
+    if config.app_version:
+        ours["service.version"] = config.app_version
+    for variable, key in PLATFORM_RESOURCE:
+        value = environ.get(variable)
+        if value:
+            ours[key] = value
+    configured = dict(OTELResourceDetector().detect().attributes)
+    return Resource.create({**ours, **configured})
+
+
+def _exporter(environ: Mapping[str, str]) -> SpanExporter:
+    if environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "console":
+        return ConsoleSpanExporter()
+    protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()  # endpoint, headers, timeout...: the SDK reads them
+    if protocol == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found,unused-ignore]
+                OTLPSpanExporter as GRPCSpanExporter,
+            )
+        except ImportError:
+            raise ConfigError("OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs "
+                              "opentelemetry-exporter-otlp-proto-grpc installed (or use "
+                              "http/protobuf, the default)") from None
+        exporter: SpanExporter = GRPCSpanExporter()
+        return exporter
+    raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: expected "
+                      "http/protobuf (the default) or grpc")
+
+
+def parent_context(request: ExecutorRequest) -> otel_context.Context | None:
+    """The gateway's trace context for the request: the user one, else the system one."""
+    for raw in (request.user_trace_ctx, request.system_trace_ctx):
+        if not raw or b"traceparent" not in raw:
+            continue
+        try:
+            carrier = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(carrier, dict) and carrier.get("traceparent"):
+            found = extract({k: v for k, v in carrier.items() if isinstance(v, str)})
+            if trace.get_current_span(found).get_span_context().is_valid:
+                return found
+    return None
+
+
+def attempt_of(payload: bytes) -> int | None:
+    """``ctx.attempt`` from the request body without parsing it all: ``ctx`` is the last
+    object Inngest writes, so the last match is its field."""
+    at = payload.rfind(b'"attempt"')
+    found = _ATTEMPT.match(payload, at) if at >= 0 else None
+    return int(found.group(1)) if found is not None else None
+
+
+def step_name(body: bytes) -> str | None:
+    """The name of the step the SDK reported in an opcode list (a NOT_COMPLETED reply)."""
+    if not body.startswith(b"["):
+        return None
+    try:
+        ops = json.loads(body)
+    except ValueError:
+        return None
+    for op in ops if isinstance(ops, list) else ():
+        if isinstance(op, dict):
+            name = op.get("displayName") or op.get("name")
+            if isinstance(name, str) and name:
+                return name
+    return None
+
+
+def _error_name(body: bytes) -> str:
+    try:
+        error = json.loads(body)
+    except ValueError:
+        return "error"
+    name = error.get("name") if isinstance(error, dict) else None
+    return name if isinstance(name, str) and name else "error"
+
+
+class Tracing:
+    """The tracer provider and the spans that are open."""
+
+    def __init__(self, provider: TracerProvider, config: Config, *,
+                 capture_content: bool = False) -> None:
+        self.provider = provider
+        self.tracer = provider.get_tracer(SCOPE, __version__)
+        self.instance_id = config.instance_id
+        self.app_version = config.app_version or ""
+        self.capture_content = capture_content
+        self.steps: dict[str, Span] = {}
+        self.handed_back: set[str] = set()
+        self.sessions: dict[str, Span] = {}
+        self.drain: Span | None = None
+        self.drain_waited = 0
+        logs.set_trace_lookup(self.log_ids)
+
+    @classmethod
+    def from_env(cls, config: Config, environ: Mapping[str, str], *,
+                 set_global: bool) -> Tracing:
+        # The sampler (OTEL_TRACES_SAMPLER[_ARG]), the exporter's endpoint, headers,
+        # timeout and compression and the batch processor's limits come from the SDK's
+        # own reading of the environment.
+        provider = TracerProvider(resource=build_resource(config, environ))
+        provider.add_span_processor(BatchSpanProcessor(_exporter(environ)))
+        if set_global:
+            trace.set_tracer_provider(provider)
+        capture = environ.get(CONTENT_VARIABLE, "").strip().lower() in ("true", "1")
+        return cls(provider, config, capture_content=capture)
+
+    def shutdown(self) -> None:
+        logs.set_trace_lookup(None)
+        for span in [*self.steps.values(), *self.sessions.values()]:
+            span.end()
+        if self.drain is not None:
+            self.drain.end()
+        self.steps.clear()
+        self.sessions.clear()
+        self.provider.shutdown()
+
+    def force_flush(self) -> None:
+        self.provider.force_flush()
+
+    # ----- steps -------------------------------------------------------------------
+
+    def step_started(self, request: ExecutorRequest) -> None:
+        attributes: dict[str, Any] = {
+            "inngest.app.name": request.app_name,
+            "inngest.function.slug": request.function_slug,
+            "inngest.run.id": request.run_id,
+            "inngest.request.id": request.request_id,
+            "inngest.job.id": request.job_id,
+            "inngest.step.id": request.step_id or "step",
+            A + "instance.id": self.instance_id,
+            A + "app.version": self.app_version,
+        }
+        attempt = attempt_of(request.request_payload)
+        if attempt is not None:
+            attributes["inngest.step.attempt"] = attempt
+        span = self.tracer.start_span(
+            f"step {request.function_slug}", context=parent_context(request),
+            kind=SpanKind.SERVER, attributes=attributes)
+        span.add_event("ack")
+        self.steps[request.request_id] = span
+
+    def step_outcome(self, request: ExecutorRequest, outcome: Any) -> None:
+        span = self.steps.get(request.request_id)
+        if span is None:
+            return
+        label = outcome.label
+        span.set_attribute(A + "step.outcome", label)
+        if label == "error":
+            span.set_status(Status(StatusCode.ERROR, _error_name(outcome.body)))
+        else:
+            span.set_status(Status(StatusCode.OK))
+            name = step_name(outcome.body)
+            if name is not None:
+                span.set_attribute("inngest.step.name", name)
+
+    def step_event(self, request: ExecutorRequest, name: str) -> None:
+        span = self.steps.get(request.request_id)
+        if span is None:
+            return
+        span.add_event(name)
+        if name == "handed_back":
+            self.handed_back.add(request.request_id)
+            span.set_attribute(A + "step.outcome", "handed_back")
+            span.set_status(Status(StatusCode.ERROR, "handed back by the drain"))
+
+    def step_finished(self, request: ExecutorRequest, outcome: str | None) -> None:
+        span = self.steps.pop(request.request_id, None)
+        if span is None:
+            return
+        if outcome is not None:
+            span.add_event(outcome)
+            span.set_attribute(A + "step.outcome", outcome)
+        span.end()
+
+    def enter_step(self, request: ExecutorRequest) -> object:
+        span = self.steps.get(request.request_id)
+        if span is None:
+            return None
+        return otel_context.attach(trace.set_span_in_context(span))
+
+    def exit_step(self, token: object) -> None:
+        otel_context.detach(token)  # type: ignore[arg-type]
+
+    # ----- drain and sessions ------------------------------------------------------
+
+    def drain_started(self, requests: Sequence[ExecutorRequest]) -> None:
+        links = [Link(span.get_span_context()) for r in requests
+                 if (span := self.steps.get(r.request_id)) is not None]
+        for r in requests:
+            span = self.steps.get(r.request_id)
+            if span is not None:
+                span.add_event("drain.started")
+        self.drain_waited = len(requests)
+        self.drain = self.tracer.start_span("drain", links=links, attributes={
+            A + "instance.id": self.instance_id, A + "app.version": self.app_version,
+            A + "drain.steps_in_flight": len(requests),
+        })
+
+    def drain_finished(self, exit_code: int) -> None:
+        span, self.drain = self.drain, None
+        # Steps still open: abandoned (not delivered by the deadline, not handed back).
+        abandoned = 0
+        for request_id, step in list(self.steps.items()):
+            if request_id not in self.handed_back:
+                abandoned += 1
+                step.set_attribute(A + "step.outcome", "abandoned")
+                step.set_status(Status(StatusCode.ERROR, "abandoned at the drain deadline"))
+            step.add_event("worker.exit")
+            step.end()
+        self.steps.clear()
+        if span is None:
+            return
+        span.set_attributes({
+            A + "drain.handed_back": len(self.handed_back),
+            A + "drain.abandoned": abandoned,
+            A + "drain.exit_code": exit_code,
+        })
+        if exit_code != 0:
+            span.set_status(Status(StatusCode.ERROR, f"exit code {exit_code}"))
+        else:
+            span.set_status(Status(StatusCode.OK))
+        span.end()
+
+    def session_started(self, session: Any) -> None:
+        start = getattr(session, "start", None)
+        self.sessions[session.id] = self.tracer.start_span("session", attributes={
+            A + "instance.id": self.instance_id,
+            A + "conn.id": session.id,
+            A + "gateway.group": getattr(start, "gateway_group", "") or "",
+        })
+
+    def session_finished(self, session: Any) -> None:
+        span = self.sessions.pop(session.id, None)
+        if span is None:
+            return
+        ws = getattr(session, "_ws", None)  # the websockets connection: its close frame
+        code = getattr(ws, "close_code", None)
+        reason = getattr(ws, "close_reason", None)
+        closing = getattr(session, "gateway_closing", None)
+        if closing is not None and closing.is_set():
+            span.add_event("gateway.closing")
+        span.set_attribute(A + "close.code", code if isinstance(code, int) else 1006)
+        span.set_attribute(A + "close.reason", reason or ("" if code else "connection lost"))
+        span.end()
+
+    # ----- logs --------------------------------------------------------------------
+
+    def log_ids(self, fields: Mapping[str, Any], name: str | None) -> tuple[str, str] | None:
+        """The span a log line belongs to: the current one, else the step its
+        request_id names, else the drain or session it is about."""
+        context = trace.get_current_span().get_span_context()
+        if not context.is_valid:
+            span: Span | None = None
+            request_id = fields.get("request_id")
+            if isinstance(request_id, str):
+                span = self.steps.get(request_id)
+            if span is None and name is not None and name.startswith("drain."):
+                span = self.drain
+            if span is None:
+                conn_id = fields.get("conn_id")
+                if isinstance(conn_id, str):
+                    span = self.sessions.get(conn_id)
+            if span is None:
+                return None
+            context = span.get_span_context()
+        return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
+
+    # ----- LLM calls ---------------------------------------------------------------
+
+    @contextmanager
+    def llm_span(self, call: Any) -> Iterator[None]:
+        from . import _genai
+
+        with _genai.llm_span(self, call):
+            yield
+
+    def llm_answered(self, result: Any, outcome: str) -> None:
+        from . import _genai
+
+        _genai.answered(self, result, outcome)
+
+
+def instrumented(provider: str) -> bool:
+    """Whether an OpenTelemetry instrumentation wraps the provider SDK's call already."""
+    import sys
+
+    where = _INSTRUMENTED_METHODS.get(provider)
+    if where is None:
+        return False
+    module = sys.modules.get(where[0])
+    cls = getattr(module, where[1], None)
+    method = getattr(cls, where[2], None)
+    return hasattr(method, "__wrapped__")
