@@ -99,7 +99,7 @@ def _user_trace_ctx(run_id: str) -> bytes:
     """As Inngest sends it: the run's trace (one trace id for all its steps, on whatever
     worker they run) and a new parent span per request, with the W3C carrier's keys."""
     trace = hashlib.sha256(run_id.encode()).hexdigest()[:32]
-    span = new_ulid().lower()[-16:]
+    span = hashlib.sha256(new_ulid().encode()).hexdigest()[:16]
     return json.dumps({"traceparent": f"00-{trace}-{span}-01", "tracestate": ""}).encode()
 
 

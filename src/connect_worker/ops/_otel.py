@@ -43,6 +43,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..protocol import ExecutorRequest
 from . import logs
+from .tracing import StepLike
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,9 @@ def _exporter(environ: Mapping[str, str]) -> SpanExporter:
                       "http/protobuf (the default) or grpc")
 
 
-def parent_context(request: ExecutorRequest) -> otel_context.Context | None:
-    """The gateway's trace context for the request: the user one, else the system one."""
+def parent_context(request: ExecutorRequest) -> otel_context.Context:
+    """The gateway's trace context for the request: the user one, else the system one,
+    else none (a root span: never whatever context the engine's callback runs in)."""
     for raw in (request.user_trace_ctx, request.system_trace_ctx):
         if not raw or b"traceparent" not in raw:
             continue
@@ -135,7 +137,7 @@ def parent_context(request: ExecutorRequest) -> otel_context.Context | None:
             found = extract({k: v for k, v in carrier.items() if isinstance(v, str)})
             if trace.get_current_span(found).get_span_context().is_valid:
                 return found
-    return None
+    return otel_context.Context()
 
 
 def attempt_of(payload: bytes) -> int | None:
@@ -181,11 +183,12 @@ class Tracing:
         self.instance_id = config.instance_id
         self.app_version = config.app_version or ""
         self.capture_content = capture_content
-        self.steps: dict[str, Span] = {}
-        self.handed_back: set[str] = set()
+        self.steps: dict[StepLike, Span] = {}
+        # The newest step's span per request id, for user code and log lines.
+        self.by_request: dict[str, Span] = {}
+        self.handed_back: set[StepLike] = set()
         self.sessions: dict[str, Span] = {}
         self.drain: Span | None = None
-        self.drain_waited = 0
         logs.set_trace_lookup(self.log_ids)
 
     @classmethod
@@ -208,6 +211,7 @@ class Tracing:
         if self.drain is not None:
             self.drain.end()
         self.steps.clear()
+        self.by_request.clear()
         self.sessions.clear()
         self.provider.shutdown()
 
@@ -216,7 +220,8 @@ class Tracing:
 
     # ----- steps -------------------------------------------------------------------
 
-    def step_started(self, request: ExecutorRequest) -> None:
+    def step_started(self, step: StepLike) -> None:
+        request = step.request
         attributes: dict[str, Any] = {
             "inngest.app.name": request.app_name,
             "inngest.function.slug": request.function_slug,
@@ -234,10 +239,10 @@ class Tracing:
             f"step {request.function_slug}", context=parent_context(request),
             kind=SpanKind.SERVER, attributes=attributes)
         span.add_event("ack")
-        self.steps[request.request_id] = span
+        self.steps[step] = self.by_request[request.request_id] = span
 
-    def step_outcome(self, request: ExecutorRequest, outcome: Any) -> None:
-        span = self.steps.get(request.request_id)
+    def step_outcome(self, step: StepLike, outcome: Any) -> None:
+        span = self.steps.get(step)
         if span is None:
             return
         label = outcome.label
@@ -250,27 +255,30 @@ class Tracing:
             if name is not None:
                 span.set_attribute("inngest.step.name", name)
 
-    def step_event(self, request: ExecutorRequest, name: str) -> None:
-        span = self.steps.get(request.request_id)
+    def step_event(self, step: StepLike, name: str) -> None:
+        span = self.steps.get(step)
         if span is None:
             return
         span.add_event(name)
         if name == "handed_back":
-            self.handed_back.add(request.request_id)
+            self.handed_back.add(step)
             span.set_attribute(A + "step.outcome", "handed_back")
             span.set_status(Status(StatusCode.ERROR, "handed back by the drain"))
 
-    def step_finished(self, request: ExecutorRequest, outcome: str | None) -> None:
-        span = self.steps.pop(request.request_id, None)
+    def step_finished(self, step: StepLike, outcome: str | None) -> None:
+        span = self.steps.pop(step, None)
         if span is None:
             return
+        request_id = step.request.request_id
+        if self.by_request.get(request_id) is span:
+            del self.by_request[request_id]
         if outcome is not None:
             span.add_event(outcome)
             span.set_attribute(A + "step.outcome", outcome)
         span.end()
 
     def enter_step(self, request: ExecutorRequest) -> object:
-        span = self.steps.get(request.request_id)
+        span = self.by_request.get(request.request_id)
         if span is None:
             return None
         return otel_context.attach(trace.set_span_in_context(span))
@@ -280,31 +288,31 @@ class Tracing:
 
     # ----- drain and sessions ------------------------------------------------------
 
-    def drain_started(self, requests: Sequence[ExecutorRequest]) -> None:
-        links = [Link(span.get_span_context()) for r in requests
-                 if (span := self.steps.get(r.request_id)) is not None]
-        for r in requests:
-            span = self.steps.get(r.request_id)
+    def drain_started(self, steps: Sequence[StepLike]) -> None:
+        links = [Link(span.get_span_context()) for s in steps
+                 if (span := self.steps.get(s)) is not None]
+        for s in steps:
+            span = self.steps.get(s)
             if span is not None:
                 span.add_event("drain.started")
-        self.drain_waited = len(requests)
         self.drain = self.tracer.start_span("drain", links=links, attributes={
             A + "instance.id": self.instance_id, A + "app.version": self.app_version,
-            A + "drain.steps_in_flight": len(requests),
+            A + "drain.steps_in_flight": len(steps),
         })
 
     def drain_finished(self, exit_code: int) -> None:
         span, self.drain = self.drain, None
         # Steps still open: abandoned (not delivered by the deadline, not handed back).
         abandoned = 0
-        for request_id, step in list(self.steps.items()):
-            if request_id not in self.handed_back:
+        for step, open_span in list(self.steps.items()):
+            if step not in self.handed_back:
                 abandoned += 1
-                step.set_attribute(A + "step.outcome", "abandoned")
-                step.set_status(Status(StatusCode.ERROR, "abandoned at the drain deadline"))
-            step.add_event("worker.exit")
-            step.end()
+                open_span.set_attribute(A + "step.outcome", "abandoned")
+                open_span.set_status(Status(StatusCode.ERROR, "abandoned at the drain deadline"))
+            open_span.add_event("worker.exit")
+            open_span.end()
         self.steps.clear()
+        self.by_request.clear()
         if span is None:
             return
         span.set_attributes({
@@ -350,7 +358,7 @@ class Tracing:
             span: Span | None = None
             request_id = fields.get("request_id")
             if isinstance(request_id, str):
-                span = self.steps.get(request_id)
+                span = self.by_request.get(request_id)
             if span is None and name is not None and name.startswith("drain."):
                 span = self.drain
             if span is None:

@@ -44,6 +44,9 @@ _t: Tracing | None = None
 
 
 class StepLike(Protocol):
+    """A step of the engine: hashable by identity (two copies of one request, in tests
+    with two workers in one process, are two steps)."""
+
     @property
     def request(self) -> ExecutorRequest: ...
 
@@ -112,27 +115,27 @@ def force_flush() -> None:
 
 def step_started(step: StepLike) -> None:
     if _t is not None:
-        _t.step_started(step.request)
+        _t.step_started(step)
 
 
 def step_outcome(step: StepLike, outcome: Any) -> None:
     if _t is not None:
-        _t.step_outcome(step.request, outcome)
+        _t.step_outcome(step, outcome)
 
 
 def step_event(step: StepLike, name: str) -> None:
     if _t is not None:
-        _t.step_event(step.request, name)
+        _t.step_event(step, name)
 
 
 def step_finished(step: StepLike, outcome: str | None = None) -> None:
     if _t is not None:
-        _t.step_finished(step.request, outcome)
+        _t.step_finished(step, outcome)
 
 
 def drain_started(steps: Iterable[StepLike]) -> None:
     if _t is not None:
-        _t.drain_started([s.request for s in steps])
+        _t.drain_started(list(steps))
 
 
 def drain_finished(exit_code: int) -> None:
