@@ -7,6 +7,7 @@ share one trace across both processes; v1's drain span links the step it waited 
 from __future__ import annotations
 
 import hashlib
+import logging
 import signal
 from collections.abc import Iterator
 
@@ -94,4 +95,4 @@ async def test_a_rolling_deploy_in_one_trace(
                     if s.resource["service.instance.id"] == "old"]
     assert [s.attributes["connect_worker.close.reason"] for s in old_sessions] == [
         "WORKER_SHUTDOWN"]
-    print(tree)  # shown with -s; docs/observability.md has one
+    logging.getLogger(__name__).info("the rolling deploy's spans:\n%s", tree)

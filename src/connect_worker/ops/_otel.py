@@ -73,7 +73,8 @@ PLATFORM_RESOURCE = (
 )
 
 # The official OpenAI / Anthropic instrumentations (and OpenLLMetry's) wrap these
-# methods with wrapt, which exposes ``__wrapped__``: the SDK call is traced already.
+# methods with wrapt (``wrap_function_wrapper``), whose wrappers carry ``_self_wrapper``
+# (``__wrapped__`` would not do: the SDKs' own decorators set it too).
 _INSTRUMENTED_METHODS = {
     "openai": ("openai.resources.chat.completions", "AsyncCompletions", "create"),
     "anthropic": ("anthropic.resources.messages", "AsyncMessages", "create"),
@@ -394,5 +395,5 @@ def instrumented(provider: str) -> bool:
         return False
     module = sys.modules.get(where[0])
     cls = getattr(module, where[1], None)
-    method = getattr(cls, where[2], None)
-    return hasattr(method, "__wrapped__")
+    method = vars(cls).get(where[2]) if cls is not None else None
+    return hasattr(method, "_self_wrapper")
