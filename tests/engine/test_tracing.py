@@ -218,3 +218,29 @@ def test_otel_sdk_disabled_wins_over_an_endpoint() -> None:
     assert not tracing.wanted({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318",
                                "OTEL_TRACES_EXPORTER": "none"})
     assert not tracing.wanted({})
+
+
+def test_resource_attributes_from_railway_and_kubernetes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from connect_worker.config import Config
+    from connect_worker.ops._otel import build_resource
+
+    for name in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(name, raising=False)
+    config = Config(dev=True, instance_id="pod-7", app_version="abc123")
+    env = {"RAILWAY_SERVICE_NAME": "reports", "RAILWAY_REPLICA_ID": "r-1",
+           "RAILWAY_DEPLOYMENT_ID": "d-9", "RAILWAY_GIT_COMMIT_SHA": "abc123",
+           "K8S_POD_NAME": "pod-7", "K8S_NAMESPACE_NAME": "jobs", "K8S_NODE_NAME": "n-2"}
+    a = build_resource(config, env).attributes
+    assert (a["service.name"], a["service.instance.id"], a["service.version"]) == (
+        "reports", "pod-7", "abc123")
+    assert (a["railway.replica.id"], a["deployment.id"], a["vcs.ref.head.revision"]) == (
+        "r-1", "d-9", "abc123")
+    assert (a["k8s.pod.name"], a["k8s.namespace.name"], a["k8s.node.name"]) == (
+        "pod-7", "jobs", "n-2")
+    assert "k8s.pod.uid" not in a  # only what is present
+    # The standard variables win over what the platform says.
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "fleet")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "k8s.namespace.name=other")
+    a = build_resource(config, env).attributes
+    assert (a["service.name"], a["k8s.namespace.name"]) == ("fleet", "other")

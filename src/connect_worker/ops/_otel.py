@@ -43,7 +43,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..protocol import ExecutorRequest
 from . import logs
-from .tracing import StepLike
+from .tracing import PLATFORM_RESOURCE, StepLike
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +51,6 @@ SCOPE = "connect_worker"
 A = "connect_worker."  # our attributes' prefix
 CONTENT_VARIABLE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 _ATTEMPT = re.compile(rb'"attempt"\s*:\s*(\d+)')
-
-# Resource attributes from the platform's environment, where present. Railway sets its
-# variables itself; deploy/kubernetes/deployment.yaml sets the K8S_* ones (downward API).
-PLATFORM_RESOURCE = (
-    ("RAILWAY_SERVICE_NAME", "railway.service.name"),
-    ("RAILWAY_SERVICE_ID", "railway.service.id"),
-    ("RAILWAY_REPLICA_ID", "railway.replica.id"),
-    ("RAILWAY_REPLICA_REGION", "cloud.region"),
-    ("RAILWAY_DEPLOYMENT_ID", "deployment.id"),
-    ("RAILWAY_ENVIRONMENT_NAME", "deployment.environment.name"),
-    ("RAILWAY_PROJECT_NAME", "railway.project.name"),
-    ("RAILWAY_GIT_COMMIT_SHA", "vcs.ref.head.revision"),
-    ("RAILWAY_GIT_BRANCH", "vcs.ref.head.name"),
-    ("K8S_POD_NAME", "k8s.pod.name"),
-    ("K8S_POD_UID", "k8s.pod.uid"),
-    ("K8S_NAMESPACE_NAME", "k8s.namespace.name"),
-    ("K8S_NODE_NAME", "k8s.node.name"),
-    ("K8S_CONTAINER_NAME", "k8s.container.name"),
-    ("K8S_DEPLOYMENT_NAME", "k8s.deployment.name"),
-)
 
 # The official OpenAI / Anthropic instrumentations (and OpenLLMetry's) wrap these
 # methods with wrapt (``wrap_function_wrapper``), whose wrappers carry ``_self_wrapper``
