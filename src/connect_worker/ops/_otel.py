@@ -282,6 +282,7 @@ class Tracing:
         })
 
     def drain_finished(self, exit_code: int) -> None:
+        # One worker per process (the CLI's): its drain ends every step span still open.
         span, self.drain = self.drain, None
         # Steps still open: abandoned (not delivered by the deadline, not handed back).
         abandoned = 0

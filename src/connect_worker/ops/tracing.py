@@ -24,8 +24,8 @@ so that they stay one line each wherever the engine keeps its state:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError
@@ -198,13 +198,3 @@ def llm_answered(result: Any, outcome: str) -> None:
     """How the current model call was answered: ok, resumed, stopped, cached or waited."""
     if _t is not None:
         _t.llm_answered(result, outcome)
-
-
-@contextmanager
-def enabled_for_tests(config: Config, environ: Mapping[str, str]) -> Iterator[None]:
-    """Tracing on for the block, without touching the global tracer provider."""
-    setup(config, environ, set_global=False)
-    try:
-        yield
-    finally:
-        shutdown()
