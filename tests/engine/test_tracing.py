@@ -97,8 +97,6 @@ async def test_a_step_span_joins_the_runs_trace_with_its_events(receiver: Receiv
         assert a["inngest.request.id"] in requests
         assert a["inngest.job.id"] == requests[a["inngest.request.id"]].job_id
         assert a["inngest.step.attempt"] == 0
-        assert a["connect_worker.instance.id"] == "traced-1"
-        assert a["connect_worker.app.version"] == "v7"
         assert span.resource["service.instance.id"] == "traced-1"
         assert span.resource["service.version"] == "v7"
         assert span.event_names == ["ack", "reply.sent", "reply.acked"]

@@ -11,8 +11,13 @@ Spans (see docs/observability.md for every attribute):
 - ``session``: one per gateway WebSocket, connect to close.
 - ``chat {model}``: one per ``LLM.complete`` call (GenAI semantic conventions).
 
-Step spans live in a dict keyed by request id: the engine's callbacks write it on the
-engine loop, the user loop only reads it (``enter_step``).
+Step spans are on the engine's hot path, a few per no-op run, and the SDK's live spans
+(a lock, and every attribute checked on every call) cost more than the rest of a step's
+bookkeeping. So a step span is recorded in a ``StepSpan`` (plain values, events as
+they happen) and handed to the batch processor as a finished ``ReadableSpan`` at its
+end; the sampler, the id generator and the exporter are the provider's. The other spans
+are the SDK's own. Step spans are kept per step object (the engine's callbacks write on
+the engine loop; the user loop only reads ``by_request``, in ``enter_step``).
 """
 
 from __future__ import annotations
@@ -22,21 +27,34 @@ import logging
 import os
 import re
 import socket
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.propagate import extract
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
     SpanExporter,
 )
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 
 from .. import __version__
 from ..config import Config
@@ -51,6 +69,12 @@ SCOPE = "connect_worker"
 A = "connect_worker."  # our attributes' prefix
 CONTENT_VARIABLE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 _ATTEMPT = re.compile(rb'"attempt"\s*:\s*(\d+)')
+# W3C traceparent (version 00) and tracestate in a JSON carrier, read without parsing it.
+_TRACEPARENT = re.compile(
+    rb'"traceparent"\s*:\s*"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})"')
+_TRACESTATE = re.compile(rb'"tracestate"\s*:\s*"([^"\\]+)"')
+_OK = Status(StatusCode.OK)
+_UNSET = Status(StatusCode.UNSET)
 
 # The official OpenAI / Anthropic instrumentations (and OpenLLMetry's) wrap these
 # methods with wrapt (``wrap_function_wrapper``), whose wrappers carry ``_self_wrapper``
@@ -104,21 +128,34 @@ def _exporter(environ: Mapping[str, str]) -> SpanExporter:
                       "http/protobuf (the default) or grpc")
 
 
-def parent_context(request: ExecutorRequest) -> otel_context.Context:
-    """The gateway's trace context for the request: the user one, else the system one,
-    else none (a root span: never whatever context the engine's callback runs in)."""
+def parent_of(request: ExecutorRequest) -> SpanContext | None:
+    """The gateway's span for the request: from ``user_trace_ctx``, else from
+    ``system_trace_ctx`` (W3C carriers as JSON), else None (a root span)."""
     for raw in (request.user_trace_ctx, request.system_trace_ctx):
-        if not raw or b"traceparent" not in raw:
+        found = _TRACEPARENT.search(raw) if raw else None
+        if found is None:
             continue
-        try:
-            carrier = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(carrier, dict) and carrier.get("traceparent"):
-            found = extract({k: v for k, v in carrier.items() if isinstance(v, str)})
-            if trace.get_current_span(found).get_span_context().is_valid:
-                return found
-    return otel_context.Context()
+        trace_id, span_id = int(found.group(1), 16), int(found.group(2), 16)
+        if not trace_id or not span_id:
+            continue  # all zeros: invalid
+        state = _TRACESTATE.search(raw)
+        return SpanContext(
+            trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(found.group(3), 16)),
+            trace_state=(TraceState.from_header([state.group(1).decode()]) if state
+                         else TraceState()))
+    return None
+
+
+@dataclass(eq=False, slots=True)
+class StepSpan:
+    """A step's span while it is open (see the module docstring)."""
+
+    context: SpanContext
+    parent: SpanContext | None
+    start: int
+    attributes: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
+    status: Status = _UNSET
 
 
 def attempt_of(payload: bytes) -> int | None:
@@ -157,16 +194,16 @@ def _error_name(body: bytes) -> str:
 class Tracing:
     """The tracer provider and the spans that are open."""
 
-    def __init__(self, provider: TracerProvider, config: Config, *,
-                 capture_content: bool = False) -> None:
+    def __init__(self, provider: TracerProvider, processor: BatchSpanProcessor,
+                 config: Config, *, capture_content: bool = False) -> None:
         self.provider = provider
+        self.processor = processor
         self.tracer = provider.get_tracer(SCOPE, __version__)
-        self.instance_id = config.instance_id
-        self.app_version = config.app_version or ""
+        self.scope = InstrumentationScope(SCOPE, __version__)
         self.capture_content = capture_content
-        self.steps: dict[StepLike, Span] = {}
+        self.steps: dict[StepLike, StepSpan] = {}
         # The newest step's span per request id, for user code and log lines.
-        self.by_request: dict[str, Span] = {}
+        self.by_request: dict[str, StepSpan] = {}
         self.handed_back: set[StepLike] = set()
         self.sessions: dict[str, Span] = {}
         self.drain: Span | None = None
@@ -179,15 +216,18 @@ class Tracing:
         # timeout and compression and the batch processor's limits come from the SDK's
         # own reading of the environment.
         provider = TracerProvider(resource=build_resource(config, environ))
-        provider.add_span_processor(BatchSpanProcessor(_exporter(environ)))
+        processor = BatchSpanProcessor(_exporter(environ))
+        provider.add_span_processor(processor)
         if set_global:
             trace.set_tracer_provider(provider)
         capture = environ.get(CONTENT_VARIABLE, "").strip().lower() in ("true", "1")
-        return cls(provider, config, capture_content=capture)
+        return cls(provider, processor, config, capture_content=capture)
 
     def shutdown(self) -> None:
         logs.set_trace_lookup(None)
-        for span in [*self.steps.values(), *self.sessions.values()]:
+        for step in list(self.steps.values()):
+            self._end(step)
+        for span in self.sessions.values():
             span.end()
         if self.drain is not None:
             self.drain.end()
@@ -210,16 +250,25 @@ class Tracing:
             "inngest.request.id": request.request_id,
             "inngest.job.id": request.job_id,
             "inngest.step.id": request.step_id or "step",
-            A + "instance.id": self.instance_id,
-            A + "app.version": self.app_version,
         }
         attempt = attempt_of(request.request_payload)
         if attempt is not None:
             attributes["inngest.step.attempt"] = attempt
-        span = self.tracer.start_span(
-            f"step {request.function_slug}", context=parent_context(request),
-            kind=SpanKind.SERVER, attributes=attributes)
-        span.add_event("ack")
+        parent = parent_of(request)
+        provider = self.provider
+        trace_id = parent.trace_id if parent is not None else (
+            provider.id_generator.generate_trace_id())
+        parent_context = (otel_context.Context() if parent is None
+                          else trace.set_span_in_context(NonRecordingSpan(parent)))
+        sampled = provider.sampler.should_sample(
+            parent_context, trace_id, "step", SpanKind.SERVER
+        ).decision is Decision.RECORD_AND_SAMPLE
+        context = SpanContext(
+            trace_id, provider.id_generator.generate_span_id(), is_remote=False,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT),
+            trace_state=parent.trace_state if parent is not None else TraceState())
+        now = time.time_ns()
+        span = StepSpan(context, parent, now, attributes, [Event("ack", timestamp=now)])
         self.steps[step] = self.by_request[request.request_id] = span
 
     def step_outcome(self, step: StepLike, outcome: Any) -> None:
@@ -227,24 +276,24 @@ class Tracing:
         if span is None:
             return
         label = outcome.label
-        span.set_attribute(A + "step.outcome", label)
+        span.attributes[A + "step.outcome"] = label
         if label == "error":
-            span.set_status(Status(StatusCode.ERROR, _error_name(outcome.body)))
+            span.status = Status(StatusCode.ERROR, _error_name(outcome.body))
         else:
-            span.set_status(Status(StatusCode.OK))
+            span.status = _OK
             name = step_name(outcome.body)
             if name is not None:
-                span.set_attribute("inngest.step.name", name)
+                span.attributes["inngest.step.name"] = name
 
     def step_event(self, step: StepLike, name: str) -> None:
         span = self.steps.get(step)
         if span is None:
             return
-        span.add_event(name)
+        span.events.append(Event(name, timestamp=time.time_ns()))
         if name == "handed_back":
             self.handed_back.add(step)
-            span.set_attribute(A + "step.outcome", "handed_back")
-            span.set_status(Status(StatusCode.ERROR, "handed back by the drain"))
+            span.attributes[A + "step.outcome"] = "handed_back"
+            span.status = Status(StatusCode.ERROR, "handed back by the drain")
 
     def step_finished(self, step: StepLike, outcome: str | None) -> None:
         span = self.steps.pop(step, None)
@@ -254,15 +303,26 @@ class Tracing:
         if self.by_request.get(request_id) is span:
             del self.by_request[request_id]
         if outcome is not None:
-            span.add_event(outcome)
-            span.set_attribute(A + "step.outcome", outcome)
-        span.end()
+            span.events.append(Event(outcome, timestamp=time.time_ns()))
+            span.attributes[A + "step.outcome"] = outcome
+        self._end(span)
+
+    def _end(self, span: StepSpan) -> None:
+        """Hand the finished span to the exporter (when sampled)."""
+        if not span.context.trace_flags.sampled:
+            return
+        name = f"step {span.attributes['inngest.function.slug']}"
+        self.processor.on_end(ReadableSpan(
+            name, context=span.context, parent=span.parent, resource=self.provider.resource,
+            attributes=span.attributes, events=span.events, kind=SpanKind.SERVER,
+            status=span.status, start_time=span.start, end_time=time.time_ns(),
+            instrumentation_scope=self.scope))
 
     def enter_step(self, request: ExecutorRequest) -> object:
         span = self.by_request.get(request.request_id)
         if span is None:
             return None
-        return otel_context.attach(trace.set_span_in_context(span))
+        return otel_context.attach(trace.set_span_in_context(NonRecordingSpan(span.context)))
 
     def exit_step(self, token: object) -> None:
         otel_context.detach(token)  # type: ignore[arg-type]
@@ -270,14 +330,13 @@ class Tracing:
     # ----- drain and sessions ------------------------------------------------------
 
     def drain_started(self, steps: Sequence[StepLike]) -> None:
-        links = [Link(span.get_span_context()) for s in steps
-                 if (span := self.steps.get(s)) is not None]
+        now = time.time_ns()
+        links = [Link(span.context) for s in steps if (span := self.steps.get(s)) is not None]
         for s in steps:
             span = self.steps.get(s)
             if span is not None:
-                span.add_event("drain.started")
+                span.events.append(Event("drain.started", timestamp=now))
         self.drain = self.tracer.start_span("drain", links=links, attributes={
-            A + "instance.id": self.instance_id, A + "app.version": self.app_version,
             A + "drain.steps_in_flight": len(steps),
         })
 
@@ -286,13 +345,14 @@ class Tracing:
         span, self.drain = self.drain, None
         # Steps still open: abandoned (not delivered by the deadline, not handed back).
         abandoned = 0
+        now = time.time_ns()
         for step, open_span in list(self.steps.items()):
             if step not in self.handed_back:
                 abandoned += 1
-                open_span.set_attribute(A + "step.outcome", "abandoned")
-                open_span.set_status(Status(StatusCode.ERROR, "abandoned at the drain deadline"))
-            open_span.add_event("worker.exit")
-            open_span.end()
+                open_span.attributes[A + "step.outcome"] = "abandoned"
+                open_span.status = Status(StatusCode.ERROR, "abandoned at the drain deadline")
+            open_span.events.append(Event("worker.exit", timestamp=now))
+            self._end(open_span)
         self.steps.clear()
         self.by_request.clear()
         if span is None:
@@ -311,7 +371,6 @@ class Tracing:
     def session_started(self, session: Any) -> None:
         start = getattr(session, "start", None)
         self.sessions[session.id] = self.tracer.start_span("session", attributes={
-            A + "instance.id": self.instance_id,
             A + "conn.id": session.id,
             A + "gateway.group": getattr(start, "gateway_group", "") or "",
         })
@@ -337,19 +396,20 @@ class Tracing:
         request_id names, else the drain or session it is about."""
         context = trace.get_current_span().get_span_context()
         if not context.is_valid:
-            span: Span | None = None
             request_id = fields.get("request_id")
-            if isinstance(request_id, str):
-                span = self.by_request.get(request_id)
-            if span is None and name is not None and name.startswith("drain."):
-                span = self.drain
-            if span is None:
+            step = self.by_request.get(request_id) if isinstance(request_id, str) else None
+            if step is not None:
+                context = step.context
+            else:
+                span: Span | None = None
+                if name is not None and name.startswith("drain."):
+                    span = self.drain
                 conn_id = fields.get("conn_id")
-                if isinstance(conn_id, str):
+                if span is None and isinstance(conn_id, str):
                     span = self.sessions.get(conn_id)
-            if span is None:
-                return None
-            context = span.get_span_context()
+                if span is None:
+                    return None
+                context = span.get_span_context()
         return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
 
     # ----- LLM calls ---------------------------------------------------------------
