@@ -242,3 +242,48 @@ def test_resource_attributes_from_railway_and_kubernetes(
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "k8s.namespace.name=other")
     a = build_resource(config, env).attributes
     assert (a["service.name"], a["k8s.namespace.name"]) == ("fleet", "other")
+
+
+@pytest.mark.parametrize(("sampler", "flags", "exported"), [
+    (None, "01", True), (None, "00", False),  # parentbased_always_on: the gateway decides
+    ("always_on", "00", True), ("always_off", "01", False),
+    ("traceidratio", "01", True),  # (ratio 1.0: through the SDK's own sampler)
+])
+def test_step_spans_follow_the_sampler(monkeypatch: pytest.MonkeyPatch, sampler: str | None,
+                                       flags: str, exported: bool) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from connect_worker.config import Config
+    from connect_worker.ops._otel import Tracing
+    from connect_worker.protocol import ExecutorRequest
+
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER_ARG", raising=False)
+    if sampler is None:
+        monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    else:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+    memory = InMemorySpanExporter()
+    processor = SimpleSpanProcessor(memory)
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    traced = Tracing(provider, processor, Config(dev=True, instance_id="s"))
+    parent = f'{{"traceparent":"00-{"ab" * 16}-{"cd" * 8}-{flags}"}}'.encode()
+
+    class Step:
+        request = ExecutorRequest("req-1", "acct", "env", "app-id", "app", "fn-id", "fn",
+                                  "step", b'{"ctx":{"attempt":2}}', b"{}", parent, "run-1",
+                                  "lease", "job-1")
+
+    step = Step()
+    traced.step_started(step)
+    traced.step_finished(step, None)
+    traced.shutdown()
+    spans = memory.get_finished_spans()
+    assert len(spans) == int(exported)
+    if exported:
+        [span] = spans
+        assert f"{span.context.trace_id:032x}" == "ab" * 16
+        assert span.parent is not None and f"{span.parent.span_id:016x}" == "cd" * 8
+        assert span.attributes is not None and span.attributes["inngest.step.attempt"] == 2

@@ -912,7 +912,8 @@ async def _callgrind_control(*args: str) -> None:
         raise RuntimeError(f"callgrind_control {' '.join(args)} failed")
 
 
-async def instructions_per_run(kind: str, args: argparse.Namespace, tmp: Path) -> float:
+async def instructions_per_run(kind: str, args: argparse.Namespace, tmp: Path,
+                               traces_to: str | None = None) -> float:
     from ..devserver import DevServer, DevServerConfig
 
     n = args.instructions
@@ -923,7 +924,8 @@ async def instructions_per_run(kind: str, args: argparse.Namespace, tmp: Path) -
     async with DevServer(DevServerConfig(interval_format="seconds")) as dev:
         with (tmp / f"{instance_id}.log").open("wb") as log_file:
             proc = await asyncio.create_subprocess_exec(
-                *command, env=_worker_env(dev.api_url, instance_id),
+                *command, env=_worker_env(dev.api_url, instance_id,
+                                          traces_to if kind == TRACED else None),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             )
         try:
@@ -958,11 +960,13 @@ async def sdk_instructions_per_run(kind: str, args: argparse.Namespace, tmp: Pat
 
 
 async def instructions(args: argparse.Namespace) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="connect-worker-bench-") as tmp:
+    exports: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="connect-worker-bench-") as tmp, \
+            (_trace_sink(exports) if args.tracing else contextlib.nullcontext("")) as sink:
         result = {}
-        for kind in WORKERS:
+        for kind in (CW, TRACED, SDK) if args.tracing else WORKERS:
             _progress(f"--instructions {args.instructions}: {LABELS[kind]} under callgrind ...")
-            result[kind] = await instructions_per_run(kind, args, Path(tmp))
+            result[kind] = await instructions_per_run(kind, args, Path(tmp), sink or None)
         for kind in WORKERS:
             _progress(f"--instructions: SDK execution as {LABELS[kind]} calls it, "
                       "under callgrind ...")
@@ -989,6 +993,10 @@ def render_instructions(args: argparse.Namespace, result: dict[str, float]) -> s
     for label, a, b in rows:
         r = "" if label.strip().startswith("SDK") else f"{ratio(a, b):.2f}"
         lines.append(f"{label:<{width}}{a / 1e6:>16.3f}{b / 1e6:>14.3f}{r:>9}".rstrip())
+    if TRACED in result:
+        traced = result[TRACED]
+        lines.append(f"{'  with tracing on (--tracing)':<{width}}{traced / 1e6:>16.3f}"
+                     f"{'':>14}{ratio(traced, cw) - 1:>+9.1%}")
     return "\n".join(lines)
 
 

@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SpanExporter,
 )
-from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, DEFAULT_ON, Decision
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     Link,
@@ -154,7 +154,7 @@ class StepSpan:
     parent: SpanContext | None
     start: int
     attributes: dict[str, Any]
-    events: list[Event] = field(default_factory=list)
+    events: list[tuple[str, int]] = field(default_factory=list)  # (name, time in ns)
     status: Status = _UNSET
 
 
@@ -201,6 +201,12 @@ class Tracing:
         self.tracer = provider.get_tracer(SCOPE, __version__)
         self.scope = InstrumentationScope(SCOPE, __version__)
         self.capture_content = capture_content
+        # The sampler's answer without asking it, for the two samplers that need no more
+        # than the parent's flag (the default, parentbased_always_on, and always_on).
+        # (OTEL_TRACES_SAMPLER unset, parentbased_always_on or always_on: the SDK's own
+        # sampler objects.)
+        self.follow_parent = provider.sampler is DEFAULT_ON
+        self.always = provider.sampler is ALWAYS_ON
         self.steps: dict[StepLike, StepSpan] = {}
         # The newest step's span per request id, for user code and log lines.
         self.by_request: dict[str, StepSpan] = {}
@@ -258,17 +264,23 @@ class Tracing:
         provider = self.provider
         trace_id = parent.trace_id if parent is not None else (
             provider.id_generator.generate_trace_id())
-        parent_context = (otel_context.Context() if parent is None
-                          else trace.set_span_in_context(NonRecordingSpan(parent)))
-        sampled = provider.sampler.should_sample(
-            parent_context, trace_id, "step", SpanKind.SERVER
-        ).decision is Decision.RECORD_AND_SAMPLE
+        if self.always or (self.follow_parent and parent is None):
+            sampled = True
+        elif self.follow_parent:
+            assert parent is not None
+            sampled = parent.trace_flags.sampled
+        else:
+            parent_context = (otel_context.Context() if parent is None
+                              else trace.set_span_in_context(NonRecordingSpan(parent)))
+            sampled = provider.sampler.should_sample(
+                parent_context, trace_id, "step", SpanKind.SERVER
+            ).decision is Decision.RECORD_AND_SAMPLE
         context = SpanContext(
             trace_id, provider.id_generator.generate_span_id(), is_remote=False,
             trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT),
             trace_state=parent.trace_state if parent is not None else TraceState())
         now = time.time_ns()
-        span = StepSpan(context, parent, now, attributes, [Event("ack", timestamp=now)])
+        span = StepSpan(context, parent, now, attributes, [("ack", now)])
         self.steps[step] = self.by_request[request.request_id] = span
 
     def step_outcome(self, step: StepLike, outcome: Any) -> None:
@@ -289,7 +301,7 @@ class Tracing:
         span = self.steps.get(step)
         if span is None:
             return
-        span.events.append(Event(name, timestamp=time.time_ns()))
+        span.events.append((name, time.time_ns()))
         if name == "handed_back":
             self.handed_back.add(step)
             span.attributes[A + "step.outcome"] = "handed_back"
@@ -303,7 +315,7 @@ class Tracing:
         if self.by_request.get(request_id) is span:
             del self.by_request[request_id]
         if outcome is not None:
-            span.events.append(Event(outcome, timestamp=time.time_ns()))
+            span.events.append((outcome, time.time_ns()))
             span.attributes[A + "step.outcome"] = outcome
         self._end(span)
 
@@ -314,7 +326,8 @@ class Tracing:
         name = f"step {span.attributes['inngest.function.slug']}"
         self.processor.on_end(ReadableSpan(
             name, context=span.context, parent=span.parent, resource=self.provider.resource,
-            attributes=span.attributes, events=span.events, kind=SpanKind.SERVER,
+            attributes=span.attributes,
+            events=[Event(name, timestamp=at) for name, at in span.events], kind=SpanKind.SERVER,
             status=span.status, start_time=span.start, end_time=time.time_ns(),
             instrumentation_scope=self.scope))
 
@@ -335,7 +348,7 @@ class Tracing:
         for s in steps:
             span = self.steps.get(s)
             if span is not None:
-                span.events.append(Event("drain.started", timestamp=now))
+                span.events.append(("drain.started", now))
         self.drain = self.tracer.start_span("drain", links=links, attributes={
             A + "drain.steps_in_flight": len(steps),
         })
@@ -351,7 +364,7 @@ class Tracing:
                 abandoned += 1
                 open_span.attributes[A + "step.outcome"] = "abandoned"
                 open_span.status = Status(StatusCode.ERROR, "abandoned at the drain deadline")
-            open_span.events.append(Event("worker.exit", timestamp=now))
+            open_span.events.append(("worker.exit", now))
             self._end(open_span)
         self.steps.clear()
         self.by_request.clear()
