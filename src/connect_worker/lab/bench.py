@@ -964,10 +964,13 @@ async def instructions(args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="connect-worker-bench-") as tmp, \
             (_trace_sink(exports) if args.tracing else contextlib.nullcontext("")) as sink:
         result = {}
-        for kind in (CW, TRACED, SDK) if args.tracing else WORKERS:
+        kinds = [k for k in WORKERS if k in args.workers]
+        if args.tracing:
+            kinds.insert(1, TRACED)
+        for kind in kinds:
             _progress(f"--instructions {args.instructions}: {LABELS[kind]} under callgrind ...")
             result[kind] = await instructions_per_run(kind, args, Path(tmp), sink or None)
-        for kind in WORKERS:
+        for kind in WORKERS if SDK in args.workers else ():
             _progress(f"--instructions: SDK execution as {LABELS[kind]} calls it, "
                       "under callgrind ...")
             result[f"sdk_execution_{kind}"] = await sdk_instructions_per_run(
@@ -976,6 +979,14 @@ async def instructions(args: argparse.Namespace) -> dict[str, float]:
 
 
 def render_instructions(args: argparse.Namespace, result: dict[str, float]) -> str:
+    if SDK not in result:  # --workers connect_worker: only ours (and --tracing's)
+        lines = [f"--instructions {args.instructions}: user-space instructions per run under "
+                 f"callgrind (C={args.concurrency}, warm-up {args.warmup}); millions",
+                 f"  {LABELS[CW]:<30}{result[CW] / 1e6:>10.3f}"]
+        if TRACED in result:
+            lines.append(f"  {LABELS[TRACED]:<30}{result[TRACED] / 1e6:>10.3f}"
+                         f"  ({ratio(result[TRACED], result[CW]) - 1:+.1%})")
+        return "\n".join(lines)
     cw, client = result[CW], result[SDK]
     cw_sdk, client_sdk = result[f"sdk_execution_{CW}"], result[f"sdk_execution_{SDK}"]
     rows = [
@@ -1195,7 +1206,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hold", type=float, default=60.0,
                         help="with --scale: seconds each step waits")
     parser.add_argument("--workers", nargs="+", choices=WORKERS, default=list(WORKERS),
-                        help="with --scale: which workers to measure (default both)")
+                        help="with --scale or --instructions: which workers to measure "
+                             "(default both)")
     parser.add_argument("--bridge-cost", action="store_true",
                         help="also measure connect_worker without its user-code thread "
                              "(an experiment: what the thread costs per run)")
@@ -1237,6 +1249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
             sys.stderr.write("scripts/bench: --instructions needs valgrind "
                              "(Debian: apt-get install valgrind)\n")
+            return 2
+        if CW not in args.workers:
+            sys.stderr.write("scripts/bench: --instructions measures connect_worker\n")
             return 2
         counted = asyncio.run(instructions(args))
         sys.stdout.write(render_instructions(args, counted) + "\n")
