@@ -32,7 +32,6 @@ from .logs import redact
 if TYPE_CHECKING:
     from ._otel import Tracing
 
-L = "connect_worker.llm."
 # The call's span, and whether an SDK instrumentation records its HTTP requests.
 _current: ContextVar[tuple[Span, bool] | None] = ContextVar("connect_worker_llm_span",
                                                            default=None)
@@ -71,7 +70,7 @@ def llm_span(tracing: Tracing, call: Any) -> Iterator[None]:
     with tracing.tracer.start_as_current_span(name, kind=kind, attributes=attributes,
                                               record_exception=False,
                                               set_status_on_exception=False) as span:
-        span.set_attribute(L + "instrumented_sdk", theirs)
+        span.set_attribute("connect_worker.llm.instrumented_sdk", theirs)
         token = _current.set((span, theirs))
         try:
             yield
@@ -91,12 +90,12 @@ def answered(tracing: Tracing, result: Any, outcome: str) -> None:
     reused = outcome in ("cached", "waited")
     usage = result.usage
     attributes: dict[str, Any] = {
-        L + "outcome": outcome,
-        L + "cached": outcome == "cached",
-        L + "waited_for_claim": outcome == "waited",
-        L + "resumed": outcome == "resumed",
-        L + "stopped_early": bool(result.stopped_early),
-        L + "attempts": result.attempts,
+        "connect_worker.llm.outcome": outcome,
+        "connect_worker.llm.cached": outcome == "cached",
+        "connect_worker.llm.waited_for_claim": outcome == "waited",
+        "connect_worker.llm.resumed": outcome == "resumed",
+        "connect_worker.llm.stopped_early": bool(result.stopped_early),
+        "connect_worker.llm.attempts": result.attempts,
         "gen_ai.response.model": result.model,
     }
     if result.request_id:
@@ -105,12 +104,12 @@ def answered(tracing: Tracing, result: Any, outcome: str) -> None:
         attributes["gen_ai.response.finish_reasons"] = [
             _FINISH.get(result.stop_reason, result.stop_reason)]
     if reused:
-        attributes[L + "saved_usd"] = result.cost_usd
-        attributes[L + "saved_input_tokens"] = usage.input_tokens
-        attributes[L + "saved_output_tokens"] = usage.output_tokens
-        attributes[L + "cost_usd"] = 0.0
+        attributes["connect_worker.llm.saved_usd"] = result.cost_usd
+        attributes["connect_worker.llm.saved_input_tokens"] = usage.input_tokens
+        attributes["connect_worker.llm.saved_output_tokens"] = usage.output_tokens
+        attributes["connect_worker.llm.cost_usd"] = 0.0
     else:
-        attributes[L + "cost_usd"] = result.cost_usd
+        attributes["connect_worker.llm.cost_usd"] = result.cost_usd
         if not theirs:
             attributes["gen_ai.usage.input_tokens"] = usage.input_tokens
             attributes["gen_ai.usage.output_tokens"] = usage.output_tokens

@@ -66,7 +66,6 @@ from .tracing import PLATFORM_RESOURCE, StepLike
 log = logging.getLogger(__name__)
 
 SCOPE = "connect_worker"
-A = "connect_worker."  # our attributes' prefix
 CONTENT_VARIABLE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 _ATTEMPT = re.compile(rb'"attempt"\s*:\s*(\d+)')
 # W3C traceparent (version 00) and tracestate in a JSON carrier, read without parsing it.
@@ -288,7 +287,7 @@ class Tracing:
         if span is None:
             return
         label = outcome.label
-        span.attributes[A + "step.outcome"] = label
+        span.attributes["connect_worker.step.outcome"] = label
         if label == "error":
             span.status = Status(StatusCode.ERROR, _error_name(outcome.body))
         else:
@@ -304,7 +303,7 @@ class Tracing:
         span.events.append((name, time.time_ns()))
         if name == "handed_back":
             self.handed_back.add(step)
-            span.attributes[A + "step.outcome"] = "handed_back"
+            span.attributes["connect_worker.step.outcome"] = "handed_back"
             span.status = Status(StatusCode.ERROR, "handed back by the drain")
 
     def step_finished(self, step: StepLike, outcome: str | None) -> None:
@@ -316,7 +315,7 @@ class Tracing:
             del self.by_request[request_id]
         if outcome is not None:
             span.events.append((outcome, time.time_ns()))
-            span.attributes[A + "step.outcome"] = outcome
+            span.attributes["connect_worker.step.outcome"] = outcome
         self._end(span)
 
     def _end(self, span: StepSpan) -> None:
@@ -350,7 +349,7 @@ class Tracing:
             if span is not None:
                 span.events.append(("drain.started", now))
         self.drain = self.tracer.start_span("drain", links=links, attributes={
-            A + "drain.steps_in_flight": len(steps),
+            "connect_worker.drain.steps_in_flight": len(steps),
         })
 
     def drain_finished(self, exit_code: int) -> None:
@@ -362,7 +361,7 @@ class Tracing:
         for step, open_span in list(self.steps.items()):
             if step not in self.handed_back:
                 abandoned += 1
-                open_span.attributes[A + "step.outcome"] = "abandoned"
+                open_span.attributes["connect_worker.step.outcome"] = "abandoned"
                 open_span.status = Status(StatusCode.ERROR, "abandoned at the drain deadline")
             open_span.events.append(("worker.exit", now))
             self._end(open_span)
@@ -371,9 +370,9 @@ class Tracing:
         if span is None:
             return
         span.set_attributes({
-            A + "drain.handed_back": len(self.handed_back),
-            A + "drain.abandoned": abandoned,
-            A + "drain.exit_code": exit_code,
+            "connect_worker.drain.handed_back": len(self.handed_back),
+            "connect_worker.drain.abandoned": abandoned,
+            "connect_worker.drain.exit_code": exit_code,
         })
         if exit_code != 0:
             span.set_status(Status(StatusCode.ERROR, f"exit code {exit_code}"))
@@ -384,8 +383,8 @@ class Tracing:
     def session_started(self, session: Any) -> None:
         start = getattr(session, "start", None)
         self.sessions[session.id] = self.tracer.start_span("session", attributes={
-            A + "conn.id": session.id,
-            A + "gateway.group": getattr(start, "gateway_group", "") or "",
+            "connect_worker.conn.id": session.id,
+            "connect_worker.gateway.group": getattr(start, "gateway_group", "") or "",
         })
 
     def session_finished(self, session: Any) -> None:
@@ -398,8 +397,9 @@ class Tracing:
         closing = getattr(session, "gateway_closing", None)
         if closing is not None and closing.is_set():
             span.add_event("gateway.closing")
-        span.set_attribute(A + "close.code", code if isinstance(code, int) else 1006)
-        span.set_attribute(A + "close.reason", reason or ("" if code else "connection lost"))
+        span.set_attribute("connect_worker.close.code", code if isinstance(code, int) else 1006)
+        span.set_attribute("connect_worker.close.reason",
+                           reason or ("" if code else "connection lost"))
         span.end()
 
     # ----- logs --------------------------------------------------------------------
