@@ -100,7 +100,20 @@ def build_resource(config: Config, environ: Mapping[str, str]) -> Resource:
         if value:
             ours[key] = value
     configured = dict(OTELResourceDetector().detect().attributes)
-    return Resource.create({**ours, **configured})
+    return _Resource(Resource.create({**ours, **configured}))
+
+
+class _Resource(Resource):
+    """The process's resource, with its hash computed once: the OTLP encoder groups every
+    span by resource, and ``Resource.__hash__`` serialises all its attributes to JSON
+    each time. A resource is immutable, so the hash cannot go stale."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 def _exporter(environ: Mapping[str, str]) -> SpanExporter:
