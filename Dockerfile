@@ -12,27 +12,37 @@
 #   Python as PID 1 is fine here: the worker installs its own SIGTERM/SIGINT handlers.
 # * It runs as an unprivileged user (uid 10001, matched by deploy/kubernetes).
 # * The health listener (/metrics, /healthz, /readyz) listens on $PORT when the platform
-#   sets it, else 9090; the image sets neither PORT nor CONNECT_WORKER_HTTP_PORT.
+#   sets it, else 9090; the image sets neither PORT nor CONNECT_WORKER_HTTP_PORT, and
+#   listens on every interface (CONNECT_WORKER_HTTP_HOST=::).
 # * Docker's own stop timeout is 10 s: give it the drain budget plus 5 s, e.g.
 #   `docker stop -t 35` or `stop_grace_period: 35s` in compose (the worker's default
 #   drain budget is 25 s; set CONNECT_WORKER_DRAIN_TIMEOUT for longer steps).
 
-FROM python:3.12-slim-bookworm AS build
+# Python 3.11: the version scripts/test runs the suite on and requirements.lock is
+# resolved for (tests/ops/test_lock.py keeps the three equal).
+FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml README.md ./
 COPY src/ src/
-# Wheels for the project and all its dependencies; the runtime stage installs them
-# offline, so no compiler or build backend ends up in the final image.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# Wheels of exactly the locked dependency versions, each checked against its hash
+# (renew the lock with scripts/lock), then the project's own; the runtime stage installs
+# them offline, so no compiler or build backend ends up in the final image, and no
+# version the tests have not run with.
+RUN pip wheel --no-cache-dir --require-hashes --wheel-dir /wheels -r requirements.lock \
+    && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
-FROM python:3.12-slim-bookworm
+FROM python:3.11-slim-bookworm
+# CONNECT_WORKER_HTTP_HOST: every interface even in dev mode (the worker's own default
+# there is loopback): a probe or scrape reaches a container only by its address.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    CONNECT_WORKER_HTTP_HOST=::
 RUN groupadd --system --gid 10001 worker \
     && useradd --system --uid 10001 --gid worker --home-dir /app --no-create-home worker
 COPY --from=build /wheels /wheels
+# Offline: the project's dependencies can only resolve to the locked wheels in /wheels.
 RUN pip install --no-cache-dir --no-index --find-links=/wheels /wheels/connect_worker-*.whl \
     && rm -rf /wheels
 WORKDIR /app

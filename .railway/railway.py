@@ -63,6 +63,9 @@ HEALTHCHECK_PATH = "/readyz"
 HEALTHCHECK_TIMEOUT_SECONDS = 300
 
 START_COMMAND = ("connect-worker", "run", TARGET)
+# Built from the Dockerfile, which installs requirements.lock (hash-checked): the versions
+# the test command ran with, not whatever pyproject.toml's ranges resolve to that day.
+BUILD = {"builder": "DOCKERFILE", "dockerfilePath": "Dockerfile"}
 
 
 def worker_variables() -> dict[str, Any]:
@@ -85,6 +88,7 @@ def main(ctx: Any = None) -> Any:
     worker = service(
         SERVICE,
         source=github(REPO, branch=BRANCH) if REPO else None,
+        build=BUILD,
         start=" ".join(START_COMMAND),
         healthcheck=HEALTHCHECK_PATH,
         healthcheckTimeout=HEALTHCHECK_TIMEOUT_SECONDS,

@@ -1,7 +1,8 @@
 """connect_worker: host Inngest functions over Inngest Connect, and drain safely on deploys.
 
 The public API is small: ``Worker`` and ``Config`` to embed the daemon,
-``current_request()`` and ``draining()`` for function authors.
+``current_request()`` and ``draining()`` for function authors, ``drift_policy()`` for
+changing a function while runs are in flight (docs/drift.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .config import Config
+    from .engine.drift import drift_policy
     from .engine.worker import Worker
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "__version__",
     "current_request",
     "draining",
+    "drift_policy",
 ]
 
 
@@ -34,6 +37,10 @@ def __getattr__(name: str) -> Any:
         from .engine.worker import Worker
 
         return Worker
+    if name == "drift_policy":
+        from .engine.drift import drift_policy
+
+        return drift_policy
     if name == "Config":
         from .config import Config
 

@@ -1,4 +1,4 @@
-"""``connect-worker``: run | check | dev | send | runs | workers | fault | demo |
+"""``connect-worker``: run | check | compat | dev | send | runs | workers | fault | demo |
 simulate-deploy. Logging is configured here and nowhere else.
 
 Every setting of ``config.SETTINGS`` is both an environment variable and a flag of
@@ -87,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("demo", add_help=False,
                         help="a rolling deploy in the middle of three reports, narrated, with "
                         "a timeline picture (see demo --help)")
+    compat = commands.add_parser(
+        "compat", help="replay recorded run histories against TARGET without running any "
+        "step: would this deploy drift the runs in flight? (exit 1 if so)",
+        description="Replays every prefix of each recorded run against TARGET's code; a "
+        "memoized step returns its stored output, the first step with no memo stops the "
+        "replay. Exit codes: 0 compatible, 1 drift, 2 usage. See docs/drift.md.")
+    compat.add_argument("target", metavar="TARGET", help="the new code, as for `run`")
+    compat.add_argument("histories", metavar="PATH", nargs="*",
+                        help="history files or directories (CONNECT_WORKER_RECORD_HISTORY, "
+                        "`runs --export`)")
+    compat.add_argument("--from-gateway", metavar="URL", default=None,
+                        help="also replay the runs of this dev gateway, live")
+    compat.add_argument("--json", action="store_true", help="JSON instead of a table")
     dev = commands.add_parser(
         "dev", help="run the local Connect gateway (for development); its page is at "
         "http://127.0.0.1:8288/")
@@ -95,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=8288,
                      help="API port (start, flush, events, the page at /)")
     dev.add_argument("--gateway-port", type=int, default=8289, help="WebSocket gateway port")
+    dev.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                     help="also answer requests addressed to NAME (e.g. a Compose or "
+                     "Kubernetes service name); loopback names and IP addresses always are, "
+                     "other names get 403 (a web page cannot rebind its DNS name to us)")
     dev.add_argument("--fast", action="store_true",
                      help="short timings for rehearsals and tests: 1 s heartbeats and lease "
                      "extensions, 4 s leases, 3 s drain window (default: production timings)")
@@ -168,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .devclient import run_command
 
         return run_command(args)
+    if args.command == "compat":
+        return _compat(args)
     if args.command == "check":
         from .ops.check import run_check
 
@@ -199,15 +218,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"connect-worker: {exc}", file=sys.stderr)
         tracing.shutdown()
         return EXIT_USAGE
+    from .engine.exiting import exit_after_drain
     from .engine.userloop import loop_factory
 
     try:
-        return anyio.run(serve, config, apps,
-                         backend_options={"loop_factory": loop_factory(config.event_loop)})
+        code: int = anyio.run(serve, config, apps,
+                              backend_options={"loop_factory": loop_factory(config.event_loop)})
+        return exit_after_drain(code)
     except OSError as exc:
         # Binding the health listener is the one OSError that reaches here.
         print(f"connect-worker: cannot listen on CONNECT_WORKER_HTTP_PORT/PORT="
-              f"{config.http_port}: {exc.strerror or exc}", file=sys.stderr)
+              f"{config.http_port} (CONNECT_WORKER_HTTP_HOST={config.http_host}): "
+              f"{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         tracing.shutdown()  # the drain's and the last steps' spans go out before exit
@@ -228,10 +250,12 @@ async def serve(config: Config, apps: Sequence[App]) -> int:
         # closed last, so /readyz answers 503 throughout the drain.
         if config.http_port is not None:
             health = await stack.enter_async_context(
-                HealthServer(config.http_port, REGISTRY, lambda: worker.ready, metrics=metrics)
+                HealthServer(config.http_port, REGISTRY, lambda: worker.ready, metrics=metrics,
+                             host=config.http_host)
             )
-            log.info("health listener on port %d", health.port,
-                     extra={"event": "health.listening", "fields": {"port": health.port}})
+            log.info("health listener on %s port %d", config.http_host, health.port,
+                     extra={"event": "health.listening",
+                            "fields": {"host": config.http_host, "port": health.port}})
         async with anyio.create_task_group() as tg:
             await tg.start(_watch_signals, worker)
             code = await worker.run()
@@ -256,11 +280,28 @@ async def _watch_signals(worker: Worker, *, task_status: TaskStatus[None]) -> No
                 worker.abort()
 
 
+def _compat(args: argparse.Namespace) -> int:
+    from . import compat
+    from .errors import GatewayError
+
+    if not args.histories and not args.from_gateway:
+        print("connect-worker: compat needs history PATHs or --from-gateway URL",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return compat.run(args.target, histories=args.histories, gateway=args.from_gateway,
+                          as_json_out=args.json)
+    except (TargetError, GatewayError, OSError, ValueError, KeyError) as exc:
+        print(f"connect-worker: compat: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def _dev(args: argparse.Namespace) -> int:
     from .devserver import DevServer, DevServerConfig
     from .devserver import serve as serve_devserver
 
-    config = DevServerConfig.fast() if args.fast else DevServerConfig()
+    config = (DevServerConfig.fast() if args.fast else DevServerConfig()).replace(
+        allowed_hosts=tuple(args.allow_host))
     stop_on_signals()
 
     def ready(dev: DevServer) -> None:

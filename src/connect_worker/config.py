@@ -9,7 +9,9 @@ what is accepted, before anything connects.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -74,6 +76,32 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise ValueError("expected a port number 0-65535, or 'off'")
     return value
+
+
+def _host(text: str) -> str:
+    value = text.strip().strip("[]")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", value):
+        raise ValueError("expected an IP address (:: or 0.0.0.0 for every interface, "
+                         "127.0.0.1 for this machine only) or a host name")
+    return value
+
+
+def http_host_default(dev: bool, environ: Mapping[str, str]) -> str:
+    """Where /metrics, /healthz and /readyz listen when CONNECT_WORKER_HTTP_HOST is unset.
+
+    Every interface (``::``, dual-stack) in production: Railway's private network,
+    Kubernetes' kubelet probes and Prometheus all reach the replica by its own address.
+    Loopback only in dev mode on a developer's machine, where nothing outside it needs
+    /metrics; but dev mode on a platform that probes the port from outside (it sets PORT,
+    or Kubernetes is there) keeps every interface.
+    """
+    if dev and not environ.get("PORT") and not environ.get("KUBERNETES_SERVICE_HOST"):
+        return "127.0.0.1"
+    return "::"
 
 
 def _url(text: str) -> str:
@@ -150,10 +178,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("reconnect_max_backoff", "CONNECT_WORKER_RECONNECT_MAX_BACKOFF", _positive_seconds,
             "Cap of the jittered reconnect backoff in seconds (default 30)."),
     Setting("http_port", "CONNECT_WORKER_HTTP_PORT", _port, "Port of the /metrics, /healthz, "
-            "/readyz listener on [::] (default: PORT, else 9090; 'off' disables it)."),
+            "/readyz listener (default: PORT, else 9090; 'off' disables it)."),
+    Setting("http_host", "CONNECT_WORKER_HTTP_HOST", _host, "Address of that listener "
+            "(default :: = every interface; 127.0.0.1 in dev mode unless PORT or Kubernetes "
+            "is there)."),
     Setting("event_loop", "CONNECT_WORKER_EVENT_LOOP", _choice("uvloop", "asyncio"),
             "uvloop (default; asyncio's own loop where uvloop is not installed) or asyncio: "
             "the event loop of the engine and of user code."),
+    Setting("on_drift", "CONNECT_WORKER_ON_DRIFT", _choice("warn", "fail"),
+            "warn (default: log run.version_drift and go on, as the SDK does) or fail (the "
+            "drifted step's body does not run; the run fails, not retried). See docs/drift.md."),
+    Setting("record_history", "CONNECT_WORKER_RECORD_HISTORY", _text, "Directory where each "
+            "run's memos, their order and step names are written, for `connect-worker compat`."),
+    Setting("record_history_shape_only", "CONNECT_WORKER_RECORD_HISTORY_SHAPE_ONLY", _bool,
+            "Record outputs and events reduced to their shape (no customer data)."),
     Setting("log_format", "CONNECT_WORKER_LOG_FORMAT", _choice("auto", "json", "text"),
             "auto (JSON unless stderr is a terminal), json or text."),
     Setting("log_level", "CONNECT_WORKER_LOG_LEVEL",
@@ -179,7 +217,11 @@ class Config:
     reconnect_max_backoff: float = 30.0
     reconnect_min_backoff: float = 0.25
     http_port: int | None = 9090
+    http_host: str = "::"
     event_loop: str = "uvloop"
+    on_drift: str = "warn"
+    record_history: str | None = None
+    record_history_shape_only: bool = False
     log_format: str = "auto"
     log_level: str = "info"
     deployment_id: str | None = None
@@ -246,6 +288,8 @@ class Config:
                 values["http_port"] = _port(environ["PORT"])
             except ValueError as exc:
                 raise ConfigError(f"PORT={environ['PORT']!r} is invalid: {exc}") from None
+        if "http_host" not in values:
+            values["http_host"] = http_host_default(bool(values.get("dev")), environ)
         if "drain_timeout" not in values:
             values["drain_timeout"] = drain_timeout_from_railway(environ)
         if "app_version" not in values:

@@ -129,6 +129,8 @@ def format_run(run: dict[str, Any], now: float, *, requests: bool = False) -> li
             lines.extend(f"      {note}" for note in notes.get(index, []))
     if run["error"]:
         lines.append(f"    error: {run['error']}")
+    elif run["status"] == "completed":
+        lines.append(f"    output: {json.dumps(run['output'])}")
     if requests and run["requests"]:
         lines.append("    requests:")
         req_rows = [["sent", "step", "attempt", "worker", "acked", "replied", "via", "result"]]
@@ -262,6 +264,8 @@ def add_commands(commands: Any) -> None:
     runs_p.add_argument("--watch", action="store_true", help="refresh every second (Ctrl-C "
                         "stops)")
     runs_p.add_argument("--limit", type=int, default=10, help="newest N runs (default 10)")
+    runs_p.add_argument("--export", metavar="DIR", default=None, help="write the newest "
+                        "--limit runs as history files for `connect-worker compat`")
     add_url(runs_p)
     workers_p = commands.add_parser("workers", help="list the worker connections of the dev "
                                     "gateway (state, app version, in-flight steps)")
@@ -294,6 +298,12 @@ def run_command(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 return EXIT_USAGE
             return send(url, args.event, data, sys.stdout)
+        if args.command == "runs" and args.export:
+            from .compat import export_gateway
+
+            count = export_gateway(url, args.export, max(1, args.limit))
+            print(f"exported {count} runs to {args.export}")
+            return 0
         if args.command == "runs":
             return runs(url, args.run_id, max(1, args.limit), args.watch, sys.stdout)
         if args.command == "workers":
@@ -305,5 +315,10 @@ def run_command(args: argparse.Namespace) -> int:
     except GatewayError as exc:
         print(f"connect-worker: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        # `connect-worker runs | head`: the reader has what it wanted. Python would
+        # still flush stdout at exit and print a traceback; point it at nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return 0

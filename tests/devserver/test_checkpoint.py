@@ -32,7 +32,8 @@ def _ctx(req: pb.GatewayExecutorRequestData) -> dict[str, Any]:
 async def _checkpoint(dev: DevServer, run_id: str, body: Any) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with httpx.AsyncClient() as http:
-        return await http.post(f"{dev.api_url}/v1/checkpoint/{run_id}/async", content=content)
+        return await http.post(f"{dev.api_url}/v1/checkpoint/{run_id}/async", content=content,
+                               headers={"content-type": "application/json"})
 
 
 def _body(req: pb.GatewayExecutorRequestData, steps: list[dict[str, Any]],

@@ -156,6 +156,8 @@ def test_rolling_deploy_rehearsed_by_hand(gateway: Gateway, tmp_path: Path) -> N
                                                           "worker-v2 (v2)"}, text
         detail = gateway.cli("runs", run_id)
         assert "requests:" in detail.stdout and "function returned" in detail.stdout
+        # What the finished run returned (the API has it; the page shows it too).
+        assert re.search(r"^    output: \S", detail.stdout, re.M), detail.stdout
 
         # Withhold the next WORKER_REPLY_ACK: the worker flushes that reply over HTTP.
         armed = gateway.cli("fault", "withhold-ack")
@@ -242,3 +244,15 @@ def test_dev_with_a_taken_port_is_one_line_and_exit_2() -> None:
     assert result.stderr.strip().splitlines() == [
         f"connect-worker: dev gateway cannot listen on 127.0.0.1:{port} (--port): address "
         "already in use; stop what uses it or pass another --port"]
+
+
+def test_output_into_a_closed_pipe_is_not_an_error(gateway: Gateway) -> None:
+    """`connect-worker runs | head`: the reader leaves first; no traceback, exit 0."""
+    import shlex
+
+    # `true` exits without reading: the CLI's write (after its HTTP call) meets EPIPE.
+    piped = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {shlex.join([*CLI, 'runs'])} | true"],
+        cwd=ROOT, env=_env(INNGEST_DEV=gateway.url), capture_output=True, text=True,
+        timeout=30, check=False)
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr

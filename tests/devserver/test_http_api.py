@@ -12,6 +12,8 @@ from connect_worker.devserver import DevServer, is_ulid
 from connect_worker.devserver.testing import fast_config, make_reply, scripted_worker, step_script
 from connect_worker.protocol import pb
 
+PROTOBUF = "application/protobuf"
+JSON = {"content-type": "application/json"}
 KEY = "signkey-test-" + "ab" * 32
 HASHED = hashlib.sha256(bytes.fromhex("ab" * 32)).hexdigest()
 
@@ -20,14 +22,14 @@ async def _start(dev: DevServer, headers: dict[str, str] | None = None,
                  body: bytes = b"") -> httpx.Response:
     async with httpx.AsyncClient() as http:
         return await http.post(f"{dev.api_url}/v0/connect/start", content=body,
-                               headers=headers or {})
+                               headers={"content-type": PROTOBUF, **(headers or {})})
 
 
 async def _flush(dev: DevServer, body: bytes, headers: dict[str, str] | None = None
                  ) -> httpx.Response:
     async with httpx.AsyncClient() as http:
         return await http.post(f"{dev.api_url}/v0/connect/flush", content=body,
-                               headers=headers or {})
+                               headers={"content-type": PROTOBUF, **(headers or {})})
 
 
 async def test_start_empty_body_dev_mode() -> None:
@@ -162,13 +164,14 @@ async def test_event_api_and_run_api() -> None:
             assert (await http.get(f"{dev.api_url}/v1/events/{body['ids'][1]}/runs")).json()[
                 "data"
             ] == []
-            assert (await http.post(f"{dev.api_url}/e/k", content=b"{")).status_code == 400
+            bad = await http.post(f"{dev.api_url}/e/k", content=b"{", headers=JSON)
+            assert bad.status_code == 400
             assert (await http.post(f"{dev.api_url}/e/k", json={"data": 1})).status_code == 400
             inv = await http.post(f"{dev.api_url}/invoke/test-app-fn", json={"data": {"y": 2}})
             assert inv.status_code == 200
             invoked = await dev.wait_for_run(inv.json()["run_id"])
             assert invoked.event.data == {"y": 2}
-            assert (await http.post(f"{dev.api_url}/invoke/missing")).status_code == 404
+            assert (await http.post(f"{dev.api_url}/invoke/missing", json={})).status_code == 404
 
 
 async def test_timeline_file(tmp_path: object) -> None:

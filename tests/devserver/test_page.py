@@ -72,6 +72,8 @@ async def test_page_shows_connections_runs_and_steps_live(
             assert cells[:5] == [name, "completed", "1", "page-worker-1", "v7"], cells
             assert cells[7] == "socket"
         assert await done.locator(".lane").count() == 4  # three steps, then the return
+        # What the run returned, as `connect-worker runs RUN_ID` prints it.
+        assert await done.locator(".result").inner_text() == 'output: ["A","B","C"]'
 
         # A run held inside its step: running on the page and in flight on the connection.
         [held_id] = await dev.send_event("t/gated", {"key": "page"})

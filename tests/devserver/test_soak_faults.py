@@ -15,6 +15,8 @@ from connect_worker.protocol import pb
 S = pb.SDKResponseStatus
 Kind = pb.GatewayMessageType
 
+PROTOBUF = {"content-type": "application/protobuf"}
+
 
 async def test_late_ack_after_reroute_is_ignored() -> None:
     """GATEWAY_CLOSING fails the un-ACKed forward and the proxy re-routes it (same request
@@ -56,7 +58,8 @@ async def test_restart_drops_every_socket_and_refuses_start_for_a_while() -> Non
         assert dev.connections[0].close_class == "GATEWAY_RESTART"
         async with httpx.AsyncClient() as http:
             res = await http.post(f"{dev.api_url}/v0/connect/start",
-                                  content=pb.StartRequest().SerializeToString())
+                                  content=pb.StartRequest().SerializeToString(),
+                                  headers=PROTOBUF)
             assert res.status_code == 503
         await dev.wait_for(lambda: not dev.faults.gateway_down(), timeout=2)
         async with scripted_worker(dev) as again:
@@ -66,12 +69,14 @@ async def test_restart_drops_every_socket_and_refuses_start_for_a_while() -> Non
 async def test_flush_fails_for_a_while() -> None:
     async with DevServer(fast_config()) as dev, httpx.AsyncClient() as http:
         dev.fail_flush(0.3)
-        assert (await http.post(f"{dev.api_url}/v0/connect/flush", content=b"x")
+        assert (await http.post(f"{dev.api_url}/v0/connect/flush", content=b"x",
+                                headers=PROTOBUF)
                 ).status_code == 503
         deadline = dev.faults.flush_failing_until
         await asyncio.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
         # Back to normal handling (this body is empty, hence 400).
-        assert (await http.post(f"{dev.api_url}/v0/connect/flush")).status_code == 400
+        assert (await http.post(f"{dev.api_url}/v0/connect/flush", headers=PROTOBUF)
+                ).status_code == 400
 
 
 async def test_latency_delays_frames_both_ways_and_keeps_order() -> None:

@@ -31,6 +31,8 @@ from connect_worker.devserver.views import connection_view, run_view
 from connect_worker.ops.httpserver import Request
 from connect_worker.protocol import pb
 
+JSON = "application/json"
+
 
 async def _get(dev: DevServer, path: str) -> Any:
     async with httpx.AsyncClient() as http:
@@ -41,7 +43,7 @@ async def _get(dev: DevServer, path: str) -> Any:
 
 async def _post(dev: DevServer, path: str, body: Any = None) -> httpx.Response:
     async with httpx.AsyncClient() as http:
-        return await http.post(dev.api_url + path, json=body)
+        return await http.post(dev.api_url + path, json={} if body is None else body)
 
 
 def _steps(view: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -183,7 +185,8 @@ async def test_fault_commands(devserver: DevServer) -> None:
 
 async def test_admin_endpoints_refuse_clients_that_are_not_loopback(devserver: DevServer) -> None:
     def request(peer: str) -> Request:
-        return Request("POST", "/v1/faults/dual-dispatch", {}, {}, b"{}", peer=peer)
+        return Request("POST", "/v1/faults/dual-dispatch", {}, {"content-type": JSON}, b"{}",
+                       peer=peer)
 
     routes = devserver.api.routes()
     fault = routes[("POST", "/v1/faults/*")]

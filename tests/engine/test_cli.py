@@ -69,8 +69,9 @@ def test_taken_health_port_is_one_line_and_exit_2() -> None:
                               "CONNECT_WORKER_LOG_FORMAT": "json"})
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("connect-worker:")]
-    assert errors == [f"connect-worker: cannot listen on CONNECT_WORKER_HTTP_PORT/PORT={port}: "
-                      "Address already in use"]
+    # Dev mode on a laptop: the listener is on loopback (CONNECT_WORKER_HTTP_HOST).
+    assert errors == [f"connect-worker: cannot listen on CONNECT_WORKER_HTTP_PORT/PORT={port} "
+                      "(CONNECT_WORKER_HTTP_HOST=127.0.0.1): Address already in use"]
 
 
 def test_failing_user_import_shows_the_users_line(tmp_path: Path) -> None:
@@ -83,3 +84,43 @@ def test_failing_user_import_shows_the_users_line(tmp_path: Path) -> None:
         f"connect-worker: importing {str(app)!r} failed: KeyError: 'CW_TEST_UNSET_API_KEY'",
         f"  at {app}:3 in <module>: KEY = os.environ['CW_TEST_UNSET_API_KEY']",
     ]
+
+
+def test_a_worker_with_no_gateway_says_once_what_it_tried_and_what_to_start() -> None:
+    import json
+    import signal
+    import socket
+
+    # A bound port nobody listens on: every try is refused at once.
+    with socket.socket() as nobody:
+        nobody.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{nobody.getsockname()[1]}"
+        ours = ("INNGEST_", "CONNECT_WORKER_")
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith(ours)},
+               "INNGEST_DEV": url, "CONNECT_WORKER_HTTP_PORT": "off",
+               "CONNECT_WORKER_LOG_FORMAT": "json",
+               "CONNECT_WORKER_RECONNECT_MAX_BACKOFF": "0.3"}
+        proc = subprocess.Popen([sys.executable, "-m", "connect_worker", "run",
+                                 "examples.pipeline"], env=env, stderr=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, text=True)
+        seen: list[dict[str, object]] = []
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:  # until the 8th try failed
+                if line.startswith("{"):
+                    seen.append(json.loads(line))
+                if sum(e.get("event") == "connection.retry" for e in seen) == 8:
+                    break
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
+            assert proc.stderr is not None
+            proc.stderr.close()
+    events = [e["event"] for e in seen if e.get("event", "").startswith("connection.")]
+    # Said once, after the third try failed; the worker kept retrying.
+    assert events.count("connection.unreachable") == 1
+    assert events.index("connection.unreachable") == 2
+    (said,) = [e for e in seen if e.get("event") == "connection.unreachable"]
+    assert said["api"] == url and said["level"] == "error"
+    assert "connect-worker dev" in str(said["hint"]) and url in str(said["hint"])
+    assert "ConnectError" in str(said["error"])

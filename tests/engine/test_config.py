@@ -117,3 +117,17 @@ def test_secrets_are_masked_in_describe_repr_and_errors() -> None:
     assert "signkey-prod-" in str(config.describe())
     secret_settings = {s.env for s in SETTINGS if s.secret}
     assert secret_settings == {"INNGEST_SIGNING_KEY", "INNGEST_SIGNING_KEY_FALLBACK"}
+
+
+def test_http_host_defaults_to_every_interface_and_to_loopback_in_dev_on_a_laptop() -> None:
+    key = {"INNGEST_SIGNING_KEY": "signkey-prod-" + "ab" * 32}
+    assert Config.from_env(key).http_host == "::"
+    assert Config.from_env({"INNGEST_DEV": "1"}).http_host == "127.0.0.1"
+    # Dev mode where a platform probes the port from outside keeps every interface.
+    assert Config.from_env({"INNGEST_DEV": "1", "PORT": "8080"}).http_host == "::"
+    assert Config.from_env({"INNGEST_DEV": "1", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+                           ).http_host == "::"
+    assert Config.from_env({**key, "CONNECT_WORKER_HTTP_HOST": "[::1]"}).http_host == "::1"
+    assert Config.from_env({"INNGEST_DEV": "1"}, {"http_host": "0.0.0.0"}).http_host == "0.0.0.0"
+    with pytest.raises(ConfigError, match=r"^CONNECT_WORKER_HTTP_HOST='a b' is invalid: "):
+        Config.from_env({"INNGEST_DEV": "1", "CONNECT_WORKER_HTTP_HOST": "a b"})

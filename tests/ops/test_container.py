@@ -131,3 +131,8 @@ def test_build_context_keeps_what_the_build_copies() -> None:
         assert not any(fnmatch.fnmatch(path, pattern) for pattern in ignored), source
     for secret_or_state in (".venv", ".git", ".env", "out"):
         assert secret_or_state in ignored
+
+
+def test_the_image_listens_on_every_interface_even_in_dev_mode() -> None:
+    env = {**_image_env(), "INNGEST_DEV": "1"}
+    assert Config.from_env(env).http_host == "::"

@@ -41,6 +41,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "connect_worker_drain_started_timestamp_seconds": ("gauge", ()),
     "connect_worker_steps_abandoned": ("counter", ()),
     "connect_worker_event_loop_lag_seconds": ("gauge", ()),
+    "connect_worker_version_drift": ("counter", ("function", "kind")),
 }
 FORBIDDEN_LABELS = {"run_id", "request_id", "job_id", "step_id", "lease_id", "connection_id"}
 
@@ -69,6 +70,7 @@ def _exercise(m: WorkerMetrics) -> None:
     m.drain_duration_seconds.set(3.5)
     m.steps_abandoned_total.inc()
     m.event_loop_lag_seconds.set(0.001)
+    m.version_drift_total.labels(function="app-report", kind="added").inc()
 
 
 def test_every_metric_has_its_name_type_and_labels(metrics: WorkerMetrics) -> None:

@@ -21,10 +21,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="test timings (1 s heartbeats, 4 s leases)")
     parser.add_argument("--interval-format", choices=["go", "seconds"], default="go")
     parser.add_argument("--signing-key", default=None)
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a host name to answer besides loopback names and addresses")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     base = DevServerConfig.fast() if args.fast else DevServerConfig()
-    config = base.replace(interval_format=args.interval_format, signing_key=args.signing_key)
+    config = base.replace(interval_format=args.interval_format, signing_key=args.signing_key,
+                         allowed_hosts=tuple(args.allow_host))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config, host=args.host, api_port=args.port,
                           gateway_port=args.gateway_port))

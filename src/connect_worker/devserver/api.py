@@ -20,6 +20,7 @@ from ..ops.httpserver import Handler, Request, Response
 from ..protocol import pb
 from . import logfmt
 from .auth import check_authorization
+from .browser import guard
 from .core import Core
 from .executor import CheckpointRejected, Executor
 from .gateway import Gateway
@@ -89,6 +90,11 @@ class API:
         self.executor = executor
 
     def routes(self) -> dict[tuple[str, str], Handler]:
+        # Every route refuses what a page in the developer's browser could send.
+        return {key: guard(handler, self.config.allowed_hosts)
+                for key, handler in self._routes().items()}
+
+    def _routes(self) -> dict[tuple[str, str], Handler]:
         return {
             ("POST", "/v0/connect/start"): self.start,
             ("POST", "/v0/connect/flush"): self.flush,

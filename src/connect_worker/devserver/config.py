@@ -54,6 +54,12 @@ class DevServerConfig:
     interval_format: Literal["go", "seconds"] = "go"
     seed: int | None = None
     env_name: str = "dev"
+    # Host names (besides loopback names and IP addresses) the HTTP API and the gateway
+    # answer to, e.g. a Compose or Kubernetes service name (devserver/browser.py).
+    allowed_hosts: tuple[str, ...] = ()
+    # False: executor requests carry an empty job_id, as Inngest servers before v1.19.3
+    # send them (the field arrived in inngest#4138).
+    send_job_id: bool = True
 
     def __post_init__(self) -> None:
         if not self.gateway_groups:

@@ -717,7 +717,7 @@ class Executor:
                 user_trace_ctx=_user_trace_ctx(run.run_id),
                 run_id=run.run_id,
                 lease_id=lease.lease_id,
-                job_id=item.job_id,
+                job_id=item.job_id if self.config.send_job_id else "",
             )
             error = await self._forward(run, item, request)
             if error is not None:

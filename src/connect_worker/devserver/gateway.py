@@ -30,6 +30,7 @@ from websockets.typing import Subprotocol
 from ..protocol import pb
 from ..protocol.durations import format_go_duration
 from . import logfmt
+from .browser import refusal
 from .core import ACCOUNT_ID, Core, Session
 from .state import ConnectionInfo, ConnStatus, Phase, SyncRecord, check
 from .ulid import is_ulid
@@ -182,6 +183,11 @@ class Gateway:
                 return connection.respond(HTTPStatus.OK, "ok\n")
             if path != "/v0/connect":
                 return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+            # A page may open a WebSocket to any site: the same Host/Origin checks as the API.
+            headers = {k.lower(): v for k, v in request.headers.raw_items()}
+            refused = refusal("GET", headers, self.core.config.allowed_hosts)
+            if refused is not None:
+                return connection.respond(HTTPStatus.FORBIDDEN, refused + "\n")
             if self.state.faults.gateway_down():
                 return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "restarting\n")
             return None

@@ -235,6 +235,7 @@ class Run:
             "function_slug": self.function_slug,
             "app_name": self.app_name,
             "event_id": self.event.id,
+            "event": self.event.to_payload(),
             "status": self.status.value,
             "output": self.output,
             "error": self.error,

@@ -1,4 +1,5 @@
-"""Runs executor requests through the inngest SDK. The only module that imports inngest.
+"""Runs executor requests through the inngest SDK. The only module that drives it
+(``drift.py`` wraps the SDK's memo lookup, see ``drift.install_hooks``).
 
 An SDK upgrade that changes the private execution entry point (``comm_lib.CommHandler``)
 breaks this file and its contract test, not the daemon. Each request runs on the
@@ -13,6 +14,7 @@ import concurrent.futures
 import contextvars
 import json
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -25,9 +27,12 @@ from ..context import RequestIdentity, _current
 from ..errors import ExecutionError
 from ..ops import tracing
 from ..protocol import ExecutorRequest, pb
+from . import drift as _drift
 from .userloop import UserLoop
 
 log = logging.getLogger(__name__)
+
+USER_LOOP_STOP_TIMEOUT = 0.1
 
 T = TypeVar("T")
 App = tuple[inngest.Inngest, Sequence[inngest.Function[Any]]]
@@ -80,13 +85,34 @@ class AppSpec:
 
 
 class _ContextThreadPool(concurrent.futures.ThreadPoolExecutor):
-    """A thread pool that runs each job in the submitter's contextvars context."""
+    """A thread pool that runs each job in the submitter's contextvars context, and
+    counts the jobs running in all such pools (Python waits for them at exit; see
+    engine/exiting.py)."""
+
+    running = 0
+    _count_lock = threading.Lock()
 
     def submit(
         self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[T]:
         context = contextvars.copy_context()
-        return super().submit(context.run, fn, *args, **kwargs)
+        return super().submit(context.run, _counted, fn, *args, **kwargs)
+
+
+def _counted(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    pool = _ContextThreadPool
+    with pool._count_lock:
+        pool.running += 1
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        with pool._count_lock:
+            pool.running -= 1
+
+
+def user_threads_running() -> int:
+    """``def`` step bodies still running in the SDK's thread pools."""
+    return _ContextThreadPool.running
 
 
 class _NoTiming(net.ServerTiming):
@@ -135,11 +161,14 @@ class Executor:
     """Maps executor requests to the right app's SDK handler and runs them."""
 
     def __init__(self, apps: Sequence[App], *, app_version: str | None = None,
-                 new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-                 ) -> None:
+                 new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+                 drift: _drift.DriftGuard | None = None) -> None:
         if not apps:
             raise ExecutionError("no apps to serve")
         self._handlers: dict[str, comm_lib.CommHandler] = {}
+        self.drift = drift
+        if drift is not None:
+            _drift.install_hooks()
         self.apps: list[AppSpec] = []
         for client, functions in apps:
             configs = comm_lib.get_function_configs(
@@ -178,7 +207,9 @@ class Executor:
         self.user_loop.start()
 
     def stop(self) -> None:
-        self.user_loop.stop()
+        # Abandoned steps had their second to unwind in the drain; an idle loop stops at
+        # once. This only bounds how long user code blocking the loop holds the exit.
+        self.user_loop.stop(timeout=USER_LOOP_STOP_TIMEOUT)
 
     def check_served(self, request: ExecutorRequest) -> Outcome | None:
         """An error outcome when this worker does not serve the request's app or function."""
@@ -222,7 +253,10 @@ class Executor:
         headers = {_REQUEST_ID: request.request_id}
         if request.job_id:
             headers[_JOB_ID] = request.job_id
+        tracker = None if self.drift is None else self.drift.begin(_drift.Request(
+            request.run_id, request.function_slug, request.step_id, request.request_payload))
         token = _current.set(identity)
+        drift_token = _drift.set_tracker(tracker)
         span_token = tracing.enter_step(request)  # the step's span is current in user code
         try:
             response = await handler.post(
@@ -242,13 +276,26 @@ class Executor:
                     timings=NO_TIMINGS,
                 )
             )
+        except _drift.DriftStop as stop:
+            # fail: the drifted step's body did not run; nothing was paid twice.
+            return error_outcome("VersionDrift", tracker.failure if tracker and tracker.failure
+                                 else str(stop), no_retry=True)
         finally:
             tracing.exit_step(span_token)
+            _drift.reset_tracker(drift_token)
             _current.reset(token)
         body = response.body_bytes()
         if isinstance(body, Exception):
             log.error("the SDK produced an unserialisable response: %s", body)
             return error_outcome("SerializationError", "the step result could not be serialised")
+        if tracker is not None and self.drift is not None:
+            returned = response.status_code == 200 or (
+                response.status_code == 206 and _RUN_COMPLETE in body and _ends_run(body))
+            failure = self.drift.finish(tracker, returned=returned,
+                                        failed=response.status_code >= 400 and response.no_retry,
+                                        body=body)
+            if failure is not None:
+                return error_outcome("VersionDrift", failure, no_retry=True)
         status = {200: STATUS_DONE, 206: STATUS_NOT_COMPLETED}.get(
             response.status_code, STATUS_ERROR
         )

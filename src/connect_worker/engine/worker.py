@@ -79,10 +79,12 @@ from ..protocol import (
 )
 from ..protocol.codec import build_sdk_response, request_echo
 from ..protocol.state import State
+from .drift import guard_from_config
 from .executor import SDK_LANGUAGE, SDK_VERSION, App, Executor, Outcome, error_outcome
 from .gateway_api import GatewayAPI
 from .session import Session
 from .stacks import running_steps
+from .unreachable import UnreachableHint
 from .userloop import loop_factory
 
 log = logging.getLogger(__name__)
@@ -255,8 +257,10 @@ class Worker:
         # One per lease extension ACK: thousands per round with many steps in flight.
         self._extended = self.metrics.lease_extensions_total.labels(outcome="extended")
         self._executor = Executor(apps, app_version=config.app_version,
-                                  new_loop=loop_factory(config.event_loop))
+                                  new_loop=loop_factory(config.event_loop),
+                                  drift=guard_from_config(config, apps, self.metrics))
         self._api: GatewayAPI | None = None
+        self._unreachable = UnreachableHint(config)
         self._steps: dict[str, Step] = {}
         # Steps running in the SDK (futures) and reply flushes (tasks): the drain's to cancel.
         self._step_tasks: set[asyncio.Future[Any]] = set()
@@ -452,6 +456,7 @@ class Worker:
                 )
             except (TransportError, GatewayError, ProtocolError) as exc:
                 sync_failures = sync_failures + 1 if isinstance(exc, SyncError) else 0
+                self._unreachable.failed(exc)
                 if is_fatal(exc, sync_failures):
                     raise
                 delay = next(delays)
@@ -468,6 +473,7 @@ class Worker:
                 continue
             delays = backoff_delays(self.config.reconnect_min_backoff,
                                     self.config.reconnect_max_backoff)
+            self._unreachable.connected()
             sync_failures = 0
             extend_interval = session.ready.extend_lease_interval
             tracing.session_started(session)

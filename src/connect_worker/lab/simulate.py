@@ -10,6 +10,12 @@ whenever one completes, until the last deploy is done.
 The table counts what a deploy can break: reports that did not complete, step
 bodies executed more than once, replies that never reached the gateway, steps
 abandoned at a drain deadline, and how long drains took.
+
+``--change rename-llm-step`` rolls from v1 to a v2 of an LLM pipeline that renames
+its middle step (``lab/apps/brief.py``), with ``--on-drift warn|fail``: the table adds
+the model requests paid twice, the runs the drift guard failed, and what
+``connect-worker compat`` said about v2 against the histories v1 recorded just before
+the first deploy.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -30,6 +37,8 @@ from ..devserver import DevServer, DevServerConfig, RunStatus
 from ..devserver.fleet import WorkerProcess, read_executions, replace_when_ready
 
 TARGET = "connect_worker.lab.apps.pipeline"
+CHANGES = ("rename-llm-step",)
+BRIEF = "connect_worker.lab.apps.brief"
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,22 @@ class SimulationSettings:
     drain_timeout: float = 20.0
     settle_timeout: float = 120.0
     seed: int | None = None
+    change: str | None = None  # one of CHANGES: v1 -> v2 changes the code
+    on_drift: str = "warn"
+    speedup: float = 40.0  # the simulated model's latency is divided by this
+
+
+@dataclass
+class ChangeResult:
+    """What a code change cost: from the workers' logs and the gateway's runs."""
+
+    compat_exit: int | None = None
+    compat_summary: str = ""
+    model_requests: int = 0
+    paid_twice: int = 0
+    drifted_runs: int = 0
+    drift_failed_runs: int = 0
+    drift_message: str = ""
 
 
 @dataclass
@@ -68,9 +93,18 @@ class SimulationResult:
     dispatches: list[dict[str, Any]] = field(default_factory=list)
     # conn_id -> instance_id of every connection the gateway saw.
     connections: dict[str, str] = field(default_factory=dict)
+    change: ChangeResult | None = None
 
     @property
     def ok(self) -> bool:
+        if self.change is not None:
+            c = self.change
+            # Every run the change broke failed with the drift message, nothing was paid
+            # twice, and compat saw it coming.
+            return (c.paid_twice == 0 and c.compat_exit == 1
+                    and self.reports_failed == c.drift_failed_runs
+                    and self.reports_completed + self.reports_failed == self.reports_started
+                    and self.duplicate_executions == 0 and self.lost_replies == 0)
         return (
             self.reports_completed == self.reports_started
             and self.duplicate_executions == 0
@@ -94,10 +128,30 @@ class SimulationResult:
             ("drain time p50 / max (SIGTERM to exit)", drain_summary(self.drain_seconds)),
             ("worker exit codes (all stopped)", codes or "-"),
             ("wall time", f"{self.wall_seconds:.1f} s"),
+            *self.change_rows(),
+        ]
+
+    def change_rows(self) -> list[tuple[str, str]]:
+        c, s = self.change, self.settings
+        if c is None:
+            return []
+        return [
+            ("code change (v1 -> v2)", f"{s.change}, CONNECT_WORKER_ON_DRIFT={s.on_drift}"),
+            ("compat before the first deploy", f"exit {c.compat_exit}: {c.compat_summary}"),
+            ("runs that met the change (drift)", str(c.drifted_runs)),
+            ("runs failed by the drift guard", str(c.drift_failed_runs)),
+            ("model requests", str(c.model_requests)),
+            ("model requests paid twice", str(c.paid_twice)),
+            *([("drift message", c.drift_message)] if c.drift_message else []),
         ]
 
     def table(self) -> str:
         verdict = "OK: no report interrupted, repeated or lost" if self.ok else "PROBLEMS FOUND"
+        if self.change is not None:
+            verdict = ("OK: no model request paid twice; every run the change broke failed "
+                       "with the drift message" if self.ok else
+                       f"PROBLEMS FOUND: {self.change.paid_twice} model requests paid twice"
+                       if self.change.paid_twice else "PROBLEMS FOUND")
         return render_table(self.rows(), verdict)
 
 
@@ -129,12 +183,18 @@ async def run_simulation(
     async with DevServer(config) as dev:
         version = 0
 
+        histories = workdir / "histories"
+
         def spawn(replica: int) -> WorkerProcess:
+            target, env = TARGET, {}
+            if settings.change:
+                target = f"{BRIEF}:{'v1' if version == 0 else 'v2'}"
+                env = change_env(settings, workdir, histories)
             process = WorkerProcess(
-                TARGET, api_url=dev.api_url, instance_id=f"v{version}-r{replica}",
+                target, api_url=dev.api_url, instance_id=f"v{version}-r{replica}",
                 app_version=f"v{version}", drain_timeout=settings.drain_timeout,
                 env={"STEP_SECONDS": str(settings.step_seconds),
-                     "CONNECT_WORKER_EXECUTION_LOG": exec_log},
+                     "CONNECT_WORKER_EXECUTION_LOG": exec_log, **env},
             )
             result.workers.append(process)
             return process
@@ -149,12 +209,20 @@ async def run_simulation(
             stop_load = asyncio.Event()
             load = asyncio.create_task(keep_load(
                 dev, settings.reports_in_flight, run_ids, stop_load,
+                (lambda: dev.send_event("brief/requested", {"topic": "widgets"}))
+                if settings.change else
                 lambda: dev.send_event("report/long", {"sections": settings.sections}),
                 settings.settle_timeout,
             ))
             drains: list[asyncio.Task[int]] = []
             for _ in range(settings.deploys):
                 await asyncio.sleep(settings.deploy_interval)
+                if settings.change and version == 0:
+                    result.change = await run_compat(histories)
+                    if not quiet:
+                        print(f"  compat {BRIEF}:v2 before the deploy: exit "
+                              f"{result.change.compat_exit} ({result.change.compat_summary})",
+                              flush=True)
                 version += 1
                 for replica in range(settings.replicas):
                     replacement = spawn(replica)
@@ -175,6 +243,8 @@ async def run_simulation(
                 process.kill()
                 await process.__aexit__(None, None, None)
         tally(result, dev, run_ids, exec_log)
+        if result.change is not None:
+            tally_change(result.change, result, dev)
     result.wall_seconds = time.monotonic() - started
     return result
 
@@ -235,6 +305,49 @@ def tally(result: SimulationResult, dev: DevServer, run_ids: list[str], exec_log
     result.connections = {c.conn_id: c.instance_id for c in dev.connections}
 
 
+def change_env(settings: SimulationSettings, workdir: Path, histories: Path) -> dict[str, str]:
+    """A code-change rehearsal's worker settings: the simulated model with one answer
+    cache for every worker, the drift policy, and v1's recorded histories for compat."""
+    return {"CONNECT_WORKER_LLM_PROVIDER": "simulated",
+            "CONNECT_WORKER_LLM_SIM_SPEEDUP": f"{settings.speedup:g}",
+            "CONNECT_WORKER_LLM_CACHE": str((workdir / "llm-cache.sqlite3").resolve()),
+            "CONNECT_WORKER_ON_DRIFT": settings.on_drift,
+            "CONNECT_WORKER_RECORD_HISTORY": str(histories.resolve()),
+            "CONNECT_WORKER_RECORD_HISTORY_SHAPE_ONLY": "1"}
+
+
+async def run_compat(histories: Path) -> ChangeResult:
+    """``connect-worker compat`` on v2, as a pre-deploy command would run it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "connect_worker", "compat", f"{BRIEF}:v2", str(histories),
+        "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    change = ChangeResult(compat_exit=proc.returncode)
+    try:
+        doc = json.loads(out)
+        change.compat_summary = (f"would break {doc['runs_in_flight_broken']} of "
+                                 f"{doc['runs_in_flight']} runs in flight")
+    except (ValueError, KeyError):
+        change.compat_summary = (err.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+    return change
+
+
+def tally_change(change: ChangeResult, result: SimulationResult, dev: DevServer) -> None:
+    from .demo import LLMStats
+
+    stats = LLMStats.from_workers(result.workers)
+    change.model_requests = stats.paid
+    change.paid_twice = stats.duplicates
+    drifted = {e.get("run_id") for w in result.workers for e in w.events("run.version_drift")}
+    change.drifted_runs = len(drifted)
+    messages = [str((dev.runs[r].error or {}).get("message", "")) for r in result.run_ids
+                if dev.runs[r].status is RunStatus.FAILED
+                and isinstance(dev.runs[r].error, dict)]
+    failed = [m for m in messages if "version drift" in m]
+    change.drift_failed_runs = len(failed)
+    change.drift_message = failed[0] if failed else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="connect-worker simulate-deploy",
@@ -251,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of steady load before each deploy")
     parser.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--change", choices=CHANGES, default=None,
+                        help="roll from v1 to a v2 that changes the code (rename-llm-step: "
+                        "an LLM pipeline renames its middle step)")
+    parser.add_argument("--on-drift", choices=("warn", "fail"), default="warn",
+                        help="CONNECT_WORKER_ON_DRIFT of every worker (with --change)")
     parser.add_argument("--json", metavar="PATH", help="also write the counts as JSON")
     args = parser.parse_args(argv)
     for name in ("replicas", "deploys", "reports_in_flight", "sections"):
@@ -260,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         replicas=args.replicas, deploys=args.deploys, reports_in_flight=args.reports_in_flight,
         sections=args.sections, step_seconds=args.step_seconds,
         deploy_interval=args.deploy_interval, drain_timeout=args.drain_timeout, seed=args.seed,
+        change=args.change, on_drift=args.on_drift,
     )
     print(f"simulating {settings.deploys} rolling deploys of {settings.replicas} replicas "
           f"({settings.reports_in_flight} reports of {settings.sections} steps in flight)...",

@@ -86,11 +86,28 @@ CONTINUE = ("Your answer was cut off. Continue exactly where it stops, without r
             "anything and without commenting on the interruption.")
 
 
+def _warn_no_job_id_once() -> None:
+    global _warned_no_job_id
+    with _occurrences_lock:
+        if _warned_no_job_id:
+            return
+        _warned_no_job_id = True
+    event(log, "llm.no_identity", level=logging.WARNING,
+          reason="the executor request has no job_id (Inngest servers before v1.19.3 do "
+          "not send one): LLM answers are neither cached nor claimed for such requests; "
+          "pass key= to LLM.complete for a stable identity, or upgrade the server")
+
+
+_warned_no_job_id = False
+
+
 @dataclass(frozen=True, slots=True)
 class _Identity:
     key: str | None  # None: nothing to key a cache entry on
     scope: str  # one attempt of one step
     run_id: str | None
+    # An executor request with no job_id (servers before Inngest v1.19.3): no identity.
+    no_job_id: bool = False
 
 
 class LLM:
@@ -202,6 +219,8 @@ class LLM:
         name = call.provider
         labels = (name, call.model)
         identity = self._identity(key, run_id)
+        if identity.no_job_id:
+            self.metrics.no_identity.labels(*labels).inc()
         digest = call.digest()
         occurrence = self._next_occurrence(identity.scope, identity.key or "", digest)
         entry = None if identity.key is None else cache_key(identity.key, digest, occurrence)
@@ -485,6 +504,12 @@ class LLM:
     def _identity(self, key: str | None, run_id: str | None) -> _Identity:
         request = current_request()
         if request is not None:
+            if key is None and not request.job_id:
+                # An empty job_id would make "job:" the identity of every step of every
+                # run: one run's stored answer served to another. No identity instead.
+                _warn_no_job_id_once()
+                return _Identity(None, request.request_id, run_id or request.run_id,
+                                 no_job_id=True)
             return _Identity(key or f"job:{request.job_id}", request.request_id,
                              run_id or request.run_id)
         scope = _task_scope.get()

@@ -47,6 +47,10 @@ class LLMMetrics:
             "finished_in_background_total",
             "Model calls whose step was cancelled mid-call and that finished anyway, "
             "storing the answer for the copy waiting on it.")
+        self.no_identity = counter(
+            "no_identity_total",
+            "Calls in an executor request with no job_id (servers before Inngest v1.19.3): "
+            "not cached and not claimed, since no identity is stable across retries.")
         self.duration = Histogram(
             "connect_worker_llm_request_duration_seconds",
             "Time from first attempt to answer for calls that reached the model.",

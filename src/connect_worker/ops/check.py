@@ -235,6 +235,11 @@ def _check_config(environ: Mapping[str, str], config: Config, findings: _Finding
             environ["PORT"] != environ["CONNECT_WORKER_HTTP_PORT"]:
         findings.warn("port-mismatch", f"CONNECT_WORKER_HTTP_PORT={config.http_port} differs "
                       f"from PORT={environ['PORT']}: Railway's healthcheck probes PORT.")
+    if config.http_port is not None and not config.dev and config.http_host.startswith(
+            ("127.", "::1", "localhost")):
+        findings.warn("http-host-loopback", f"CONNECT_WORKER_HTTP_HOST={config.http_host} "
+                      "listens on this machine only: the platform's healthcheck and "
+                      "Prometheus reach the replica by its own address (use ::).")
 
 
 def run_check(config_env: Mapping[str, str], target: str | None, *, out: TextIO) -> int:

@@ -312,6 +312,15 @@ class WorkerMetrics:
             "How late the event loop ran its last scheduled probe.",
             registry=r,
         )
+        self.version_drift_total = Counter(
+            "connect_worker_version_drift_total",
+            "Runs that met code not matching their memoized steps, by function and kind "
+            "(added: a step with no memo reached while memos remain; unconsumed: the request "
+            "ended with memos never reached; output_shape: a memo not fitting its step's "
+            "declared type).",
+            ["function", "kind"],
+            registry=r,
+        )
         # Label children of the per-step metrics, looked up once per (function, outcome).
         self._step_children: dict[tuple[str, str], tuple[CounterChild, HistogramChild]] = {}
         self.set_connection_state("disconnected")
