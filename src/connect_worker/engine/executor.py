@@ -152,9 +152,10 @@ _NO_TIMING = _NoTiming()
 NO_TIMINGS = _NoTimings()  # (also read by lab/bench.py, to cost the SDK as we call it)
 
 
-def error_outcome(name: str, message: str, *, no_retry: bool = False) -> Outcome:
+def error_outcome(name: str, message: str, *, no_retry: bool = False,
+                  retry_after: str | None = None) -> Outcome:
     body = json.dumps({"name": name, "message": message, "stack": ""}).encode()
-    return Outcome(status=STATUS_ERROR, body=body, no_retry=no_retry)
+    return Outcome(status=STATUS_ERROR, body=body, no_retry=no_retry, retry_after=retry_after)
 
 
 class Executor:

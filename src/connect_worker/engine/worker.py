@@ -82,6 +82,7 @@ from ..protocol.state import State
 from .drift import guard_from_config
 from .executor import SDK_LANGUAGE, SDK_VERSION, App, Executor, Outcome, error_outcome
 from .gateway_api import GatewayAPI
+from .lease_clock import lease_seconds, watch_leases
 from .session import Session
 from .stacks import running_steps
 from .unreachable import UnreachableHint
@@ -108,6 +109,10 @@ EXTENSION_BATCH = 256
 # Hand-back replies at the drain deadline get this long to be acknowledged (socket or
 # flush) before the process exits: the platform's SIGKILL is close behind.
 HAND_BACK_TIMEOUT = 1.5
+# The hand-back reply's retry_after (seconds, the soonest Inngest accepts): without it
+# Inngest's retry backoff applies, 15 s plus up to 30 s of jitter for a first retry
+# (pkg/backoff), where the hand-back promises a retry within seconds.
+HAND_BACK_RETRY_AFTER = "1"
 # Delivered replies are kept this long (and at most this many) so a request the gateway
 # forwards again after we delivered it is answered, not run again: it re-routes a forward
 # it never saw ACKed for up to about the route wait (10 s) per attempt, three attempts.
@@ -176,6 +181,8 @@ class Step:
     extending: bool = True
     # A successful extension proved the gateway counts this copy as the lease holder.
     confirmed: bool = False
+    # When the lease lapses unless the gateway confirms it again (lease_clock.py).
+    lease_deadline: float = 0.0
     sent_on: Session | None = None
     sent_at: float = 0.0  # when the reply last went out on a socket (monotonic)
     delivered: bool = False
@@ -289,6 +296,8 @@ class Worker:
         self._abort_requested = False
         self._draining = False
         self._last_ack_at = 0.0
+        # The newest session's; short until one says (the lease watch wakes this often).
+        self._extend_interval = 1.0
         self._fatal: BaseException | None = None
         self.exit_code: int | None = None
 
@@ -366,6 +375,8 @@ class Worker:
                 self._tg = tg
                 tg.start_soon(self._supervise)
                 tg.start_soon(self._extend_leases)
+                tg.start_soon(watch_leases, self._steps.values, self._lease_expired,
+                              lambda: self._extend_interval)
                 await self._stop.wait()
                 self.exit_code = await self._drain()
                 tg.cancel_scope.cancel()
@@ -508,6 +519,7 @@ class Worker:
             await session.send(WorkerConnection.send_ready)
             self.metrics.set_connection_state("ready")
         self._current = session
+        self._extend_interval = session.ready.extend_lease_interval
         if session.ready.status_interval > 0:
             self._tg_start(self._report_status, session)
         set_log_context(conn_id=session.id)
@@ -601,6 +613,7 @@ class Worker:
         self._last_ack_at = now
         self.metrics.requests_acked_total.inc()
         step = Step(request, request.lease_id, now, echo)
+        step.lease_deadline = now + lease_seconds(request.lease_id, self._extend_interval)
         self._steps[request.request_id] = step
         tracing.step_started(step)
         self._notify()
@@ -695,6 +708,8 @@ class Worker:
             return
         if ack.new_lease_id:
             step.lease_id = ack.new_lease_id
+            step.lease_deadline = time.monotonic() + lease_seconds(
+                ack.new_lease_id, self._extend_interval)
             if not step.confirmed:
                 step.confirmed = True
                 self._notify()
@@ -702,11 +717,19 @@ class Worker:
             return
         self.metrics.lease_extensions_total.labels(outcome="nack").inc()
         tracing.step_event(step, "lease.extension_failed")
+        # Another copy holds the lease (a re-route race, or ours expired): stop, and
+        # send no reply; that copy's reply is the one Inngest uses.
+        self._lose_lease(step, "step.lease_lost")
+
+    def _lease_expired(self, step: Step) -> None:
+        """No confirmation for a whole lease: the gateway gave this copy up (lease_clock.py)."""
+        tracing.step_event(step, "lease.expired")
+        self._lose_lease(step, "step.lease_expired")
+
+    def _lose_lease(self, step: Step, why: str) -> None:
         step.extending = False
         self._notify()
         if step.reply is None and step.outcome != "lease_lost":
-            # Another copy holds the lease (a re-route race, or ours expired): stop, and
-            # send no reply; that copy's reply is the one Inngest uses.
             request = step.request
             step.outcome = "lease_lost"
             # Read before cancelling: the cancellation reaches the user loop at once and
@@ -716,7 +739,7 @@ class Worker:
                 step.task.cancel()  # _step_returned drops the step
             else:  # not started yet: it never starts
                 self._lease_lost(step)
-            event(log, "step.lease_lost", level=logging.WARNING,
+            event(log, why, level=logging.WARNING,
                   request_id=request.request_id, run_id=request.run_id,
                   function=request.function_slug, step_id=name,
                   confirmed_before=step.confirmed,
@@ -1014,7 +1037,7 @@ class Worker:
                     "StepAbandoned",
                     f"connect_worker instance {self.config.instance_id} gave up step "
                     f"{name!r} of {request.function_slug!r} after {running_for:.1f} s: "
-                    f"{reason}. Inngest retries it.",
+                    f"{reason}. Inngest retries it.", retry_after=HAND_BACK_RETRY_AFTER,
                 ))
                 handed_back.append(step)
                 tracing.step_event(step, "handed_back")
