@@ -23,7 +23,6 @@ the engine loop; the user loop only reads ``by_request``, in ``enter_step``).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import socket
@@ -62,8 +61,6 @@ from ..errors import ConfigError
 from ..protocol import ExecutorRequest
 from . import logs
 from .tracing import PLATFORM_RESOURCE, StepLike
-
-log = logging.getLogger(__name__)
 
 SCOPE = "connect_worker"
 CONTENT_VARIABLE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
@@ -214,9 +211,8 @@ class Tracing:
         self.scope = InstrumentationScope(SCOPE, __version__)
         self.capture_content = capture_content
         # The sampler's answer without asking it, for the two samplers that need no more
-        # than the parent's flag (the default, parentbased_always_on, and always_on).
-        # (OTEL_TRACES_SAMPLER unset, parentbased_always_on or always_on: the SDK's own
-        # sampler objects.)
+        # than the parent's flag: parentbased_always_on (the default) and always_on, which
+        # the SDK builds as these very objects.
         self.follow_parent = provider.sampler is DEFAULT_ON
         self.always = provider.sampler is ALWAYS_ON
         self.steps: dict[StepLike, StepSpan] = {}
