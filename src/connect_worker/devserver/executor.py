@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -95,11 +96,13 @@ def _trace_ctx() -> bytes:
     return json.dumps({"traceparent": f"00-{trace}-{span}-01"}).encode()
 
 
-def _user_trace_ctx(system: bytes, app_id: str, function_id: str) -> bytes:
-    """The user's trace context: the traceparent with Inngest's app and function IDs in
+def _user_trace_ctx(run_id: str, app_id: str, function_id: str) -> bytes:
+    """As Inngest sends it: the run's trace (one trace id for all its steps, on whatever
+    worker they run), a new parent span per request, and Inngest's app and function IDs in
     the tracestate (trace.HeadersFromTraceState; the real one may add inngest@traceref)."""
-    parent = json.loads(system)["traceparent"]
-    return json.dumps({"traceparent": parent,
+    trace = hashlib.sha256(run_id.encode()).hexdigest()[:32]
+    span = hashlib.sha256(new_ulid().encode()).hexdigest()[:16]
+    return json.dumps({"traceparent": f"00-{trace}-{span}-01",
                        "tracestate": f"inngest@fn={function_id},inngest@app={app_id}"}).encode()
 
 
@@ -714,7 +717,7 @@ class Executor:
                 step_id=item.step_id,
                 request_payload=self._payload(run, item, request_id),
                 system_trace_ctx=trace,
-                user_trace_ctx=_user_trace_ctx(trace, app_uuid(run.app_name),
+                user_trace_ctx=_user_trace_ctx(run.run_id, app_uuid(run.app_name),
                                                function_uuid(run.function_slug)),
                 run_id=run.run_id,
                 lease_id=lease.lease_id,

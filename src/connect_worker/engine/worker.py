@@ -65,6 +65,7 @@ from ..errors import (
     SyncError,
     TransportError,
 )
+from ..ops import tracing
 from ..ops.logs import event
 from ..ops.logs import set_context as set_log_context
 from ..ops.metrics import WorkerMetrics
@@ -486,6 +487,7 @@ class Worker:
             self._unreachable.connected()
             sync_failures = 0
             extend_interval = session.ready.extend_lease_interval
+            tracing.session_started(session)
             await self._tg.start(session.run, self)
             await self._activate(session)
             await _first_of(session.closed, session.gateway_closing)
@@ -549,6 +551,7 @@ class Worker:
 
     def session_closed(self, session: Session) -> None:
         """Called by each session when its socket is gone, whatever the reason."""
+        tracing.session_finished(session)
         if session in self._sessions:
             self._sessions.remove(session)
         if self._current is session:
@@ -612,6 +615,7 @@ class Worker:
         step = Step(request, request.lease_id, now, echo)
         step.lease_deadline = now + lease_seconds(request.lease_id, self._extend_interval)
         self._steps[request.request_id] = step
+        tracing.step_started(step)
         self._notify()
         self._checks.add(request.request_id)
         outcome = self._executor.check_served(request)
@@ -712,12 +716,14 @@ class Worker:
             self._extended.inc()
             return
         self.metrics.lease_extensions_total.labels(outcome="nack").inc()
+        tracing.step_event(step, "lease.extension_failed")
         # Another copy holds the lease (a re-route race, or ours expired): stop, and
         # send no reply; that copy's reply is the one Inngest uses.
         self._lose_lease(step, "step.lease_lost")
 
     def _lease_expired(self, step: Step) -> None:
         """No confirmation for a whole lease: the gateway gave this copy up (lease_clock.py)."""
+        tracing.step_event(step, "lease.expired")
         self._lose_lease(step, "step.lease_expired")
 
     def _lose_lease(self, step: Step, why: str) -> None:
@@ -750,12 +756,14 @@ class Worker:
             return
         self.metrics.reply_acks_total.inc()
         self._last_reply_ack_at = time.monotonic()
+        tracing.step_event(step, "reply.acked")
         self._delivered(step)
 
     def _delivered(self, step: Step) -> None:
         if step.delivered:
             return
         step.delivered = True
+        tracing.step_finished(step)
         if step.wake is not None:
             step.wake.set()
         self._steps.pop(step.request.request_id, None)
@@ -808,6 +816,7 @@ class Worker:
     def _lease_lost(self, step: Step) -> None:
         request = step.request
         self._steps.pop(request.request_id, None)
+        tracing.step_finished(step, "lease_lost")
         self.metrics.steps_total.labels(function=request.function_slug,
                                         outcome="lease_lost").inc()
         self._notify()
@@ -819,6 +828,7 @@ class Worker:
         label = outcome.label
         self.metrics.step_finished(request.function_slug, label, duration)
         step.outcome = label
+        tracing.step_outcome(step, outcome)
         step.reply = self._reply(request, outcome)
         if log.isEnabledFor(logging.DEBUG):
             event(log, "step.finished", level=logging.DEBUG, request_id=request.request_id,
@@ -849,6 +859,7 @@ class Worker:
             step.sent_on = session
             step.sent_at = time.monotonic()
             self.metrics.replies_sent_total.inc()
+            tracing.step_event(step, "reply.sent")
             if step.wake is None:  # the hand-back's _deliver waits for the ACK itself
                 self._acks.add(step.request.request_id)
             return True
@@ -930,6 +941,7 @@ class Worker:
                                 await step.wake.wait()
                     continue
                 self.metrics.flushes_total.labels(outcome="ok").inc()
+                tracing.step_event(step, "reply.flushed")
                 event(log, "reply.flushed", request_id=step.request.request_id,
                       function=step.request.function_slug, draining=self._draining)
                 self._delivered(step)
@@ -966,6 +978,7 @@ class Worker:
         draining().set()
         drain_started_at = time.monotonic()
         self.metrics.start_drain(self.config.drain_timeout)
+        tracing.drain_started(self._steps.values())
         event(log, "drain.start", in_flight=len(self._steps),
               drain_timeout=self.config.drain_timeout)
         await self._pause_sessions()
@@ -990,6 +1003,7 @@ class Worker:
             code = EXIT_OK
         event(log, "drain.end", duration=round(duration, 3), abandoned=len(abandoned),
               exit_code=code)
+        tracing.drain_finished(code)
         return code
 
     async def _abandon(self, steps: list[Step]) -> None:
@@ -1026,6 +1040,7 @@ class Worker:
                     f"{reason}. Inngest retries it.", retry_after=HAND_BACK_RETRY_AFTER,
                 ))
                 handed_back.append(step)
+                tracing.step_event(step, "handed_back")
         self.metrics.steps_abandoned_total.inc(len(steps))
         # Unacknowledged replies that are not handed back stay unacknowledged: no more
         # flushes for them (the hand-back below delivers its own replies).
