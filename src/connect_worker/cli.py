@@ -206,12 +206,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"connect-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _configure_logging(config)
+    from .ops import tracing
+
+    try:
+        # Before the target is imported: instrumentations it sets up find our provider.
+        tracing.setup(config)
+    except ConfigError as exc:
+        print(f"connect-worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     from .engine.target import load_target
 
     try:
         apps = load_target(args.target)
     except TargetError as exc:
         print(f"connect-worker: {exc}", file=sys.stderr)
+        tracing.shutdown()
         return EXIT_USAGE
     from .engine.exiting import exit_after_drain
     from .engine.runner import serve
@@ -227,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{config.http_port} (CONNECT_WORKER_HTTP_HOST={config.http_host}): "
               f"{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        tracing.shutdown()  # the drain's and the last steps' spans go out before exit
 
 
 def _health_listener(config: Config) -> Listener:

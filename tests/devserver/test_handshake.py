@@ -234,15 +234,26 @@ async def test_stale_heartbeat_not_routed() -> None:
         assert run.error["message"] == "connect_no_healthy_connection"
 
 
-async def test_unknown_and_garbage_frames_after_handshake() -> None:
+async def test_unknown_kind_ignored_garbage_frame_closes() -> None:
+    # Like the real gateway: an unknown kind is logged and ignored; a frame that is not a
+    # ConnectMessage ends the connection (wsproto.Read: close 1007).
     async with DevServer(fast_config()) as dev, scripted_worker(dev) as w:
         await w.connect()
-        await w.send_raw(b"\xff\xfe")
         await w.send_raw(pb.ConnectMessage(kind=99).SerializeToString())  # type: ignore[arg-type]
         await w.send(Kind.WORKER_HEARTBEAT)
         await w.expect(Kind.GATEWAY_HEARTBEAT)
-        assert any("undecodable" in e for e in dev.errors)
         assert dev.connections[0].status is ConnStatus.READY
+        await w.send_raw(b"\xff\xfe")
+        assert await w.wait_closed() == (1007, "failed to unmarshal Protobuf")
+        assert any("undecodable" in e for e in dev.errors)
+
+
+async def test_undecodable_reply_closes_1011() -> None:
+    async with DevServer(fast_config()) as dev, scripted_worker(dev) as w:
+        await w.connect()
+        await w.send_raw(pb.ConnectMessage(kind=Kind.WORKER_REPLY,
+                                           payload=b"\xff\xfe").SerializeToString())
+        assert await w.wait_closed() == (1011, "connect_internal_error")
 
 
 async def test_devserver_sends_garbage_to_worker() -> None:

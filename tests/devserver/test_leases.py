@@ -133,6 +133,38 @@ async def test_lease_lapse_retries_with_new_request_same_job() -> None:
         assert errors[0]["error"] == "connect_worker_stopped_responding"
 
 
+@pytest.mark.parametrize("limit", [None, 5])
+async def test_extension_after_the_proxy_gave_up(limit: int | None) -> None:
+    # As extend_lease.lua: the proxy keeps the lease record of a request it gave up on, so
+    # a worker without a capacity limit that extends with its current lease ID renews a
+    # lease nobody waits for (no NACK); with a limit, the request -> instance mapping is
+    # gone and the extension is refused.
+    cfg = fast_config(lease_duration=0.4, lease_check_interval=0.1, lease_grace=0.1)
+    async with DevServer(cfg) as dev, \
+            scripted_worker(dev, max_worker_concurrency=limit) as w:
+        await w.connect()
+        await dev.send_event("test/evt")
+        first = await w.next_request()
+        second = await w.next_request(timeout=5)  # the retry: the proxy gave up on first
+        assert second.job_id == first.job_id
+        ack = await w.extend(first, first.lease_id)
+        assert ack.HasField("new_lease_id") is (limit is None)
+
+
+async def test_a_lapsed_lease_is_taken_over_by_any_lease_id() -> None:
+    cfg = fast_config(lease_duration=0.3, lease_check_interval=30.0)
+    async with DevServer(cfg) as dev, scripted_worker(dev) as w:
+        await w.connect()
+        await dev.send_event("test/evt")
+        req = await w.next_request()
+        current = (await w.extend(req, req.lease_id)).new_lease_id
+        # A live lease with another ID: NACK.
+        assert not (await w.extend(req, "01HZZZZZZZZZZZZZZZZZZZZZZZ")).HasField("new_lease_id")
+        await dev.wait_for(lambda: not dev.core.leases.is_live(req.request_id), timeout=2)
+        taken = await w.extend(req, "01HZZZZZZZZZZZZZZZZZZZZZZZ")
+        assert taken.HasField("new_lease_id") and taken.new_lease_id != current
+
+
 async def test_expire_lease_injection() -> None:
     cfg = fast_config(lease_check_interval=30.0, lease_grace=0.1)
     async with DevServer(cfg) as dev, scripted_worker(dev) as w:

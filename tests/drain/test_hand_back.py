@@ -13,6 +13,7 @@ from pathlib import Path
 
 from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
 from connect_worker.devserver.fleet import WorkerProcess, read_executions
+from connect_worker.protocol import pb
 
 LEASE = 120.0
 
@@ -64,5 +65,9 @@ async def test_abandoned_step_is_retried_at_once_not_after_its_lease(tmp_path: P
     assert len(errors) == 1, run.history
     text = json.dumps(errors[0])
     assert "instance old gave up step 'research'" in text and "drain deadline (3 s)" in text
+    # Inngest's queue would otherwise wait its backoff (15-45 s) before the retry.
+    [hand_back] = [r.response for r in [*dev.replies, *dev.flushes]
+                   if r.response.status == pb.SDKResponseStatus.ERROR]
+    assert hand_back.retry_after == "1"
     runs_of = [e["step"] for e in read_executions(exec_log)]
     assert runs_of.count("research") == 2 and runs_of.count("draft") == 1

@@ -22,7 +22,7 @@ def test_bench_reports_both_workers(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "connect_worker.lab.bench", "--runs", "20", "--concurrency", "4",
          "--rounds", "1", "--warmup", "2", "--idle", "0.3", "--settle", "0.2",
-         "--timeout", "30", "--bridge-cost", "--json", str(out)],
+         "--timeout", "30", "--bridge-cost", "--tracing", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=90, check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -33,12 +33,16 @@ def test_bench_reports_both_workers(tmp_path: Path) -> None:
         assert label in table, table
 
     assert "the user-code thread's cost" in table, table
+    assert "tracing on" in table, table
 
     report = json.loads(out.read_text())
     assert {s["worker"] for s in report["samples"]} == {
-        "connect_worker", "sdk_client", "connect_worker_inline"}
-    # The experiment without the user-code thread served every run too.
+        "connect_worker", "sdk_client", "connect_worker_inline", "connect_worker_traced"}
+    # The experiment without the user-code thread served every run too, and so did the
+    # traced worker, whose spans reached the sink.
     assert report["summary"]["connect_worker_inline"]["failed_runs"] == 0
+    assert report["summary"]["connect_worker_traced"]["failed_runs"] == 0
+    assert report["trace_exports"] > 0
     for worker in ("connect_worker", "sdk_client"):
         summary = report["summary"][worker]
         for key in POSITIVE:

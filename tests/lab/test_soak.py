@@ -53,6 +53,21 @@ def test_cli_prints_the_plan_and_rejects_bad_flags(capsys: pytest.CaptureFixture
     assert "LOW <= HIGH" in capsys.readouterr().err
 
 
+def test_faults_inngest_cannot_do_are_refused_in_one_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["soak", "--server", "http://127.0.0.1:9", "--faults", "deploy,withhold-ack"])
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert "cannot be made to do withhold-ack" in line and "deploy, crash, drop, stall" in line
+    with pytest.raises(SystemExit):
+        cli.main(["soak", "--faults", "stall"])  # a proxy fault: Inngest's server only
+    assert "stall needs --server" in capsys.readouterr().err
+    # The real server's menu by default, minus --no-<kind>.
+    assert cli.main(["soak", "--server", "http://127.0.0.1:9", "--plan", "--no-crash"]) == 0
+    kinds = {json.loads(x)["kind"] for x in capsys.readouterr().out.splitlines()}
+    assert kinds == {"deploy", "drop", "stall"}
+
+
 @pytest.mark.timeout(240)
 def test_short_soak_keeps_the_promise(tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
@@ -132,6 +147,9 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
         (1, "q-x", "run2", "part-1", True), (1, "q-y", "run2", "part-1", True),
         # Re-delivered to the same replica, which ran it again until its lease was refused.
         (4, "q-again", "run2", "part-2", True), (4, "q-again", "run2", "part-2", False),
+        # Ran to the end on a replica SIGKILLed before its reply landed (its ACK was late,
+        # so the gateway re-routed the same request to "real", whose reply landed).
+        (2, "q-rerouted", "run3", "part-0", True), (1, "q-rerouted", "run3", "part-0", True),
     ]
     log = tmp_path / "executions.jsonl"
     log.write_text("".join(
@@ -139,23 +157,23 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
                     "phase": phase}) + "\n"
         for i, (pid, q, run, step, end) in enumerate(starts)
         for phase in (("start", "end") if end else ("start",))))
-    replies = [SimpleNamespace(request_id=q) for q in
+    replies = [SimpleNamespace(request_id=q, conn_id="c-real") for q in
                ("q-crash-retry", "q-abandoned-retry", "q-race", "q-twice", "q-x", "q-y",
-                "q-again")]
+                "q-again", "q-rerouted")]
     dev = SimpleNamespace(
-        runs={"run1": SimpleNamespace(status=RunStatus.COMPLETED),
-              "run2": SimpleNamespace(status=RunStatus.COMPLETED)},
+        runs={run: SimpleNamespace(status=RunStatus.COMPLETED)
+              for run in ("run1", "run2", "run3")},
         timeline=[SimpleNamespace(kind="ACK_IGNORED")], replies=replies, flushes=[],
         connections=[SimpleNamespace(conn_id="c-real", instance_id="real")],
         dispatches=[SimpleNamespace(request_id="q-lost", job_id="j", conn_id="c-real",
                                     acked_at=2.0, sent_at=1.0)],
     )
-    result = soak.SoakResult(soak.SoakSettings(), run_ids=["run1", "run2"])
+    result = soak.SoakResult(soak.SoakSettings(), run_ids=["run1", "run2", "run3"])
     result.workers = [real, killed, drained, loser, silent]  # type: ignore[list-item]
     soak.audit(result, dev, str(log))  # type: ignore[arg-type]
 
-    assert result.runs_completed == 2 and result.step_executions == len(starts)
-    assert dict(result.duplicates) == {"crash": 1, "abandoned": 1, "race": 2,
+    assert result.runs_completed == 3 and result.step_executions == len(starts)
+    assert dict(result.duplicates) == {"crash": 2, "abandoned": 1, "race": 2,
                                        "unexplained": 2}
     assert [(u["run_id"], u["step"]) for u in result.unexplained] == [
         ("run2", "part-0"), ("run2", "part-1")]
@@ -163,6 +181,7 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
     assert races["q-race"].loser_ran_for == [0.8] and not races["q-race"].ran_to_end_twice
     assert races["q-twice"].ran_to_end_twice and result.race_ran_twice == 1
     assert races["q-again"].loser_ran_for == [0.2] and not races["q-again"].ran_to_end_twice
+    assert not races["q-rerouted"].ran_to_end_twice and races["q-rerouted"].winner == "real"
     assert result.late_acks_ignored == 1
     assert result.lost_replies == ["q-lost"]
     assert result.abandoned == 1 and result.handed_back == 1

@@ -202,8 +202,10 @@ def test_rollout_keeps_capacity_and_pods_are_sized_and_unprivileged() -> None:
 def test_every_variable_set_is_one_the_worker_reads() -> None:
     from connect_worker.config import SETTINGS
     from connect_worker.ops.check import CHECK_VARIABLES
+    from connect_worker.ops.tracing import PLATFORM_RESOURCE
 
     known = {s.env for s in SETTINGS} | {name for name, _ in CHECK_VARIABLES} | {"PORT"}
+    known |= {name for name, _ in PLATFORM_RESOURCE}  # traces' resource attributes
     names = {e["name"] for e in _container()["env"]}
     assert names <= known, names - known
     secret = {e["name"]: e["valueFrom"] for e in _container()["env"] if "valueFrom" in e}

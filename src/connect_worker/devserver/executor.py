@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -91,7 +92,18 @@ class ProxyResult:
 def _trace_ctx() -> bytes:
     trace = new_ulid().lower().rjust(32, "0")[:32]
     span = new_ulid().lower()[-16:]
-    return json.dumps({"traceparent": f"00-{trace}-{span}-01", "tracestate": ""}).encode()
+    # Only the traceparent: the propagator leaves out an empty tracestate.
+    return json.dumps({"traceparent": f"00-{trace}-{span}-01"}).encode()
+
+
+def _user_trace_ctx(run_id: str, app_id: str, function_id: str) -> bytes:
+    """As Inngest sends it: the run's trace (one trace id for all its steps, on whatever
+    worker they run), a new parent span per request, and Inngest's app and function IDs in
+    the tracestate (trace.HeadersFromTraceState; the real one may add inngest@traceref)."""
+    trace = hashlib.sha256(run_id.encode()).hexdigest()[:32]
+    span = hashlib.sha256(new_ulid().encode()).hexdigest()[:16]
+    return json.dumps({"traceparent": f"00-{trace}-{span}-01",
+                       "tracestate": f"inngest@fn={function_id},inngest@app={app_id}"}).encode()
 
 
 def _max_attempts(config: dict[str, Any], default_retries: int) -> int:
@@ -705,7 +717,8 @@ class Executor:
                 step_id=item.step_id,
                 request_payload=self._payload(run, item, request_id),
                 system_trace_ctx=trace,
-                user_trace_ctx=b"{}",
+                user_trace_ctx=_user_trace_ctx(run.run_id, app_uuid(run.app_name),
+                                               function_uuid(run.function_slug)),
                 run_id=run.run_id,
                 lease_id=lease.lease_id,
                 job_id=item.job_id if self.config.send_job_id else "",
@@ -713,11 +726,14 @@ class Executor:
             error = await self._forward(run, item, request)
             if error is not None:
                 return ProxyResult(None, error)
-            return await self._await_reply(request_id, reply, poke)
+            result = await self._await_reply(request_id, reply, poke)
+            if result.response is not None:
+                core.leases.release(request_id)
+            return result
         finally:
             core.buffer.forget_waiter(request_id)
             core.buffer.delete(request_id)
-            core.leases.release(request_id)
+            core.leases.give_up(request_id)  # a no-op after release
             self.gateway.dual_owners.pop(request_id, None)
             self.state.notify()
 
@@ -855,8 +871,7 @@ class Executor:
             if reply.done() and not reply.cancelled():
                 self._mark(request_id, "replied")
                 return ProxyResult(reply.result(), None)
-            if leases.is_live(request_id):
-                continue  # extended during the grace period
+            # Like the real proxy: an extension during the grace period comes too late.
             self._mark(request_id, "lease_lost")
             log.info("lease expired: request %s got no reply or lease extension for %.0f s "
                      "(the worker stopped responding)", request_id, cfg.lease_duration)

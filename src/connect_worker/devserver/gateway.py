@@ -51,6 +51,8 @@ ACK_INVALID = "connect_worker_request_ack_invalid_payload"
 EXTEND_INVALID = "connect_worker_request_extend_lease_invalid_payload"
 INTERNAL = "connect_internal_error"
 GATEWAY_CLOSING = "connect_gateway_closing"
+# Not a syscode: wsproto.Read's close reason for a frame that is not a ConnectMessage.
+UNMARSHAL_FAILED = "failed to unmarshal Protobuf"
 
 
 def kind_name(kind: int) -> str:
@@ -322,8 +324,8 @@ class Gateway:
         self, req: pb.WorkerConnectRequestData, env: str
     ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
         try:
-            if req.capabilities:
-                json.loads(req.capabilities)
+            # The real sync unmarshals the capabilities unconditionally: empty fails too.
+            json.loads(req.capabilities)
             configs: dict[str, list[dict[str, Any]]] = {}
             hashes: dict[str, str] = {}
             for app in req.apps:
@@ -460,9 +462,11 @@ class Gateway:
                 return
             msg = pb.ConnectMessage()
             if not _parse(msg, frame):
+                # wsproto.Read closes the socket and the read loop ends.
                 self.state.record("in", "UNDECODABLE", info.conn_id)
                 self.state.error(f"undecodable frame on {info.conn_id}")
-                continue
+                await self._close(conn.ws, 1007, UNMARSHAL_FAILED, info.conn_id)
+                return
             latency = self.state.faults.frame_latency
             if late is None and latency <= 0:
                 await self._handle(conn, msg)
@@ -537,8 +541,9 @@ class Gateway:
             ok = _parse(resp, msg.payload)
             self.state.record("in", "WORKER_REPLY", info.conn_id, resp.request_id if ok else None)
             if not ok:
-                # Assumption: an unparseable reply is logged and dropped.
+                # handleSdkReply fails, and handleWorkerReply closes the socket.
                 self.state.error(f"undecodable WORKER_REPLY on {info.conn_id}")
+                await self._close(conn.ws, 1011, INTERNAL, info.conn_id)
                 return
             race = self.state.faults.reply_close_race
             if race > 0:

@@ -27,9 +27,16 @@ class Lease:
     # make an instance the holder: after a re-route race two workers hold the same
     # lease ID, and the first to extend it keeps the lease.
     extended_by: str | None = None
+    # When the proxy gave up on the request without a reply (the record stays a while).
+    abandoned_at: float | None = None
 
     def live(self, now: float) -> bool:
         return now < self.expires_at
+
+
+# How long the record of a request the proxy gave up on is kept (the real key's expiry
+# is the 2 h request maximum plus one lease; an hour bounds a long soak's memory).
+ABANDONED_TTL = 3600.0
 
 
 class LeaseError(Exception):
@@ -60,9 +67,31 @@ class LeaseStore:
         return lease
 
     def release(self, request_id: str) -> None:
-        """The proxy is done with the request (reply consumed or given up)."""
+        """The proxy consumed the request's reply: the lease record goes (DeleteLease)."""
         self.leases.pop(request_id, None)
         self.pokes.pop(request_id, None)
+
+    def give_up(self, request_id: str) -> None:
+        """The proxy gave up on the request without a reply (lease lapsed, forward failed).
+
+        Like the real proxy, the lease record stays (the real key lives for the 2 h
+        request maximum): only the request -> instance mapping of capacity tracking goes
+        (cleanupWorkerRequest). So a worker that comes back and extends with its current
+        lease ID renews the lease of a request nobody waits for any more, unless its
+        capacity is limited (then the mapping check refuses it), see ``extend``."""
+        self.pokes.pop(request_id, None)
+        lease = self.leases.get(request_id)
+        if lease is not None:
+            lease.instance_id = None
+            lease.abandoned_at = time.monotonic()
+        self._prune()
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        for request_id in [r for r, lease in self.leases.items()
+                           if lease.abandoned_at is not None
+                           and now - lease.abandoned_at > ABANDONED_TTL]:
+            del self.leases[request_id]
 
     def is_live(self, request_id: str) -> bool:
         lease = self.leases.get(request_id)
@@ -80,22 +109,22 @@ class LeaseStore:
         return True
 
     def extend(self, request_id: str, lease_id: str, instance_id: str) -> str | None:
-        """Return the new lease ID, or None for a NACK (rules of spec §5.2)."""
+        """Return the new lease ID, or None for a NACK (extend_lease.lua, spec §5.2)."""
         lease = self.leases.get(request_id)
         if lease is None:
-            return None
+            return None  # -1: no lease record (the reply was consumed)
+        now = time.monotonic()
         limited = bool(self.capacity.get(instance_id))
         if limited and lease.instance_id != instance_id:
-            return None
-        if lease.lease_id != lease_id:
+            return None  # -3: not mapped to this instance (or the proxy gave up)
+        if lease.lease_id != lease_id and lease.live(now):
             # One lost EXTEND_LEASE_ACK: the previous ID from the instance that
             # extended it gets the current ID back instead of a NACK (v1.41.0+).
             if lease_id == lease.previous_lease_id and lease.extended_by == instance_id:
                 return lease.lease_id
-            return None
-        # Matches the current lease: extend, even if it already lapsed, as long as
-        # nobody re-leased the request meanwhile.
-        now = time.monotonic()
+            return None  # -2: someone else holds a live lease
+        # The current lease ID, or any ID once the current lease lapsed: extend, even
+        # after the proxy gave up on the request (the lua script does not know).
         new_id, expires = self._mint(now)
         lease.previous_lease_id = lease.lease_id
         lease.lease_id = new_id

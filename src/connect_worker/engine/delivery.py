@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import ConnectWorkerError
+from ..ops import tracing
 from ..ops.logs import event
 from ..protocol import ExecutorRequest, WorkerConnection
 from ..protocol.codec import build_sdk_response
@@ -115,6 +116,7 @@ class Delivery:
         step.sent_on = session
         step.sent_at = time.monotonic()
         self._metrics.replies_sent_total.inc()
+        tracing.step_event(step, "reply.sent")
         if step.state is StepState.REPLY_SENT:
             self._acks.add(step.request.request_id)
         return True
@@ -137,6 +139,7 @@ class Delivery:
     def reply_acked(self, step: Step) -> None:
         self._metrics.reply_acks_total.inc()
         self.last_reply_ack_at = time.monotonic()
+        tracing.step_event(step, "reply.acked")
 
     def redelivered(self, session: Session, request: ExecutorRequest, reply: bytes,
                     delivered_ago: float) -> None:
@@ -170,6 +173,7 @@ class Delivery:
                         await step.wake.wait()
                 continue
             self._metrics.flushes_total.labels(outcome="ok").inc()
+            tracing.step_event(step, "reply.flushed")
             event(log, "reply.flushed", request_id=step.request.request_id,
                   function=step.request.function_slug, draining=self.draining)
             self._fire(step, StepEvent.FLUSHED)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ..context import draining
+from ..ops import tracing
 from ..ops.logs import event
 from .delivery import build_reply
 from .executor import error_outcome
@@ -115,6 +116,7 @@ class Drain:
         draining().set()
         started_at = time.monotonic()
         metrics.start_drain(config.drain_timeout)
+        tracing.drain_started(ledger.steps.values())
         event(log, "drain.start", in_flight=len(ledger.steps),
               drain_timeout=config.drain_timeout)
         settle = self.last_ack_at + PAUSE_SETTLE - time.monotonic()
@@ -142,6 +144,7 @@ class Drain:
             code = EXIT_OK
         event(log, "drain.end", duration=round(duration, 3), abandoned=abandoned,
               exit_code=code)
+        tracing.drain_finished(code)
         return code
 
     async def _give_up(self) -> None:
@@ -209,3 +212,4 @@ class Drain:
             f"Inngest retries it.", retry_after=HAND_BACK_RETRY_AFTER,
         ))
         self._handed_back.append(step)
+        tracing.step_event(step, "handed_back")

@@ -26,6 +26,7 @@ from inngest._internal import comm_lib, const, net, server_lib
 
 from ..context import RequestIdentity, _current
 from ..errors import ExecutionError
+from ..ops import tracing
 from ..protocol import ExecutorRequest, pb
 from . import drift as _drift
 from .userloop import UserLoop
@@ -254,6 +255,7 @@ class Executor:
             request.run_id, request.function_slug, request.step_id, request.request_payload))
         token = _current.set(identity)
         drift_token = _drift.set_tracker(tracker)
+        span_token = tracing.enter_step(request)  # the step's span is current in user code
         try:
             response = await handler.post(
                 comm_lib.CommRequest(
@@ -277,6 +279,7 @@ class Executor:
             return error_outcome("VersionDrift", tracker.failure if tracker and tracker.failure
                                  else str(stop), no_retry=True)
         finally:
+            tracing.exit_step(span_token)
             _drift.reset_tracker(drift_token)
             _current.reset(token)
         body = response.body_bytes()

@@ -56,9 +56,15 @@ def lease_seconds(lease_id: str, extend_interval: float) -> float:
 
 
 class Leased(Protocol):
-    lease_deadline: float  # time.monotonic()
-    reply: bytes | None
-    extending: bool
+    # Read-only members: a step's state may derive them (steps.Step.extending).
+    @property
+    def lease_deadline(self) -> float: ...  # time.monotonic()
+
+    @property
+    def reply(self) -> bytes | None: ...
+
+    @property
+    def extending(self) -> bool: ...
 
 
 S = TypeVar("S", bound=Leased)

@@ -27,6 +27,7 @@ from ..errors import (
     SyncError,
     TransportError,
 )
+from ..ops import tracing
 from ..ops.logs import event
 from ..ops.logs import set_context as set_log_context
 from ..protocol import WorkerConnection, pb
@@ -157,6 +158,7 @@ class Supervisor:
             self._unreachable.connected()
             sync_failures = 0
             extend_interval = session.ready.extend_lease_interval
+            tracing.session_started(session)
             await tg.start(session.run, sink)
             await self._activate(session, tg)
             await _first_of(session.closed, session.gateway_closing)

@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from .. import __version__
 from ..config import Config
 from ..context import draining
+from ..ops import tracing
 from ..ops.logs import event
 from ..ops.metrics import WorkerMetrics
 from ..protocol import ExecutorRequest, GatewayEvent, LeaseExtended, ReplyAck, WorkerConnection
@@ -197,7 +198,7 @@ class Worker:
                 tg.start_soon(self._leases.extend_periodically)
                 tg.start_soon(self._leases.send_queued)
                 tg.start_soon(watch_leases, lambda: self._ledger.in_state(_HELD),
-                              lambda step: self._fire(step, StepEvent.LEASE_EXPIRED),
+                              self._lease_expired,
                               lambda: self._supervisor.extend_interval)
                 await self._stop.wait()
                 self.exit_code = await self._drain.run()
@@ -229,7 +230,14 @@ class Worker:
     def _fire(self, step: Step, ev: StepEvent, session: Session | None = None) -> None:
         """Feed one event to the ledger and carry out the actions it returns, in order."""
         handlers = self._handlers
-        for action in self._ledger.fire(step, ev):
+        before = step.state
+        actions = self._ledger.fire(step, ev)
+        if step.state is not before:
+            if step.state is StepState.DELIVERED:
+                tracing.step_finished(step)
+            elif step.state is StepState.LEASE_LOST:
+                tracing.step_finished(step, "lease_lost")
+        for action in actions:
             handlers[action](step, session)
         self._changes.notify()
 
@@ -257,6 +265,7 @@ class Worker:
 
     def session_closed(self, session: Session) -> None:
         """Called by each session when its socket is gone, whatever the reason."""
+        tracing.session_finished(session)
         self._supervisor.closed(session)
         for step in list(self._ledger.steps.values()):
             if step.sent_on is session:
@@ -278,6 +287,7 @@ class Worker:
             step = ledger.open(request, echo, now)
             step.lease_deadline = now + lease_seconds(request.lease_id,
                                                       self._supervisor.extend_interval)
+            tracing.step_started(step)
             self._changes.notify()
             self._leases.checks.add(request_id)
             outcome = self._executor.check_served(request)
@@ -312,6 +322,7 @@ class Worker:
             self._fire(step, StepEvent.LEASE_EXTENDED)
         else:
             self.metrics.lease_extensions_total.labels(outcome="nack").inc()
+            tracing.step_event(step, "lease.extension_failed")
             self._fire(step, StepEvent.LEASE_NACKED)
 
     def _body_done(self, step: Step, outcome: Outcome) -> None:
@@ -320,6 +331,7 @@ class Worker:
         duration = time.monotonic() - step.started_at
         label = outcome.label
         self.metrics.step_finished(request.function_slug, label, duration)
+        tracing.step_outcome(step, outcome)
         step.reply = build_reply(request, outcome)
         if log.isEnabledFor(logging.DEBUG):
             event(log, "step.finished", level=logging.DEBUG, request_id=request.request_id,
@@ -346,6 +358,11 @@ class Worker:
         log.error("a reply flush failed", exc_info=exc)
         self._drain.fatal = exc
         self.abort()
+
+    def _lease_expired(self, step: Step) -> None:
+        """No confirmation for a whole lease: the gateway gave this copy up (lease_clock.py)."""
+        tracing.step_event(step, "lease.expired")
+        self._fire(step, StepEvent.LEASE_EXPIRED)
 
     def _cancel_flushes(self) -> set[asyncio.Task[None]]:
         for task in self._flushes:

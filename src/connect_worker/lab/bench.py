@@ -42,6 +42,13 @@ with its user-code thread taken out (``UserLoop.submit`` patched to run the requ
 the engine's own loop). connect_worker has no such mode: it would let one blocking step
 stop every heartbeat and lease extension. The difference prices that guarantee.
 
+``--tracing`` adds connect_worker with OpenTelemetry tracing on to each round, next to
+connect_worker without it: the same worker with ``OTEL_EXPORTER_OTLP_ENDPOINT`` set to a
+sink in this process that answers every export (it decodes nothing) and
+``OTEL_TRACES_SAMPLER=always_on``, so every step's span is recorded and exported by the
+batch processor. Its CPU per run against connect_worker's, per round and as medians, is
+the cost of tracing (docs/benchmarks.md).
+
 Internal modes (used by the bench itself): ``sdk-worker`` runs the official
 client, ``cw-worker`` runs connect_worker as ``connect_worker run`` does plus the lag
 probe (``--inline``: the experiment above), ``sdk-cost`` measures the SDK execution cost.
@@ -62,11 +69,12 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from ..devserver import DevServer
@@ -76,8 +84,11 @@ SDK = "sdk_client"
 # An experiment, not a mode connect_worker has: user code on the engine's own loop, no
 # thread (``--bridge-cost``). It prices the guarantee the thread buys (see the docstring).
 INLINE = "connect_worker_inline"
+# connect_worker with tracing on (``--tracing``).
+TRACED = "connect_worker_traced"
 WORKERS = (CW, SDK)
-LABELS = {CW: "connect_worker", SDK: "SDK client", INLINE: "cw, no thread"}
+LABELS = {CW: "connect_worker", SDK: "SDK client", INLINE: "cw, no thread",
+          TRACED: "cw, tracing on"}
 REQUESTS_PER_RUN = 2
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE_KB = 1024.0
@@ -251,12 +262,32 @@ def render_bridge_cost(cw: Summary, sdk: Summary, inline: Summary) -> str:
     ])
 
 
+def render_tracing(samples: list[Sample], cw: Summary, traced: Summary) -> str:
+    """The ``--tracing`` lines: what tracing on costs per run."""
+    by_round: dict[int, dict[str, float]] = {}
+    for s in samples:
+        by_round.setdefault(s.round, {})[s.worker] = s.cpu_ms_per_run
+    paired = [ratio(r[TRACED], r[CW]) for _, r in sorted(by_round.items())
+              if CW in r and TRACED in r]
+    return "\n".join([
+        "",
+        "tracing on (--tracing: OTLP/HTTP to a local sink, batch processor, always_on):",
+        f"  worker CPU ms/run              {traced.cpu_ms_per_run:.3f}"
+        f"  ({ratio(traced.cpu_ms_per_run, cw.cpu_ms_per_run) - 1:+.1%} against tracing off,"
+        f" {cw.cpu_ms_per_run:.3f})",
+        "  per round (on / off)           " + " ".join(f"{r:.2f}" for r in paired),
+        f"  dispatch->reply p50/p99 ms     {traced.reply_p50_ms:.2f} / {traced.reply_p99_ms:.2f}",
+        f"  peak RSS MB                    {traced.peak_rss_mb:.1f}",
+    ])
+
+
 def render(args: argparse.Namespace, cw: Summary, sdk: Summary, ncpu: int,
            paired: dict[str, list[float]]) -> str:
     head = (
         f"N={args.runs} runs x {REQUESTS_PER_RUN} requests (1 no-op step), C={args.concurrency},"
         f" {args.rounds} round(s), warm-up {args.warmup}, idle {args.idle:g}s;"
-        f" medians; {ncpu} CPU(s); Python {sys.version.split()[0]}"
+        f" medians; {ncpu} CPU(s); Python {sys.version.split()[0]}; server: "
+        f"{getattr(args, 'server', None) or 'our dev gateway'}"
     )
     width = 32
     lines = [head, "",
@@ -292,8 +323,11 @@ async def drive(dev: DevServer, n: int, concurrency: int, bound: float) -> list[
         return any(runs[r].status.terminal for r in inflight)
 
     while len(started) < n or inflight:
-        while len(inflight) < concurrency and len(started) < n:
-            ids = await dev.send_event(EVENT, {"i": len(started)})
+        wanted = min(concurrency - len(inflight), n - len(started))
+        # At once: on Inngest's server each send waits for its run to be created.
+        sent = await asyncio.gather(*(dev.send_event(EVENT, {"i": len(started) + i})
+                                      for i in range(max(0, wanted))))
+        for ids in sent:
             if len(ids) != 1:
                 raise RuntimeError(f"event started {len(ids)} runs (is the worker synced?)")
             started.append(ids[0])
@@ -304,7 +338,7 @@ async def drive(dev: DevServer, n: int, concurrency: int, bound: float) -> list[
 
 
 def _worker_command(kind: str, instance_id: str) -> list[str]:
-    if kind == CW:
+    if kind in (CW, TRACED):
         return [sys.executable, "-m", "connect_worker", "run", "connect_worker.lab.bench_app"]
     if kind == INLINE:
         return [sys.executable, "-m", "connect_worker.lab.bench", "cw-worker", "--inline"]
@@ -312,9 +346,13 @@ def _worker_command(kind: str, instance_id: str) -> list[str]:
             "--instance-id", instance_id]
 
 
-def _worker_env(api_url: str, instance_id: str) -> dict[str, str]:
+def _worker_env(api_url: str, instance_id: str,
+                traces_to: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("INNGEST_", "CONNECT_WORKER_", "RAILWAY_"))}
+           if not k.startswith(("INNGEST_", "CONNECT_WORKER_", "RAILWAY_", "OTEL_"))}
+    if traces_to is not None:
+        env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": traces_to,
+                    "OTEL_TRACES_SAMPLER": "always_on"})
     env.update({
         "INNGEST_DEV": "1",
         "INNGEST_API_BASE_URL": api_url,
@@ -340,17 +378,58 @@ async def _stop(proc: asyncio.subprocess.Process, grace: float) -> int | None:
     return proc.returncode
 
 
+@contextlib.contextmanager
+def _trace_sink(exports: list[int]) -> Iterator[str]:
+    """An OTLP/HTTP endpoint on 127.0.0.1 that accepts every export unread (``--tracing``);
+    ``exports`` gets the size of each."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Sink(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as a collector does
+
+        def do_POST(self) -> None:
+            exports.append(len(self.rfile.read(int(self.headers.get("Content-Length", "0")))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 async def measure(kind: str, round_no: int, args: argparse.Namespace,
-                  log_dir: Path) -> Sample:
+                  log_dir: Path, traces_to: str | None = None) -> Sample:
     from ..devserver import DevServer, DevServerConfig, RunStatus
+    from .real_server import RealServer
 
     instance_id = f"bench-{kind}-{round_no}"
     cfg = DevServerConfig(interval_format="seconds")
     log_path = log_dir / f"{instance_id}.log"
-    async with DevServer(cfg) as dev:
+    async with contextlib.AsyncExitStack() as stack:
+        env_extra: dict[str, str] = {}
+        if args.server:
+            # Duck-typed: RealServer answers every DevServer member used here; both
+            # workers connect through its recording proxy.
+            real = await stack.enter_async_context(RealServer(args.server))
+            env_extra = real.worker_env
+            dev = cast("DevServer", real)
+        else:
+            dev = await stack.enter_async_context(DevServer(cfg))
         with log_path.open("wb") as log_file:
             proc = await asyncio.create_subprocess_exec(
-                *_worker_command(kind, instance_id), env=_worker_env(dev.api_url, instance_id),
+                *_worker_command(kind, instance_id),
+                env={**_worker_env(dev.api_url, instance_id,
+                                   traces_to if kind == TRACED else None), **env_extra},
                 stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             )
         pid = proc.pid
@@ -431,11 +510,18 @@ async def sdk_cost_subprocess(kind: str, runs: int, bound: float) -> float:
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     samples: list[Sample] = []
     sdk_costs: dict[str, list[float]] = {kind: [] for kind in WORKERS}
-    with tempfile.TemporaryDirectory(prefix="connect-worker-bench-") as tmp:
+    exports: list[int] = []  # --tracing: OTLP requests the sink received (bytes each)
+    with tempfile.TemporaryDirectory(prefix="connect-worker-bench-") as tmp, \
+            (_trace_sink(exports) if args.tracing else contextlib.nullcontext("")) as sink:
         for round_no in range(1, args.rounds + 1):
             order = WORKERS if round_no % 2 else WORKERS[::-1]
-            for kind in (*order, INLINE) if args.bridge_cost else order:
-                sample = await measure(kind, round_no, args, Path(tmp))
+            kinds = list(order)
+            if args.tracing:
+                kinds.insert(1, TRACED)  # next to connect_worker, after it or before it
+            if args.bridge_cost:
+                kinds.append(INLINE)
+            for kind in kinds:
+                sample = await measure(kind, round_no, args, Path(tmp), sink or None)
                 samples.append(sample)
                 _progress(
                     f"round {round_no}/{args.rounds} {LABELS[kind]:>14}: "
@@ -451,6 +537,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     cw = summarize(CW, samples, sdk_costs[CW])
     sdk = summarize(SDK, samples, sdk_costs[SDK])
     inline = summarize(INLINE, samples, sdk_costs[CW]) if args.bridge_cost else None
+    traced = summarize(TRACED, samples, sdk_costs[CW]) if args.tracing else None
     return {
         "config": {k: getattr(args, k) for k in
                    ("runs", "concurrency", "rounds", "warmup", "idle")},
@@ -458,11 +545,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "samples": [asdict(s) for s in samples],
         "sdk_costs_ms_per_run": sdk_costs,
         "summary": {CW: asdict(cw), SDK: asdict(sdk),
-                    **({INLINE: asdict(inline)} if inline else {})},
+                    **({INLINE: asdict(inline)} if inline else {}),
+                    **({TRACED: asdict(traced)} if traced else {})},
         "ratios": {attr: ratio(float(getattr(cw, attr)), float(getattr(sdk, attr)))
                    for attr, _, _ in FIELDS if attr not in ("sdk_ms_per_run", "failed_runs")},
         "targets": dict(targets(cw, sdk)),
         "paired_ratios": {attr: paired_ratios(samples, attr) for attr in PAIRED},
+        **({"trace_exports": len(exports), "trace_export_bytes": sum(exports)}
+           if args.tracing else {}),
     }
 
 
@@ -836,7 +926,8 @@ async def _callgrind_control(*args: str) -> None:
         raise RuntimeError(f"callgrind_control {' '.join(args)} failed")
 
 
-async def instructions_per_run(kind: str, args: argparse.Namespace, tmp: Path) -> float:
+async def instructions_per_run(kind: str, args: argparse.Namespace, tmp: Path,
+                               traces_to: str | None = None) -> float:
     from ..devserver import DevServer, DevServerConfig
 
     n = args.instructions
@@ -847,7 +938,8 @@ async def instructions_per_run(kind: str, args: argparse.Namespace, tmp: Path) -
     async with DevServer(DevServerConfig(interval_format="seconds")) as dev:
         with (tmp / f"{instance_id}.log").open("wb") as log_file:
             proc = await asyncio.create_subprocess_exec(
-                *command, env=_worker_env(dev.api_url, instance_id),
+                *command, env=_worker_env(dev.api_url, instance_id,
+                                          traces_to if kind == TRACED else None),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             )
         try:
@@ -882,12 +974,17 @@ async def sdk_instructions_per_run(kind: str, args: argparse.Namespace, tmp: Pat
 
 
 async def instructions(args: argparse.Namespace) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="connect-worker-bench-") as tmp:
+    exports: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="connect-worker-bench-") as tmp, \
+            (_trace_sink(exports) if args.tracing else contextlib.nullcontext("")) as sink:
         result = {}
-        for kind in WORKERS:
+        kinds = [k for k in WORKERS if k in args.workers]
+        if args.tracing:
+            kinds.insert(1, TRACED)
+        for kind in kinds:
             _progress(f"--instructions {args.instructions}: {LABELS[kind]} under callgrind ...")
-            result[kind] = await instructions_per_run(kind, args, Path(tmp))
-        for kind in WORKERS:
+            result[kind] = await instructions_per_run(kind, args, Path(tmp), sink or None)
+        for kind in WORKERS if SDK in args.workers else ():
             _progress(f"--instructions: SDK execution as {LABELS[kind]} calls it, "
                       "under callgrind ...")
             result[f"sdk_execution_{kind}"] = await sdk_instructions_per_run(
@@ -896,6 +993,14 @@ async def instructions(args: argparse.Namespace) -> dict[str, float]:
 
 
 def render_instructions(args: argparse.Namespace, result: dict[str, float]) -> str:
+    if SDK not in result:  # --workers connect_worker: only ours (and --tracing's)
+        lines = [f"--instructions {args.instructions}: user-space instructions per run under "
+                 f"callgrind (C={args.concurrency}, warm-up {args.warmup}); millions",
+                 f"  {LABELS[CW]:<30}{result[CW] / 1e6:>10.3f}"]
+        if TRACED in result:
+            lines.append(f"  {LABELS[TRACED]:<30}{result[TRACED] / 1e6:>10.3f}"
+                         f"  ({ratio(result[TRACED], result[CW]) - 1:+.1%})")
+        return "\n".join(lines)
     cw, client = result[CW], result[SDK]
     cw_sdk, client_sdk = result[f"sdk_execution_{CW}"], result[f"sdk_execution_{SDK}"]
     rows = [
@@ -913,6 +1018,10 @@ def render_instructions(args: argparse.Namespace, result: dict[str, float]) -> s
     for label, a, b in rows:
         r = "" if label.strip().startswith("SDK") else f"{ratio(a, b):.2f}"
         lines.append(f"{label:<{width}}{a / 1e6:>16.3f}{b / 1e6:>14.3f}{r:>9}".rstrip())
+    if TRACED in result:
+        traced = result[TRACED]
+        lines.append(f"{'  with tracing on (--tracing)':<{width}}{traced / 1e6:>16.3f}"
+                     f"{'':>14}{ratio(traced, cw) - 1:>+9.1%}")
     return "\n".join(lines)
 
 
@@ -930,7 +1039,10 @@ async def run_sdk_worker(instance_id: str) -> None:
     logging.basicConfig(level=logging.WARNING)
     probe = LagProbe()
     probe_task = asyncio.create_task(probe.run())
-    conn = connect([(bench_app.client, list(bench_app.functions))], instance_id=instance_id)
+    # Through the lab's proxy when one is set (--server), as connect_worker is.
+    gateway = os.environ.get("INNGEST_CONNECT_GATEWAY_URL")
+    conn = connect([(bench_app.client, list(bench_app.functions))], instance_id=instance_id,
+                   rewrite_gateway_endpoint=(lambda _url: gateway) if gateway else None)
     try:
         await conn.start()
     finally:
@@ -1106,15 +1218,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="bound on each wait (connect, a run, shutdown)")
     parser.add_argument("--json", metavar="PATH", help="also write all samples as JSON here")
+    parser.add_argument("--server", metavar="URL",
+                        help="measure against a running Inngest dev server (`inngest dev`) "
+                        "at URL instead of our dev gateway (the default mode only)")
     parser.add_argument("--scale", type=int, metavar="N", default=0,
                         help="instead: hold N steps in flight per worker (see the docstring)")
     parser.add_argument("--hold", type=float, default=60.0,
                         help="with --scale: seconds each step waits")
     parser.add_argument("--workers", nargs="+", choices=WORKERS, default=list(WORKERS),
-                        help="with --scale: which workers to measure (default both)")
+                        help="with --scale or --instructions: which workers to measure "
+                             "(default both)")
     parser.add_argument("--bridge-cost", action="store_true",
                         help="also measure connect_worker without its user-code thread "
                              "(an experiment: what the thread costs per run)")
+    parser.add_argument("--tracing", action="store_true",
+                        help="also measure connect_worker with OpenTelemetry tracing on "
+                             "(exporting to a local sink): what tracing costs per run")
     parser.add_argument("--instructions", type=int, metavar="N", default=0,
                         help="instead: instructions per run under valgrind's callgrind, "
                         "N runs per worker (load-independent; about 50x slower)")
@@ -1146,10 +1265,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path("/proc/self/stat").exists():
         sys.stderr.write("scripts/bench: needs Linux /proc\n")
         return 2
+    if args.server and (args.scale or args.instructions or args.bridge_cost):
+        sys.stderr.write("scripts/bench: --server measures the default mode only (not "
+                         "--scale, --instructions or --bridge-cost)\n")
+        return 2
     if args.instructions:
         if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
             sys.stderr.write("scripts/bench: --instructions needs valgrind "
                              "(Debian: apt-get install valgrind)\n")
+            return 2
+        if CW not in args.workers:
+            sys.stderr.write("scripts/bench: --instructions measures connect_worker\n")
             return 2
         counted = asyncio.run(instructions(args))
         sys.stdout.write(render_instructions(args, counted) + "\n")
@@ -1173,6 +1299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if INLINE in result["summary"]:
         inline = Summary(**result["summary"][INLINE])
         sys.stdout.write(render_bridge_cost(cw, sdk, inline) + "\n")
+    if TRACED in result["summary"]:
+        traced = Summary(**result["summary"][TRACED])
+        sys.stdout.write(render_tracing([Sample(**s) for s in result["samples"]], cw, traced)
+                         + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -136,6 +137,15 @@ class InngestDevServer:
     _log: IO[bytes] | None = None
     _client: httpx.AsyncClient | None = None
     _nonce: itertools.count[int] = field(default_factory=itertools.count)
+
+    @classmethod
+    def running_at(cls, url: str) -> InngestDevServer:
+        """The API of a dev server started elsewhere (``--server URL`` of the lab tools);
+        ``stop()`` only closes the HTTP client."""
+        server = cls(binary="", log_path=Path(os.devnull),
+                     api_port=urlsplit(url).port or 80)
+        server._client = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=10.0)
+        return server
 
     @property
     def api_url(self) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -31,10 +32,11 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..devserver import DevServer, DevServerConfig, RunStatus
 from ..devserver.fleet import WorkerProcess, read_executions, replace_when_ready
+from .real_server import RealServer
 
 TARGET = "connect_worker.lab.apps.pipeline"
 CHANGES = ("rename-llm-step",)
@@ -52,6 +54,8 @@ class SimulationSettings:
     drain_timeout: float = 20.0
     settle_timeout: float = 120.0
     seed: int | None = None
+    # A running Inngest dev server's URL; None: our dev gateway in this process.
+    server: str | None = None
     change: str | None = None  # one of CHANGES: v1 -> v2 changes the code
     on_drift: str = "warn"
     speedup: float = 40.0  # the simulated model's latency is divided by this
@@ -180,7 +184,14 @@ async def run_simulation(
     )
     result = SimulationResult(settings=settings)
     started = time.monotonic()
-    async with DevServer(config) as dev:
+    async with contextlib.AsyncExitStack() as stack:
+        real: RealServer | None = None
+        if settings.server:
+            # Duck-typed: RealServer answers every DevServer member used here.
+            real = await stack.enter_async_context(RealServer(settings.server))
+            dev = cast(DevServer, real)
+        else:
+            dev = await stack.enter_async_context(DevServer(config))
         version = 0
 
         histories = workdir / "histories"
@@ -194,9 +205,12 @@ async def run_simulation(
                 target, api_url=dev.api_url, instance_id=f"v{version}-r{replica}",
                 app_version=f"v{version}", drain_timeout=settings.drain_timeout,
                 env={"STEP_SECONDS": str(settings.step_seconds),
-                     "CONNECT_WORKER_EXECUTION_LOG": exec_log, **env},
+                     "CONNECT_WORKER_EXECUTION_LOG": exec_log, **env,
+                     **(real.worker_env if real else {})},
             )
             result.workers.append(process)
+            if real is not None:
+                real.watch(process)
             return process
 
         live = [spawn(i) for i in range(settings.replicas)]
@@ -370,15 +384,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--on-drift", choices=("warn", "fail"), default="warn",
                         help="CONNECT_WORKER_ON_DRIFT of every worker (with --change)")
     parser.add_argument("--json", metavar="PATH", help="also write the counts as JSON")
+    parser.add_argument("--server", metavar="URL",
+                        help="deploy against a running Inngest dev server (`inngest dev`) at "
+                        "URL instead of our dev gateway")
     args = parser.parse_args(argv)
     for name in ("replicas", "deploys", "reports_in_flight", "sections"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.server and args.change:
+        # The change's audit reads run errors our dev gateway records; RealServer has none.
+        parser.error("--change runs on our dev gateway only, not with --server")
     settings = SimulationSettings(
         replicas=args.replicas, deploys=args.deploys, reports_in_flight=args.reports_in_flight,
         sections=args.sections, step_seconds=args.step_seconds,
         deploy_interval=args.deploy_interval, drain_timeout=args.drain_timeout, seed=args.seed,
-        change=args.change, on_drift=args.on_drift,
+        change=args.change, on_drift=args.on_drift, server=args.server,
+        **({"settle_timeout": 420.0} if args.server else {}),
     )
     print(f"simulating {settings.deploys} rolling deploys of {settings.replicas} replicas "
           f"({settings.reports_in_flight} reports of {settings.sections} steps in flight)...",

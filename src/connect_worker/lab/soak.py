@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -39,11 +40,12 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..devserver import DevServer, DevServerConfig, RunStatus
 from ..devserver.fleet import WorkerProcess, read_executions, replace_when_ready
 from .apps import soak as soak_app
+from .real_server import REAL_SERVER_FAULTS, RealServer, refused_faults
 from .simulate import drain_summary, keep_load, render_table
 
 TARGET = "connect_worker.lab.apps.soak"
@@ -65,6 +67,8 @@ FAULT_KINDS: dict[str, str] = {
                  "pool: a PAUSE or GATEWAY_CLOSING can overtake an ACK, spec 5.2)",
 }
 KIND_NAMES = tuple(FAULT_KINDS)
+# With --server (Inngest's own dev server) only these exist (lab/real_server.py).
+REAL_KIND_NAMES = tuple(REAL_SERVER_FAULTS)
 # How long a timed fault lasts, in seconds (uniform between the two).
 DURATIONS: dict[str, tuple[float, float]] = {
     "withhold-ack": (1.0, 4.0),
@@ -72,6 +76,7 @@ DURATIONS: dict[str, tuple[float, float]] = {
     "flush-outage": (2.0, 8.0),
     "latency": (3.0, 10.0),
     "slow-acks": (1.0, 4.0),
+    "stall": (1.0, 5.0),
 }
 # Seconds added to each frame, each way (latency), or to each ACK (slow-acks).
 DELAYS: dict[str, tuple[float, float]] = {
@@ -146,6 +151,8 @@ class SoakSettings:
     settle_timeout: float = 180.0
     rss_interval: float = 5.0
     seed: int = 1
+    # A running Inngest dev server's URL (its faults only); None: our dev gateway.
+    server: str | None = None
 
     def schedule(self) -> list[Fault]:
         return plan_faults(self.seed, self.minutes * 60, self.kinds, self.fault_interval)
@@ -260,7 +267,8 @@ class SoakResult:
 
     def rows(self) -> list[tuple[str, str]]:
         s = self.settings
-        faults = ", ".join(f"{kind} {self.faults[kind]}" for kind in KIND_NAMES
+        faults = ", ".join(f"{kind} {self.faults[kind]}" for kind in
+                           (*KIND_NAMES, *(k for k in REAL_KIND_NAMES if k not in KIND_NAMES))
                            if self.faults[kind]) or "-"
         ran = sorted(t for r in self.races for t in r.loser_ran_for)
         race_times = (f"; losing copies ran {', '.join(f'{t:.2f}' for t in ran[:12])}"
@@ -269,6 +277,7 @@ class SoakResult:
         dup = self.duplicates
         codes = ", ".join(f"{code} x {n}" for code, n in sorted(self.exit_codes.items()))
         return [
+            ("server", s.server or "our dev gateway (connect_worker.devserver)"),
             ("seed / duration", f"{s.seed} / {s.minutes:g} min of faults, {s.replicas} "
                                 f"replicas, {s.runs_in_flight} runs of {s.steps} steps "
                                 f"in flight"),
@@ -362,6 +371,8 @@ class Soak:
         # When each delay fault (a dev.faults setting) in force ends.
         self.delays_until: dict[str, float] = {}
         self.stopping = False
+        # Inngest's own server (--server): its worker environment and flush tracking.
+        self.real: RealServer | None = None
 
     # -- replicas --------------------------------------------------------------
 
@@ -371,9 +382,12 @@ class Soak:
             TARGET, api_url=dev.api_url, instance_id=f"r{slot}-g{self.generation}",
             app_version="soak", drain_timeout=self.s.drain_timeout,
             env={"CONNECT_WORKER_EXECUTION_LOG": self.exec_log,
-                 "CONNECT_WORKER_RECONNECT_MAX_BACKOFF": "1"},
+                 "CONNECT_WORKER_RECONNECT_MAX_BACKOFF": "1",
+                 **(self.real.worker_env if self.real else {})},
         )
         self.result.workers.append(process)
+        if self.real is not None:
+            self.real.watch(process)
         return process
 
     def watch_exit(self, process: WorkerProcess) -> None:
@@ -414,7 +428,14 @@ class Soak:
             # A forward waits lease + grace for its ACK, as in production (not 2 s).
             ack_timeout=None,
         )
-        async with DevServer(config) as dev:
+        async with contextlib.AsyncExitStack() as stack:
+            if self.s.server:
+                # Duck-typed: RealServer answers every DevServer member the soak uses
+                # with the faults Inngest's server allows (the others are refused).
+                self.real = await stack.enter_async_context(RealServer(self.s.server))
+                dev = cast(DevServer, self.real)
+            else:
+                dev = await stack.enter_async_context(DevServer(config))
             try:
                 await self._soak(dev)
             finally:
@@ -465,9 +486,10 @@ class Soak:
             pass
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=s.drain_timeout + 30)
-        dev.faults.withhold_reply_ack = False
-        dev.faults.frame_latency = 0.0
-        dev.faults.delay_request_ack = 0.0
+        if self.real is None:
+            dev.faults.withhold_reply_ack = False
+            dev.faults.frame_latency = 0.0
+            dev.faults.delay_request_ack = 0.0
         for process in self.slots:
             if process.alive and process.signalled_at is None:
                 process.send_signal()
@@ -577,6 +599,8 @@ class Soak:
             await self._delay_for_a_while(dev, "frame_latency", fault)
         elif kind == "slow-acks":
             await self._delay_for_a_while(dev, "delay_request_ack", fault)
+        elif kind == "stall" and self.real is not None:
+            self.real.stall(fault.seconds)
 
     async def _delay_for_a_while(self, dev: DevServer, setting: str, fault: Fault) -> None:
         """Set the delay ``dev.faults.<setting>`` for the fault's seconds; a fault of the
@@ -624,6 +648,15 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
         seen[key] += 1
     result.step_executions = len(starts)
     delivered = {r.request_id for r in [*dev.replies, *dev.flushes]}
+    # (pid, request id) of every reply a replica itself got to the gateway: a SIGKILLed
+    # replica's copy that ended is a crash duplicate unless *its* reply landed (the same
+    # request re-routed to another replica may have delivered one).
+    pid_of = {c.conn_id: w.pid for c in dev.connections for w in result.workers
+              if w.started_at and w.instance_id == c.instance_id}
+    delivered_by = {(pid_of.get(str(getattr(r, "conn_id", None))), r.request_id)
+                    for r in dev.replies}
+    delivered_by |= {(w.pid, str(e.get("request_id"))) for w in result.workers
+                     if w.started_at for e in w.events("reply.flushed")}
 
     def logged(event: str) -> dict[tuple[int, str], dict[str, Any]]:
         """(pid, request id) -> the worker's log record of ``event``."""
@@ -635,8 +668,10 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
         return out
 
     abandoned = logged("drain.step_abandoned")
-    # The contract's name, and the name workers used before it.
-    lease_lost = {**logged("lease.lost"), **logged("step.lease_lost")}
+    # The contract's name, the name workers used before it, and a copy stopped by the
+    # worker's own lease clock (its lease lapsed unconfirmed): no reply either way.
+    lease_lost = {**logged("lease.lost"), **logged("step.lease_lost"),
+                  **logged("step.lease_expired")}
 
     # Re-route races: one request id whose body started twice (on two replicas, or twice
     # on one that got it again on its new connection).
@@ -647,7 +682,12 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
         if len(runs) < 2:
             continue
         finished = [r for r in runs if r["ended"]]
-        winner = next((r for r in finished), None)
+        # A copy that ended on a replica SIGKILLed before its reply landed lost its
+        # result with the process: the crash explains it, not the race.
+        lost_in_crash = [r for r in finished if by_pid.get(r["pid"]) is not None
+                         and by_pid[r["pid"]].killed_at is not None
+                         and (r["pid"], request_id) not in delivered_by]
+        winner = next((r for r in finished if r not in lost_in_crash), None)
         losers = [r for r in runs if r is not winner]
         ran_for = []
         for r in losers:
@@ -660,7 +700,7 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
             request_id=request_id, run_id=str(runs[0]["run_id"]), step=str(runs[0]["step"]),
             winner=_name(by_pid, winner["pid"]) if winner else None,
             losers=[_name(by_pid, r["pid"]) for r in losers], loser_ran_for=ran_for,
-            ran_to_end_twice=len(finished) > 1,
+            ran_to_end_twice=len(finished) - len(lost_in_crash) > 1,
         ))
 
     # Duplicates: per (run, step), every copy but one must be explained.
@@ -675,7 +715,7 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
             key = (r["pid"], str(r["request_id"]))
             worker = by_pid.get(r["pid"])
             if worker is not None and worker.killed_at is not None and (
-                    not r["ended"] or r["request_id"] not in delivered):
+                    not r["ended"] or key not in delivered_by):
                 result.duplicates["crash"] += 1
             elif key in abandoned:
                 result.duplicates["abandoned"] += 1
@@ -798,20 +838,48 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{d.fault_interval[0]:g}-{d.fault_interval[1]:g})")
     parser.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
     parser.add_argument("--json", metavar="FILE", help="also write everything as JSON")
+    parser.add_argument("--server", metavar="URL",
+                        help="soak against a running Inngest dev server (`inngest dev`) at "
+                        "URL instead of our dev gateway; its faults only: "
+                        + ", ".join(REAL_KIND_NAMES))
+    parser.add_argument("--faults", metavar="KIND,...",
+                        help="only these fault kinds (default: every kind the server allows)")
     parser.add_argument("--plan", action="store_true",
                         help="print the fault schedule for this seed and exit")
-    for kind in KIND_NAMES:
+    for kind in dict.fromkeys((*KIND_NAMES, *REAL_KIND_NAMES)):
         parser.add_argument(f"--no-{kind}", dest=f"no_{kind.replace('-', '_')}",
                             action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
+def fault_kinds(args: argparse.Namespace) -> tuple[str, ...]:
+    """The kinds asked for (``--faults``, else the server's menu) minus ``--no-<kind>``;
+    ValueError (one line) for a kind that does not exist or that Inngest's server cannot
+    be made to do."""
+    menu = REAL_KIND_NAMES if args.server else KIND_NAMES
+    asked = tuple(k.strip() for k in args.faults.split(",") if k.strip()) if args.faults \
+        else menu
+    unknown = [k for k in asked if k not in (*KIND_NAMES, *REAL_KIND_NAMES)]
+    if unknown:
+        raise ValueError(f"unknown fault kind(s): {', '.join(unknown)}")
+    if args.server:
+        refused = refused_faults(asked)
+        if refused:
+            raise ValueError(refused)
+    elif any(k not in KIND_NAMES for k in asked):
+        raise ValueError("stall needs --server (our dev gateway rehearses it as latency)")
+    return tuple(k for k in asked if not getattr(args, f"no_{k.replace('-', '_')}"))
+
+
 def settings_from(args: argparse.Namespace) -> SoakSettings:
-    kinds = tuple(k for k in KIND_NAMES if not getattr(args, f"no_{k.replace('-', '_')}"))
+    kinds = fault_kinds(args)
     return SoakSettings(
         replicas=args.replicas, minutes=args.minutes, runs_in_flight=args.runs_in_flight,
         steps=args.steps, step_seconds=args.step_seconds, fault_interval=args.fault_interval,
-        kinds=kinds, drain_timeout=args.drain_timeout, seed=args.seed,
+        kinds=kinds, drain_timeout=args.drain_timeout, seed=args.seed, server=args.server,
+        # Inngest's leases are 2 min and its retries back off 15-45 s: a crashed step
+        # comes back minutes later.
+        **({"settle_timeout": 420.0} if args.server else {}),
     )
 
 
@@ -833,7 +901,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--minutes must be a number > 0")
     if args.fault_interval[0] <= 0:
         parser.error("--fault-interval must be above 0")
-    settings = settings_from(args)
+    try:
+        settings = settings_from(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.plan:
         for f in settings.schedule():
             print(json.dumps(asdict(f)))

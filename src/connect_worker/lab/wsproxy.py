@@ -221,9 +221,11 @@ class WsProxy:
 
     # ----- commands -------------------------------------------------------------------
 
-    def drop(self) -> int:
-        """Cut every proxied connection now, without close frames; returns how many."""
-        links = [link for link in self._links.values() if not link.dropped]
+    def drop(self, conn: int | None = None) -> int:
+        """Cut every proxied connection (or only ``conn``) now, without close frames;
+        returns how many."""
+        links = [link for link in self._links.values()
+                 if not link.dropped and conn in (None, link.conn)]
         for link in links:
             self._record(link.conn, "proxy", "DROP", {}, 0)
             self._abort(link)

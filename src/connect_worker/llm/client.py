@@ -48,6 +48,7 @@ from tenacity.wait import wait_random_exponential
 
 from ..context import DrainSignal, current_request, draining
 from ..errors import ConfigError
+from ..ops import tracing
 from ..ops.logs import event
 from .cache import (
     Claims,
@@ -208,6 +209,14 @@ class LLM:
             # Retrying the step cannot fix the configuration.
             raise LLMFatalError(str(exc), provider=name) from None
         call = Call(name, model, chat, system, max_tokens, temperature, tuple(tools), json)
+        with tracing.llm_span(call):  # a GenAI client span while tracing is on
+            return await self._complete(call, stream, on_text, stop_on_drain, key, run_id,
+                                        reuse)
+
+    async def _complete(self, call: Call, stream: bool, on_text: OnText | None,
+                        stop_on_drain: bool, key: str | None, run_id: str | None,
+                        reuse: bool) -> Result:
+        name = call.provider
         labels = (name, call.model)
         identity = self._identity(key, run_id)
         if identity.no_job_id:
@@ -320,8 +329,10 @@ class LLM:
         evict = None
         if entry is not None and self.cache is not None and not answer.partial:
             evict = functools.partial(self._evict, entry, labels, fields)
-        return _result(call.provider, call, answer, cost, cached=False, attempts=attempts,
-                       evict=evict)
+        result = _result(call.provider, call, answer, cost, cached=False, attempts=attempts,
+                         evict=evict)
+        tracing.llm_answered(result, outcome)
+        return result
 
     def _prepare(self, call: Call, state: ClaimState, fields: dict[str, Any]
                  ) -> tuple[Call, Partial | None]:
@@ -464,8 +475,10 @@ class LLM:
             answer.usage.input_tokens + answer.usage.output_tokens)
         event(log, "llm.call", outcome=via, cost_usd=round(cost, 6),
               request_id=answer.request_id, **fields)
-        return _result(call.provider, call, answer, cost, cached=True, attempts=0,
-                       evict=functools.partial(self._evict, entry, labels, fields))
+        result = _result(call.provider, call, answer, cost, cached=True, attempts=0,
+                         evict=functools.partial(self._evict, entry, labels, fields))
+        tracing.llm_answered(result, via)
+        return result
 
     async def run_cost(self, run_id: str | None = None) -> RunCost:
         """What the run (default: the one being executed) has paid for its answers so far,

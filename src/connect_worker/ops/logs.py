@@ -23,7 +23,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
 REDACTED = "<redacted>"
@@ -43,6 +43,11 @@ _secrets_lock = threading.Lock()
 # change over the process's life (connection_id); see set_context().
 _static: dict[str, Any] = {}
 _context: dict[str, Any] = {}
+
+# Set by ops/_otel.py while tracing is on: (fields, event name) -> (trace_id, span_id) of
+# the span the line belongs to, or None. Unset, lines carry no trace ids.
+TraceLookup = Callable[[Mapping[str, Any], str | None], tuple[str, str] | None]
+_trace_lookup: TraceLookup | None = None
 
 _RESERVED = frozenset({"ts", "level", "logger", "message", "event", "exc_type", "exc"})
 _HANDLER_MARK = "_connect_worker_handler"
@@ -112,6 +117,12 @@ def set_context(**fields: Any) -> None:
             _context[key] = value
 
 
+def set_trace_lookup(lookup: TraceLookup | None) -> None:
+    """Lines get ``trace_id`` and ``span_id`` from ``lookup`` (None: no trace ids)."""
+    global _trace_lookup
+    _trace_lookup = lookup
+
+
 class RedactingFilter(logging.Filter):
     """Render the message, then mask secrets in it, in the fields and in the traceback."""
 
@@ -149,6 +160,11 @@ def _line_fields(record: logging.LogRecord) -> dict[str, Any]:
         for key, value in source.items():
             name = f"{key}_" if key in _RESERVED else key
             merged[name] = _redact_value(value)
+    if _trace_lookup is not None:
+        name = getattr(record, "event", None)
+        ids = _trace_lookup(merged, name if isinstance(name, str) else None)
+        if ids is not None:
+            merged["trace_id"], merged["span_id"] = ids
     return merged
 
 
