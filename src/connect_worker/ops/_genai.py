@@ -40,6 +40,28 @@ _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
            "tool_use": "tool_calls"}
 
 
+# The official OpenAI / Anthropic instrumentations (and OpenLLMetry's) wrap these
+# methods with wrapt (``wrap_function_wrapper``), whose wrappers carry ``_self_wrapper``
+# (``__wrapped__`` would not do: the SDKs' own decorators set it too).
+_INSTRUMENTED_METHODS = {
+    "openai": ("openai.resources.chat.completions", "AsyncCompletions", "create"),
+    "anthropic": ("anthropic.resources.messages", "AsyncMessages", "create"),
+}
+
+
+def instrumented(provider: str) -> bool:
+    """Whether an OpenTelemetry instrumentation wraps the provider SDK's call already."""
+    import sys
+
+    where = _INSTRUMENTED_METHODS.get(provider)
+    if where is None:
+        return False
+    module = sys.modules.get(where[0])
+    cls = getattr(module, where[1], None)
+    method = vars(cls).get(where[2]) if cls is not None else None
+    return hasattr(method, "_self_wrapper")
+
+
 def _messages(call: Any) -> str:
     return json.dumps([{"role": m.role, "parts": [{"type": "text", "content": redact(m.content)}]}
                        for m in call.messages])
@@ -47,8 +69,6 @@ def _messages(call: Any) -> str:
 
 @contextmanager
 def llm_span(tracing: Tracing, call: Any) -> Iterator[None]:
-    from ._otel import instrumented
-
     theirs = instrumented(call.provider)
     attributes: dict[str, Any] = {
         "gen_ai.provider.name": call.provider,

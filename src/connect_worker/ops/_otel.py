@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -60,7 +60,10 @@ from ..config import Config
 from ..errors import ConfigError
 from ..protocol import ExecutorRequest
 from . import logs
-from .tracing import PLATFORM_RESOURCE, StepLike
+from .platform_resource import PLATFORM_RESOURCE
+
+if TYPE_CHECKING:
+    from .tracing import StepLike
 
 SCOPE = "connect_worker"
 CONTENT_VARIABLE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
@@ -71,15 +74,6 @@ _TRACEPARENT = re.compile(
 _TRACESTATE = re.compile(rb'"tracestate"\s*:\s*"([^"\\]+)"')
 _OK = Status(StatusCode.OK)
 _UNSET = Status(StatusCode.UNSET)
-
-# The official OpenAI / Anthropic instrumentations (and OpenLLMetry's) wrap these
-# methods with wrapt (``wrap_function_wrapper``), whose wrappers carry ``_self_wrapper``
-# (``__wrapped__`` would not do: the SDKs' own decorators set it too).
-_INSTRUMENTED_METHODS = {
-    "openai": ("openai.resources.chat.completions", "AsyncCompletions", "create"),
-    "anthropic": ("anthropic.resources.messages", "AsyncMessages", "create"),
-}
-
 
 def build_resource(config: Config, environ: Mapping[str, str]) -> Resource:
     """Ours first, then what OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES say (they win)."""
@@ -447,16 +441,3 @@ class Tracing:
         from . import _genai
 
         _genai.answered(self, result, outcome)
-
-
-def instrumented(provider: str) -> bool:
-    """Whether an OpenTelemetry instrumentation wraps the provider SDK's call already."""
-    import sys
-
-    where = _INSTRUMENTED_METHODS.get(provider)
-    if where is None:
-        return False
-    module = sys.modules.get(where[0])
-    cls = getattr(module, where[1], None)
-    method = vars(cls).get(where[2]) if cls is not None else None
-    return hasattr(method, "_self_wrapper")
