@@ -137,7 +137,10 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
         {"event": "step.lease_lost", "request_id": "q-race", "ran_for": 0.8},
         {"event": "step.lease_lost", "request_id": "q-again", "ran_for": 0.2}])
     silent = _Worker("silent", 5, returncode=3)  # exit 3, names nothing
-    real = _Worker("real", 1)
+    real = _Worker("real", 1, logs=[{"event": "worker.start"}])
+    # SIGTERMed before our handler existed (nothing started) / after the worker started.
+    unborn = _Worker("unborn", 6, returncode=-15)
+    shot = _Worker("shot", 7, returncode=-15, logs=[{"event": "worker.start"}])
     starts = [  # (pid, request, run, step, ran to the end)
         (2, "q-crash", "run1", "part-0", False), (1, "q-crash-retry", "run1", "part-0", True),
         (3, "q-abandoned", "run1", "part-1", False),
@@ -169,7 +172,8 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
                                     acked_at=2.0, sent_at=1.0)],
     )
     result = soak.SoakResult(soak.SoakSettings(), run_ids=["run1", "run2", "run3"])
-    result.workers = [real, killed, drained, loser, silent]  # type: ignore[list-item]
+    result.workers = [real, killed, drained, loser, silent, unborn,  # type: ignore[list-item]
+                      shot]
     soak.audit(result, dev, str(log))  # type: ignore[arg-type]
 
     assert result.runs_completed == 3 and result.step_executions == len(starts)
@@ -185,6 +189,8 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
     assert result.late_acks_ignored == 1
     assert result.lost_replies == ["q-lost"]
     assert result.abandoned == 1 and result.handed_back == 1
-    assert result.exit_codes == {"0": 2, "3": 2, "SIGKILL": 1}
-    assert result.bad_exits == ["silent exited 3 without naming the steps it abandoned"]
-    assert not result.ok and len(result.failures) == 4
+    assert result.exit_codes == {"0": 2, "3": 2, "SIGKILL": 1, "-15": 1,
+                                 "SIGTERM before start": 1}
+    assert result.bad_exits == ["silent exited 3 without naming the steps it abandoned",
+                                "shot exited -15 after SIGTERM"]
+    assert not result.ok and len(result.failures) == 5

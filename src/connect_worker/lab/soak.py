@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -772,6 +773,13 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
         if w.signalled_at is None:
             continue
         code = w.returncode
+        if code == -signal.SIGTERM and not w.events("worker.start"):
+            # SIGTERM before the interpreter reached our handler (the first ~0.1 s after
+            # exec, longer under load): the default action ends the process, and with no
+            # worker started nothing can have been acked or lost. A platform does this too
+            # when a deploy is superseded while its replica starts.
+            result.exit_codes["SIGTERM before start"] += 1
+            continue
         result.exit_codes[str(code)] += 1
         if w.exited_at is not None:
             result.drain_seconds.append(round(w.exited_at - w.signalled_at, 3))
