@@ -93,17 +93,25 @@ _keys: dict[str, bytes] = {}  # attribute key -> its KeyValue.key field
 _events: dict[str, bytes] = {}  # event name -> its Event.name field
 
 
-def _attribute(key: str, value: Any) -> bytes:
-    encoded = _keys.get(key)
-    if encoded is None:
-        encoded = _keys[key] = _string(b"\x0a", key)
-    if type(value) is str:  # most attributes: one-byte lengths when short
-        text = value.encode()
-        n = len(text)
-        size = len(encoded) + n + 4
-        if size < 0x80:
-            return bytes((0x4a, size)) + encoded + bytes((0x12, n + 2, 0x0a, n)) + text
-    return _len(b"\x4a", encoded + _len(b"\x12", _any_value(value)))
+_BYTE = [bytes((i,)) for i in range(0x80)]  # one-byte lengths, without building bytes
+
+
+def _attributes(parts: list[bytes], attributes: dict[str, Any]) -> None:
+    """Append each attribute's KeyValue field (9) to ``parts``, joined once per span: a
+    short string value, most of them, as eight pieces without intermediate bytes."""
+    for key, value in attributes.items():
+        encoded = _keys.get(key)
+        if encoded is None:
+            encoded = _keys[key] = _string(b"\x0a", key)
+        if type(value) is str:
+            text = value.encode()
+            n = len(text)
+            size = len(encoded) + n + 4
+            if size < 0x80:
+                parts += (b"\x4a", _BYTE[size], encoded, b"\x12", _BYTE[n + 2], b"\x0a",
+                          _BYTE[n], text)
+                continue
+        parts.append(_len(b"\x4a", encoded + _len(b"\x12", _any_value(value))))
 
 
 def _event(name: str, at: int) -> bytes:
@@ -112,7 +120,7 @@ def _event(name: str, at: int) -> bytes:
         encoded = _events[name] = _string(b"\x12", name)
     size = len(encoded) + 9
     if size < 0x80:
-        return bytes((0x5a, size, 0x09)) + _Q(at) + encoded
+        return b"".join((b"\x5a", _BYTE[size], b"\x09", _Q(at), encoded))
     return _len(b"\x5a", b"\x09" + _Q(at) + encoded)
 
 
@@ -140,7 +148,7 @@ def encode_step(span: StepSpan) -> bytes:
         parts += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
     parts += (_string(b"\x2a", span.name), _KIND_SERVER, b"\x39", _Q(span.start),
               b"\x41", _Q(span.end))
-    parts += [_attribute(key, value) for key, value in span.attributes.items()]
+    _attributes(parts, span.attributes)
     parts += [_event(name, at) for name, at in span.events]
     parts += (_status(span.status), _FLAGS_REMOTE if parent is not None and parent.is_remote
               else _FLAGS_ROOT)
