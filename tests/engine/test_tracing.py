@@ -287,3 +287,60 @@ def test_step_spans_follow_the_sampler(monkeypatch: pytest.MonkeyPatch, sampler:
         assert f"{span.context.trace_id:032x}" == "ab" * 16
         assert span.parent is not None and f"{span.parent.span_id:016x}" == "cd" * 8
         assert span.attributes is not None and span.attributes["inngest.step.attempt"] == 2
+
+
+@pytest.mark.parametrize("parent", [False, True])
+def test_hand_encoded_step_spans_match_the_sdks_encoder(parent: bool) -> None:
+    """The bytes StepSpanEncoder writes decode to the very message the SDK's encoder
+    builds from the same span as a ReadableSpan (ids, trace state, parent and its remote
+    flag, every attribute type, events, an error status, the resource and scope), also
+    when a batch mixes step spans with the SDK's own spans."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import (
+        SpanContext,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+        TraceState,
+    )
+
+    from connect_worker.ops._otlp import StepSpan, StepSpanEncoder
+
+    resource = Resource.create({"service.name": "s", "process.pid": 7, "x.ok": True,
+                                "x.list": ["a", "b"]}, schema_url="https://example/1")
+    scope = InstrumentationScope("connect_worker", "1.2.3")
+    state = TraceState([("vendor", "v1"), ("other", "x")]) if parent else TraceState()
+    remote = (SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(1),
+                          trace_state=state) if parent else None)
+    step = StepSpan(
+        SpanContext(0xABC if parent else 2**127 + 5, 2**63 + 9, is_remote=False,
+                    trace_flags=TraceFlags(1), trace_state=state),
+        remote, 1_700_000_000_000_000_001,
+        {"inngest.function.slug": "app-fn", "inngest.step.id": "é" * 100,
+         "inngest.step.attempt": 3, "neg": -2, "ratio": 0.5, "flag": False},
+        [("ack", 1_700_000_000_000_000_002), ("reply.sent", 1_700_000_000_000_000_003)],
+        Status(StatusCode.ERROR, "TypeError") if parent else Status(StatusCode.UNSET),
+        end=1_700_000_000_000_000_004)
+    sdk_span = ReadableSpan(
+        step.name, context=step.context, parent=remote, resource=resource,
+        attributes=step.attributes, events=[Event(n, timestamp=t) for n, t in step.events],
+        kind=SpanKind.SERVER, status=step.status, start_time=step.start,
+        end_time=step.end, instrumentation_scope=scope)
+    encoder = StepSpanEncoder(resource, scope)
+
+    ours = ExportTraceServiceRequest.FromString(encoder.encode([step, step]))
+    assert ours == encode_spans([sdk_span, sdk_span])
+    # A mixed batch (what the exporter sends): the SDK's part, then ours, one request.
+    other = ReadableSpan("session", context=SpanContext(1, 2, False, TraceFlags(1)),
+                         resource=resource, instrumentation_scope=scope)
+    mixed = ExportTraceServiceRequest.FromString(
+        encode_spans([other]).SerializePartialToString() + encoder.encode([step]))
+    assert [len(r.scope_spans[0].spans) for r in mixed.resource_spans] == [1, 1]
+    assert mixed.resource_spans[1] == encode_spans([sdk_span]).resource_spans[0]

@@ -29,8 +29,7 @@ import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -60,6 +59,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..protocol import ExecutorRequest
 from . import logs
+from ._otlp import StepAwareExporter, StepSpan, StepSpanEncoder
 from .platform_resource import PLATFORM_RESOURCE
 
 if TYPE_CHECKING:
@@ -113,9 +113,7 @@ def _exporter(environ: Mapping[str, str]) -> SpanExporter:
     protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
                 or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip()
     if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        return OTLPSpanExporter()  # endpoint, headers, timeout...: the SDK reads them
+        return StepAwareExporter()  # endpoint, headers, timeout...: the SDK reads them
     if protocol == "grpc":
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found,unused-ignore]
@@ -147,18 +145,6 @@ def parent_of(request: ExecutorRequest) -> SpanContext | None:
             trace_state=(TraceState.from_header([state.group(1).decode()]) if state
                          else TraceState()))
     return None
-
-
-@dataclass(eq=False, slots=True)
-class StepSpan:
-    """A step's span while it is open (see the module docstring)."""
-
-    context: SpanContext
-    parent: SpanContext | None
-    start: int
-    attributes: dict[str, Any]
-    events: list[tuple[str, int]] = field(default_factory=list)  # (name, time in ns)
-    status: Status = _UNSET
 
 
 def attempt_of(payload: bytes) -> int | None:
@@ -198,7 +184,8 @@ class Tracing:
     """The tracer provider and the spans that are open."""
 
     def __init__(self, provider: TracerProvider, processor: BatchSpanProcessor,
-                 config: Config, *, capture_content: bool = False) -> None:
+                 config: Config, *, capture_content: bool = False,
+                 exporter: SpanExporter | None = None) -> None:
         self.provider = provider
         self.processor = processor
         self.tracer = provider.get_tracer(SCOPE, __version__)
@@ -209,6 +196,12 @@ class Tracing:
         # the SDK builds as these very objects.
         self.follow_parent = provider.sampler is DEFAULT_ON
         self.always = provider.sampler is ALWAYS_ON
+        # Finished step spans go to the processor as they are, encoded by hand at export,
+        # when the exporter is ours (http/protobuf); else as the SDK's ReadableSpans.
+        self.raw_steps = isinstance(exporter, StepAwareExporter) and hasattr(exporter, "_client")
+        if self.raw_steps:
+            assert isinstance(exporter, StepAwareExporter)
+            exporter.encoder = StepSpanEncoder(provider.resource, self.scope)
         self.steps: dict[StepLike, StepSpan] = {}
         # The newest step's span per request id, for user code and log lines.
         self.by_request: dict[str, StepSpan] = {}
@@ -224,12 +217,13 @@ class Tracing:
         # timeout and compression and the batch processor's limits come from the SDK's
         # own reading of the environment.
         provider = TracerProvider(resource=build_resource(config, environ))
-        processor = BatchSpanProcessor(_exporter(environ))
+        exporter = _exporter(environ)
+        processor = BatchSpanProcessor(exporter)
         provider.add_span_processor(processor)
         if set_global:
             trace.set_tracer_provider(provider)
         capture = environ.get(CONTENT_VARIABLE, "").strip().lower() in ("true", "1")
-        return cls(provider, processor, config, capture_content=capture)
+        return cls(provider, processor, config, capture_content=capture, exporter=exporter)
 
     def shutdown(self) -> None:
         logs.set_trace_lookup(None)
@@ -325,12 +319,16 @@ class Tracing:
         """Hand the finished span to the exporter (when sampled)."""
         if not span.context.trace_flags.sampled:
             return
-        name = f"step {span.attributes['inngest.function.slug']}"
+        span.end = time.time_ns()
+        if self.raw_steps:
+            # The processor reads .context and queues the span; our exporter encodes it.
+            self.processor.on_end(cast(ReadableSpan, span))
+            return
         self.processor.on_end(ReadableSpan(
-            name, context=span.context, parent=span.parent, resource=self.provider.resource,
+            span.name, context=span.context, parent=span.parent, resource=self.provider.resource,
             attributes=span.attributes,
             events=[Event(name, timestamp=at) for name, at in span.events], kind=SpanKind.SERVER,
-            status=span.status, start_time=span.start, end_time=time.time_ns(),
+            status=span.status, start_time=span.start, end_time=span.end,
             instrumentation_scope=self.scope))
 
     def enter_step(self, request: ExecutorRequest) -> object:
