@@ -30,6 +30,8 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from ..protocol.codec import varint
+
 _UNSET = Status(StatusCode.UNSET)
 _Q = struct.Struct("<Q").pack
 _D = struct.Struct("<d").pack
@@ -57,19 +59,10 @@ class StepSpan:
         return f"step {self.attributes['inngest.function.slug']}"
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _len(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field."""
     n = len(payload)
-    return tag + (bytes((n,)) if n < 0x80 else _varint(n)) + payload
+    return tag + (bytes((n,)) if n < 0x80 else varint(n)) + payload
 
 
 def _string(tag: bytes, text: str) -> bytes:
@@ -83,7 +76,7 @@ def _any_value(value: Any) -> bytes:
     if isinstance(value, bool):
         return b"\x10\x01" if value else b"\x10\x00"
     if isinstance(value, int):
-        return b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)  # int64: two's complement
+        return b"\x18" + varint(value & 0xFFFFFFFFFFFFFFFF)  # int64: two's complement
     if isinstance(value, float):
         return b"\x21" + _D(value)
     return _string(b"\x0a", str(value))

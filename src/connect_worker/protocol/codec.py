@@ -137,7 +137,8 @@ def decode(frame: bytes) -> GatewayEvent:
 _SMALL_VARINTS = [bytes((n,)) for n in range(128)]
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """Protobuf's base-128 varint (also used by ops/_otlp.py's hand-encoded spans)."""
     if value < 128:
         return _SMALL_VARINTS[value]
     out = bytearray()
@@ -171,10 +172,10 @@ _check_wire_numbers()
 
 
 def _envelope(kind: int, payload: bytes = b"") -> bytes:
-    head = _KIND_TAG + _varint(kind) if kind else b""  # proto3 leaves out zero values
+    head = _KIND_TAG + varint(kind) if kind else b""  # proto3 leaves out zero values
     if not payload:
         return head
-    return b"".join((head, _PAYLOAD_TAG, _varint(len(payload)), payload))
+    return b"".join((head, _PAYLOAD_TAG, varint(len(payload)), payload))
 
 
 def encode_worker_connect(request: Any) -> bytes:
@@ -228,7 +229,7 @@ def encode_extend_lease(req: ExecutorRequest, lease_id: str, echo: bytes | None 
     payload = request_echo(req) if echo is None else echo
     if lease_id:  # proto3 leaves out empty strings
         lease = lease_id.encode()
-        payload = b"".join((payload, _LEASE_ID_TAG, _varint(len(lease)), lease))
+        payload = b"".join((payload, _LEASE_ID_TAG, varint(len(lease)), lease))
     return _envelope(Kind.WORKER_REQUEST_EXTEND_LEASE, payload)
 
 
