@@ -2,10 +2,15 @@
 execution internals (``inngest._internal``; ``drift.py`` wraps the SDK's memo lookup, see
 ``drift.install_hooks``; the rest of the package uses the SDK's public API).
 
-An SDK upgrade that changes the private execution entry point (``comm_lib.CommHandler``)
-breaks this file and its contract test, not the daemon. Each request runs on the
-user loop (see ``userloop.py``) with ``connect_worker.context.current_request()`` set;
-``def`` functions run in a thread pool that carries that context along.
+A request goes straight to the SDK's execution (``_SdkApp.execute``: the request model,
+the middleware manager, the memos, ``Function.call``, ``CommResponse.from_call_result``),
+the steps ``CommHandler.post`` takes for an HTTP request minus the HTTP: no query
+parameters or headers to build and parse, no request model to validate, no response
+headers to merge, no extra task per request. An SDK upgrade that changes those internals
+breaks this file and its contract tests (run with each supported SDK version), not the
+daemon. Each request runs on the user loop (see ``userloop.py``) with
+``connect_worker.context.current_request()`` set; ``def`` functions run in a thread pool
+that carries that context along.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import json
 import logging
 import threading
@@ -22,7 +28,16 @@ from typing import Any, TypeVar
 
 import inngest
 import pydantic_core
-from inngest._internal import comm_lib, const, net, server_lib
+from inngest._internal import (
+    comm_lib,
+    const,
+    errors,
+    execution_lib,
+    middleware_lib,
+    net,
+    server_lib,
+    step_lib,
+)
 
 from ..context import RequestIdentity, _current
 from ..errors import ExecutionError
@@ -44,11 +59,6 @@ STATUS_ERROR = pb.SDKResponseStatus.ERROR
 SDK_LANGUAGE = const.LANGUAGE
 SDK_VERSION = const.VERSION
 SDK_VERSION_HEADER = f"inngest-py:v{const.VERSION}"
-# Read once: enum `.value` lookups add up on the per-request path.
-_REQUEST_ID = server_lib.HeaderKey.REQUEST_ID.value
-_JOB_ID = server_lib.HeaderKey.JOB_ID.value
-_FUNCTION_ID = server_lib.QueryParamKey.FUNCTION_ID.value
-_STEP_ID = server_lib.QueryParamKey.STEP_ID.value
 _RUN_COMPLETE = b'"RunComplete"'
 
 
@@ -153,6 +163,95 @@ _NO_TIMING = _NoTiming()
 NO_TIMINGS = _NoTimings()  # (also read by lab/bench.py, to cost the SDK as we call it)
 
 
+class _SdkApp:
+    """One app's functions, executed the way ``CommHandler.post`` does for a Connect
+    request (same order, same SDK objects, same answers), without the HTTP around it.
+
+    Middleware (the client's and each function's) runs as it does under ``post``: the
+    manager is built per request by the SDK's own ``MiddlewareManager.from_client``.
+    """
+
+    def __init__(self, client: inngest.Inngest, functions: Sequence[inngest.Function[Any]],
+                 handler: comm_lib.CommHandler) -> None:
+        self.client = client
+        # ``CommHandler._get_function``'s lookup as a dict: the id or the on_failure id,
+        # then the same with the app id prefixed (ids from SDKs before 0.3).
+        self._fns: dict[str, inngest.Function[Any]] = {}
+        for fn in functions:
+            self._fns.setdefault(fn.get_id(), fn)
+            if fn.on_failure_fn_id is not None:
+                self._fns.setdefault(fn.on_failure_fn_id, fn)
+        self.handler = handler  # its thread pool runs `def` functions (see Executor)
+        self._prefix = f"{client.app_id}-"
+
+    def _error(self, err: Exception) -> comm_lib.CommResponse:
+        # As ``post``'s wrapper answers an error: the SDK's error body and headers.
+        response = comm_lib.CommResponse.from_error(self.client.logger, err)
+        response.headers = {**response.headers, **net.create_headers(
+            env=self.client.env, framework=server_lib.Framework.CONNECT,
+            server_kind=self.client._mode)}
+        return response
+
+    async def execute(self, payload: bytes, fn_id: str, step_id: str | None,
+                      request_id: str | None, job_id: str | None,
+                      raw_request: object) -> comm_lib.CommResponse:
+        """The SDK's answer to one executor request (``CommHandler.post``'s steps)."""
+        client = self.client
+        middleware = middleware_lib.MiddlewareManager.from_client(
+            client, raw_request, NO_TIMINGS)
+        try:
+            # ``ServerRequest.from_raw`` validates the model it just validated again.
+            request = server_lib.ServerRequest.model_validate_json(payload)
+        except Exception as err:
+            return self._error(err)
+        fn = self._fns.get(fn_id) or self._fns.get(self._prefix + fn_id)
+        if fn is None:
+            return self._error(errors.FunctionNotFoundError(f"function {fn_id} not found"))
+        events = request.events
+        steps = request.steps
+        if request.use_api:
+            # Batch and memos too large for the request: the SDK fetches them.
+            fetched_events, fetched_steps = await asyncio.gather(
+                client._get_batch(request.ctx.run_id), client._get_steps(request.ctx.run_id))
+            if isinstance(fetched_events, Exception):
+                return self._error(fetched_events)
+            events = fetched_events
+            if isinstance(fetched_steps, Exception):
+                return self._error(fetched_steps)
+            steps = fetched_steps
+        if events is None:
+            return self._error(Exception("events not in request"))
+        if step_id == server_lib.UNSPECIFIED_STEP_ID:
+            step_id = None
+        memos = step_lib.StepMemos.from_raw(steps)
+        if fn.is_handler_async:
+            # Awaited here, not in a task of its own: nothing streams.
+            call_res = await fn.call(client, execution_lib.Context(
+                attempt=request.ctx.attempt, event=request.event, events=events,
+                group=step_lib.Group(), job_id=job_id, logger=client.logger,
+                request_id=request_id, run_id=request.ctx.run_id,
+                step=step_lib.Step(client, execution_lib.ExecutionV0(
+                    memos, middleware, request, step_id, NO_TIMINGS), middleware,
+                    step_lib.StepIDCounter(), step_id),
+            ), fn_id, middleware)
+        else:
+            fn_call = functools.partial(fn.call_sync, client, execution_lib.ContextSync(
+                attempt=request.ctx.attempt, event=request.event, events=events,
+                group=step_lib.GroupSync(), job_id=job_id, logger=client.logger,
+                request_id=request_id, run_id=request.ctx.run_id,
+                step=step_lib.StepSync(client, execution_lib.ExecutionV0Sync(
+                    memos, middleware, request, step_id, NO_TIMINGS), middleware,
+                    step_lib.StepIDCounter(), step_id),
+            ), fn_id, middleware)
+            pool = self.handler._thread_pool
+            if pool is not None:
+                call_res = await asyncio.get_running_loop().run_in_executor(pool, fn_call)
+            else:
+                call_res = fn_call()
+        return comm_lib.CommResponse.from_call_result(
+            client.logger, call_res, client.env, server_lib.Framework.CONNECT, None)
+
+
 def error_outcome(name: str, message: str, *, no_retry: bool = False,
                   retry_after: str | None = None) -> Outcome:
     body = json.dumps({"name": name, "message": message, "stack": ""}).encode()
@@ -167,7 +266,7 @@ class Executor:
                  drift: _drift.DriftGuard | None = None) -> None:
         if not apps:
             raise ExecutionError("no apps to serve")
-        self._handlers: dict[str, comm_lib.CommHandler] = {}
+        self._sdk: dict[str, _SdkApp] = {}
         self.drift = drift
         if drift is not None:
             _drift.install_hooks()
@@ -192,7 +291,7 @@ class Executor:
                     max_workers=pool._max_workers, thread_name_prefix="connect-worker-fn"
                 )
                 pool.shutdown(wait=False)
-            self._handlers[client.app_id] = handler
+            self._sdk[client.app_id] = _SdkApp(client, functions, handler)
             self.apps.append(
                 AppSpec(
                     app_name=client.app_id,
@@ -238,7 +337,7 @@ class Executor:
         return self.user_loop.submit(self._call(request), on_done, loop)
 
     async def _call(self, request: ExecutorRequest) -> Outcome:
-        handler = self._handlers[request.app_name]
+        sdk = self._sdk[request.app_name]
         identity = RequestIdentity(
             request_id=request.request_id,
             run_id=request.run_id,
@@ -248,32 +347,15 @@ class Executor:
             step_id=request.step_id,
             payload=request.request_payload,
         )
-        headers = {_REQUEST_ID: request.request_id}
-        if request.job_id:
-            headers[_JOB_ID] = request.job_id
         tracker = None if self.drift is None else self.drift.begin(_drift.Request(
             request.run_id, request.function_slug, request.step_id, request.request_payload))
         token = _current.set(identity)
         drift_token = _drift.set_tracker(tracker)
         span_token = tracing.enter_step(request)  # the step's span is current in user code
         try:
-            response = await handler.post(
-                comm_lib.CommRequest(
-                    body=request.request_payload,
-                    headers=headers,
-                    is_connect=True,
-                    public_path=None,
-                    query_params={
-                        _FUNCTION_ID: request.function_slug,
-                        _STEP_ID: request.step_id or "step",
-                    },
-                    raw_request=request,
-                    request_url="",
-                    serve_origin=None,
-                    serve_path=None,
-                    timings=NO_TIMINGS,
-                )
-            )
+            response = await sdk.execute(request.request_payload, request.function_slug,
+                                         request.step_id or None, request.request_id or None,
+                                         request.job_id or None, request)
         except _drift.DriftStop as stop:
             # fail: the drifted step's body did not run; nothing was paid twice.
             return error_outcome("VersionDrift", tracker.failure if tracker and tracker.failure
