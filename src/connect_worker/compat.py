@@ -158,6 +158,9 @@ class _ReplayGuard(drift.DriftGuard):
         super().__init__(on_drift="warn")
         self.last: drift.RequestDrift | None = None
 
+    def watches(self, memos: int, step_id: str | None) -> bool:
+        return True  # a replay with no memos stops at its first step
+
     def begin(self, request: drift.Request) -> drift.RequestDrift:
         self.last = drift.RequestDrift(self, request, replay=True)
         return self.last

@@ -247,8 +247,9 @@ def test_the_sdk_methods_the_guard_wraps_have_the_shape_it_expects() -> None:
 
     drift.install_hooks()
     for cls in (execution_lib.ExecutionV0, execution_lib.ExecutionV0Sync):
-        run = inspect.signature(cls.run.__wrapped__)
-        assert list(run.parameters)[:5] == ["self", "client", "ctx", "handler", "fn"]
+        # The executor builds the execution and attaches the tracker to its memos.
+        init = inspect.signature(cls.__init__)
+        assert list(init.parameters)[1:4] == ["memos", "middleware", "request"]
         report = inspect.signature(cls.report_step.__wrapped__)
         assert list(report.parameters) == ["self", "step_info"]
     for step_cls in (step_lib.Step, step_lib.StepSync):

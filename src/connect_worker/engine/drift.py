@@ -8,8 +8,10 @@ step, or one inserted before steps the run had passed. It logs nothing.
 
 This module watches that lookup: :func:`install_hooks` wraps the SDK's
 ``ExecutionV0.report_step`` (the one place every step kind asks for its memo: run, sleep,
-wait_for_event, invoke, send_event, ai.infer), ``ExecutionV0.run`` (once per request,
-before the handler) and ``Step.run`` (to learn declared return types). A sequential step
+wait_for_event, invoke, send_event, ai.infer) and ``Step.run`` (to learn declared return
+types); the executor attaches a request's tracker to its memos before the handler runs.
+A request with no memos and no targeted step cannot drift: it gets no tracker (see
+``DriftGuard.watches``). A sequential step
 with no memo, reached while memos remain, is drift: logged once per run
 (``run.version_drift``), counted, and under ``fail`` stopped before its body runs by a
 ``BaseException`` the executor turns into a non-retriable error. Steps reached inside
@@ -280,7 +282,7 @@ class RequestDrift:
         self.attached = False
 
     def attach(self, execution: Any, function: Any) -> None:
-        """Called (by the hooked ``ExecutionV0.run``) before the handler runs."""
+        """Called (by the executor, which builds the execution) before the handler runs."""
         try:
             memos = execution._memos
             raw: object = memos._memos
@@ -400,6 +402,15 @@ class DriftGuard:
         self._seen: OrderedDict[tuple[str, str, frozenset[str]], None] = OrderedDict()
         self._lock = threading.Lock()
 
+    def watches(self, memos: int, step_id: str | None) -> bool:
+        """Whether a request with ``memos`` memos, targeting ``step_id``, needs a tracker.
+
+        With no memo there is nothing to leave unreached, rename or check the shape of,
+        and without a targeted step nothing is judged at the end: no drift is possible.
+        The history recorder keeps every request, so it watches them all."""
+        return (memos > 0 or self.recorder is not None
+                or bool(step_id and step_id != server_lib.UNSPECIFIED_STEP_ID))
+
     def begin(self, request: Request) -> RequestDrift:
         return RequestDrift(self, request)
 
@@ -498,9 +509,10 @@ def _warn_unsupported(exc: Exception) -> None:
 
 # -- the hooks in the SDK ----------------------------------------------------------------
 #
-# Methods of the SDK's execution classes, wrapped once per process: ``run`` (once per
-# request, before the handler: attach the tracker to the request's memos), ``report_step``
+# Methods of the SDK's execution classes, wrapped once per process: ``report_step``
 # (every step kind asks it for its memo) and ``Step.run`` (learns declared return types).
+# The tracker is attached to the request's memos by the executor, which builds the
+# execution (``RequestDrift.attach``).
 # Outside a guarded request (no tracker in the context) each wrapper only calls the SDK.
 # Class-level rather than an SDK middleware: a middleware that does nothing at all costs
 # the SDK about 50 us per request (a sixth of a whole request), more than the guard.
@@ -523,15 +535,7 @@ def install_hooks() -> None:
 
 
 def _hook_async(cls: Any) -> None:
-    run, report_step = cls.run, cls.report_step
-
-    @functools.wraps(run)
-    async def hooked_run(self: Any, client: Any, ctx: Any, handler: Any, fn: Any,
-                         *args: Any, **kwargs: Any) -> Any:
-        tracker = _tracker.get()
-        if tracker is not None and not tracker.attached:
-            tracker.attach(self, fn)
-        return await run(self, client, ctx, handler, fn, *args, **kwargs)
+    report_step = cls.report_step
 
     @functools.wraps(report_step)
     async def hooked_report_step(self: Any, info: step_lib.StepInfo) -> Any:
@@ -540,19 +544,11 @@ def _hook_async(cls: Any) -> None:
             tracker.before_step(info)
         return await report_step(self, info)
 
-    cls.run, cls.report_step = hooked_run, hooked_report_step
+    cls.report_step = hooked_report_step
 
 
 def _hook_sync(cls: Any) -> None:
-    run, report_step = cls.run, cls.report_step
-
-    @functools.wraps(run)
-    def hooked_run(self: Any, client: Any, ctx: Any, handler: Any, fn: Any,
-                   *args: Any, **kwargs: Any) -> Any:
-        tracker = _tracker.get()
-        if tracker is not None and not tracker.attached:
-            tracker.attach(self, fn)
-        return run(self, client, ctx, handler, fn, *args, **kwargs)
+    report_step = cls.report_step
 
     @functools.wraps(report_step)
     def hooked_report_step(self: Any, info: step_lib.StepInfo) -> Any:
@@ -561,7 +557,7 @@ def _hook_sync(cls: Any) -> None:
             tracker.before_step(info)
         return report_step(self, info)
 
-    cls.run, cls.report_step = hooked_run, hooked_report_step
+    cls.report_step = hooked_report_step
 
 
 def _hook_step_run(cls: Any) -> None:
@@ -572,7 +568,8 @@ def _hook_step_run(cls: Any) -> None:
                output_type: object = types.empty_sentinel) -> Any:
         # Returns the SDK's coroutine unawaited for Step (async), its result for StepSync.
         tracker = _tracker.get()
-        if tracker is not None:
+        # Only a memo's shape is checked: with none left, no step's type is needed.
+        if tracker is not None and tracker.memos is not None and tracker.memos._memos:
             declared = declared_type(handler, output_type)
             if declared is not None:
                 tracker.declared[step_id] = declared

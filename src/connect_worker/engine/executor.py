@@ -192,10 +192,10 @@ class _SdkApp:
             server_kind=self.client._mode)}
         return response
 
-    async def execute(self, payload: bytes, fn_id: str, step_id: str | None,
-                      request_id: str | None, job_id: str | None,
-                      raw_request: object) -> comm_lib.CommResponse:
-        """The SDK's answer to one executor request (``CommHandler.post``'s steps)."""
+    async def prepare(self, payload: bytes, fn_id: str,
+                      raw_request: object) -> _Prepared | comm_lib.CommResponse:
+        """``CommHandler.post``'s steps before the call: the SDK's error answer, or what
+        the call needs (the memos tell the drift guard whether there is anything to watch)."""
         client = self.client
         middleware = middleware_lib.MiddlewareManager.from_client(
             client, raw_request, NO_TIMINGS)
@@ -221,35 +221,69 @@ class _SdkApp:
             steps = fetched_steps
         if events is None:
             return self._error(Exception("events not in request"))
+        return _Prepared(request, fn, fn_id, events, step_lib.StepMemos.from_raw(steps),
+                         middleware)
+
+    async def run(self, call: _Prepared, step_id: str | None, request_id: str | None,
+                  job_id: str | None,
+                  tracker: _drift.RequestDrift | None = None) -> comm_lib.CommResponse:
+        """The call itself, and the SDK's answer to it (``tracker`` watches its memos)."""
+        client, request, fn, middleware = self.client, call.request, call.fn, call.middleware
         if step_id == server_lib.UNSPECIFIED_STEP_ID:
             step_id = None
-        memos = step_lib.StepMemos.from_raw(steps)
+        drift_token = None
         if fn.is_handler_async:
-            # Awaited here, not in a task of its own: nothing streams.
-            call_res = await fn.call(client, execution_lib.Context(
-                attempt=request.ctx.attempt, event=request.event, events=events,
-                group=step_lib.Group(), job_id=job_id, logger=client.logger,
-                request_id=request_id, run_id=request.ctx.run_id,
-                step=step_lib.Step(client, execution_lib.ExecutionV0(
-                    memos, middleware, request, step_id, NO_TIMINGS), middleware,
-                    step_lib.StepIDCounter(), step_id),
-            ), fn_id, middleware)
+            execution = execution_lib.ExecutionV0(
+                call.memos, middleware, request, step_id, NO_TIMINGS)
+            if tracker is not None:
+                drift_token = _drift.set_tracker(tracker)
+                tracker.attach(execution, fn)
+            try:
+                # Awaited here, not in a task of its own: nothing streams.
+                call_res = await fn.call(client, execution_lib.Context(
+                    attempt=request.ctx.attempt, event=request.event, events=call.events,
+                    group=step_lib.Group(), job_id=job_id, logger=client.logger,
+                    request_id=request_id, run_id=request.ctx.run_id,
+                    step=step_lib.Step(client, execution, middleware,
+                                       step_lib.StepIDCounter(), step_id),
+                ), call.fn_id, middleware)
+            finally:
+                if drift_token is not None:
+                    _drift.reset_tracker(drift_token)
         else:
+            execution_sync = execution_lib.ExecutionV0Sync(
+                call.memos, middleware, request, step_id, NO_TIMINGS)
+            if tracker is not None:
+                tracker.attach(execution_sync, fn)
             fn_call = functools.partial(fn.call_sync, client, execution_lib.ContextSync(
-                attempt=request.ctx.attempt, event=request.event, events=events,
+                attempt=request.ctx.attempt, event=request.event, events=call.events,
                 group=step_lib.GroupSync(), job_id=job_id, logger=client.logger,
                 request_id=request_id, run_id=request.ctx.run_id,
-                step=step_lib.StepSync(client, execution_lib.ExecutionV0Sync(
-                    memos, middleware, request, step_id, NO_TIMINGS), middleware,
-                    step_lib.StepIDCounter(), step_id),
-            ), fn_id, middleware)
-            pool = self.handler._thread_pool
-            if pool is not None:
-                call_res = await asyncio.get_running_loop().run_in_executor(pool, fn_call)
-            else:
-                call_res = fn_call()
+                step=step_lib.StepSync(client, execution_sync, middleware,
+                                       step_lib.StepIDCounter(), step_id),
+            ), call.fn_id, middleware)
+            drift_token = _drift.set_tracker(tracker) if tracker is not None else None
+            try:
+                pool = self.handler._thread_pool
+                if pool is not None:  # (it copies this context: the tracker goes along)
+                    call_res = await asyncio.get_running_loop().run_in_executor(pool, fn_call)
+                else:
+                    call_res = fn_call()
+            finally:
+                if drift_token is not None:
+                    _drift.reset_tracker(drift_token)
         return comm_lib.CommResponse.from_call_result(
             client.logger, call_res, client.env, server_lib.Framework.CONNECT, None)
+
+
+@dataclass(slots=True)
+class _Prepared:
+    request: server_lib.ServerRequest
+    fn: inngest.Function[Any]
+    fn_id: str
+    events: list[server_lib.Event]
+    memos: step_lib.StepMemos
+    middleware: middleware_lib.MiddlewareManager
 
 
 def error_outcome(name: str, message: str, *, no_retry: bool = False,
@@ -347,22 +381,28 @@ class Executor:
             step_id=request.step_id,
             payload=request.request_payload,
         )
-        tracker = None if self.drift is None else self.drift.begin(_drift.Request(
-            request.run_id, request.function_slug, request.step_id, request.request_payload))
         token = _current.set(identity)
-        drift_token = _drift.set_tracker(tracker)
         span_token = tracing.enter_step(request)  # the step's span is current in user code
+        tracker = None
         try:
-            response = await sdk.execute(request.request_payload, request.function_slug,
-                                         request.step_id or None, request.request_id or None,
-                                         request.job_id or None, request)
+            prepared = await sdk.prepare(request.request_payload, request.function_slug, request)
+            if isinstance(prepared, comm_lib.CommResponse):
+                response = prepared
+            else:
+                if self.drift is not None and self.drift.watches(
+                        prepared.memos.size, request.step_id):
+                    tracker = self.drift.begin(_drift.Request(
+                        request.run_id, request.function_slug, request.step_id,
+                        request.request_payload))
+                response = await sdk.run(prepared, request.step_id or None,
+                                         request.request_id or None, request.job_id or None,
+                                         tracker)
         except _drift.DriftStop as stop:
             # fail: the drifted step's body did not run; nothing was paid twice.
             return error_outcome("VersionDrift", tracker.failure if tracker and tracker.failure
                                  else str(stop), no_retry=True)
         finally:
             tracing.exit_step(span_token)
-            _drift.reset_tracker(drift_token)
             _current.reset(token)
         body = response.body_bytes()
         if isinstance(body, Exception):
