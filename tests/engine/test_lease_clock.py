@@ -19,6 +19,14 @@ def test_a_lease_lasts_four_extend_intervals_or_what_its_id_says_if_longer() -> 
     assert decoded is not None and abs(decoded - (now + 90)) < 0.002
     assert ulid_seconds("not-a-ulid") is None
     assert lease_seconds("not-a-ulid", 30.0) == 120.0
+    # Not Crockford, though int(..., 32) would read them: I L O U, "_", signs, spaces,
+    # non-ASCII digits. Lower case is Crockford (case-insensitive).
+    tail = "0" * 16
+    for bad in ("01ARZ3NDEI", "01ARZ3NDEL", "0O00000000", "U000000000", "0_00000000",
+                "+000000000", " 000000000", "\u0663" * 10):
+        assert ulid_seconds(bad + tail) is None, bad
+    assert ulid_seconds("01arz3ndek" + tail) == ulid_seconds("01ARZ3NDEK" + tail) == \
+        1469922850.259
     # A lease id expiring in 8 s with 1 s extensions (a gateway whose lease is 8
     # intervals): the id wins. One expiring sooner than 4 intervals (a fast local
     # clock): the rule wins, so the copy never stops before its lease ended.
