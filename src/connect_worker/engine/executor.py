@@ -2,9 +2,10 @@
 execution internals (``inngest._internal``; ``drift.py`` wraps the SDK's memo lookup, see
 ``drift.install_hooks``; the rest of the package uses the SDK's public API).
 
-A request goes straight to the SDK's execution (``_SdkApp.execute``: the request model,
-the middleware manager, the memos, ``Function.call``, ``CommResponse.from_call_result``),
-the steps ``CommHandler.post`` takes for an HTTP request minus the HTTP: no query
+A request goes straight to the SDK's execution (``SdkApp.prepare`` and ``run``: the
+request model, the middleware manager, the memos, ``Function.call``,
+``CommResponse.from_call_result``), the steps ``CommHandler.post`` takes for an HTTP
+request minus the HTTP: no query
 parameters or headers to build and parse, no request model to validate, no response
 headers to merge, no extra task per request. An SDK upgrade that changes those internals
 breaks this file and its contract tests (run with each supported SDK version), not the
@@ -163,7 +164,7 @@ _NO_TIMING = _NoTiming()
 NO_TIMINGS = _NoTimings()  # (also read by lab/bench.py, to cost the SDK as we call it)
 
 
-class _SdkApp:
+class SdkApp:
     """One app's functions, executed the way ``CommHandler.post`` does for a Connect
     request (same order, same SDK objects, same answers), without the HTTP around it.
 
@@ -300,7 +301,7 @@ class Executor:
                  drift: _drift.DriftGuard | None = None) -> None:
         if not apps:
             raise ExecutionError("no apps to serve")
-        self._sdk: dict[str, _SdkApp] = {}
+        self._sdk: dict[str, SdkApp] = {}
         self.drift = drift
         if drift is not None:
             _drift.install_hooks()
@@ -325,7 +326,7 @@ class Executor:
                     max_workers=pool._max_workers, thread_name_prefix="connect-worker-fn"
                 )
                 pool.shutdown(wait=False)
-            self._sdk[client.app_id] = _SdkApp(client, functions, handler)
+            self._sdk[client.app_id] = SdkApp(client, functions, handler)
             self.apps.append(
                 AppSpec(
                     app_name=client.app_id,

@@ -14,10 +14,11 @@ Each worker is a subprocess of its own, so its CPU time and RSS are its own
 - worker CPU ms per run: utime+stime of the worker process (all threads) over
   the measured runs, divided by N;
 - SDK execution: the same two requests per run executed N times in-process
-  through the SDK's ``CommHandler.post`` (a separate subprocess, no transport),
-  CPU ms per run, called as each worker calls it: the official client with the
-  SDK's default request timings (six timers and a 100 ms tracker task per
-  request, for an HTTP header), connect_worker without them (``NO_TIMINGS``);
+  (a separate subprocess, no transport), CPU ms per run, called as each worker
+  calls it: the official client through the SDK's ``CommHandler.post`` with its
+  default request timings (six timers and a 100 ms tracker task per request, for
+  an HTTP header), connect_worker straight into the SDK's execution
+  (``engine.executor.SdkApp``, without the timings: ``NO_TIMINGS``);
   ``own overhead`` = worker CPU - its SDK execution;
 - dispatch->ack / dispatch->reply p50 and p99: from the devserver's
   ``Dispatch.sent_at``/``acked_at``/``replied_at`` (every request of the
@@ -1135,12 +1136,13 @@ def _payload(run_id: str, steps: dict[str, Any], stack: list[str]) -> bytes:
 
 
 async def sdk_cost(runs: int, warmup: int = 50, kind: str = SDK) -> float:
-    """CPU ms per run of the SDK executing the bench function: its two requests,
-    straight through ``CommHandler.post`` (no transport, no protobuf), with the request
-    timings ``kind`` passes (see the module docstring)."""
+    """CPU ms per run of the SDK executing the bench function: its two requests (no
+    transport, no protobuf) as ``kind`` calls the SDK: the official client through
+    ``CommHandler.post`` with the SDK's request timings, connect_worker through
+    ``engine.executor.SdkApp`` (see the module docstring)."""
     from inngest._internal import comm_lib, const, net, server_lib
 
-    from ..engine.executor import NO_TIMINGS
+    from ..engine.executor import NO_TIMINGS, SdkApp
     from . import bench_app
 
     def timings() -> net.ServerTimings:
@@ -1172,8 +1174,20 @@ async def sdk_cost(runs: int, warmup: int = 50, kind: str = SDK) -> float:
             timings=timings(),
         )
 
+    if kind == CW:  # the SDK's execution as connect_worker drives it (engine/executor.py)
+        sdk = SdkApp(bench_app.client, bench_app.functions, handler)
+
+        async def post(body: bytes) -> comm_lib.CommResponse:
+            prepared = await sdk.prepare(body, bench_app.FUNCTION_SLUG, None)
+            if isinstance(prepared, comm_lib.CommResponse):
+                return prepared
+            return await sdk.run(prepared, None, "01BENCHREQ", "01BENCHJOB")
+    else:
+        async def post(body: bytes) -> comm_lib.CommResponse:
+            return await handler.post(request(body))
+
     first = _payload("01BENCHRUN", {}, [])
-    response = await handler.post(request(first))
+    response = await post(first)
     body = response.body_bytes()
     if response.status_code != 206 or isinstance(body, Exception):
         raise RuntimeError(f"unexpected first response {response.status_code}: {body!r}")
@@ -1181,9 +1195,9 @@ async def sdk_cost(runs: int, warmup: int = 50, kind: str = SDK) -> float:
     second = _payload("01BENCHRUN", {op["id"]: {"data": op.get("data")}}, [op["id"]])
 
     async def one_run() -> None:
-        r1 = await handler.post(request(first))
+        r1 = await post(first)
         r1.body_bytes()
-        r2 = await handler.post(request(second))
+        r2 = await post(second)
         r2.body_bytes()
         if r1.status_code != 206 or r2.status_code != 200:
             raise RuntimeError(f"unexpected statuses {r1.status_code}, {r2.status_code}")
