@@ -219,13 +219,18 @@ class Executor:
                  ", ".join(event.run_ids) or "none (no synced function has this trigger)")
         return event
 
-    def invoke(self, slug: str, data: Any) -> Run:
+    def invoke(self, slug: str, data: Any, parent: str | None = None) -> Run:
+        """Start ``slug`` with an ``inngest/function.invoked`` event; KeyError if unknown.
+
+        The one way to invoke a function: the HTTP API, the dev gateway's Python API and
+        the InvokeFunction opcode (``parent`` = the invoking run) all come through here.
+        """
         for app, fns in self.state.functions.items():
             if slug in fns:
-                event = Event(new_ulid(), "inngest/function.invoked", data,
+                event = Event(new_ulid(), "inngest/function.invoked", data or {},
                               int(time.time() * 1000))
                 self.state.events[event.id] = event
-                run = self.start_run(app, slug, event)
+                run = self.start_run(app, slug, event, parent=parent)
                 event.run_ids.append(run.run_id)
                 return run
         raise KeyError(slug)
@@ -338,8 +343,7 @@ class Executor:
             if result.response is None:
                 self._history(run, "step_error", step_id=item.step_id, attempt=item.attempt,
                               job_id=item.job_id, error=result.error)
-                if item.attempt + 1 < run.max_attempts:
-                    item.attempt += 1
+                if self._next_attempt(run, item):
                     log.info("retrying %s of run %s (attempt %d of %d): %s",
                              logfmt.step(run, item.step_id), run.run_id, item.attempt + 1,
                              run.max_attempts, result.error)
@@ -362,10 +366,9 @@ class Executor:
             if resp.status == pb.SDKResponseStatus.ERROR:
                 self._history(run, "function_error", step_id=item.step_id,
                               attempt=item.attempt, error=body, no_retry=resp.no_retry)
-                if resp.no_retry or item.attempt + 1 >= run.max_attempts:
+                if resp.no_retry or not self._next_attempt(run, item):
                     self._finish(run, RunStatus.FAILED, error=body)
                     return []
-                item.attempt += 1
                 log.info("retrying run %s (attempt %d of %d): the function raised %s",
                          run.run_id, item.attempt + 1, run.max_attempts, logfmt.error(body))
                 await self._backoff(resp.retry_after if resp.HasField("retry_after") else None)
@@ -397,8 +400,7 @@ class Executor:
                 # Lazy ops without a host op would leave the run with nothing queued.
                 produced.append(QueueItem(run.run_id, "step", ""))
             if retry_same:
-                if item.attempt + 1 < run.max_attempts:
-                    item.attempt += 1
+                if self._next_attempt(run, item):
                     log.info("retrying a step of run %s (attempt %d of %d): it raised an error",
                              run.run_id, item.attempt + 1, run.max_attempts)
                     await self._backoff(resp.retry_after if resp.HasField("retry_after") else None)
@@ -407,6 +409,18 @@ class Executor:
                 return []
             return produced
         return []
+
+    @staticmethod
+    def _next_attempt(run: Run, item: QueueItem) -> bool:
+        """Count one more attempt of ``item`` if the run allows it; False = exhausted.
+
+        The one retry check: a failed dispatch, a function error, a step error and a
+        bad SDK response all spend the same per-item budget of ``run.max_attempts``.
+        """
+        if item.attempt + 1 >= run.max_attempts:
+            return False
+        item.attempt += 1
+        return True
 
     def _protocol_error(self, run: Run, item: QueueItem, problem: str) -> bool:
         """Record an SDK response the executor cannot act on; True = retry the item.
@@ -419,8 +433,7 @@ class Executor:
         self.state.errors.append(f"bad SDK response: {message}")
         self._history(run, "opcode_error", step_id=item.step_id, attempt=item.attempt,
                       job_id=item.job_id, error=problem)
-        if item.attempt + 1 < run.max_attempts:
-            item.attempt += 1
+        if self._next_attempt(run, item):
             return True
         self._finish(run, RunStatus.FAILED, error={"name": "OpcodeError", "message": problem})
         return False
@@ -557,7 +570,9 @@ class Executor:
             target = str(opts.get("function_id") or "")
             payload = opts.get("payload") if isinstance(opts.get("payload"), dict) else {}
             assert isinstance(payload, dict)
-            child = self._find_and_start(target, payload.get("data"), run.run_id)
+            child: Run | None = None
+            with contextlib.suppress(KeyError):
+                child = self.invoke(target, payload.get("data"), parent=run.run_id)
             self._history(run, "invoke", step=step_id, function=target,
                           child_run_id=child.run_id if child else None)
             if child is None:
@@ -657,14 +672,6 @@ class Executor:
         log.error("bad checkpoint for run %s (%s): %s", run.run_id, run.function_slug, problem)
         self.state.errors.append(f"bad checkpoint for run {run.run_id}: {problem}")
         self._history(run, "checkpoint_error", error=problem)
-
-    def _find_and_start(self, slug: str, data: Any, parent: str) -> Run | None:
-        for app, fns in self.state.functions.items():
-            if slug in fns:
-                event = Event(new_ulid(), "inngest/function.invoked", data or {},
-                              int(time.time() * 1000))
-                return self.start_run(app, slug, event, parent=parent)
-        return None
 
     # -- the proxy (grpc/proxy.go) ---------------------------------------------
 
