@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..devserver import DevServer, DevServerConfig, RunStatus
-from ..devserver.fleet import WorkerProcess, read_executions, replace_when_ready
 from .apps import soak as soak_app
+from .fleet import WorkerProcess, read_executions, replace_when_ready
 from .real_server import REAL_SERVER_FAULTS, RealServer, refused_faults
 from .simulate import drain_summary, keep_load, render_table
 

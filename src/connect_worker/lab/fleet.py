@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .server import DevServer
-from .state import ConnectionInfo
+from ..devserver.server import DevServer
+from ..devserver.state import ConnectionInfo
 
 
 @dataclass
