@@ -54,7 +54,7 @@ from .session import Session
 from .steps import LIVE, Action, Arrival, Ledger, Step, StepEvent, StepState
 from .supervisor import MAX_CONSECUTIVE_SYNC_FAILURES, Supervisor, is_fatal
 from .timers import Changes
-from .userloop import loop_factory
+from .userloop import UserLoop, loop_factory
 
 __all__ = ["EXIT_ABANDONED", "EXIT_FATAL", "EXIT_OK", "MAX_CONSECUTIVE_SYNC_FAILURES",
            "Worker", "is_fatal"]
@@ -76,7 +76,9 @@ class Worker:
     """Hosts the given apps over Inngest Connect until asked to stop."""
 
     def __init__(self, config: Config, apps: Sequence[App], *,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, user_loop: UserLoop | None = None) -> None:
+        """``user_loop``: where user code runs; None = a thread of its own (always, when
+        serving: ``InlineUserLoop`` exists only for the bench to price that thread)."""
         self.config = config
         self.metrics = metrics or WorkerMetrics(CollectorRegistry())
         self._ledger = ledger = Ledger(kept=DELIVERED_REPLIES_KEPT, ttl=DELIVERED_REPLY_TTL)
@@ -91,6 +93,8 @@ class Worker:
         self._executor = Executor(apps, app_version=config.app_version,
                                   new_loop=loop_factory(config.event_loop),
                                   drift=guard_from_config(config, apps, self.metrics))
+        if user_loop is not None:
+            self._executor.user_loop = user_loop
         self._supervisor = Supervisor(
             config, self.metrics, self._changes, self._executor.apps,
             in_flight=lambda: list(ledger.steps),

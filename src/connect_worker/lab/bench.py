@@ -38,9 +38,10 @@ gateway saw them, and the worker's CPU per lease extension (all its CPU while ho
 divided by the extensions it sent meanwhile: an upper bound).
 
 ``--bridge-cost`` adds a third worker to each round of the default mode: connect_worker
-with its user-code thread taken out (``UserLoop.submit`` patched to run the request on
-the engine's own loop). connect_worker has no such mode: it would let one blocking step
-stop every heartbeat and lease extension. The difference prices that guarantee.
+with its user-code thread taken out (served with ``engine.userloop.InlineUserLoop``,
+which runs the request on the engine's own loop). connect_worker serves with no such
+loop: one blocking step would stop every heartbeat and lease extension. The difference
+prices that guarantee.
 
 ``--tracing`` adds connect_worker with OpenTelemetry tracing on to each round, next to
 connect_worker without it: the same worker with ``OTEL_EXPORTER_OTLP_ENDPOINT`` set to a
@@ -62,6 +63,7 @@ import contextlib
 import gc
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -578,6 +580,23 @@ class LagProbe:
         self._gc_started = 0.0
         gc.callbacks.append(self._on_gc)
 
+    def watch_heartbeats(self) -> None:
+        """Record when the worker sends each heartbeat (its ``heartbeat.sent`` debug event:
+        the gateway's view of them includes its own backlog)."""
+        heartbeats = self.heartbeats
+
+        class Heartbeats(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if getattr(record, "event", None) == "heartbeat.sent":
+                    heartbeats.append(record.created)
+
+        logger = logging.getLogger("connect_worker")
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(Heartbeats(logging.DEBUG))
+        warnings = logging.StreamHandler()  # what would have reached stderr without us
+        warnings.setLevel(logging.WARNING)
+        logger.addHandler(warnings)
+
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter()
@@ -1030,8 +1049,6 @@ def render_instructions(args: argparse.Namespace, result: dict[str, float]) -> s
 
 async def run_sdk_worker(instance_id: str) -> None:
     """The official SDK's own Connect client serving ``bench_app``."""
-    import logging
-
     from inngest.connect import connect
 
     from . import bench_app
@@ -1050,55 +1067,29 @@ async def run_sdk_worker(instance_id: str) -> None:
         probe.write()
 
 
-def _run_user_code_inline() -> None:
-    """The ``--bridge-cost`` experiment: ``UserLoop.submit`` runs the request as a task
-    on the calling (engine) loop instead of handing it to the user-code thread."""
-    from ..engine.userloop import JobFuture, UserLoop
-
-    def submit(self: UserLoop, coro: Any, on_done: Any = None, loop: Any = None) -> Any:
-        engine = loop or asyncio.get_running_loop()
-        result: JobFuture[Any] = JobFuture(loop=engine)
-        result._on_done = on_done  # (JobFuture.cancel calls it)
-        task = engine.create_task(coro)
-        task.add_done_callback(result.settle)
-        result.add_done_callback(lambda f: f.cancelled() and task.cancel())
-        return result
-
-    UserLoop.submit = submit  # type: ignore[method-assign]
-
-
 def run_cw_worker(inline: bool = False) -> int:
-    """``connect_worker run connect_worker.lab.bench_app`` plus the lag probe."""
+    """``connect_worker run connect_worker.lab.bench_app`` plus the lag probe, through the
+    engine's public API only: ``serve`` (with ``InlineUserLoop`` for ``--inline``: the
+    ``--bridge-cost`` experiment) and, for ``--scale``, the ``heartbeat.sent`` log event."""
     import anyio
-
-    if inline:
-        _run_user_code_inline()
 
     from ..config import Config
     from ..engine.runner import serve
     from ..engine.target import load_target
-    from ..protocol import WorkerConnection
+    from ..engine.userloop import InlineUserLoop, loop_factory
 
     config = Config.from_env(os.environ)
     apps = load_target("connect_worker.lab.bench_app")
     probe = LagProbe()
-    # Heartbeats as sent (the gateway's view includes its own backlog).
-    build_heartbeat = WorkerConnection.heartbeat
-
-    def heartbeat(conn: WorkerConnection) -> bytes:
-        probe.heartbeats.append(time.time())
-        return build_heartbeat(conn)
-
-    WorkerConnection.heartbeat = heartbeat  # type: ignore[method-assign, assignment]
+    if os.environ.get(LAG_FILE_ENV):
+        probe.watch_heartbeats()
 
     async def main() -> int:
         async with anyio.create_task_group() as tg:
             tg.start_soon(probe.run)
-            code = await serve(config, apps)
+            code = await serve(config, apps, user_loop=InlineUserLoop() if inline else None)
             tg.cancel_scope.cancel()
         return code
-
-    from ..engine.userloop import loop_factory
 
     try:
         return anyio.run(main, backend_options={"loop_factory": loop_factory(config.event_loop)})
