@@ -67,7 +67,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -80,6 +79,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from ..devserver import DevServer
+    from .fleet import WorkerProcess
 
 CW = "connect_worker"
 SDK = "sdk_client"
@@ -88,6 +88,8 @@ SDK = "sdk_client"
 INLINE = "connect_worker_inline"
 # connect_worker with tracing on (``--tracing``).
 TRACED = "connect_worker_traced"
+# connect_worker as ``--scale`` runs it: the bench's cw-worker mode, with the lag probe.
+SCALE_CW = "connect_worker_probed"
 WORKERS = (CW, SDK)
 LABELS = {CW: "connect_worker", SDK: "SDK client", INLINE: "cw, no thread",
           TRACED: "cw, tracing on"}
@@ -344,40 +346,40 @@ def _worker_command(kind: str, instance_id: str) -> list[str]:
         return [sys.executable, "-m", "connect_worker", "run", "connect_worker.lab.bench_app"]
     if kind == INLINE:
         return [sys.executable, "-m", "connect_worker.lab.bench", "cw-worker", "--inline"]
+    if kind == SCALE_CW:
+        return [sys.executable, "-m", "connect_worker.lab.bench", "cw-worker"]
     return [sys.executable, "-m", "connect_worker.lab.bench", "sdk-worker",
             "--instance-id", instance_id]
 
 
-def _worker_env(api_url: str, instance_id: str,
-                traces_to: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("INNGEST_", "CONNECT_WORKER_", "RAILWAY_", "OTEL_"))}
+def _worker(command: list[str], instance_id: str, api_url: str, *,
+            traces_to: str | None = None, env: dict[str, str] | None = None) -> WorkerProcess:
+    """One bench worker, the fleet's process running ``command``: the worker's own default
+    timings, quiet (warnings only), traced to ``traces_to`` when given."""
+    from .fleet import WorkerProcess  # not at import time: the bench's workers import us
+
+    extra = {"CONNECT_WORKER_LOG_LEVEL": "warning"}
     if traces_to is not None:
-        env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": traces_to,
-                    "OTEL_TRACES_SAMPLER": "always_on"})
-    env.update({
-        "INNGEST_DEV": "1",
-        "INNGEST_API_BASE_URL": api_url,
-        "CONNECT_WORKER_HTTP_PORT": "off",
-        "CONNECT_WORKER_INSTANCE_ID": instance_id,
-        "CONNECT_WORKER_LOG_LEVEL": "warning",
-        "PYTHONUNBUFFERED": "1",
-    })
+        extra.update({"OTEL_EXPORTER_OTLP_ENDPOINT": traces_to,
+                      "OTEL_TRACES_SAMPLER": "always_on"})
+    return WorkerProcess("connect_worker.lab.bench_app", api_url, instance_id,
+                         drain_timeout=None, reply_ack_timeout=None,
+                         env={**extra, **(env or {})}, command=command)
+
+
+def _cost_env() -> dict[str, str]:
+    """The environment of the in-process SDK cost measurement: a bench worker's."""
+    env: dict[str, str] = _worker([], "bench-sdk-cost", "http://127.0.0.1:9").environment()
     return env
 
 
-async def _stop(proc: asyncio.subprocess.Process, grace: float) -> int | None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), grace)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()  # our own child only
-            await proc.wait()
-            return None
-    return proc.returncode
+async def _stop(worker: WorkerProcess, grace: float) -> int | None:
+    """SIGTERM and wait; None when it had to be killed."""
+    try:
+        code: int = await worker.stop(grace)
+        return code
+    except TimeoutError:
+        return None
 
 
 @contextlib.contextmanager
@@ -410,13 +412,12 @@ def _trace_sink(exports: list[int]) -> Iterator[str]:
 
 
 async def measure(kind: str, round_no: int, args: argparse.Namespace,
-                  log_dir: Path, traces_to: str | None = None) -> Sample:
+                  traces_to: str | None = None) -> Sample:
     from ..devserver import DevServer, DevServerConfig, RunStatus
     from .real_server import RealServer
 
     instance_id = f"bench-{kind}-{round_no}"
     cfg = DevServerConfig(interval_format="seconds")
-    log_path = log_dir / f"{instance_id}.log"
     async with contextlib.AsyncExitStack() as stack:
         env_extra: dict[str, str] = {}
         if args.server:
@@ -427,23 +428,13 @@ async def measure(kind: str, round_no: int, args: argparse.Namespace,
             dev = cast("DevServer", real)
         else:
             dev = await stack.enter_async_context(DevServer(cfg))
-        with log_path.open("wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                *_worker_command(kind, instance_id),
-                env={**_worker_env(dev.api_url, instance_id,
-                                   traces_to if kind == TRACED else None), **env_extra},
-                stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            )
+        proc = await stack.enter_async_context(_worker(
+            _worker_command(kind, instance_id), instance_id, dev.api_url,
+            traces_to=traces_to if kind == TRACED else None, env=env_extra))
         pid = proc.pid
         exit_code: int | None = None
         try:
-            try:
-                await dev.wait_for_connection(lambda c: c.instance_id == instance_id,
-                                              timeout=args.timeout)
-            except TimeoutError:
-                raise RuntimeError(
-                    f"{kind} did not connect; its output:\n{log_path.read_text()[-4000:]}"
-                ) from None
+            await proc.wait_ready(dev, args.timeout)
             await asyncio.sleep(args.settle)
 
             # Idle: connected, READY, nothing to do.
@@ -499,7 +490,7 @@ async def sdk_cost_subprocess(kind: str, runs: int, bound: float) -> float:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "connect_worker.lab.bench", "sdk-cost", "--runs", str(runs),
         "--as", kind,
-        env=_worker_env("http://127.0.0.1:9", "bench-sdk-cost"),
+        env=_cost_env(),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -513,8 +504,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     samples: list[Sample] = []
     sdk_costs: dict[str, list[float]] = {kind: [] for kind in WORKERS}
     exports: list[int] = []  # --tracing: OTLP requests the sink received (bytes each)
-    with tempfile.TemporaryDirectory(prefix="connect-worker-bench-") as tmp, \
-            (_trace_sink(exports) if args.tracing else contextlib.nullcontext("")) as sink:
+    with _trace_sink(exports) if args.tracing else contextlib.nullcontext("") as sink:
         for round_no in range(1, args.rounds + 1):
             order = WORKERS if round_no % 2 else WORKERS[::-1]
             kinds = list(order)
@@ -523,7 +513,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             if args.bridge_cost:
                 kinds.append(INLINE)
             for kind in kinds:
-                sample = await measure(kind, round_no, args, Path(tmp), sink or None)
+                sample = await measure(kind, round_no, args, sink or None)
                 samples.append(sample)
                 _progress(
                     f"round {round_no}/{args.rounds} {LABELS[kind]:>14}: "
@@ -730,28 +720,15 @@ async def measure_scale(kind: str, args: argparse.Namespace, log_dir: Path) -> S
     instance_id = f"bench-scale-{kind}"
     cfg = DevServerConfig(interval_format="seconds")  # production timings otherwise
     lag_path = log_dir / f"{instance_id}.lag.json"
-    env = _worker_env("", instance_id)
-    command = ([sys.executable, "-m", "connect_worker.lab.bench", "cw-worker"] if kind == CW
-               else _worker_command(kind, instance_id))
     note = ""
-    async with DevServer(cfg) as dev:
-        env.update(_worker_env(dev.api_url, instance_id))
-        env[LAG_FILE_ENV] = str(lag_path)
-        log_path = log_dir / f"{instance_id}.log"
-        with log_path.open("wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                *command, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file, stderr=log_file,
-            )
+    # connect_worker with the lag probe (cw-worker) instead of `connect_worker run`
+    command = _worker_command(SCALE_CW if kind == CW else kind, instance_id)
+    async with DevServer(cfg) as dev, _worker(
+        command, instance_id, dev.api_url, env={LAG_FILE_ENV: str(lag_path)},
+    ) as proc:
         pid = proc.pid
         try:
-            try:
-                conn = await dev.wait_for_connection(lambda c: c.instance_id == instance_id,
-                                                    timeout=args.timeout)
-            except TimeoutError:
-                raise RuntimeError(
-                    f"{kind} did not connect; its output:\n{log_path.read_text()[-4000:]}"
-                ) from None
+            conn = await proc.wait_ready(dev, args.timeout)
             await asyncio.sleep(args.settle)
             idle_rss = proc_status_kb(pid, "VmRSS")
 
@@ -952,18 +929,13 @@ async def instructions_per_run(kind: str, args: argparse.Namespace, tmp: Path,
     n = args.instructions
     instance_id = f"bench-instr-{kind}"
     prefix = str(tmp / f"cg.{kind}")
-    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}.%p",
-               *_worker_command(kind, instance_id)]
-    async with DevServer(DevServerConfig(interval_format="seconds")) as dev:
-        with (tmp / f"{instance_id}.log").open("wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                *command, env=_worker_env(dev.api_url, instance_id,
-                                          traces_to if kind == TRACED else None),
-                stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            )
+    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}.%p"]
+    async with DevServer(DevServerConfig(interval_format="seconds")) as dev, _worker(
+        [*valgrind, *_worker_command(kind, instance_id)], instance_id, dev.api_url,
+        traces_to=traces_to if kind == TRACED else None,
+    ) as proc:
         try:
-            await dev.wait_for_connection(lambda c: c.instance_id == instance_id,
-                                          timeout=max(args.timeout, 180.0))
+            await proc.wait_ready(dev, max(args.timeout, 180.0))
             await drive(dev, args.warmup, args.concurrency, 600.0)
             await _callgrind_control("-z", str(proc.pid))
             await drive(dev, n, args.concurrency, 600.0)
@@ -982,7 +954,7 @@ async def sdk_instructions_per_run(kind: str, args: argparse.Namespace, tmp: Pat
             "valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}",
             sys.executable, "-m", "connect_worker.lab.bench", "sdk-cost", "--runs", str(runs),
             "--as", kind,
-            env=_worker_env("http://127.0.0.1:9", "bench-sdk-cost"),
+            env=_cost_env(),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
