@@ -357,7 +357,7 @@ class API:
                           else self.gateway.drop_socket)
                 for conn_id in targets:
                     # GATEWAY_CLOSING waits up to drain_window for the worker: answer now.
-                    self.gateway._spawn_background(action(conn_id))
+                    self.gateway.wire.spawn_background(action(conn_id))
                 return _json({"data": {"fault": name, "connections": targets}})
             if name == "withhold-reply-ack":
                 count = _count(request)
