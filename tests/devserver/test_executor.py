@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from connect_worker.devserver import DevServer, RunStatus, is_ulid
-from connect_worker.devserver.executor import Executor, QueueItem
-from connect_worker.devserver.state import Event, Run
+from connect_worker.devserver.executor import Executor
+from connect_worker.devserver.state import Event, QueueItem, Run
 from connect_worker.devserver.testing import (
     fast_config,
     hash_step_id,
