@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -28,10 +26,10 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from ..protocol import constants, pb
-from ..protocol.durations import format_go_duration
 from . import logfmt
 from .browser import refusal
-from .core import ACCOUNT_ID, Core, Session
+from .core import Core
+from .handshake import INTERNAL, HandshakeError, handshake, intervals, parse_apps
 from .state import ConnectionInfo, ConnStatus, Phase, SyncRecord
 from .ulid import is_ulid
 from .wire import GatewayConnection, Wire, kind_name
@@ -43,45 +41,10 @@ SUBPROTOCOL = Subprotocol(constants.SUBPROTOCOL)
 MAX_FRAME = constants.MAX_FRAME_BYTES
 Kind = pb.GatewayMessageType
 
-# Close reasons (syscodes) the real gateway uses, spec §5.4.3.
-HELLO_TIMEOUT = "connect_worker_hello_timeout"
-HELLO_INVALID_MSG = "connect_worker_hello_invalid_msg"
-HELLO_INVALID_PAYLOAD = "connect_worker_hello_invalid_payload"
-AUTH_FAILED = "connect_authentication_failed"
-TOO_MANY_APPS = "connect_too_many_apps_per_connection"
+# Close reasons (syscodes) the real gateway uses after the handshake, spec §5.4.3.
 ACK_INVALID = "connect_worker_request_ack_invalid_payload"
 EXTEND_INVALID = "connect_worker_request_extend_lease_invalid_payload"
-INTERNAL = "connect_internal_error"
 GATEWAY_CLOSING = "connect_gateway_closing"
-
-
-def _canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def worker_group_hash(
-    env: str, req: pb.WorkerConnectRequestData, app: pb.AppConfiguration, functions: Any
-) -> str:
-    """account:env:language:version:platform:sha256(functions):app_version (§5.5)."""
-    platform = req.platform if req.HasField("platform") and req.platform else "-"
-    fn_hash = hashlib.sha256(_canonical(functions)).hexdigest()
-    parts = [
-        ACCOUNT_ID,
-        env,
-        req.sdk_language,
-        req.sdk_version,
-        platform,
-        fn_hash,
-        app.app_version if app.HasField("app_version") else "",
-    ]
-    return hashlib.sha256(":".join(parts).encode()).hexdigest()
-
-
-class _HandshakeError(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 class Gateway:
@@ -182,69 +145,6 @@ class Gateway:
                      conn_id: str | None = None) -> None:
         await self.wire.close(ws, code, reason, conn_id)
 
-    def _intervals(self) -> pb.GatewayConnectionReadyData:
-        def fmt(seconds: float) -> str:
-            if self.config.interval_format == "seconds":
-                return f"{max(1, round(seconds))}s"
-            return format_go_duration(seconds)
-
-        return pb.GatewayConnectionReadyData(
-            heartbeat_interval=fmt(self.config.heartbeat_interval),
-            extend_lease_interval=fmt(self.config.extend_lease_interval),
-            status_interval=fmt(self.config.status_interval) if self.config.status_interval
-            else "0s",
-        )
-
-    async def _handshake(self, ws: ServerConnection) -> tuple[pb.WorkerConnectRequestData, Session]:
-        try:
-            async with asyncio.timeout(self.config.hello_timeout):
-                frame = await ws.recv()
-        except TimeoutError:
-            raise _HandshakeError(1008, HELLO_TIMEOUT) from None
-        if not isinstance(frame, bytes):
-            raise _HandshakeError(1008, HELLO_INVALID_MSG)
-        msg = pb.ConnectMessage()
-        if not _parse(msg, frame):
-            raise _HandshakeError(1008, HELLO_INVALID_MSG)
-        if msg.kind != Kind.WORKER_CONNECT:
-            self.state.record("in", kind_name(msg.kind))
-            raise _HandshakeError(1008, HELLO_INVALID_MSG)
-        req = pb.WorkerConnectRequestData()
-        parsed = _parse(req, msg.payload)
-        self.state.record("in", "WORKER_CONNECT", req.connection_id if parsed else None)
-        if not parsed:
-            raise _HandshakeError(1008, HELLO_INVALID_PAYLOAD)
-        if not is_ulid(req.connection_id) or not req.instance_id:
-            raise _HandshakeError(1008, HELLO_INVALID_PAYLOAD)
-        session = self.core.verify_session(req.auth_data.session_token)
-        if session is None:
-            raise _HandshakeError(1008, AUTH_FAILED)
-        if len(req.apps) == 0:
-            raise _HandshakeError(1008, HELLO_INVALID_PAYLOAD)
-        if len(req.apps) > self.config.max_apps_per_connection:
-            raise _HandshakeError(1008, TOO_MANY_APPS)
-        return req, session
-
-    def _parse_apps(
-        self, req: pb.WorkerConnectRequestData, env: str
-    ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
-        try:
-            # The real sync unmarshals the capabilities unconditionally: empty fails too.
-            json.loads(req.capabilities)
-            configs: dict[str, list[dict[str, Any]]] = {}
-            hashes: dict[str, str] = {}
-            for app in req.apps:
-                functions = json.loads(app.functions or b"[]")
-                if not isinstance(functions, list) or not all(
-                    isinstance(f, dict) and isinstance(f.get("id"), str) for f in functions
-                ):
-                    raise ValueError("functions must be a list of objects with an 'id'")
-                configs[app.app_name] = functions
-                hashes[app.app_name] = worker_group_hash(env, req, app, functions)
-        except ValueError as exc:
-            raise _HandshakeError(1011, INTERNAL) from exc
-        return configs, hashes
-
     async def _serve(self, ws: ServerConnection, group: str) -> None:
         if group in self.draining_groups:
             await self._close(ws, 1001, GATEWAY_CLOSING)
@@ -257,9 +157,9 @@ class Gateway:
         if not await self.wire.write(ws, Kind.GATEWAY_HELLO):
             return
         try:
-            req, session = await self._handshake(ws)
-            configs, hashes = self._parse_apps(req, session.env)
-        except _HandshakeError as exc:
+            req, session = await handshake(ws, self.core)
+            configs, hashes = parse_apps(req, session.env)
+        except HandshakeError as exc:
             log.info("connection refused in handshake: close %d %s", exc.code, exc.reason)
             await self._close(ws, exc.code, exc.reason)
             return
@@ -295,7 +195,7 @@ class Gateway:
             if not await self._sync(conn, configs):
                 return
             if not await self.send(conn, Kind.GATEWAY_CONNECTION_READY,
-                                   self._intervals().SerializeToString()):
+                                   intervals(self.config).SerializeToString()):
                 return
             if not info.manual_readiness:
                 self._mark_ready(conn)
