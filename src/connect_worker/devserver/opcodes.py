@@ -55,6 +55,8 @@ class Defer:
 
 
 def matches(trigger: Any, name: str) -> bool:
+    """Whether an event trigger (``{"event": pattern}``; a final ``*`` matches a prefix)
+    matches the event ``name``: for function triggers and WaitForEvent alike."""
     if not isinstance(trigger, dict):
         return False
     pattern = trigger.get("event")
