@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 
 import pytest
 
 from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
+from connect_worker.engine import confirm as confirm_registry
+from connect_worker.engine.confirm import confirm_before_run
 from connect_worker.protocol import pb
 
-from .apps import probe
+from .apps import probe, slow
 from .harness import running_worker
 
 
 @pytest.fixture(autouse=True)
-def _clean_probe() -> None:
+def _clean_probe() -> Iterator[None]:
     probe.reset()
+    yield
+    confirm_registry.clear()
 
 
 def lease_lost_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
@@ -175,10 +180,10 @@ async def test_pause_waits_for_the_newest_ack_to_settle() -> None:
     assert probe.counts == {"gated": 1}
 
 
-@pytest.mark.parametrize("confirm", [False, True], ids=["early_check", "confirm_before_run"])
+@pytest.mark.parametrize("mode", ["early_check", "confirm_before_run", "per_function"])
 @pytest.mark.parametrize("disruption", ["gateway_closing", "drop_socket"])
 async def test_reroute_race_on_a_step_shorter_than_the_early_check(
-    caplog: pytest.LogCaptureFixture, disruption: str, confirm: bool
+    caplog: pytest.LogCaptureFixture, disruption: str, mode: str
 ) -> None:
     """The soak's 3 unexplained duplicates: the same race on an instant step. Both copies
     hold the same lease id (the gateway re-routes the same request, lease id included)
@@ -190,9 +195,13 @@ async def test_reroute_race_on_a_step_shorter_than_the_early_check(
         gateway_groups=("gw-a", "gw-b"), lease_duration=20.0, extend_lease_interval=5.0,
         lease_check_interval=5.0,
     )
+    confirm = mode != "early_check"
+    everywhere = mode == "confirm_before_run"  # CONNECT_WORKER_CONFIRM_BEFORE_RUN=1
+    if mode == "per_function":
+        confirm_before_run(slow)  # the worker-wide setting stays off
     async with DevServer(config) as dev, \
-            running_worker(dev, instance_id="a", confirm_before_run=confirm), \
-            running_worker(dev, instance_id="b", confirm_before_run=confirm):
+            running_worker(dev, instance_id="a", confirm_before_run=everywhere), \
+            running_worker(dev, instance_id="b", confirm_before_run=everywhere):
         conn_a = await dev.wait_for_connection(lambda c: c.instance_id == "a")
         conn_b = await dev.wait_for_connection(lambda c: c.instance_id == "b")
         dev.faults.route = lambda ids: conn_a.conn_id if conn_a.conn_id in ids else conn_b.conn_id
