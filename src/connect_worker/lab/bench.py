@@ -90,9 +90,11 @@ INLINE = "connect_worker_inline"
 TRACED = "connect_worker_traced"
 # connect_worker as ``--scale`` runs it: the bench's cw-worker mode, with the lag probe.
 SCALE_CW = "connect_worker_probed"
+# connect_worker with CONNECT_WORKER_CONFIRM_BEFORE_RUN=1 (``--confirm-before-run``).
+CONFIRMED = "connect_worker_confirm"
 WORKERS = (CW, SDK)
 LABELS = {CW: "connect_worker", SDK: "SDK client", INLINE: "cw, no thread",
-          TRACED: "cw, tracing on"}
+          TRACED: "cw, tracing on", CONFIRMED: "cw, confirm"}
 REQUESTS_PER_RUN = 2
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE_KB = 1024.0
@@ -285,6 +287,30 @@ def render_tracing(samples: list[Sample], cw: Summary, traced: Summary) -> str:
     ])
 
 
+def render_confirm(samples: list[Sample], cw: Summary, confirmed: Summary) -> str:
+    """The ``--confirm-before-run`` lines: what waiting for one lease confirmation per
+    request costs (each run is two requests, so two extension round trips)."""
+    by_round: dict[int, dict[str, Sample]] = {}
+    for s in samples:
+        by_round.setdefault(s.round, {})[s.worker] = s
+    paired = [(r[CONFIRMED].reply_p50_ms, r[CW].reply_p50_ms)
+              for _, r in sorted(by_round.items()) if CW in r and CONFIRMED in r]
+    return "\n".join([
+        "",
+        "confirm-before-run (--confirm-before-run: CONNECT_WORKER_CONFIRM_BEFORE_RUN=1):",
+        f"  dispatch->reply p50 ms         {confirmed.reply_p50_ms:.2f}"
+        f"  ({confirmed.reply_p50_ms - cw.reply_p50_ms:+.2f} against off, "
+        f"{cw.reply_p50_ms:.2f})",
+        f"  dispatch->reply p99 ms         {confirmed.reply_p99_ms:.2f}"
+        f"  (off {cw.reply_p99_ms:.2f})",
+        "  per round p50 (on / off)       "
+        + " ".join(f"{on:.2f}/{off:.2f}" for on, off in paired),
+        f"  worker CPU ms/run              {confirmed.cpu_ms_per_run:.3f}"
+        f"  (off {cw.cpu_ms_per_run:.3f})",
+        f"  runs/s                         {confirmed.runs_per_s:.0f}  (off {cw.runs_per_s:.0f})",
+    ])
+
+
 def render(args: argparse.Namespace, cw: Summary, sdk: Summary, ncpu: int,
            paired: dict[str, list[float]]) -> str:
     head = (
@@ -342,7 +368,7 @@ async def drive(dev: DevServer, n: int, concurrency: int, bound: float) -> list[
 
 
 def _worker_command(kind: str, instance_id: str) -> list[str]:
-    if kind in (CW, TRACED):
+    if kind in (CW, TRACED, CONFIRMED):
         return [sys.executable, "-m", "connect_worker", "run", "connect_worker.lab.bench_app"]
     if kind == INLINE:
         return [sys.executable, "-m", "connect_worker.lab.bench", "cw-worker", "--inline"]
@@ -428,6 +454,8 @@ async def measure(kind: str, round_no: int, args: argparse.Namespace,
             dev = cast("DevServer", real)
         else:
             dev = await stack.enter_async_context(DevServer(cfg))
+        if kind == CONFIRMED:
+            env_extra = {**env_extra, "CONNECT_WORKER_CONFIRM_BEFORE_RUN": "1"}
         proc = await stack.enter_async_context(_worker(
             _worker_command(kind, instance_id), instance_id, dev.api_url,
             traces_to=traces_to if kind == TRACED else None, env=env_extra))
@@ -510,6 +538,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             kinds = list(order)
             if args.tracing:
                 kinds.insert(1, TRACED)  # next to connect_worker, after it or before it
+            if args.confirm_before_run:
+                kinds.insert(1, CONFIRMED)
             if args.bridge_cost:
                 kinds.append(INLINE)
             for kind in kinds:
@@ -530,6 +560,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     sdk = summarize(SDK, samples, sdk_costs[SDK])
     inline = summarize(INLINE, samples, sdk_costs[CW]) if args.bridge_cost else None
     traced = summarize(TRACED, samples, sdk_costs[CW]) if args.tracing else None
+    confirmed = (summarize(CONFIRMED, samples, sdk_costs[CW]) if args.confirm_before_run
+                 else None)
     return {
         "config": {k: getattr(args, k) for k in
                    ("runs", "concurrency", "rounds", "warmup", "idle")},
@@ -538,7 +570,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "sdk_costs_ms_per_run": sdk_costs,
         "summary": {CW: asdict(cw), SDK: asdict(sdk),
                     **({INLINE: asdict(inline)} if inline else {}),
-                    **({TRACED: asdict(traced)} if traced else {})},
+                    **({TRACED: asdict(traced)} if traced else {}),
+                    **({CONFIRMED: asdict(confirmed)} if confirmed else {})},
         "ratios": {attr: ratio(float(getattr(cw, attr)), float(getattr(sdk, attr)))
                    for attr, _, _ in FIELDS if attr not in ("sdk_ms_per_run", "failed_runs")},
         "targets": dict(targets(cw, sdk)),
@@ -1191,6 +1224,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", nargs="+", choices=WORKERS, default=list(WORKERS),
                         help="with --scale or --instructions: which workers to measure "
                              "(default both)")
+    parser.add_argument("--confirm-before-run", action="store_true",
+                        help="also measure connect_worker with "
+                        "CONNECT_WORKER_CONFIRM_BEFORE_RUN=1, next to it in each round")
     parser.add_argument("--bridge-cost", action="store_true",
                         help="also measure connect_worker without its user-code thread "
                              "(an experiment: what the thread costs per run)")
@@ -1266,6 +1302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         traced = Summary(**result["summary"][TRACED])
         sys.stdout.write(render_tracing([Sample(**s) for s in result["samples"]], cw, traced)
                          + "\n")
+    if CONFIRMED in result["summary"]:
+        confirmed = Summary(**result["summary"][CONFIRMED])
+        sys.stdout.write(render_confirm([Sample(**s) for s in result["samples"]], cw,
+                                        confirmed) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
