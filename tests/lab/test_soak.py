@@ -209,7 +209,8 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
         _dispatch("q-twice", "j-twice", "c1", 3.0),
         _dispatch("q-lapse", "j-lapse", "c4", 4.0, "lease_lost"),
         _dispatch("q-lapse2", "j-lapse", "c1", 14.0),
-        _dispatch("q-rr", "j-rr", "c2", 1.9, "forward_failed"), _dispatch("q-rr", "j-rr", "c1", 2.4),
+        _dispatch("q-rr", "j-rr", "c2", 1.9, "forward_failed"),
+        _dispatch("q-rr", "j-rr", "c1", 2.4),
     ]
     dev = SimpleNamespace(
         runs={run: SimpleNamespace(status=RunStatus.COMPLETED, steps={
