@@ -112,13 +112,27 @@ class Harness:
 
 
 @pytest.fixture
-def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flush retries without waiting (the backoff itself is tested in test_units)."""
-    def zeros(_minimum: float, _maximum: float) -> Iterator[float]:
+def backoffs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, float]]:
+    """Flush retries without waiting (the backoff itself is tested in test_units); the
+    (minimum, maximum) each flush asked for."""
+    asked: list[tuple[float, float]] = []
+
+    def zeros(minimum: float, maximum: float) -> Iterator[float]:
+        asked.append((minimum, maximum))
         while True:
             yield 0.0
 
     monkeypatch.setattr(delivery_module, "backoff_delays", zeros)
+    return asked
+
+
+@pytest.fixture(autouse=True)
+def traced(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """The span events delivery adds to each step's trace: (request id, name)."""
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(delivery_module.tracing, "step_event",
+                        lambda step, name: seen.append((step.request.request_id, name)))
+    return seen
 
 
 # ----- the reply ----------------------------------------------------------------------------
@@ -140,7 +154,8 @@ def test_build_reply_carries_every_field_of_the_outcome() -> None:
 # ----- writing it ---------------------------------------------------------------------------
 
 
-def test_send_reply_writes_on_the_live_socket_and_arms_the_ack_deadline() -> None:
+def test_send_reply_writes_on_the_live_socket_and_arms_the_ack_deadline(
+        traced: list[tuple[str, str]]) -> None:
     h = Harness(FakeSession())
     step = h.step()
     before = time.monotonic()
@@ -148,6 +163,7 @@ def test_send_reply_writes_on_the_live_socket_and_arms_the_ack_deadline() -> Non
     assert h.session is not None and h.session.sent == [(WorkerConnection.reply, (b"reply-1",))]
     assert step.sent_on is h.session and before <= step.sent_at <= time.monotonic()
     assert h.count("connect_worker_replies_sent_total") == 1
+    assert traced == [("req-1", "reply.sent")]
     assert h.events == []
     # The ACK deadline: nothing before reply_ack_timeout, then ACK_OVERDUE (no ACK came).
     h.loop.advance(TIMEOUT - 0.1)
@@ -205,8 +221,10 @@ def test_a_late_ack_waits_while_the_gateway_acks_others_on_the_same_socket() -> 
     assert h.events == [("req-1", E.ACK_LATE)] and step.state is S.REPLY_SENT
     # ACK_LATE re-arms the deadline (the ledger's ARM_ACK_TIMER).
     h.delivery.arm_ack_timer(step)
+    h.loop.advance(2 * TIMEOUT)
+    assert len(h.events) == 1
     h.loop.advance(2 * TIMEOUT + 0.2)
-    assert h.events[-1] == ("req-1", E.ACK_LATE)
+    assert h.events == [("req-1", E.ACK_LATE)] * 2
 
 
 def test_patience_runs_out_after_its_limit() -> None:
@@ -250,12 +268,13 @@ def test_a_deadline_for_a_step_that_left_the_ledger_is_ignored() -> None:
     assert h.events == [("req-1", E.REPLY_ACKED), ("req-2", E.ACK_OVERDUE)]
 
 
-def test_reply_acked_counts_and_feeds_patience() -> None:
+def test_reply_acked_counts_and_feeds_patience(traced: list[tuple[str, str]]) -> None:
     h = Harness(FakeSession())
     step = h.step()
     before = time.monotonic()
     h.delivery.reply_acked(step)
     assert h.count("connect_worker_reply_acks_total") == 1
+    assert traced == [("req-1", "reply.acked")]
     assert before <= h.delivery.last_reply_ack_at <= time.monotonic()
 
 
@@ -292,7 +311,7 @@ def test_redelivered_answers_with_the_stored_reply_and_says_so(
 
 
 async def test_flush_posts_the_reply_once_and_reports_it(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, traced: list[tuple[str, str]]) -> None:
     h = Harness()
     api = FakeAPI()
     h.delivery.start(api)  # type: ignore[arg-type]
@@ -303,14 +322,14 @@ async def test_flush_posts_the_reply_once_and_reports_it(
     assert h.events == [("req-1", E.FLUSHED)] and step.state is S.DELIVERED
     assert h.count("connect_worker_flushes_total", outcome="ok") == 1
     assert h.count("connect_worker_flushes_total", outcome="error") == 0
+    assert traced == [("req-1", "reply.flushed")]
     [flushed] = [r for r in caplog.records if r.getMessage() == "reply.flushed"]
     assert flushed.fields == {"request_id": "req-1",  # type: ignore[attr-defined]
                               "function": "app-f", "draining": False}
 
 
-@pytest.mark.usefixtures("no_backoff")
 async def test_a_failed_flush_is_retried_until_accepted(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, backoffs: list[tuple[float, float]]) -> None:
     h = Harness()
     api = FakeAPI(failures=2)
     h.delivery.start(api)  # type: ignore[arg-type]
@@ -319,6 +338,8 @@ async def test_a_failed_flush_is_retried_until_accepted(
         await h.delivery.run_flush(step)
     assert api.posted == [b"reply-1"] * 3
     assert h.events == [("req-1", E.FLUSHED)]
+    # The first retry within 0.1 s, none more than FLUSH_MAX_BACKOFF apart.
+    assert backoffs == [(0.1, 5.0)] and delivery_module.FLUSH_MAX_BACKOFF == 5.0
     assert h.count("connect_worker_flushes_total", outcome="error") == 2
     assert h.count("connect_worker_flushes_total", outcome="ok") == 1
     failed = [r for r in caplog.records if r.getMessage() == "reply.flush_failed"]
@@ -339,7 +360,9 @@ async def test_wake_ends_the_wait_between_flush_attempts(
     step = h.step(state=S.FLUSHING)
     task = asyncio.create_task(h.delivery.run_flush(step))
     await api.failed.wait()  # resumes once the flush waits (on step.wake)
-    assert step.wake is not None and not task.done()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert step.wake is not None and not task.done() and len(api.posted) == 1
     h.delivery.wake(step)
     async with asyncio.timeout(30):
         await task

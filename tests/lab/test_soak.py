@@ -89,7 +89,9 @@ def test_short_soak_keeps_the_promise(tmp_path: Path,
     assert runs["started"] == runs["completed"] > 0
     assert report["duplicates"].get("unexplained", 0) == 0
     assert not [r for r in report["races"] if r["ran_to_end_twice"]]
-    assert report["lost_replies"] == []
+    assert report["lost_replies"] == [] and report["lost"] == []
+    # Every explained duplicate names the fault behind it (from the soak's fault log).
+    assert all(d["cause"] is not None for d in report["explained_duplicates"])
     assert set(report["exit_codes"]) <= {"0", "3", "SIGKILL"}
     assert report["exit_codes"]["SIGKILL"] == report["faults_by_kind"]["crash"]
     assert report["step_executions"] >= 4 * runs["completed"]
@@ -172,14 +174,18 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
         ("h", 4, "q-twice", "run2", "part-0", 3.05, 4.1, None),
         ("x", 1, "q-x", "run2", "part-1", 5.0, 6.0, None),
         ("y", 1, "q-y", "run2", "part-1", 5.5, 6.5, None),
-        ("l", 4, "q-lapse", "run2", "part-2", 4.0, None, 12.5),
-        ("m", 1, "q-lapse2", "run2", "part-2", 14.0, 15.0, None),
+        ("l", 4, "q-lapse", "run2", "part-2", 4.0, None, 8.5),
+        ("m", 1, "q-lapse2", "run2", "part-2", 9.0, 9.5, None),
         # Ran to the end on a replica SIGKILLed before its reply landed (its ACK was late,
         # so the gateway re-routed the same request to "real", whose reply landed).
         ("r", 2, "q-rr", "run3", "part-0", 2.0, 3.0, None),
         ("s", 1, "q-rr", "run3", "part-0", 2.5, 3.5, None),
         ("lost", 4, "q-lost", "run3", "part-1", 6.0, 7.0, None),  # loser exited 0
         ("k2", 2, "q-k2", "run3", "part-2", 3.0, 4.0, None),  # killed, never ran again
+        # Lost a re-route race and was cancelled, on a replica SIGKILLed later: the race
+        # explains it, not the crash (it was no longer running when the kill came).
+        ("e2", 2, "q-race2", "run3", "part-3", 1.0, None, 1.5),
+        ("f2", 1, "q-race2", "run3", "part-3", 1.1, 2.0, None),
     ]
     ids = {c[0]: f"{c[1]}-{i}" for i, c in enumerate(copies)}
     lines = []
@@ -198,9 +204,9 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
                _reply(3.1, "q-race", "c1", ids["f"]),
                _reply(4.1, "q-twice", "c1", ids["g"]), _reply(4.2, "q-twice", "c4", ids["h"]),
                _reply(6.1, "q-x", "c1", ids["x"]), _reply(6.6, "q-y", "c1", ids["y"]),
-               _reply(3.6, "q-rr", "c1", ids["s"])]
-    flushes = [_reply(15.1, "q-lapse2", None, ids["m"])]
-    kept = {"run1": "bdf", "run2": "gxm", "run3": "s"}
+               _reply(3.6, "q-rr", "c1", ids["s"]), _reply(2.1, "q-race2", "c1", ids["f2"])]
+    flushes = [_reply(9.6, "q-lapse2", None, ids["m"])]
+    kept = {"run1": ["b", "d", "f"], "run2": ["g", "x", "m"], "run3": ["s", "f2"]}
     dispatches = [
         _dispatch("q-ab", "j-ab", "c3", 8.0), _dispatch("q-ab-retry", "j-ab", "c1", 10.2),
         _dispatch("q-race", "j-race", "c4", 1.9, "forward_failed"),
@@ -208,9 +214,11 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
         _dispatch("q-twice", "j-twice", "c4", 2.9, "forward_failed"),
         _dispatch("q-twice", "j-twice", "c1", 3.0),
         _dispatch("q-lapse", "j-lapse", "c4", 4.0, "lease_lost"),
-        _dispatch("q-lapse2", "j-lapse", "c1", 14.0),
+        _dispatch("q-lapse2", "j-lapse", "c1", 9.0),
         _dispatch("q-rr", "j-rr", "c2", 1.9, "forward_failed"),
         _dispatch("q-rr", "j-rr", "c1", 2.4),
+        _dispatch("q-race2", "j-race2", "c2", 0.9, "forward_failed"),
+        _dispatch("q-race2", "j-race2", "c1", 1.0),
     ]
     dev = SimpleNamespace(
         runs={run: SimpleNamespace(status=RunStatus.COMPLETED, steps={
@@ -227,12 +235,17 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
                       shot]
     result.applied = [_fault("gateway-closing", 1.95, ["loser"]),  # type: ignore[list-item]
                       _fault("drop", 2.95, ["loser"]),
-                      _fault("latency", 3.5, [], seconds=5.0)]
+                      _fault("latency", 3.5, [], seconds=5.0),
+                      _fault("slow-acks", 0.5, [], seconds=2.0)]
     soak.audit(result, dev, str(log))  # type: ignore[arg-type]
 
     assert result.runs_completed == 3 and result.step_executions == len(copies)
-    assert dict(result.duplicates) == {"crash": 2, "abandoned": 1, "race": 1, "lapsed": 1,
+    assert dict(result.duplicates) == {"crash": 2, "abandoned": 1, "race": 2, "lapsed": 1,
                                        "unexplained": 2}
+    causes = {c["copy"]: (c["class"], c["cause"]["kind"]) for c in result.explained}
+    assert causes == {ids["a"]: ("crash", "crash"), ids["c"]: ("abandoned", "sigterm"),
+                      ids["e"]: ("race", "gateway-closing"), ids["l"]: ("lapsed", "latency"),
+                      ids["r"]: ("crash", "crash"), ids["e2"]: ("race", "slow-acks")}
     assert [(u["run_id"], u["step"]) for u in result.unexplained] == [
         ("run2", "part-0"), ("run2", "part-1")]
     why = {c["copy"]: c for u in result.unexplained for c in u["copies"]}

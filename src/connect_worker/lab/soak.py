@@ -190,6 +190,7 @@ class SoakResult:
     step_executions: int = 0
     duplicates: Counter[str] = field(default_factory=Counter)
     unexplained: list[dict[str, Any]] = field(default_factory=list)
+    explained: list[dict[str, Any]] = field(default_factory=list)  # each, with its fault
     races: list[Race] = field(default_factory=list)
     late_acks_ignored: int = 0
     lost_replies: list[str] = field(default_factory=list)
@@ -322,6 +323,7 @@ class SoakResult:
             "step_executions": self.step_executions,
             "duplicates": dict(self.duplicates),
             "unexplained_duplicates": self.unexplained,
+            "explained_duplicates": self.explained,
             "races": [asdict(r) for r in self.races],
             "late_acks_ignored": self.late_acks_ignored,
             "lost_replies": self.lost_replies,

@@ -223,16 +223,24 @@ class Evidence:
         return worker.pid if worker is not None and worker.started_at else None
 
 
+def _live_at(c: Copy, t: float) -> bool:
+    """Whether copy ``c`` was in flight at ``t``: started, not cancelled, and its result
+    not yet at the gateway (a body that ended but whose reply had not landed counts)."""
+    return c.started < t and (c.cancelled is None or c.cancelled >= t) and \
+        (c.landed is None or c.landed > t)
+
+
 def explain(ev: Evidence, c: Copy) -> tuple[str, Cause | None, str]:
     """Why copy ``c`` (not the one whose result the run kept) ran: (class, cause, why).
     Class "unexplained" when the evidence explains nothing."""
     worker = ev.replica(c)
-    if worker is not None and worker.killed_at is not None and c.started < worker.killed_at \
-            and (c.landed is None or c.landed > worker.killed_at):
+    if worker is not None and worker.killed_at is not None and \
+            _live_at(c, worker.killed_at):
         return "crash", Cause("crash", worker.killed_at, worker.instance_id), \
             "in flight on a replica the soak SIGKILLed"
     if worker is not None and worker.signalled_at is not None and worker.returncode == 3 \
-            and c.landed is None and (worker.exited_at is None or c.started < worker.exited_at):
+            and c.landed is None and c.started < (worker.exited_at or float("inf")) \
+            and (c.cancelled is None or c.cancelled >= worker.signalled_at):
         if ev.redispatched_after(c, worker.signalled_at) is not None:
             return "abandoned", Cause("sigterm", worker.signalled_at, worker.instance_id), \
                 "live at the drain deadline of a replica that exited 3; the gateway " \
@@ -286,6 +294,9 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
             result.duplicates[found[0]] += 1
             if found[0] == "unexplained":
                 unexplained.append((c, found))
+            else:
+                result.explained.append({"run_id": run_id, "step": step,
+                                         **_describe(ev, c, found, False)})
         if unexplained:
             result.unexplained.append({
                 "run_id": run_id, "step": step,
