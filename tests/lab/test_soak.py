@@ -186,6 +186,9 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
         # explains it, not the crash (it was no longer running when the kill came).
         ("e2", 2, "q-race2", "run3", "part-3", 1.0, None, 1.5),
         ("f2", 1, "q-race2", "run3", "part-3", 1.1, 2.0, None),
+        # A race lost long before "drained" was stopped: not a step it held at its exit.
+        ("c0", 3, "q-race3", "run3", "part-4", 0.5, None, 0.8),
+        ("f3", 1, "q-race3", "run3", "part-4", 0.6, 1.0, None),
     ]
     ids = {c[0]: f"{c[1]}-{i}" for i, c in enumerate(copies)}
     lines = []
@@ -204,9 +207,10 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
                _reply(3.1, "q-race", "c1", ids["f"]),
                _reply(4.1, "q-twice", "c1", ids["g"]), _reply(4.2, "q-twice", "c4", ids["h"]),
                _reply(6.1, "q-x", "c1", ids["x"]), _reply(6.6, "q-y", "c1", ids["y"]),
-               _reply(3.6, "q-rr", "c1", ids["s"]), _reply(2.1, "q-race2", "c1", ids["f2"])]
+               _reply(3.6, "q-rr", "c1", ids["s"]), _reply(2.1, "q-race2", "c1", ids["f2"]),
+               _reply(1.1, "q-race3", "c1", ids["f3"])]
     flushes = [_reply(9.6, "q-lapse2", None, ids["m"])]
-    kept = {"run1": ["b", "d", "f"], "run2": ["g", "x", "m"], "run3": ["s", "f2"]}
+    kept = {"run1": ["b", "d", "f"], "run2": ["g", "x", "m"], "run3": ["s", "f2", "f3"]}
     dispatches = [
         _dispatch("q-ab", "j-ab", "c3", 8.0), _dispatch("q-ab-retry", "j-ab", "c1", 10.2),
         _dispatch("q-race", "j-race", "c4", 1.9, "forward_failed"),
@@ -219,6 +223,8 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
         _dispatch("q-rr", "j-rr", "c1", 2.4),
         _dispatch("q-race2", "j-race2", "c2", 0.9, "forward_failed"),
         _dispatch("q-race2", "j-race2", "c1", 1.0),
+        _dispatch("q-race3", "j-race3", "c3", 0.4, "forward_failed"),
+        _dispatch("q-race3", "j-race3", "c1", 0.5),
     ]
     dev = SimpleNamespace(
         runs={run: SimpleNamespace(status=RunStatus.COMPLETED, steps={
@@ -240,12 +246,13 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
     soak.audit(result, dev, str(log))  # type: ignore[arg-type]
 
     assert result.runs_completed == 3 and result.step_executions == len(copies)
-    assert dict(result.duplicates) == {"crash": 2, "abandoned": 1, "race": 2, "lapsed": 1,
+    assert dict(result.duplicates) == {"crash": 2, "abandoned": 1, "race": 3, "lapsed": 1,
                                        "unexplained": 2}
     causes = {c["copy"]: (c["class"], c["cause"]["kind"]) for c in result.explained}
     assert causes == {ids["a"]: ("crash", "crash"), ids["c"]: ("abandoned", "sigterm"),
                       ids["e"]: ("race", "gateway-closing"), ids["l"]: ("lapsed", "latency"),
-                      ids["r"]: ("crash", "crash"), ids["e2"]: ("race", "slow-acks")}
+                      ids["r"]: ("crash", "crash"), ids["e2"]: ("race", "slow-acks"),
+                      ids["c0"]: ("race", "slow-acks")}
     assert [(u["run_id"], u["step"]) for u in result.unexplained] == [
         ("run2", "part-0"), ("run2", "part-1")]
     why = {c["copy"]: c for u in result.unexplained for c in u["copies"]}

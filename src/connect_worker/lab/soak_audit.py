@@ -212,10 +212,11 @@ class Evidence:
         return min(later, default=None)
 
     def redispatched_after(self, c: Copy, t: float) -> float | None:
-        """The first forward of ``c``'s job, as another request, after ``t``."""
+        """The first forward of ``c``'s job (the same request re-routed, or a retry) to
+        another replica after ``t``."""
         jobs = {d.job_id for d in self.dispatches[c.request_id]}
         later = [d.sent_at for j in jobs for d in self.job_dispatches[j]
-                 if d.request_id != c.request_id and d.sent_at > t]
+                 if d.sent_at > t and self._pid_of_conn(d.conn_id) != c.pid]
         return min(later, default=None)
 
     def _pid_of_conn(self, conn_id: str) -> int | None:
@@ -386,7 +387,8 @@ def _audit_exits(result: SoakResult, ev: Evidence, copies: list[Copy]) -> None:
             result.drain_seconds.append(round(w.exited_at - w.signalled_at, 3))
         if code == 3:
             held = [c for c in copies if c.pid == w.pid and c.landed is None
-                    and (w.exited_at is None or c.started < w.exited_at)]
+                    and (w.exited_at is None or c.started < w.exited_at)
+                    and (c.cancelled is None or c.cancelled >= w.signalled_at)]
             if not held:
                 result.bad_exits.append(f"{w.instance_id} exited 3 but held no step at its "
                                         "exit (no copy without a result at the gateway)")
