@@ -189,6 +189,10 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
         # A race lost long before "drained" was stopped: not a step it held at its exit.
         ("c0", 3, "q-race3", "run3", "part-4", 0.5, None, 0.8),
         ("f3", 1, "q-race3", "run3", "part-4", 0.6, 1.0, None),
+        # The other way round: the copy whose ACK did not count extended the lease first
+        # and ran to the end; the re-routed copy (ACKed) was cancelled.
+        ("w4", 1, "q-race4", "run4", "part-0", 20.0, 21.0, None),
+        ("l4", 4, "q-race4", "run4", "part-0", 20.1, None, 20.4),
     ]
     ids = {c[0]: f"{c[1]}-{i}" for i, c in enumerate(copies)}
     lines = []
@@ -208,9 +212,10 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
                _reply(4.1, "q-twice", "c1", ids["g"]), _reply(4.2, "q-twice", "c4", ids["h"]),
                _reply(6.1, "q-x", "c1", ids["x"]), _reply(6.6, "q-y", "c1", ids["y"]),
                _reply(3.6, "q-rr", "c1", ids["s"]), _reply(2.1, "q-race2", "c1", ids["f2"]),
-               _reply(1.1, "q-race3", "c1", ids["f3"])]
+               _reply(1.1, "q-race3", "c1", ids["f3"]), _reply(21.1, "q-race4", "c1", ids["w4"])]
     flushes = [_reply(9.6, "q-lapse2", None, ids["m"])]
-    kept = {"run1": ["b", "d", "f"], "run2": ["g", "x", "m"], "run3": ["s", "f2", "f3"]}
+    kept = {"run1": ["b", "d", "f"], "run2": ["g", "x", "m"], "run3": ["s", "f2", "f3"],
+            "run4": ["w4"]}
     dispatches = [
         _dispatch("q-ab", "j-ab", "c3", 8.0), _dispatch("q-ab-retry", "j-ab", "c1", 10.2),
         _dispatch("q-race", "j-race", "c4", 1.9, "forward_failed"),
@@ -225,6 +230,8 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
         _dispatch("q-race2", "j-race2", "c1", 1.0),
         _dispatch("q-race3", "j-race3", "c3", 0.4, "forward_failed"),
         _dispatch("q-race3", "j-race3", "c1", 0.5),
+        _dispatch("q-race4", "j-race4", "c1", 19.9, "forward_failed"),
+        _dispatch("q-race4", "j-race4", "c4", 20.0),
     ]
     dev = SimpleNamespace(
         runs={run: SimpleNamespace(status=RunStatus.COMPLETED, steps={
@@ -242,17 +249,19 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
     result.applied = [_fault("gateway-closing", 1.95, ["loser"]),  # type: ignore[list-item]
                       _fault("drop", 2.95, ["loser"]),
                       _fault("latency", 3.5, [], seconds=5.0),
-                      _fault("slow-acks", 0.5, [], seconds=2.0)]
+                      _fault("slow-acks", 0.5, [], seconds=2.0),
+                      _fault("gateway-closing", 19.95, ["real"])]
     soak.audit(result, dev, str(log))  # type: ignore[arg-type]
 
-    assert result.runs_completed == 3 and result.step_executions == len(copies)
-    assert dict(result.duplicates) == {"crash": 2, "abandoned": 1, "race": 3, "lapsed": 1,
+    assert result.runs_completed == 4 and result.step_executions == len(copies)
+    assert dict(result.duplicates) == {"crash": 2, "abandoned": 1, "race": 4, "lapsed": 1,
                                        "unexplained": 2}
     causes = {c["copy"]: (c["class"], c["cause"]["kind"]) for c in result.explained}
     assert causes == {ids["a"]: ("crash", "crash"), ids["c"]: ("abandoned", "sigterm"),
                       ids["e"]: ("race", "gateway-closing"), ids["l"]: ("lapsed", "latency"),
                       ids["r"]: ("crash", "crash"), ids["e2"]: ("race", "slow-acks"),
-                      ids["c0"]: ("race", "slow-acks")}
+                      ids["c0"]: ("race", "slow-acks"),
+                      ids["l4"]: ("race", "gateway-closing")}
     assert [(u["run_id"], u["step"]) for u in result.unexplained] == [
         ("run2", "part-0"), ("run2", "part-1")]
     why = {c["copy"]: c for u in result.unexplained for c in u["copies"]}

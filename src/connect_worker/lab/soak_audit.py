@@ -176,27 +176,32 @@ class Evidence:
         return out
 
     def cause(self, c: Copy, until: float) -> Cause | None:
-        """The latest fault, on ``c``'s replica or on the whole gateway, that was in force
-        between ``c``'s start (less the window) and ``until``."""
+        """The latest fault in force between ``c``'s start (less the window) and
+        ``until``, on a replica ``c``'s request was forwarded to (``c``'s own included)
+        or on the whole gateway."""
         since = c.started - self.result.settings.lease_duration - CAUSE_WINDOW_EXTRA
-        worker = self.replica(c)
-        found = [f for f in (self.faults_on(worker) if worker else []) if since <= f.at <= until]
+        replicas = {w.instance_id: w for w in (
+            self.replica(c), *(self.worker_of_conn.get(d.conn_id)
+                               for d in self.dispatches[c.request_id]))
+            if w is not None and w.started_at}
+        found = [f for w in replicas.values() for f in self.faults_on(w)
+                 if since <= f.at <= until]
         found.extend(Cause(a.fault.kind, a.started_at, None) for a in self.result.applied
                      if a.fault.kind in GATEWAY_WIDE and a.started_at <= until
                      and a.started_at + a.fault.seconds >= since)
         return max(found, key=lambda f: f.at, default=None)
 
     def rerouted(self, c: Copy) -> float | None:
-        """When the gateway forwarded ``c``'s request to another connection after a
-        forward to ``c``'s replica did not count (its ACK came too late or not at all)."""
-        mine = [d for d in self.dispatches[c.request_id]
-                if self._pid_of_conn(d.conn_id) == c.pid]
-        failed = [d for d in mine if d.outcome == "forward_failed"]
-        if not failed:
+        """When the gateway forwarded ``c``'s request again after a forward whose ACK did
+        not count (it came after the connection left READY, or not at all): from then on
+        two replicas may run it, ``c``'s being either (the first to extend the lease
+        keeps it; the other copy is cancelled when its extension is refused)."""
+        forwards = self.dispatches[c.request_id]
+        failed = [d for d in forwards if d.outcome == "forward_failed"]
+        if not failed or c.pid not in {self._pid_of_conn(d.conn_id) for d in forwards}:
             return None
         first = min(d.sent_at for d in failed)
-        later = [d.sent_at for d in self.dispatches[c.request_id]
-                 if d.sent_at > first and d not in failed]
+        later = [d.sent_at for d in forwards if d.sent_at > first and d not in failed]
         return min(later, default=None)
 
     def lapsed(self, c: Copy) -> float | None:
@@ -250,7 +255,7 @@ def explain(ev: Evidence, c: Copy) -> tuple[str, Cause | None, str]:
     if rerouted is not None and not c.ran_to_end:
         cause = ev.cause(c, rerouted)
         if cause is not None:
-            return "race", cause, "the gateway re-routed the request (its ACK did not " \
+            return "race", cause, "the gateway re-routed the request (an ACK did not " \
                 "count) and this copy did not run to the end"
     lapsed = ev.lapsed(c)
     if lapsed is not None and not c.ran_to_end:
