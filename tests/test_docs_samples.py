@@ -36,7 +36,7 @@ import pytest
 import yaml
 
 from connect_worker.devserver import DevServer, DevServerConfig
-from connect_worker.devserver.fleet import WorkerProcess
+from connect_worker.lab.fleet import WorkerProcess
 
 from .test_docs import MARKDOWN, REPO
 

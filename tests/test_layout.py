@@ -20,7 +20,22 @@ The rule (imports run one way, downwards)::
        inside the function of the subcommand that needs it), so `import connect_worker`
        and `connect-worker run` never load the test rig.
 
-Rules 1-3 are checked on every ``import`` statement anywhere in a module; rule 4 on
+    5. Layers, bottom to top (``LAYERS``); an import may point down or within its own
+       layer, never up; engine and llm, peers, never import each other:
+
+           foundation  errors, config, context (and the package's __version__)
+           protocol
+           ops         used by the engine (tracing, logs, metrics) and the LLM toolkit
+           engine | llm   (peers: neither imports the other)
+           app         compat, devclient: commands built on the engine
+           devserver
+           lab
+           entry       cli, __main__: the program; loads any layer, lazily
+
+       ``UPWARD_ALLOWED`` lists the one deliberate exception. A string handed to
+       ``importlib.import_module`` counts as an import, so the rule cannot be hidden.
+
+Rules 1-3 and 5 are checked on every ``import`` statement anywhere in a module; rule 4 on
 module-level statements (outside functions and ``if TYPE_CHECKING:`` blocks), and once
 more in a fresh interpreter by importing the public modules and looking at
 ``sys.modules``.
@@ -79,6 +94,16 @@ class _Collector(ast.NodeVisitor):
     def _add(self, target: str, node: ast.stmt) -> None:
         self.found.append(Import(self.module, target, node.lineno, self._deferred == 0,
                                  self._type_only > 0))
+
+    def visit_Call(self, node: ast.Call) -> None:
+        # importlib.import_module("connect_worker.x"): an import all the same.
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        if (name == "import_module" and node.args and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)):
+            self.found.append(Import(self.module, node.args[0].value, node.lineno,
+                                     self._deferred == 0, self._type_only > 0))
+        self.generic_visit(node)
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
@@ -251,3 +276,72 @@ def test_no_import_cycle_between_our_modules() -> None:
     for module in sorted(modules):
         if module not in state and (cycle := visit(module)):
             pytest.fail("import cycle: " + " -> ".join(cycle))
+
+
+#: Bottom to top (rule 5). Top-level modules are named by their module; subpackages by area.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors", "config", "context"),
+    ("protocol",),
+    ("ops",),
+    ("engine", "llm"),
+    ("compat", "devclient"),
+    ("devserver",),
+    ("lab",),
+    ("cli", "__main__"),
+)
+#: (importing module, imported module) pairs that may point up, and why.
+UPWARD_ALLOWED = {
+    # rss-curve's child process runs `connect-worker run` itself, under tracemalloc: it
+    # measures the program as deployed, so it calls the program's entry point.
+    ("connect_worker.lab.rss_curve", "connect_worker.cli"),
+}
+
+
+def _layer_area(module: str) -> str | None:
+    """The name ``LAYERS`` knows ``module`` by; None for the package itself (its
+    ``__init__`` is the public facade: it holds ``__version__`` and imports lazily)."""
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] == "__version__":
+        return None
+    return parts[1]
+
+
+def _rank(area: str) -> int:
+    return next(n for n, layer in enumerate(LAYERS) if area in layer)
+
+
+def test_every_module_has_a_layer() -> None:
+    modules = {i.module for i in IMPORTS} | {
+        _module_name(p).removesuffix(".__init__") for p in SRC.glob("*.py")}
+    unplaced = {a for m in modules if (a := _layer_area(m)) is not None
+                and not any(a in layer for layer in LAYERS)}
+    assert unplaced == set()
+
+
+def test_no_import_points_up_the_layers() -> None:
+    """Rule 5, over every import that can run (TYPE_CHECKING ones only name types)."""
+    modules = {i.module for i in IMPORTS}
+    upward: list[str] = []
+    for i in IMPORTS:
+        if not _ours(i.target) or i.type_only:
+            continue
+        target = _module_of(i.target, modules) or i.target
+        src, dst = _layer_area(i.module), _layer_area(target)
+        if src is None or dst is None or src == dst:
+            continue
+        peers = {src, dst} == {"engine", "llm"}
+        if (_rank(dst) > _rank(src) or peers) and (i.module, target) not in UPWARD_ALLOWED:
+            upward.append(f"{i} ({src} -> {dst})")
+    assert upward == []
+
+
+def test_the_layer_rule_sees_an_upward_import_hidden_in_importlib() -> None:
+    """Guards rule 5 itself: a string import of the engine from ops would be caught."""
+    tree = ast.parse('import importlib\n'
+                     'def f():\n'
+                     '    return importlib.import_module("connect_worker.engine.target")\n')
+    collector = _Collector("connect_worker.ops.check", False)
+    collector.visit(tree)
+    assert [(i.target, i.at_import_time) for i in collector.found][-1] == (
+        "connect_worker.engine.target", False)
+    assert _rank("engine") > _rank("ops")

@@ -2,7 +2,8 @@
 
 The public API is small: ``Worker`` and ``Config`` to embed the daemon,
 ``current_request()`` and ``draining()`` for function authors, ``drift_policy()`` for
-changing a function while runs are in flight (docs/drift.md).
+changing a function while runs are in flight (docs/drift.md), ``confirm_before_run()``
+for short side-effecting steps (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .config import Config
+    from .engine.confirm import confirm_before_run
     from .engine.drift import drift_policy
     from .engine.worker import Worker
 
@@ -24,6 +26,7 @@ __all__ = [
     "RequestIdentity",
     "Worker",
     "__version__",
+    "confirm_before_run",
     "current_request",
     "draining",
     "drift_policy",
@@ -41,6 +44,10 @@ def __getattr__(name: str) -> Any:
         from .engine.drift import drift_policy
 
         return drift_policy
+    if name == "confirm_before_run":
+        from .engine.confirm import confirm_before_run
+
+        return confirm_before_run
     if name == "Config":
         from .config import Config
 

@@ -192,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "compat":
         return _compat(args)
     if args.command == "check":
+        from .engine.target import load_target
         from .ops.check import run_check
 
         env = dict(os.environ)
@@ -199,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             value = getattr(args, f"setting_{setting.field}", None)
             if value is not None:
                 env[setting.env] = value
-        return run_check(env, args.target, out=sys.stdout)
+        return run_check(env, args.target, out=sys.stdout, load_target=load_target)
     try:
         config = Config.from_env(os.environ, _overrides(args))
     except ConfigError as exc:

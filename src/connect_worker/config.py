@@ -188,6 +188,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("on_drift", "CONNECT_WORKER_ON_DRIFT", _choice("warn", "fail"),
             "warn (default: log run.version_drift and go on, as the SDK does) or fail (the "
             "drifted step's body does not run; the run fails, not retried). See docs/drift.md."),
+    Setting("confirm_before_run", "CONNECT_WORKER_CONFIRM_BEFORE_RUN", _bool,
+            "Start each step body only after the gateway confirmed its lease once (one "
+            "extension round trip per step; stops a re-routed short step running twice). "
+            "Per function: connect_worker.confirm_before_run(fn). See docs/reliability.md."),
     Setting("record_history", "CONNECT_WORKER_RECORD_HISTORY", _text, "Directory where each "
             "run's memos, their order and step names are written, for `connect-worker compat`."),
     Setting("record_history_shape_only", "CONNECT_WORKER_RECORD_HISTORY_SHAPE_ONLY", _bool,
@@ -220,6 +224,7 @@ class Config:
     http_host: str = "::"
     event_loop: str = "uvloop"
     on_drift: str = "warn"
+    confirm_before_run: bool = False
     record_history: str | None = None
     record_history_shape_only: bool = False
     log_format: str = "auto"

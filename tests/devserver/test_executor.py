@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from connect_worker.devserver import DevServer, RunStatus, is_ulid
+from connect_worker.devserver.executor import Executor
+from connect_worker.devserver.state import Event, QueueItem, Run
 from connect_worker.devserver.testing import (
     fast_config,
     hash_step_id,
@@ -203,6 +205,67 @@ async def test_wait_for_event_and_invoke() -> None:
         run = await dev.wait_for_run(parent)
         assert run.status is RunStatus.COMPLETED
         assert run.output == {"got": {"ok": True}, "inv": {"data": {"child": {"k": 1}}}}
+
+
+async def test_invoke_opcode_goes_through_invoke() -> None:
+    """InvokeFunction and the invoke API share one path: the child run names its parent,
+    its event is recorded, and an unknown function is memoized as an error, not a crash."""
+    def replier(req: pb.GatewayExecutorRequestData) -> pb.SDKResponse:
+        body = json.loads(req.request_payload)
+        if req.function_slug == "test-app-child":
+            return make_reply(req, S.DONE, "child-done")
+        steps = body["steps"]
+        if hash_step_id("gone") in steps:
+            return make_reply(req, S.DONE, {"child": steps[hash_step_id("inv")],
+                                            "gone": steps[hash_step_id("gone")]})
+        if hash_step_id("inv") in steps:
+            opts = {"function_id": "test-app-nobody", "payload": {}}
+            return make_reply(req, S.NOT_COMPLETED, [_op("InvokeFunction", "gone", opts=opts)])
+        opts = {"function_id": "test-app-child", "payload": {"data": None}}
+        return make_reply(req, S.NOT_COMPLETED, [_op("InvokeFunction", "inv", opts=opts)])
+
+    async with DevServer(fast_config()) as dev, scripted_worker(
+        dev, replier=replier, fn_ids=("fn", "child"), events=("test/evt",)
+    ) as w:
+        await w.connect()
+        parent = (await dev.send_event("test/evt"))[0]
+        run = await dev.wait_for_run(parent)
+        assert run.status is RunStatus.COMPLETED
+        assert run.output == {
+            "child": {"data": "child-done"},
+            "gone": {"error": {"name": "Error", "message": "no function test-app-nobody"}},
+        }
+        children = [r for r in dev.runs.values() if r.parent_run_id == parent]
+        assert [c.function_slug for c in children] == ["test-app-child"]
+        child_event = dev.events[children[0].event.id]
+        assert child_event.name == "inngest/function.invoked" and child_event.data == {}
+        assert child_event.run_ids == [children[0].run_id]
+
+
+async def test_step_error_exhausts_attempts() -> None:
+    """A StepError on every attempt spends the item's attempts, then fails the run."""
+    def replier(req: pb.GatewayExecutorRequestData) -> pb.SDKResponse:
+        err = {"name": "E", "message": "bad"}
+        return make_reply(req, S.NOT_COMPLETED, [_op("StepError", "s", error=err)])
+
+    async with DevServer(fast_config()) as dev, scripted_worker(
+        dev, replier=replier, retries=2
+    ) as w:
+        await w.connect()
+        run = await dev.wait_for_run((await dev.send_event("test/evt"))[0])
+        assert run.status is RunStatus.FAILED
+        assert run.error == {"message": "step attempts exhausted"}
+        attempts = [json.loads(r.request_payload)["ctx"]["attempt"] for r in w.requests]
+        assert attempts == [0, 1, 2]
+
+
+def test_next_attempt_counts_up_to_max_attempts() -> None:
+    event = Event("e", "test/evt", {}, 0)
+    run = Run(run_id="r", function_slug="f", app_name="a", event=event, events=[event],
+              max_attempts=3)
+    item = QueueItem("r", "step", "job")
+    assert [Executor._next_attempt(run, item) for _ in range(4)] == [True, True, False, False]
+    assert item.attempt == 2
 
 
 async def test_event_without_matching_function_starts_nothing() -> None:

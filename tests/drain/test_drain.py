@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
-from connect_worker.devserver.fleet import WorkerProcess, read_executions
 from connect_worker.devserver.testing import realistic_races
+from connect_worker.lab.fleet import WorkerProcess, read_executions
 
 TARGET = "examples.pipeline"
 

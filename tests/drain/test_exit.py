@@ -21,7 +21,7 @@ from datetime import datetime
 import pytest
 
 from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
-from connect_worker.devserver.fleet import WorkerProcess
+from connect_worker.lab.fleet import WorkerProcess
 
 log = logging.getLogger(__name__)
 TARGET = "examples.pipeline"

@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 
 from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
-from connect_worker.devserver.fleet import WorkerProcess, read_executions
+from connect_worker.lab.fleet import WorkerProcess, read_executions
 from connect_worker.protocol import pb
 
 LEASE = 120.0

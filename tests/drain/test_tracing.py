@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from connect_worker.devserver import DevServer, RunStatus
-from connect_worker.devserver.fleet import WorkerProcess, read_executions
+from connect_worker.lab.fleet import WorkerProcess, read_executions
 
 from ..otlp_receiver import Receiver
 from .test_drain import TARGET, dev, exec_log, first_step_acked_on

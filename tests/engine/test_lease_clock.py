@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
-from connect_worker.devserver.fleet import WorkerProcess, read_executions
 from connect_worker.devserver.ulid import new_ulid
 from connect_worker.engine.lease_clock import lease_seconds, ulid_seconds
+from connect_worker.lab.fleet import WorkerProcess, read_executions
 from connect_worker.lab.wsproxy import WsProxy
 
 

@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 
 import pytest
 
 from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
+from connect_worker.engine import confirm as confirm_registry
+from connect_worker.engine.confirm import confirm_before_run
 from connect_worker.protocol import pb
 
-from .apps import probe
+from .apps import probe, slow
 from .harness import running_worker
 
 
 @pytest.fixture(autouse=True)
-def _clean_probe() -> None:
+def _clean_probe() -> Iterator[None]:
     probe.reset()
+    yield
+    confirm_registry.clear()
 
 
 def lease_lost_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
@@ -173,3 +178,53 @@ async def test_pause_waits_for_the_newest_ack_to_settle() -> None:
     assert [d.conn_id for d in dev.dispatches if d.request_id == dispatch.request_id] == [
         dispatch.conn_id]  # never re-routed
     assert probe.counts == {"gated": 1}
+
+
+@pytest.mark.parametrize("mode", ["early_check", "confirm_before_run", "per_function"])
+@pytest.mark.parametrize("disruption", ["gateway_closing", "drop_socket"])
+async def test_reroute_race_on_a_step_shorter_than_the_early_check(
+    caplog: pytest.LogCaptureFixture, disruption: str, mode: str
+) -> None:
+    """The soak's 3 unexplained duplicates: the same race on an instant step. Both copies
+    hold the same lease id (the gateway re-routes the same request, lease id included)
+    and the early check 0.2 s in comes after the body's end: the body runs twice. With
+    confirm-before-run each copy extends right after its ACK and only the one granted
+    the lease (the first to extend) runs its body: once."""
+    caplog.set_level(logging.INFO, logger="connect_worker")
+    config = DevServerConfig.fast(
+        gateway_groups=("gw-a", "gw-b"), lease_duration=20.0, extend_lease_interval=5.0,
+        lease_check_interval=5.0,
+    )
+    confirm = mode != "early_check"
+    everywhere = mode == "confirm_before_run"  # CONNECT_WORKER_CONFIRM_BEFORE_RUN=1
+    if mode == "per_function":
+        confirm_before_run(slow)  # the worker-wide setting stays off
+    async with DevServer(config) as dev, \
+            running_worker(dev, instance_id="a", confirm_before_run=everywhere), \
+            running_worker(dev, instance_id="b", confirm_before_run=everywhere):
+        conn_a = await dev.wait_for_connection(lambda c: c.instance_id == "a")
+        conn_b = await dev.wait_for_connection(lambda c: c.instance_id == "b")
+        dev.faults.route = lambda ids: conn_a.conn_id if conn_a.conn_id in ids else conn_b.conn_id
+        dev.faults.delay_request_ack = 0.5  # A's ACK is still "on the wire" ...
+        [run_id] = await dev.send_event("t/slow", {"seconds": 0})
+        await probe.wait_started("slow")
+        # ... when A's connection stops being READY: the gateway re-routes to B.
+        closing = asyncio.create_task(getattr(dev, disruption)(conn_a.conn_id))
+        dev.faults.delay_request_ack = 0.0
+        run = await dev.wait_for_run(run_id, timeout=20)
+        await closing
+    # B ACKed before the run could complete; leaving the block drained both workers, so
+    # B's copy has run to its end or been stopped.
+
+    assert run.status is RunStatus.COMPLETED
+    first = dev.dispatches[0].request_id  # the step's (the run's last request follows)
+    race = [d for d in dev.dispatches if d.request_id == first]
+    assert race[0].outcome == "forward_failed" and len(race) == 2, race
+    assert race[1].acked_at and race[1].conn_id == conn_b.conn_id, race
+    if confirm:
+        assert probe.counts["slow"] == 1 and probe.finished["slow"] == 1
+        [lost] = lease_lost_records(caplog)  # B, NACKed before its body started
+        assert lost["run_id"] == run_id
+    else:
+        assert probe.counts["slow"] == 2 and probe.finished["slow"] == 2, \
+            "the race the soak found: both copies ran the body to its end"

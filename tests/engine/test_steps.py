@@ -43,10 +43,11 @@ def request(n: int = 1) -> ExecutorRequest:
     )
 
 
-def opened(ledger: Ledger | None = None, n: int = 1) -> tuple[Ledger, Step]:
+def opened(ledger: Ledger | None = None, n: int = 1, *,
+           confirm: bool = False) -> tuple[Ledger, Step]:
     ledger = ledger or Ledger()
     assert ledger.arrive(f"req-{n}", routable=True) is Arrival.NEW
-    return ledger, ledger.open(request(n), b"echo", now=100.0)
+    return ledger, ledger.open(request(n), b"echo", now=100.0, confirm=confirm)
 
 
 def run(ledger: Ledger, step: Step, *events: StepEvent) -> list[Action]:
@@ -294,6 +295,68 @@ def test_sub_second_steps_are_checked_early_and_confirmed_ones_are_not() -> None
     assert run(ledger, step, E.CHECK_DUE, E.GATEWAY_CLOSING, E.DEADLINE) == []
 
 
+# ----- confirm-before-run (engine/confirm.py) ----------------------------------------------
+
+
+def test_confirm_before_run_starts_the_body_only_on_a_granted_extension() -> None:
+    ledger, step = opened(confirm=True)
+    assert step.state is S.CONFIRMING and step.extending
+    # Every chance an answer was lost asks again; nothing starts the body but a grant.
+    for ev in (E.CHECK_DUE, E.GATEWAY_CLOSING, E.SOCKET_READY):
+        assert run(ledger, step, ev) == [A.EXTEND_NOW] and step.state is S.CONFIRMING
+    assert run(ledger, step, E.REDELIVERED) == [A.ACK_AGAIN]
+    assert run(ledger, step, E.REPLY_ACKED, E.ACK_LATE, E.ACK_OVERDUE) == []
+    assert step.state is S.CONFIRMING
+    assert run(ledger, step, E.LEASE_EXTENDED) == [A.START_BODY]
+    assert step.state is S.OWNED
+    assert run(ledger, step, E.LEASE_EXTENDED) == []  # started once
+    assert run(ledger, step, E.BODY_DONE) == [A.SEND_REPLY]
+
+
+def test_confirm_before_run_a_body_that_did_not_start_cannot_finish() -> None:
+    ledger, step = opened(confirm=True)
+    for ev in (E.BODY_DONE, E.BODY_CANCELLED, E.FLUSHED):
+        with pytest.raises(StepTransitionError):
+            ledger.fire(step, ev)
+
+
+def test_confirm_before_run_nack_before_confirm_never_runs_the_body() -> None:
+    """The re-route race: the other copy extended first, so ours is NACKed before its
+    body started. Nothing to cancel, nothing to send; counted as lease_lost."""
+    ledger, step = opened(confirm=True)
+    actions = run(ledger, step, E.LEASE_NACKED)
+    assert actions == [A.LOG_LEASE_LOST, A.COUNT_LEASE_LOST]
+    assert step.state is S.LEASE_LOST and "req-1" not in ledger.steps
+
+
+def test_confirm_before_run_lease_lapsed_before_confirm_never_runs_the_body() -> None:
+    ledger, step = opened(confirm=True)
+    assert run(ledger, step, E.LEASE_EXPIRED) == [A.LOG_LEASE_EXPIRED, A.COUNT_LEASE_LOST]
+    assert step.state is S.LEASE_LOST
+
+
+def test_confirm_before_run_socket_lost_before_confirm_asks_again_on_the_new_socket() -> None:
+    """The answer died with the socket: the next session's extension (the same lease id;
+    the gateway gives the owner its current id back) confirms it, the body starts then."""
+    ledger, step = opened(confirm=True)
+    assert run(ledger, step, E.SOCKET_READY) == [A.EXTEND_NOW]
+    assert run(ledger, step, E.LEASE_EXTENDED) == [A.START_BODY]
+
+
+def test_confirm_before_run_drain_before_confirm_hands_back_without_running_it() -> None:
+    """The deadline asks once more; confirmed then, the step is ours: it is handed back
+    (the body, queued for the next loop iteration, never starts: bodies.py starts only
+    ACKED/OWNED steps); unconfirmed at GIVE_UP it is abandoned with no reply at all."""
+    ledger, step = opened(confirm=True)
+    assert run(ledger, step, E.DEADLINE) == [A.EXTEND_NOW]
+    assert run(ledger, step, E.LEASE_EXTENDED) == [A.START_BODY]
+    assert run(ledger, step, E.GIVE_UP) == [A.LOG_ABANDONED, A.CANCEL_BODY, A.HAND_BACK]
+    assert step.state is S.HANDING_BACK
+    ledger2, step2 = opened(confirm=True)
+    assert run(ledger2, step2, E.DEADLINE, E.GIVE_UP) == [A.EXTEND_NOW, A.LOG_ABANDONED]
+    assert step2.state is S.ABANDONED
+
+
 # ----- random orders ------------------------------------------------------------------------
 
 
@@ -302,7 +365,8 @@ class World:
     """What the I/O around one step can do next, given what the ledger asked for."""
 
     step: Step
-    body: str = "running"  # running | cancelling | done | cancelled
+    body: str = "running"  # waiting (confirm-before-run), running, cancelling, done, cancelled
+    confirmed: bool = False  # a LEASE_EXTENDED reached the step
     written: bool = False  # a reply went out on a socket
     flushing: bool = False
     deadline: int = 0  # 0 before, 1 after DEADLINE, 2 after GIVE_UP
@@ -346,6 +410,8 @@ class World:
             self.flushing = False
         elif ev is E.SOCKET_LOST:
             self.written = False
+        elif ev is E.LEASE_EXTENDED:
+            self.confirmed = True
         actions = ledger.fire(self.step, ev)
         self.actions += actions
         if ev in (E.LEASE_NACKED, E.LEASE_EXPIRED) and before in (S.ACKED, S.OWNED):
@@ -363,7 +429,11 @@ class World:
             assert self.replies <= 1, "two replies for one request"
         if action in SENDS:
             assert not self.lost_lease_while_running, "a reply for a lease we lost"
-        if action is A.CANCEL_BODY:
+        if action is A.START_BODY:
+            assert self.body == "waiting", "a body started twice"
+            assert self.confirmed, "a body started before the lease was confirmed"
+            self.body = "running"
+        elif action is A.CANCEL_BODY:
             assert self.body in ("running", "cancelling")
             self.body = "cancelling"
         elif action is A.FLUSH:
@@ -380,13 +450,29 @@ class World:
 @given(st.lists(st.tuples(st.integers(0, 1_000), st.booleans()), max_size=40))
 def test_random_event_orders_keep_the_promise(choices: list[tuple[int, bool]]) -> None:
     ledger, step = opened()
-    world = World(step)
+    _play(ledger, step, World(step), choices)
+
+
+@seed(1826)
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1_000), st.booleans()), max_size=40))
+def test_random_event_orders_with_confirm_before_run(choices: list[tuple[int, bool]]) -> None:
+    """The same promise, and: a body starts at most once, only after a granted extension,
+    and a step whose lease was lost before that never runs it."""
+    ledger, step = opened(confirm=True)
+    world = World(step, body="waiting")
+    _play(ledger, step, world, choices)
+    if not world.confirmed:
+        assert world.body == "waiting"
+
+
+def _play(ledger: Ledger, step: Step, world: World, choices: list[tuple[int, bool]]) -> None:
     for pick, write_ok in choices:
         possible = world.possible()
         world.feed(ledger, possible[pick % len(possible)], write_ok)
         assert (step.request.request_id in ledger.steps) == (step.state in LIVE)
     if step.state is S.LEASE_LOST:
-        assert world.body == "cancelled"
+        assert world.body in ("cancelled", "waiting")  # waiting: never started
     if world.lost_lease_while_running:
         assert world.body in ("cancelling", "cancelled")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from connect_worker import cli
-from connect_worker.devserver.fleet import WorkerProcess
 from connect_worker.lab import demo
+from connect_worker.lab.fleet import WorkerProcess
 from connect_worker.lab.timeline import Bar, Lane, Marker, Note, Timeline, _fit_label, render_svg
 from examples.reports.pipelines import PIPELINES
 

@@ -16,9 +16,9 @@ import pytest
 
 from connect_worker import cli
 from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
-from connect_worker.devserver.fleet import WorkerProcess
 from connect_worker.lab import soak
 from connect_worker.lab.apps.soak import COPY_KEY
+from connect_worker.lab.fleet import WorkerProcess
 from connect_worker.lab.soak import KIND_NAMES, plan_faults
 
 MINUTES = 0.75

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from connect_worker.devserver import DevServer
-from connect_worker.devserver.fleet import WorkerProcess
 from connect_worker.devserver.state import RunStatus
+from connect_worker.lab.fleet import WorkerProcess
 from connect_worker.lab.wsproxy import WsProxy, describe
 from connect_worker.protocol import pb
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from connect_worker.engine.target import load_target
 from connect_worker.ops.check import ERRORS, OK, WARNINGS, run_check
 
 KEY = "signkey-prod-" + "ab" * 32
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def check(env: dict[str, str], target: str | None = TARGET) -> tuple[int, str, set[str]]:
     out = io.StringIO()
-    code = run_check(env, target, out=out)
+    code = run_check(env, target, out=out, load_target=load_target)
     text = out.getvalue()
     return code, text, set(re.findall(r"(?:ERROR|WARNING) \[([a-z-]+)\]", text))
 

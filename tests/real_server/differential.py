@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from connect_worker.devserver import DevServer, DevServerConfig
-from connect_worker.devserver.fleet import WorkerProcess, read_executions
+from connect_worker.lab.fleet import WorkerProcess, read_executions
 from connect_worker.lab.inngest_dev import InngestDevServer
 from connect_worker.lab.wsproxy import Frame, WsProxy
 

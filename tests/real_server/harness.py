@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from connect_worker.devserver.fleet import WorkerProcess, read_executions
+from connect_worker.lab.fleet import WorkerProcess, read_executions
 from connect_worker.lab.inngest_dev import InngestDevServer, Run
 from connect_worker.lab.wsproxy import Frame, WsProxy
 

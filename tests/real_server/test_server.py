@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from connect_worker.devserver.fleet import WorkerProcess
+from connect_worker.lab.fleet import WorkerProcess
 from connect_worker.lab.inngest_dev import InngestDevServer
 from connect_worker.lab.wsproxy import WsProxy
 

@@ -21,8 +21,9 @@ from ..protocol import constants, pb
 from . import logfmt
 from .auth import check_authorization
 from .browser import guard
+from .checkpoint import CheckpointRejected
 from .core import Core
-from .executor import CheckpointRejected, Executor
+from .executor import Executor
 from .gateway import Gateway
 from .state import Faults, StartCall
 from .ulid import new_ulid
@@ -237,7 +238,7 @@ class API:
         self.state.record("in", "HTTP_CHECKPOINT", request_id=str(request_id or ""),
                           detail=run_id)
         try:
-            self.executor.checkpoint_async(run_id, body)
+            self.executor.checkpoints.checkpoint_async(run_id, body)
         except CheckpointRejected as exc:
             return _json({"error": str(exc), "status": exc.status, "data": {"run_id": run_id}},
                          exc.status)
@@ -357,7 +358,7 @@ class API:
                           else self.gateway.drop_socket)
                 for conn_id in targets:
                     # GATEWAY_CLOSING waits up to drain_window for the worker: answer now.
-                    self.gateway._spawn_background(action(conn_id))
+                    self.gateway.wire.spawn_background(action(conn_id))
                 return _json({"data": {"fault": name, "connections": targets}})
             if name == "withhold-reply-ack":
                 count = _count(request)

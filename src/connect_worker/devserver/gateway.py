@@ -6,34 +6,34 @@ codes, per-connection phases, readiness, heartbeats, pause, drain, forwarding
 with a pending ACK, lease extension and reply persistence. Frames are handled in
 wire order on one task per connection (the real gateway splits control and data
 frames across goroutines; ``faults.delay_request_ack`` reproduces that race).
+
+Frames and injected faults are the layer below (wire.py); this module is the protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from google.protobuf.message import DecodeError, Message
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from ..protocol import constants, pb
-from ..protocol.durations import format_go_duration
 from . import logfmt
 from .browser import refusal
-from .core import ACCOUNT_ID, Core, Session
-from .state import ConnectionInfo, ConnStatus, Phase, SyncRecord, check
+from .core import Core
+from .handshake import INTERNAL, HandshakeError, handshake, intervals, parse_apps
+from .state import ConnectionInfo, ConnStatus, Phase, SyncRecord
 from .ulid import is_ulid
+from .wire import GatewayConnection, Wire, kind_name
+from .wire import parse as _parse
 
 log = logging.getLogger(__name__)
 
@@ -41,87 +41,10 @@ SUBPROTOCOL = Subprotocol(constants.SUBPROTOCOL)
 MAX_FRAME = constants.MAX_FRAME_BYTES
 Kind = pb.GatewayMessageType
 
-# Close reasons (syscodes) the real gateway uses, spec §5.4.3.
-HELLO_TIMEOUT = "connect_worker_hello_timeout"
-HELLO_INVALID_MSG = "connect_worker_hello_invalid_msg"
-HELLO_INVALID_PAYLOAD = "connect_worker_hello_invalid_payload"
-AUTH_FAILED = "connect_authentication_failed"
-TOO_MANY_APPS = "connect_too_many_apps_per_connection"
+# Close reasons (syscodes) the real gateway uses after the handshake, spec §5.4.3.
 ACK_INVALID = "connect_worker_request_ack_invalid_payload"
 EXTEND_INVALID = "connect_worker_request_extend_lease_invalid_payload"
-INTERNAL = "connect_internal_error"
 GATEWAY_CLOSING = "connect_gateway_closing"
-# Not a syscode: wsproto.Read's close reason for a frame that is not a ConnectMessage.
-UNMARSHAL_FAILED = "failed to unmarshal Protobuf"
-
-
-def kind_name(kind: int) -> str:
-    try:
-        return str(Kind.Name(kind))
-    except ValueError:
-        return f"UNKNOWN_{kind}"
-
-
-def _parse(message: Message, payload: bytes) -> bool:
-    try:
-        message.ParseFromString(payload)
-    except (DecodeError, RuntimeWarning, ValueError):
-        return False
-    return True
-
-
-def _canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def worker_group_hash(
-    env: str, req: pb.WorkerConnectRequestData, app: pb.AppConfiguration, functions: Any
-) -> str:
-    """account:env:language:version:platform:sha256(functions):app_version (§5.5)."""
-    platform = req.platform if req.HasField("platform") and req.platform else "-"
-    fn_hash = hashlib.sha256(_canonical(functions)).hexdigest()
-    parts = [
-        ACCOUNT_ID,
-        env,
-        req.sdk_language,
-        req.sdk_version,
-        platform,
-        fn_hash,
-        app.app_version if app.HasField("app_version") else "",
-    ]
-    return hashlib.sha256(":".join(parts).encode()).hexdigest()
-
-
-# A frame on a slow wire: (due, frame, kind, conn_id, request_id).
-# (due, frame, kind, conn_id, request_id); a frame of None ends the sender. Not b"":
-# GATEWAY_HELLO (kind 0, no payload) serializes to an empty frame.
-_Late = tuple[float, bytes | None, int, str | None, str | None]
-
-
-class _HandshakeError(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-@dataclass
-class GatewayConnection:
-    """A live worker socket."""
-
-    info: ConnectionInfo
-    ws: ServerConnection
-    session: Session
-    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # request_id -> future resolved True by the ACK, False when the forward fails.
-    pending: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-    def fail_pending(self) -> None:
-        for fut in self.pending.values():
-            if not fut.done():
-                fut.set_result(False)
 
 
 class Gateway:
@@ -133,8 +56,7 @@ class Gateway:
         self.urls: dict[str, str] = {}
         self.ports: dict[str, int] = {}
         self.draining_groups: set[str] = set()
-        # Frames delayed by faults.frame_latency, per socket (see _write).
-        self._outboxes: dict[ServerConnection, asyncio.Queue[_Late]] = {}
+        self.wire = Wire(self.state, self.config.write_timeout)
         # request_id -> instance owning the lease of a request forwarded twice
         # (Faults.dual_dispatch): extensions from the other copy are NACKed. An instance,
         # not a connection: the owner may extend over a newer connection after a drop.
@@ -166,7 +88,7 @@ class Gateway:
             conn.ws.transport.abort()
         for server in self._servers:
             server.close(close_connections=False)
-        for task in list(self._handlers):
+        for task in [*self._handlers, *self.wire.background]:
             task.cancel()
         for server in self._servers:
             with contextlib.suppress(Exception):
@@ -210,61 +132,9 @@ class Gateway:
 
     # -- sending ---------------------------------------------------------------
 
-    async def _write(
-        self,
-        ws: ServerConnection,
-        kind: int,
-        payload: bytes = b"",
-        *,
-        conn_id: str | None = None,
-        request_id: str | None = None,
-        lock: asyncio.Lock | None = None,
-    ) -> bool:
-        frame = pb.ConnectMessage(kind=kind, payload=payload).SerializeToString()  # type: ignore[arg-type]
-        latency = self.state.faults.frame_latency
-        outbox = self._outboxes.get(ws)
-        if latency > 0 or outbox is not None:
-            # faults.frame_latency: the frame is on a slow wire. The caller goes on at once
-            # (as after a write into the kernel's buffer); one sender per socket delivers
-            # the frames in order, each ``latency`` after it was written.
-            if outbox is None:
-                outbox = self._outboxes[ws] = asyncio.Queue()
-                self._spawn_background(self._send_late(ws, outbox))
-            outbox.put_nowait((time.monotonic() + latency, frame, kind, conn_id, request_id))
-            return True
-        try:
-            if lock is not None:
-                async with lock:
-                    async with asyncio.timeout(self.config.write_timeout):
-                        await ws.send(frame)
-            else:
-                async with asyncio.timeout(self.config.write_timeout):
-                    await ws.send(frame)
-        except (ConnectionClosed, TimeoutError, OSError):
-            return False
-        self.state.record("out", kind_name(kind), conn_id, request_id)
-        return True
-
-    async def _send_late(self, ws: ServerConnection, outbox: asyncio.Queue[_Late]) -> None:
-        try:
-            while True:
-                due, frame, kind, conn_id, request_id = await outbox.get()
-                if frame is None:
-                    return  # the connection ended
-                if due > time.monotonic():
-                    await asyncio.sleep(due - time.monotonic())
-                try:
-                    async with asyncio.timeout(self.config.write_timeout):
-                        await ws.send(frame)
-                except (ConnectionClosed, TimeoutError, OSError):
-                    return  # what was still on the wire is lost with the socket
-                self.state.record("out", kind_name(kind), conn_id, request_id)
-        finally:
-            self._outboxes.pop(ws, None)
-
     async def send(self, conn: GatewayConnection, kind: int, payload: bytes = b"", *,
                    request_id: str | None = None) -> bool:
-        return await self._write(
+        return await self.wire.write(
             conn.ws, kind, payload, conn_id=conn.info.conn_id, request_id=request_id,
             lock=conn.send_lock,
         )
@@ -273,72 +143,7 @@ class Gateway:
 
     async def _close(self, ws: ServerConnection, code: int, reason: str,
                      conn_id: str | None = None) -> None:
-        self.state.record("out", "CLOSE", conn_id, detail=f"{code} {reason}")
-        with contextlib.suppress(Exception):
-            await ws.close(code, reason)
-
-    def _intervals(self) -> pb.GatewayConnectionReadyData:
-        def fmt(seconds: float) -> str:
-            if self.config.interval_format == "seconds":
-                return f"{max(1, round(seconds))}s"
-            return format_go_duration(seconds)
-
-        return pb.GatewayConnectionReadyData(
-            heartbeat_interval=fmt(self.config.heartbeat_interval),
-            extend_lease_interval=fmt(self.config.extend_lease_interval),
-            status_interval=fmt(self.config.status_interval) if self.config.status_interval
-            else "0s",
-        )
-
-    async def _handshake(self, ws: ServerConnection) -> tuple[pb.WorkerConnectRequestData, Session]:
-        try:
-            async with asyncio.timeout(self.config.hello_timeout):
-                frame = await ws.recv()
-        except TimeoutError:
-            raise _HandshakeError(1008, HELLO_TIMEOUT) from None
-        if not isinstance(frame, bytes):
-            raise _HandshakeError(1008, HELLO_INVALID_MSG)
-        msg = pb.ConnectMessage()
-        if not _parse(msg, frame):
-            raise _HandshakeError(1008, HELLO_INVALID_MSG)
-        if msg.kind != Kind.WORKER_CONNECT:
-            self.state.record("in", kind_name(msg.kind))
-            raise _HandshakeError(1008, HELLO_INVALID_MSG)
-        req = pb.WorkerConnectRequestData()
-        parsed = _parse(req, msg.payload)
-        self.state.record("in", "WORKER_CONNECT", req.connection_id if parsed else None)
-        if not parsed:
-            raise _HandshakeError(1008, HELLO_INVALID_PAYLOAD)
-        if not is_ulid(req.connection_id) or not req.instance_id:
-            raise _HandshakeError(1008, HELLO_INVALID_PAYLOAD)
-        session = self.core.verify_session(req.auth_data.session_token)
-        if session is None:
-            raise _HandshakeError(1008, AUTH_FAILED)
-        if len(req.apps) == 0:
-            raise _HandshakeError(1008, HELLO_INVALID_PAYLOAD)
-        if len(req.apps) > self.config.max_apps_per_connection:
-            raise _HandshakeError(1008, TOO_MANY_APPS)
-        return req, session
-
-    def _parse_apps(
-        self, req: pb.WorkerConnectRequestData, env: str
-    ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
-        try:
-            # The real sync unmarshals the capabilities unconditionally: empty fails too.
-            json.loads(req.capabilities)
-            configs: dict[str, list[dict[str, Any]]] = {}
-            hashes: dict[str, str] = {}
-            for app in req.apps:
-                functions = json.loads(app.functions or b"[]")
-                if not isinstance(functions, list) or not all(
-                    isinstance(f, dict) and isinstance(f.get("id"), str) for f in functions
-                ):
-                    raise ValueError("functions must be a list of objects with an 'id'")
-                configs[app.app_name] = functions
-                hashes[app.app_name] = worker_group_hash(env, req, app, functions)
-        except ValueError as exc:
-            raise _HandshakeError(1011, INTERNAL) from exc
-        return configs, hashes
+        await self.wire.close(ws, code, reason, conn_id)
 
     async def _serve(self, ws: ServerConnection, group: str) -> None:
         if group in self.draining_groups:
@@ -349,12 +154,12 @@ class Gateway:
             # was not verified (assumption: 1002 protocol error).
             await self._close(ws, 1002, "invalid subprotocol")
             return
-        if not await self._write(ws, Kind.GATEWAY_HELLO):
+        if not await self.wire.write(ws, Kind.GATEWAY_HELLO):
             return
         try:
-            req, session = await self._handshake(ws)
-            configs, hashes = self._parse_apps(req, session.env)
-        except _HandshakeError as exc:
+            req, session = await handshake(ws, self.core)
+            configs, hashes = parse_apps(req, session.env)
+        except HandshakeError as exc:
             log.info("connection refused in handshake: close %d %s", exc.code, exc.reason)
             await self._close(ws, exc.code, exc.reason)
             return
@@ -390,13 +195,13 @@ class Gateway:
             if not await self._sync(conn, configs):
                 return
             if not await self.send(conn, Kind.GATEWAY_CONNECTION_READY,
-                                   self._intervals().SerializeToString()):
+                                   intervals(self.config).SerializeToString()):
                 return
             if not info.manual_readiness:
                 self._mark_ready(conn)
             watchdog = asyncio.create_task(self._heartbeat_watchdog(conn))
             conn.tasks.add(watchdog)
-            await self._read_loop(conn)
+            await self.wire.read(conn, self._handle)
         finally:
             await self._disconnected(conn)
 
@@ -404,12 +209,8 @@ class Gateway:
         self, conn: GatewayConnection, configs: dict[str, list[dict[str, Any]]]
     ) -> bool:
         """Store the function configs of every app (the in-process /fn/register)."""
-        if self.state.faults.sync_delay:
-            await asyncio.sleep(self.state.faults.sync_delay)
-        failure = self.state.faults.sync_failure
+        failure = await self.wire.sync_failure()
         if failure is not None:
-            if not self.state.faults.sync_failure_persistent:
-                self.state.faults.sync_failure = None
             code, message = failure
             log.info("sync failed (injected): %s: %s %s", logfmt.who(conn.info), code, message)
             await self.send(conn, Kind.SYNC_FAILED,
@@ -438,55 +239,7 @@ class Gateway:
             self.state.notify()
             log.info("connection ready: %s", logfmt.who(conn.info))
 
-    # -- read loop -------------------------------------------------------------
-
-    async def _read_loop(self, conn: GatewayConnection) -> None:
-        info = conn.info
-        # With faults.frame_latency, frames go through a delay line (due time, frame) so
-        # that they keep their order and a burst is not slowed down frame by frame.
-        late: asyncio.Queue[tuple[float, pb.ConnectMessage]] | None = None
-        while True:
-            try:
-                frame = await conn.ws.recv()
-            except ConnectionClosed:
-                if late is not None:
-                    # Frames read before the close were on the wire before it.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self.state.faults.frame_latency + 2):
-                            await late.join()
-                return
-            if not isinstance(frame, bytes):
-                # Binary frames only (assumption: close 1003 unsupported data).
-                self.state.record("in", "TEXT_FRAME", info.conn_id)
-                await self._close(conn.ws, 1003, "binary frames only", info.conn_id)
-                return
-            msg = pb.ConnectMessage()
-            if not _parse(msg, frame):
-                # wsproto.Read closes the socket and the read loop ends.
-                self.state.record("in", "UNDECODABLE", info.conn_id)
-                self.state.error(f"undecodable frame on {info.conn_id}")
-                await self._close(conn.ws, 1007, UNMARSHAL_FAILED, info.conn_id)
-                return
-            latency = self.state.faults.frame_latency
-            if late is None and latency <= 0:
-                await self._handle(conn, msg)
-                continue
-            if late is None:
-                late = asyncio.Queue()
-                self._spawn(conn, self._deliver_late(conn, late))
-            late.put_nowait((time.monotonic() + latency, msg))
-
-    async def _deliver_late(
-        self, conn: GatewayConnection, late: asyncio.Queue[tuple[float, pb.ConnectMessage]]
-    ) -> None:
-        while True:
-            due, msg = await late.get()
-            try:
-                if due > time.monotonic():
-                    await asyncio.sleep(due - time.monotonic())
-                await self._handle(conn, msg)
-            finally:
-                late.task_done()
+    # -- frames from the worker -------------------------------------------------
 
     async def _handle(self, conn: GatewayConnection, msg: pb.ConnectMessage) -> None:
         info = conn.info
@@ -522,11 +275,7 @@ class Gateway:
                 await self._close(conn.ws, 1008, ACK_INVALID, info.conn_id)
                 return
             self.state.record("in", "WORKER_REQUEST_ACK", info.conn_id, ack.request_id)
-            delay = self.state.faults.delay_request_ack
-            if delay > 0:
-                self._spawn(conn, self._ack_later(conn, ack.request_id, delay))
-            else:
-                self._complete_ack(conn, ack.request_id)
+            await self.wire.request_ack(conn, ack.request_id, self._complete_ack)
         elif kind == Kind.WORKER_REQUEST_EXTEND_LEASE:
             ext = pb.WorkerRequestExtendLeaseData()
             ok = _parse(ext, msg.payload)
@@ -545,11 +294,7 @@ class Gateway:
                 self.state.error(f"undecodable WORKER_REPLY on {info.conn_id}")
                 await self._close(conn.ws, 1011, INTERNAL, info.conn_id)
                 return
-            race = self.state.faults.reply_close_race
-            if race > 0:
-                self._spawn_background(self._reply_after_race(conn, resp, race))
-            else:
-                await self._reply(conn, resp)
+            await self.wire.reply(conn, resp, self._reply)
         elif kind == Kind.WORKER_STATUS:
             status = pb.WorkerStatusData()
             _parse(status, msg.payload)
@@ -560,33 +305,6 @@ class Gateway:
             ))
         else:
             self.state.record("in", kind_name(kind), info.conn_id, detail="ignored")
-
-    def _spawn_background(self, coro: Any) -> None:
-        """A task that outlives its connection (cancelled only when the gateway closes)."""
-        task: asyncio.Task[None] = asyncio.create_task(coro)
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
-
-    async def _reply_after_race(
-        self, conn: GatewayConnection, resp: pb.SDKResponse, delay: float
-    ) -> None:
-        # The real gateway hands a read WORKER_REPLY to a data goroutine; if the
-        # socket closes first, the run context is cancelled and the reply can be
-        # discarded (§5.3). Model: the reply is lost if the socket closed meanwhile.
-        await asyncio.sleep(delay)
-        if conn.info.phase >= Phase.DISCONNECTING:
-            self.state.record("in", "REPLY_DISCARDED", conn.info.conn_id, resp.request_id)
-            return
-        await self._reply(conn, resp)
-
-    def _spawn(self, conn: GatewayConnection, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)
-        conn.tasks.add(task)
-        task.add_done_callback(conn.tasks.discard)
-
-    async def _ack_later(self, conn: GatewayConnection, request_id: str, delay: float) -> None:
-        await asyncio.sleep(delay)
-        self._complete_ack(conn, request_id)
 
     def _complete_ack(self, conn: GatewayConnection, request_id: str) -> None:
         """Complete the pending forward of ``request_id`` on the connection the ACK came in
@@ -603,15 +321,12 @@ class Gateway:
                           detail="no pending forward on this connection")
 
     async def _extend(self, conn: GatewayConnection, ext: pb.WorkerRequestExtendLeaseData) -> None:
-        faults = self.state.faults
         owner = self.dual_owners.get(ext.request_id, conn.info.instance_id)
-        if check(faults.nack_extensions, ext.request_id) or owner != conn.info.instance_id:
+        if self.wire.nacks_extension(ext.request_id) or owner != conn.info.instance_id:
             new_id = None
         else:
             new_id = self.core.leases.extend(ext.request_id, ext.lease_id, conn.info.instance_id)
         self.state.notify()
-        if check(faults.withhold_extend_ack, ext.request_id):
-            return
         ack = pb.WorkerRequestExtendLeaseAckData(
             request_id=ext.request_id,
             account_id=ext.account_id,
@@ -624,42 +339,28 @@ class Gateway:
         payload = ack.SerializeToString()
 
         async def write() -> None:
-            if faults.delay_extend_ack > 0:
-                await asyncio.sleep(faults.delay_extend_ack)
             if conn.info.phase in (Phase.READY, Phase.DRAINING):
                 await self.send(conn, Kind.WORKER_REQUEST_EXTEND_LEASE_ACK, payload,
                                 request_id=ext.request_id)
 
-        if faults.delay_extend_ack > 0:
-            self._spawn(conn, write())
-        else:
-            await write()
+        await self.wire.extend_ack(conn, ext.request_id, write)
 
     async def _reply(self, conn: GatewayConnection, resp: pb.SDKResponse) -> None:
-        faults = self.state.faults
-        if check(faults.drop_replies, resp.request_id):
-            self.state.record("in", "REPLY_DROPPED", conn.info.conn_id, resp.request_id)
-            log.info("reply dropped (fault): %s", logfmt.reply(resp))
-            return
+        """Persist a WORKER_REPLY that reached the gateway (wire.reply) and ACK it."""
         record = self.core.persist_reply(resp, "ws", conn.info.conn_id)
         log.info("reply by socket from %s: %s", conn.info.instance_id, logfmt.reply(resp))
-        if check(faults.withhold_reply_ack, resp.request_id):
+        if self.wire.withholds_reply_ack(resp.request_id):
             log.info("WORKER_REPLY_ACK withheld (fault) for request %s", resp.request_id)
             return
         payload = pb.WorkerReplyAckData(request_id=resp.request_id).SerializeToString()
 
         async def write() -> None:
-            if faults.delay_reply_ack > 0:
-                await asyncio.sleep(faults.delay_reply_ack)
             if conn.info.phase in (Phase.READY, Phase.DRAINING, Phase.DISCONNECTING):
                 record.acked = await self.send(conn, Kind.WORKER_REPLY_ACK, payload,
                                                request_id=resp.request_id)
                 self.state.notify()
 
-        if faults.delay_reply_ack > 0:
-            self._spawn(conn, write())
-        else:
-            await write()
+        await self.wire.reply_ack(conn, write)
 
     # -- forwarding (rpc.go Forward) -------------------------------------------
 
@@ -773,10 +474,7 @@ class Gateway:
         info.set_phase(Phase.DISCONNECTING)
         info.status = ConnStatus.DISCONNECTING
         conn.fail_pending()
-        outbox = self._outboxes.get(conn.ws)
-        if outbox is not None:
-            # Stop the late sender; what was still on the wire is lost with the socket.
-            outbox.put_nowait((0.0, None, 0, None, None))
+        self.wire.end(conn.ws)
         for task in list(conn.tasks):
             task.cancel()
         ws = conn.ws

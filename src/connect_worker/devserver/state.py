@@ -210,6 +210,17 @@ class Event:
 
 
 @dataclass
+class QueueItem:
+    run_id: str
+    step_id: str  # "step" (discovery) or a hashed step ID (targeted)
+    job_id: str
+    attempt: int = 0
+    # Bumped on every dispatch of this item; SDKs echo it in async checkpoints so a
+    # checkpoint from an abandoned dispatch is refused (409), as Inngest's queue does.
+    generation: int = 0
+
+
+@dataclass
 class Run:
     run_id: str
     function_slug: str

@@ -55,7 +55,7 @@ EXIT_OK = 0
 EXIT_ABANDONED = 3  # the drain deadline passed with steps still running
 EXIT_FATAL = 2  # stopped without being asked (key refused, sync rejected, a bug)
 
-_ACKED = frozenset({StepState.ACKED})
+_ACKED = frozenset({StepState.CONFIRMING, StepState.ACKED})  # lease not confirmed yet
 
 
 class Drain:

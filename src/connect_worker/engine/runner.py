@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from ..config import Config
 from ..ops.metrics import WorkerMetrics
 from .executor import App
+from .userloop import UserLoop
 from .worker import Worker
 
 log = logging.getLogger("connect_worker")
@@ -32,10 +33,13 @@ Listener = Callable[[CollectorRegistry, Callable[[], bool], WorkerMetrics],
 
 
 async def serve(config: Config, apps: Sequence[App], *, listener: Listener | None = None,
-                registry: CollectorRegistry = REGISTRY) -> int:
-    """Run one worker with signal handling until it stops; returns the exit code."""
+                registry: CollectorRegistry = REGISTRY, user_loop: UserLoop | None = None) -> int:
+    """Run one worker with signal handling until it stops; returns the exit code.
+
+    ``user_loop``: where user code runs (default: a thread of its own; see ``Worker``).
+    """
     metrics = WorkerMetrics(registry)
-    worker = Worker(config, apps, metrics=metrics)
+    worker = Worker(config, apps, metrics=metrics, user_loop=user_loop)
     async with contextlib.AsyncExitStack() as stack:
         # Entered before anything connects (a taken port is a configuration error) and
         # left last, so /readyz answers 503 throughout the drain.

@@ -508,6 +508,7 @@ class Session:
             self._heartbeat_sent_at = time.monotonic()
             if not await self.send(WorkerConnection.heartbeat):
                 return
+            event(log, "heartbeat.sent", level=logging.DEBUG, conn_id=self.id)
             await anyio.sleep(self.ready.heartbeat_interval)
 
     async def close(self, reason: str = "WORKER_SHUTDOWN") -> None:

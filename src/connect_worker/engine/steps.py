@@ -11,6 +11,8 @@ every event a gateway frame triggers is listed for every live state).
 
 A step's life::
 
+    CONFIRMING ──lease extended──> OWNED + start body   (confirm-before-run, confirm.py)
+      └──lease NACKed / lapsed──> LEASE_LOST (the body never ran)
     ACKED ──lease extended──> OWNED            (body queued or running in both)
       │ └──lease NACKed──> CANCELLING ──body cancelled──> LEASE_LOST   (no reply, ever)
       └──body done──> REPLY_SENT ──reply ACK──> DELIVERED
@@ -40,6 +42,8 @@ class StepState(Enum):
     # Identity hashing is C-level (Enum's __hash__ is Python): the table is hot.
     __hash__ = object.__hash__
 
+    # ACKed with confirm-before-run: the body waits until an extension is granted.
+    CONFIRMING = "confirming"
     ACKED = "acked"  # ACKed; body queued or running; the gateway has not confirmed our lease
     OWNED = "owned"  # the same, and an extension's answer proved the lease is ours
     CANCELLING = "cancelling"  # lease lost while queued/running: body cancelled, no reply
@@ -83,6 +87,7 @@ class Action(Enum):
     __hash__ = object.__hash__
 
     EXTEND_NOW = "extend_now"  # send this step's lease extension now
+    START_BODY = "start_body"  # the lease is confirmed: start the held body
     CANCEL_BODY = "cancel_body"  # cancel the body; BODY_CANCELLED follows
     # Write the reply (built from the body's outcome) on the newest live socket; once
     # written its ACK is due within reply_ack_timeout; no socket took it: REPLY_NOT_WRITTEN.
@@ -112,12 +117,14 @@ class StepTransitionError(RuntimeError):
 
 
 S, E, A = StepState, StepEvent, Action
-LIVE = frozenset({S.ACKED, S.OWNED, S.CANCELLING, S.REPLY_SENT, S.FLUSHING, S.HANDING_BACK})
+LIVE = frozenset({S.CONFIRMING, S.ACKED, S.OWNED, S.CANCELLING, S.REPLY_SENT, S.FLUSHING,
+                  S.HANDING_BACK})
 FINAL = frozenset({S.DELIVERED, S.LEASE_LOST, S.ABANDONED})
 # Steps whose lease the worker keeps extending (the extender's and a new socket's set).
-EXTENDING = frozenset({S.ACKED, S.OWNED, S.REPLY_SENT, S.FLUSHING, S.HANDING_BACK})
+EXTENDING = frozenset({S.CONFIRMING, S.ACKED, S.OWNED, S.REPLY_SENT, S.FLUSHING,
+                       S.HANDING_BACK})
 # Steps whose body has not produced a reply (the in-flight gauge; the hand-back's candidates).
-RUNNING = frozenset({S.ACKED, S.OWNED, S.CANCELLING})
+RUNNING = frozenset({S.CONFIRMING, S.ACKED, S.OWNED, S.CANCELLING})
 
 Row = tuple[StepState, tuple[Action, ...]]
 _ = ()
@@ -147,6 +154,23 @@ for _state in LIVE:
     TRANSITIONS[_state, E.ACK_LATE] = (_state, _)
     TRANSITIONS[_state, E.DEADLINE] = (_state, _)
 
+_rows(S.CONFIRMING, {
+    # The body has not started: it starts only once the gateway grants an extension of
+    # this request's lease. Of two copies holding the same lease id after a re-route,
+    # only the first to extend gets one; the other never runs its body. Ask at once
+    # (the worker sends the first extension right after the ACK), and again on each
+    # chance an answer was lost.
+    E.CHECK_DUE: (S.CONFIRMING, (A.EXTEND_NOW,)),
+    E.GATEWAY_CLOSING: (S.CONFIRMING, (A.EXTEND_NOW,)),
+    E.SOCKET_READY: (S.CONFIRMING, (A.EXTEND_NOW,)),
+    E.DEADLINE: (S.CONFIRMING, (A.EXTEND_NOW,)),
+    E.LEASE_EXTENDED: (S.OWNED, (A.START_BODY,)),
+    E.LEASE_NACKED: (S.LEASE_LOST, (A.LOG_LEASE_LOST, A.COUNT_LEASE_LOST)),
+    E.LEASE_EXPIRED: (S.LEASE_LOST, (A.LOG_LEASE_EXPIRED, A.COUNT_LEASE_LOST)),
+    # Never confirmed, so it may have lost the race: no hand-back (an error reply could
+    # beat the owner's answer), no body ran. The gateway retries once the lease lapses.
+    E.GIVE_UP: (S.ABANDONED, (A.LOG_ABANDONED,)),
+})
 _rows(S.ACKED, {
     # Unconfirmed: a re-routed forward whose ACK was on the wire has two holders, and
     # only the first to extend keeps the lease. Ask early, and whenever a socket changes.
@@ -273,9 +297,12 @@ class Ledger:
             return Arrival.DELIVERED
         return Arrival.NEW if routable else Arrival.NOT_ROUTABLE
 
-    def open(self, request: ExecutorRequest, echo: bytes, now: float) -> Step:
-        """The ACK for a NEW request is written: the step exists, in ACKED."""
-        step = Step(request, request.lease_id, now, echo)
+    def open(self, request: ExecutorRequest, echo: bytes, now: float, *,
+             confirm: bool = False) -> Step:
+        """The ACK for a NEW request is written: the step exists, in ACKED (CONFIRMING
+        with confirm-before-run: the worker then extends at once, START_BODY follows)."""
+        step = Step(request, request.lease_id, now, echo,
+                    S.CONFIRMING if confirm else S.ACKED)
         self.steps[request.request_id] = step
         return step
 

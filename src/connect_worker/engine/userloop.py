@@ -219,3 +219,36 @@ class UserLoop:
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout)
+
+
+class InlineUserLoop(UserLoop):
+    """User code on the engine's own loop, no thread: for measurement only.
+
+    ``scripts/bench --bridge-cost`` serves with it (``serve(..., user_loop=...)``) to price
+    the thread. Never serve real work with it: one blocking step would stop every
+    heartbeat and lease extension, which is what the thread exists to prevent.
+    """
+
+    def __init__(self) -> None:  # no thread and no loop of its own
+        pass
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, timeout: float = 1.0) -> None:
+        pass
+
+    def submit(self, coro: Coroutine[Any, Any, T],
+               on_done: Callable[[JobFuture[T]], None] | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> JobFuture[T]:
+        engine = loop or asyncio.get_running_loop()
+        result: JobFuture[T] = JobFuture(loop=engine)
+        result._on_done = on_done
+        task = engine.create_task(coro)
+        task.add_done_callback(result.settle)
+        result.add_done_callback(lambda f: f.cancelled() and task.cancel())
+        return result

@@ -43,6 +43,7 @@ from ..ops.metrics import WorkerMetrics
 from ..protocol import ExecutorRequest, GatewayEvent, LeaseExtended, ReplyAck, WorkerConnection
 from ..protocol.codec import request_echo
 from .bodies import Bodies
+from .confirm import wanted as confirm_wanted
 from .delivery import Delivery, build_reply
 from .drain import EXIT_ABANDONED, EXIT_FATAL, EXIT_OK, Drain
 from .drift import guard_from_config
@@ -54,7 +55,7 @@ from .session import Session
 from .steps import LIVE, Action, Arrival, Ledger, Step, StepEvent, StepState
 from .supervisor import MAX_CONSECUTIVE_SYNC_FAILURES, Supervisor, is_fatal
 from .timers import Changes
-from .userloop import loop_factory
+from .userloop import UserLoop, loop_factory
 
 __all__ = ["EXIT_ABANDONED", "EXIT_FATAL", "EXIT_OK", "MAX_CONSECUTIVE_SYNC_FAILURES",
            "Worker", "is_fatal"]
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 DELIVERED_REPLY_TTL = 60.0
 DELIVERED_REPLIES_KEPT = 1024
 # Steps whose lease the worker's own clock watches (running, lease not lost).
-_HELD = frozenset({StepState.ACKED, StepState.OWNED})
+_HELD = frozenset({StepState.CONFIRMING, StepState.ACKED, StepState.OWNED})
 GC_DEFAULT_THRESHOLD = 700  # CPython's generation-0 threshold
 GC_THRESHOLD = 10_000
 
@@ -76,7 +77,9 @@ class Worker:
     """Hosts the given apps over Inngest Connect until asked to stop."""
 
     def __init__(self, config: Config, apps: Sequence[App], *,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, user_loop: UserLoop | None = None) -> None:
+        """``user_loop``: where user code runs; None = a thread of its own (always, when
+        serving: ``InlineUserLoop`` exists only for the bench to price that thread)."""
         self.config = config
         self.metrics = metrics or WorkerMetrics(CollectorRegistry())
         self._ledger = ledger = Ledger(kept=DELIVERED_REPLIES_KEPT, ttl=DELIVERED_REPLY_TTL)
@@ -91,6 +94,8 @@ class Worker:
         self._executor = Executor(apps, app_version=config.app_version,
                                   new_loop=loop_factory(config.event_loop),
                                   drift=guard_from_config(config, apps, self.metrics))
+        if user_loop is not None:
+            self._executor.user_loop = user_loop
         self._supervisor = Supervisor(
             config, self.metrics, self._changes, self._executor.apps,
             in_flight=lambda: list(ledger.steps),
@@ -108,6 +113,7 @@ class Worker:
             Action.SEND_REPLY: lambda step, _: self._delivery.send_reply(step),
             Action.REMEMBER: self._remember,
             Action.EXTEND_NOW: lambda step, _: self._leases.extend_now(step),
+            Action.START_BODY: lambda step, _: self._start_body(step),
             Action.RESEND_REPLY: lambda step, _: self._delivery.resend_reply(step),
             Action.ARM_ACK_TIMER: lambda step, _: self._delivery.arm_ack_timer(step),
             Action.FLUSH: lambda step, _: self._delivery.flush(step),
@@ -284,17 +290,17 @@ class Worker:
             now = time.monotonic()
             self._drain.last_ack_at = now
             self.metrics.requests_acked_total.inc()
-            step = ledger.open(request, echo, now)
+            confirm = confirm_wanted(request.function_slug, self.config.confirm_before_run)
+            step = ledger.open(request, echo, now, confirm=confirm)
             step.lease_deadline = now + lease_seconds(request.lease_id,
                                                       self._supervisor.extend_interval)
             tracing.step_started(step)
             self._changes.notify()
             self._leases.checks.add(request_id)
-            outcome = self._executor.check_served(request)
-            if outcome is not None:
-                self._body_done(step, outcome)
+            if confirm:
+                self._leases.extend_now(step)  # START_BODY follows the granted extension
             else:
-                self._bodies.start_soon(step)
+                self._start_body(step)
         elif arrival is Arrival.IN_FLIGHT:
             self._fire(ledger.steps[request_id], StepEvent.REDELIVERED, session)
         elif arrival is Arrival.DELIVERED:
@@ -309,6 +315,13 @@ class Worker:
             self.metrics.requests_rejected_total.labels(reason="paused").inc()
             event(log, "request.not_acked", level=logging.DEBUG, conn_id=session.id,
                   request_id=request_id, reason="paused")
+
+    def _start_body(self, step: Step) -> None:
+        outcome = self._executor.check_served(step.request)
+        if outcome is not None:
+            self._body_done(step, outcome)
+        else:
+            self._bodies.start_soon(step)
 
     def _on_lease_extended(self, ack: LeaseExtended) -> None:
         step = self._ledger.steps.get(ack.request_id)

@@ -38,9 +38,10 @@ gateway saw them, and the worker's CPU per lease extension (all its CPU while ho
 divided by the extensions it sent meanwhile: an upper bound).
 
 ``--bridge-cost`` adds a third worker to each round of the default mode: connect_worker
-with its user-code thread taken out (``UserLoop.submit`` patched to run the request on
-the engine's own loop). connect_worker has no such mode: it would let one blocking step
-stop every heartbeat and lease extension. The difference prices that guarantee.
+with its user-code thread taken out (served with ``engine.userloop.InlineUserLoop``,
+which runs the request on the engine's own loop). connect_worker serves with no such
+loop: one blocking step would stop every heartbeat and lease extension. The difference
+prices that guarantee.
 
 ``--tracing`` adds connect_worker with OpenTelemetry tracing on to each round, next to
 connect_worker without it: the same worker with ``OTEL_EXPORTER_OTLP_ENDPOINT`` set to a
@@ -62,10 +63,10 @@ import contextlib
 import gc
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -78,6 +79,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from ..devserver import DevServer
+    from .fleet import WorkerProcess
 
 CW = "connect_worker"
 SDK = "sdk_client"
@@ -86,9 +88,13 @@ SDK = "sdk_client"
 INLINE = "connect_worker_inline"
 # connect_worker with tracing on (``--tracing``).
 TRACED = "connect_worker_traced"
+# connect_worker as ``--scale`` runs it: the bench's cw-worker mode, with the lag probe.
+SCALE_CW = "connect_worker_probed"
+# connect_worker with CONNECT_WORKER_CONFIRM_BEFORE_RUN=1 (``--confirm-before-run``).
+CONFIRMED = "connect_worker_confirm"
 WORKERS = (CW, SDK)
 LABELS = {CW: "connect_worker", SDK: "SDK client", INLINE: "cw, no thread",
-          TRACED: "cw, tracing on"}
+          TRACED: "cw, tracing on", CONFIRMED: "cw, confirm"}
 REQUESTS_PER_RUN = 2
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE_KB = 1024.0
@@ -281,6 +287,30 @@ def render_tracing(samples: list[Sample], cw: Summary, traced: Summary) -> str:
     ])
 
 
+def render_confirm(samples: list[Sample], cw: Summary, confirmed: Summary) -> str:
+    """The ``--confirm-before-run`` lines: what waiting for one lease confirmation per
+    request costs (each run is two requests, so two extension round trips)."""
+    by_round: dict[int, dict[str, Sample]] = {}
+    for s in samples:
+        by_round.setdefault(s.round, {})[s.worker] = s
+    paired = [(r[CONFIRMED].reply_p50_ms, r[CW].reply_p50_ms)
+              for _, r in sorted(by_round.items()) if CW in r and CONFIRMED in r]
+    return "\n".join([
+        "",
+        "confirm-before-run (--confirm-before-run: CONNECT_WORKER_CONFIRM_BEFORE_RUN=1):",
+        f"  dispatch->reply p50 ms         {confirmed.reply_p50_ms:.2f}"
+        f"  ({confirmed.reply_p50_ms - cw.reply_p50_ms:+.2f} against off, "
+        f"{cw.reply_p50_ms:.2f})",
+        f"  dispatch->reply p99 ms         {confirmed.reply_p99_ms:.2f}"
+        f"  (off {cw.reply_p99_ms:.2f})",
+        "  per round p50 (on / off)       "
+        + " ".join(f"{on:.2f}/{off:.2f}" for on, off in paired),
+        f"  worker CPU ms/run              {confirmed.cpu_ms_per_run:.3f}"
+        f"  (off {cw.cpu_ms_per_run:.3f})",
+        f"  runs/s                         {confirmed.runs_per_s:.0f}  (off {cw.runs_per_s:.0f})",
+    ])
+
+
 def render(args: argparse.Namespace, cw: Summary, sdk: Summary, ncpu: int,
            paired: dict[str, list[float]]) -> str:
     head = (
@@ -338,44 +368,44 @@ async def drive(dev: DevServer, n: int, concurrency: int, bound: float) -> list[
 
 
 def _worker_command(kind: str, instance_id: str) -> list[str]:
-    if kind in (CW, TRACED):
+    if kind in (CW, TRACED, CONFIRMED):
         return [sys.executable, "-m", "connect_worker", "run", "connect_worker.lab.bench_app"]
     if kind == INLINE:
         return [sys.executable, "-m", "connect_worker.lab.bench", "cw-worker", "--inline"]
+    if kind == SCALE_CW:
+        return [sys.executable, "-m", "connect_worker.lab.bench", "cw-worker"]
     return [sys.executable, "-m", "connect_worker.lab.bench", "sdk-worker",
             "--instance-id", instance_id]
 
 
-def _worker_env(api_url: str, instance_id: str,
-                traces_to: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("INNGEST_", "CONNECT_WORKER_", "RAILWAY_", "OTEL_"))}
+def _worker(command: list[str], instance_id: str, api_url: str, *,
+            traces_to: str | None = None, env: dict[str, str] | None = None) -> WorkerProcess:
+    """One bench worker, the fleet's process running ``command``: the worker's own default
+    timings, quiet (warnings only), traced to ``traces_to`` when given."""
+    from .fleet import WorkerProcess  # not at import time: the bench's workers import us
+
+    extra = {"CONNECT_WORKER_LOG_LEVEL": "warning"}
     if traces_to is not None:
-        env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": traces_to,
-                    "OTEL_TRACES_SAMPLER": "always_on"})
-    env.update({
-        "INNGEST_DEV": "1",
-        "INNGEST_API_BASE_URL": api_url,
-        "CONNECT_WORKER_HTTP_PORT": "off",
-        "CONNECT_WORKER_INSTANCE_ID": instance_id,
-        "CONNECT_WORKER_LOG_LEVEL": "warning",
-        "PYTHONUNBUFFERED": "1",
-    })
+        extra.update({"OTEL_EXPORTER_OTLP_ENDPOINT": traces_to,
+                      "OTEL_TRACES_SAMPLER": "always_on"})
+    return WorkerProcess("connect_worker.lab.bench_app", api_url, instance_id,
+                         drain_timeout=None, reply_ack_timeout=None,
+                         env={**extra, **(env or {})}, command=command)
+
+
+def _cost_env() -> dict[str, str]:
+    """The environment of the in-process SDK cost measurement: a bench worker's."""
+    env: dict[str, str] = _worker([], "bench-sdk-cost", "http://127.0.0.1:9").environment()
     return env
 
 
-async def _stop(proc: asyncio.subprocess.Process, grace: float) -> int | None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), grace)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()  # our own child only
-            await proc.wait()
-            return None
-    return proc.returncode
+async def _stop(worker: WorkerProcess, grace: float) -> int | None:
+    """SIGTERM and wait; None when it had to be killed."""
+    try:
+        code: int = await worker.stop(grace)
+        return code
+    except TimeoutError:
+        return None
 
 
 @contextlib.contextmanager
@@ -408,13 +438,12 @@ def _trace_sink(exports: list[int]) -> Iterator[str]:
 
 
 async def measure(kind: str, round_no: int, args: argparse.Namespace,
-                  log_dir: Path, traces_to: str | None = None) -> Sample:
+                  traces_to: str | None = None) -> Sample:
     from ..devserver import DevServer, DevServerConfig, RunStatus
     from .real_server import RealServer
 
     instance_id = f"bench-{kind}-{round_no}"
     cfg = DevServerConfig(interval_format="seconds")
-    log_path = log_dir / f"{instance_id}.log"
     async with contextlib.AsyncExitStack() as stack:
         env_extra: dict[str, str] = {}
         if args.server:
@@ -425,23 +454,15 @@ async def measure(kind: str, round_no: int, args: argparse.Namespace,
             dev = cast("DevServer", real)
         else:
             dev = await stack.enter_async_context(DevServer(cfg))
-        with log_path.open("wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                *_worker_command(kind, instance_id),
-                env={**_worker_env(dev.api_url, instance_id,
-                                   traces_to if kind == TRACED else None), **env_extra},
-                stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            )
+        if kind == CONFIRMED:
+            env_extra = {**env_extra, "CONNECT_WORKER_CONFIRM_BEFORE_RUN": "1"}
+        proc = await stack.enter_async_context(_worker(
+            _worker_command(kind, instance_id), instance_id, dev.api_url,
+            traces_to=traces_to if kind == TRACED else None, env=env_extra))
         pid = proc.pid
         exit_code: int | None = None
         try:
-            try:
-                await dev.wait_for_connection(lambda c: c.instance_id == instance_id,
-                                              timeout=args.timeout)
-            except TimeoutError:
-                raise RuntimeError(
-                    f"{kind} did not connect; its output:\n{log_path.read_text()[-4000:]}"
-                ) from None
+            await proc.wait_ready(dev, args.timeout)
             await asyncio.sleep(args.settle)
 
             # Idle: connected, READY, nothing to do.
@@ -497,7 +518,7 @@ async def sdk_cost_subprocess(kind: str, runs: int, bound: float) -> float:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "connect_worker.lab.bench", "sdk-cost", "--runs", str(runs),
         "--as", kind,
-        env=_worker_env("http://127.0.0.1:9", "bench-sdk-cost"),
+        env=_cost_env(),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -511,17 +532,18 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     samples: list[Sample] = []
     sdk_costs: dict[str, list[float]] = {kind: [] for kind in WORKERS}
     exports: list[int] = []  # --tracing: OTLP requests the sink received (bytes each)
-    with tempfile.TemporaryDirectory(prefix="connect-worker-bench-") as tmp, \
-            (_trace_sink(exports) if args.tracing else contextlib.nullcontext("")) as sink:
+    with _trace_sink(exports) if args.tracing else contextlib.nullcontext("") as sink:
         for round_no in range(1, args.rounds + 1):
             order = WORKERS if round_no % 2 else WORKERS[::-1]
             kinds = list(order)
             if args.tracing:
                 kinds.insert(1, TRACED)  # next to connect_worker, after it or before it
+            if args.confirm_before_run:
+                kinds.insert(1, CONFIRMED)
             if args.bridge_cost:
                 kinds.append(INLINE)
             for kind in kinds:
-                sample = await measure(kind, round_no, args, Path(tmp), sink or None)
+                sample = await measure(kind, round_no, args, sink or None)
                 samples.append(sample)
                 _progress(
                     f"round {round_no}/{args.rounds} {LABELS[kind]:>14}: "
@@ -538,6 +560,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     sdk = summarize(SDK, samples, sdk_costs[SDK])
     inline = summarize(INLINE, samples, sdk_costs[CW]) if args.bridge_cost else None
     traced = summarize(TRACED, samples, sdk_costs[CW]) if args.tracing else None
+    confirmed = (summarize(CONFIRMED, samples, sdk_costs[CW]) if args.confirm_before_run
+                 else None)
     return {
         "config": {k: getattr(args, k) for k in
                    ("runs", "concurrency", "rounds", "warmup", "idle")},
@@ -546,7 +570,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "sdk_costs_ms_per_run": sdk_costs,
         "summary": {CW: asdict(cw), SDK: asdict(sdk),
                     **({INLINE: asdict(inline)} if inline else {}),
-                    **({TRACED: asdict(traced)} if traced else {})},
+                    **({TRACED: asdict(traced)} if traced else {}),
+                    **({CONFIRMED: asdict(confirmed)} if confirmed else {})},
         "ratios": {attr: ratio(float(getattr(cw, attr)), float(getattr(sdk, attr)))
                    for attr, _, _ in FIELDS if attr not in ("sdk_ms_per_run", "failed_runs")},
         "targets": dict(targets(cw, sdk)),
@@ -577,6 +602,23 @@ class LagProbe:
         self.heartbeats: list[float] = []  # when the worker sent one (connect_worker only)
         self._gc_started = 0.0
         gc.callbacks.append(self._on_gc)
+
+    def watch_heartbeats(self) -> None:
+        """Record when the worker sends each heartbeat (its ``heartbeat.sent`` debug event:
+        the gateway's view of them includes its own backlog)."""
+        heartbeats = self.heartbeats
+
+        class Heartbeats(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if getattr(record, "event", None) == "heartbeat.sent":
+                    heartbeats.append(record.created)
+
+        logger = logging.getLogger("connect_worker")
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(Heartbeats(logging.DEBUG))
+        warnings = logging.StreamHandler()  # what would have reached stderr without us
+        warnings.setLevel(logging.WARNING)
+        logger.addHandler(warnings)
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -711,28 +753,15 @@ async def measure_scale(kind: str, args: argparse.Namespace, log_dir: Path) -> S
     instance_id = f"bench-scale-{kind}"
     cfg = DevServerConfig(interval_format="seconds")  # production timings otherwise
     lag_path = log_dir / f"{instance_id}.lag.json"
-    env = _worker_env("", instance_id)
-    command = ([sys.executable, "-m", "connect_worker.lab.bench", "cw-worker"] if kind == CW
-               else _worker_command(kind, instance_id))
     note = ""
-    async with DevServer(cfg) as dev:
-        env.update(_worker_env(dev.api_url, instance_id))
-        env[LAG_FILE_ENV] = str(lag_path)
-        log_path = log_dir / f"{instance_id}.log"
-        with log_path.open("wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                *command, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file, stderr=log_file,
-            )
+    # connect_worker with the lag probe (cw-worker) instead of `connect_worker run`
+    command = _worker_command(SCALE_CW if kind == CW else kind, instance_id)
+    async with DevServer(cfg) as dev, _worker(
+        command, instance_id, dev.api_url, env={LAG_FILE_ENV: str(lag_path)},
+    ) as proc:
         pid = proc.pid
         try:
-            try:
-                conn = await dev.wait_for_connection(lambda c: c.instance_id == instance_id,
-                                                    timeout=args.timeout)
-            except TimeoutError:
-                raise RuntimeError(
-                    f"{kind} did not connect; its output:\n{log_path.read_text()[-4000:]}"
-                ) from None
+            conn = await proc.wait_ready(dev, args.timeout)
             await asyncio.sleep(args.settle)
             idle_rss = proc_status_kb(pid, "VmRSS")
 
@@ -933,18 +962,13 @@ async def instructions_per_run(kind: str, args: argparse.Namespace, tmp: Path,
     n = args.instructions
     instance_id = f"bench-instr-{kind}"
     prefix = str(tmp / f"cg.{kind}")
-    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}.%p",
-               *_worker_command(kind, instance_id)]
-    async with DevServer(DevServerConfig(interval_format="seconds")) as dev:
-        with (tmp / f"{instance_id}.log").open("wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                *command, env=_worker_env(dev.api_url, instance_id,
-                                          traces_to if kind == TRACED else None),
-                stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            )
+    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}.%p"]
+    async with DevServer(DevServerConfig(interval_format="seconds")) as dev, _worker(
+        [*valgrind, *_worker_command(kind, instance_id)], instance_id, dev.api_url,
+        traces_to=traces_to if kind == TRACED else None,
+    ) as proc:
         try:
-            await dev.wait_for_connection(lambda c: c.instance_id == instance_id,
-                                          timeout=max(args.timeout, 180.0))
+            await proc.wait_ready(dev, max(args.timeout, 180.0))
             await drive(dev, args.warmup, args.concurrency, 600.0)
             await _callgrind_control("-z", str(proc.pid))
             await drive(dev, n, args.concurrency, 600.0)
@@ -963,7 +987,7 @@ async def sdk_instructions_per_run(kind: str, args: argparse.Namespace, tmp: Pat
             "valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}",
             sys.executable, "-m", "connect_worker.lab.bench", "sdk-cost", "--runs", str(runs),
             "--as", kind,
-            env=_worker_env("http://127.0.0.1:9", "bench-sdk-cost"),
+            env=_cost_env(),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
@@ -1030,8 +1054,6 @@ def render_instructions(args: argparse.Namespace, result: dict[str, float]) -> s
 
 async def run_sdk_worker(instance_id: str) -> None:
     """The official SDK's own Connect client serving ``bench_app``."""
-    import logging
-
     from inngest.connect import connect
 
     from . import bench_app
@@ -1050,55 +1072,29 @@ async def run_sdk_worker(instance_id: str) -> None:
         probe.write()
 
 
-def _run_user_code_inline() -> None:
-    """The ``--bridge-cost`` experiment: ``UserLoop.submit`` runs the request as a task
-    on the calling (engine) loop instead of handing it to the user-code thread."""
-    from ..engine.userloop import JobFuture, UserLoop
-
-    def submit(self: UserLoop, coro: Any, on_done: Any = None, loop: Any = None) -> Any:
-        engine = loop or asyncio.get_running_loop()
-        result: JobFuture[Any] = JobFuture(loop=engine)
-        result._on_done = on_done  # (JobFuture.cancel calls it)
-        task = engine.create_task(coro)
-        task.add_done_callback(result.settle)
-        result.add_done_callback(lambda f: f.cancelled() and task.cancel())
-        return result
-
-    UserLoop.submit = submit  # type: ignore[method-assign]
-
-
 def run_cw_worker(inline: bool = False) -> int:
-    """``connect_worker run connect_worker.lab.bench_app`` plus the lag probe."""
+    """``connect_worker run connect_worker.lab.bench_app`` plus the lag probe, through the
+    engine's public API only: ``serve`` (with ``InlineUserLoop`` for ``--inline``: the
+    ``--bridge-cost`` experiment) and, for ``--scale``, the ``heartbeat.sent`` log event."""
     import anyio
-
-    if inline:
-        _run_user_code_inline()
 
     from ..config import Config
     from ..engine.runner import serve
     from ..engine.target import load_target
-    from ..protocol import WorkerConnection
+    from ..engine.userloop import InlineUserLoop, loop_factory
 
     config = Config.from_env(os.environ)
     apps = load_target("connect_worker.lab.bench_app")
     probe = LagProbe()
-    # Heartbeats as sent (the gateway's view includes its own backlog).
-    build_heartbeat = WorkerConnection.heartbeat
-
-    def heartbeat(conn: WorkerConnection) -> bytes:
-        probe.heartbeats.append(time.time())
-        return build_heartbeat(conn)
-
-    WorkerConnection.heartbeat = heartbeat  # type: ignore[method-assign, assignment]
+    if os.environ.get(LAG_FILE_ENV):
+        probe.watch_heartbeats()
 
     async def main() -> int:
         async with anyio.create_task_group() as tg:
             tg.start_soon(probe.run)
-            code = await serve(config, apps)
+            code = await serve(config, apps, user_loop=InlineUserLoop() if inline else None)
             tg.cancel_scope.cancel()
         return code
-
-    from ..engine.userloop import loop_factory
 
     try:
         return anyio.run(main, backend_options={"loop_factory": loop_factory(config.event_loop)})
@@ -1228,6 +1224,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", nargs="+", choices=WORKERS, default=list(WORKERS),
                         help="with --scale or --instructions: which workers to measure "
                              "(default both)")
+    parser.add_argument("--confirm-before-run", action="store_true",
+                        help="also measure connect_worker with "
+                        "CONNECT_WORKER_CONFIRM_BEFORE_RUN=1, next to it in each round")
     parser.add_argument("--bridge-cost", action="store_true",
                         help="also measure connect_worker without its user-code thread "
                              "(an experiment: what the thread costs per run)")
@@ -1303,6 +1302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         traced = Summary(**result["summary"][TRACED])
         sys.stdout.write(render_tracing([Sample(**s) for s in result["samples"]], cw, traced)
                          + "\n")
+    if CONFIRMED in result["summary"]:
+        confirmed = Summary(**result["summary"][CONFIRMED])
+        sys.stdout.write(render_confirm([Sample(**s) for s in result["samples"]], cw,
+                                        confirmed) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

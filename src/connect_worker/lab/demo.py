@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ..devserver import DevServer, DevServerConfig, RunStatus
-from ..devserver.fleet import WorkerProcess, read_executions
+from .fleet import WorkerProcess, read_executions
 from .llmstats import LLMStats
 from .simulate import SimulationResult, SimulationSettings, tally
 from .timeline import Note, from_simulation, render_svg

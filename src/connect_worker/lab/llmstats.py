@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..devserver.fleet import WorkerProcess
+from .fleet import WorkerProcess
 
 __all__ = ["FAILED", "PAID", "REUSED", "LLMStats"]
 

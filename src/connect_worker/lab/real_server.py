@@ -35,7 +35,7 @@ from .inngest_dev import EVENT_KEY, InngestDevServer
 from .wsproxy import WsProxy
 
 if TYPE_CHECKING:
-    from ..devserver.fleet import WorkerProcess
+    from .fleet import WorkerProcess
 
 # The faults a tool may use against Inngest's server, and what each one does.
 REAL_SERVER_FAULTS: dict[str, str] = {

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
-from .bench import _stop, _worker_env, drive, proc_status_kb
+from .bench import _stop, _worker, drive, proc_status_kb
 
 _SNAPSHOT_ENV = "CONNECT_WORKER_RSS_CURVE_SNAPSHOTS"
 
@@ -55,15 +55,11 @@ async def curve(args: argparse.Namespace) -> dict[str, object]:
     if args.tracemalloc:
         command = [sys.executable, "-m", "connect_worker.lab.rss_curve", "cw-worker"]
     points: list[tuple[int, float]] = []
-    async with DevServer(DevServerConfig(interval_format="seconds")) as dev:
-        env = {**_worker_env(dev.api_url, instance_id), _SNAPSHOT_ENV: str(snapshots)}
-        log_path = snapshots / "worker.log"
-        with log_path.open("wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *command, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+    async with DevServer(DevServerConfig(interval_format="seconds")) as dev, _worker(
+        command, instance_id, dev.api_url, env={_SNAPSHOT_ENV: str(snapshots)},
+    ) as proc:
         try:
-            await dev.wait_for_connection(lambda c: c.instance_id == instance_id,
-                                          timeout=args.timeout)
+            await proc.wait_ready(dev, args.timeout)
             await drive(dev, args.warmup, args.concurrency, args.timeout)
             done = 0
             t0 = time.monotonic()

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..devserver import DevServer, DevServerConfig, RunStatus
-from ..devserver.fleet import WorkerProcess, read_executions, replace_when_ready
+from .fleet import WorkerProcess, read_executions, replace_when_ready
 from .real_server import RealServer
 
 TARGET = "connect_worker.lab.apps.pipeline"

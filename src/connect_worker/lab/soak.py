@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..devserver import DevServer, DevServerConfig, RunStatus
-from ..devserver.fleet import WorkerProcess, replace_when_ready
 from .apps import soak as soak_app
+from .fleet import WorkerProcess, replace_when_ready
 from .real_server import REAL_SERVER_FAULTS, RealServer, refused_faults
 from .simulate import drain_summary, keep_load, render_table
 from .soak_audit import Race, audit
@@ -163,6 +163,8 @@ class SoakSettings:
     seed: int = 1
     # A running Inngest dev server's URL (its faults only); None: our dev gateway.
     server: str | None = None
+    # Replicas run with CONNECT_WORKER_CONFIRM_BEFORE_RUN=1 (engine/confirm.py).
+    confirm_before_run: bool = False
 
     def schedule(self) -> list[Fault]:
         return plan_faults(self.seed, self.minutes * 60, self.kinds, self.fault_interval)
@@ -279,7 +281,8 @@ class SoakResult:
             ("server", s.server or "our dev gateway (connect_worker.devserver)"),
             ("seed / duration", f"{s.seed} / {s.minutes:g} min of faults, {s.replicas} "
                                 f"replicas, {s.runs_in_flight} runs of {s.steps} steps "
-                                f"in flight"),
+                                f"in flight"
+                                + (", confirm-before-run" if s.confirm_before_run else "")),
             ("faults", f"{sum(self.faults.values())}: {faults}"),
             ("rolling deploys done / crashes", self.deploys_row()),
             ("runs started / completed", f"{len(self.run_ids)} / {self.runs_completed}"
@@ -388,6 +391,8 @@ class Soak:
             app_version="soak", drain_timeout=self.s.drain_timeout,
             env={"CONNECT_WORKER_EXECUTION_LOG": self.exec_log,
                  "CONNECT_WORKER_RECONNECT_MAX_BACKOFF": "1",
+                 **({"CONNECT_WORKER_CONFIRM_BEFORE_RUN": "1"}
+                    if self.s.confirm_before_run else {}),
                  **(self.real.worker_env if self.real else {})},
         )
         self.result.workers.append(process)
@@ -694,6 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{d.fault_interval[0]:g}-{d.fault_interval[1]:g})")
     parser.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
     parser.add_argument("--json", metavar="FILE", help="also write everything as JSON")
+    parser.add_argument("--confirm-before-run", action="store_true",
+                        help="replicas start each step body only after the gateway "
+                        "confirmed its lease (CONNECT_WORKER_CONFIRM_BEFORE_RUN=1)")
     parser.add_argument("--server", metavar="URL",
                         help="soak against a running Inngest dev server (`inngest dev`) at "
                         "URL instead of our dev gateway; its faults only: "
@@ -733,6 +741,7 @@ def settings_from(args: argparse.Namespace) -> SoakSettings:
         replicas=args.replicas, minutes=args.minutes, runs_in_flight=args.runs_in_flight,
         steps=args.steps, step_seconds=args.step_seconds, fault_interval=args.fault_interval,
         kinds=kinds, drain_timeout=args.drain_timeout, seed=args.seed, server=args.server,
+        confirm_before_run=args.confirm_before_run,
         # Inngest's leases are 2 min and its retries back off 15-45 s: a crashed step
         # comes back minutes later.
         **({"settle_timeout": 420.0} if args.server else {}),

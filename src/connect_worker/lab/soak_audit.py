@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..devserver import RunStatus
-from ..devserver.fleet import WorkerProcess, read_executions
 from .apps.soak import COPY_KEY
+from .fleet import WorkerProcess, read_executions
 
 if TYPE_CHECKING:
     from ..devserver import DevServer

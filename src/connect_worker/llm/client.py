@@ -21,30 +21,27 @@ finished and stored instead of being thrown away with the tokens already paid fo
 
 A cache failure never fails a call: the answer is already paid for, so it is returned
 and the failure logged (a claim that cannot be taken means calling unclaimed).
+
+This module holds that order; the parts live beside it: identity.py (identity and
+occurrence), claiming.py (the claim protocol between copies), sending.py (the attempts
+and their retries), cache.py (where answers and claims are stored).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
-import math
 import os
 import socket
-import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import timedelta
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import inngest
 from prometheus_client import CollectorRegistry
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
-from tenacity.wait import wait_random_exponential
 
 from ..context import DrainSignal, current_request, draining
 from ..errors import ConfigError
@@ -60,23 +57,18 @@ from .cache import (
     cache_key,
     open_cache,
 )
+from .claiming import Claimed, Claiming
 from .config import DEFAULT_MODELS, LLMConfig
-from .errors import LLMDrainingError, LLMFatalError, LLMUnavailableError, Transient
+from .errors import LLMDrainingError, LLMFatalError, LLMUnavailableError
+from .identity import Identity, identity_for, next_occurrence
 from .metrics import LLMMetrics, metrics_for
 from .pricing import PriceTable
 from .providers import AnthropicProvider, OnText, OpenAIProvider, Provider, _estimate
-from .types import Answer, Call, Message, Result, Tool, Usage, parse_json_text
+from .sending import Abandon, send
+from .types import Answer, Call, Message, Result, Tool, Usage
 
 log = logging.getLogger("connect_worker.llm")
 
-# Identical calls made outside an executor request are numbered per asyncio task.
-_task_scope: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "connect_worker_llm_scope", default=None)
-# Identical calls are numbered per (attempt, identity, request), process-wide, so two LLM
-# objects used by one step agree. Old attempts fall off the end.
-_occurrences: OrderedDict[tuple[str, str, str], int] = OrderedDict()
-_occurrences_lock = threading.Lock()
-_MAX_SCOPES = 10_000
 # Model calls that outlived their cancelled caller: kept referenced until they finish.
 _background: set[asyncio.Task[Any]] = set()
 _HOST = socket.gethostname()
@@ -84,30 +76,6 @@ _HOST = socket.gethostname()
 # What a continuation asks (a crashed stream here, a drained one in examples/reports).
 CONTINUE = ("Your answer was cut off. Continue exactly where it stops, without repeating "
             "anything and without commenting on the interruption.")
-
-
-def _warn_no_job_id_once() -> None:
-    global _warned_no_job_id
-    with _occurrences_lock:
-        if _warned_no_job_id:
-            return
-        _warned_no_job_id = True
-    event(log, "llm.no_identity", level=logging.WARNING,
-          reason="the executor request has no job_id (Inngest servers before v1.19.3 do "
-          "not send one): LLM answers are neither cached nor claimed for such requests; "
-          "pass key= to LLM.complete for a stable identity, or upgrade the server")
-
-
-_warned_no_job_id = False
-
-
-@dataclass(frozen=True, slots=True)
-class _Identity:
-    key: str | None  # None: nothing to key a cache entry on
-    scope: str  # one attempt of one step
-    run_id: str | None
-    # An executor request with no job_id (servers before Inngest v1.19.3): no identity.
-    no_job_id: bool = False
 
 
 class LLM:
@@ -134,6 +102,9 @@ class LLM:
         self._drain = drain or draining()
         self._environ = environ
         self._run_totals: dict[str, RunCost] = {}
+        self._claiming = (Claiming(self.cache, self.config, self._drain, self.metrics,
+                                   self._cache_get)
+                          if isinstance(self.cache, Claims) else None)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ,
@@ -218,11 +189,11 @@ class LLM:
                         reuse: bool) -> Result:
         name = call.provider
         labels = (name, call.model)
-        identity = self._identity(key, run_id)
+        identity = identity_for(key, run_id)
         if identity.no_job_id:
             self.metrics.no_identity.labels(*labels).inc()
         digest = call.digest()
-        occurrence = self._next_occurrence(identity.scope, identity.key or "", digest)
+        occurrence = next_occurrence(identity.scope, identity.key or "", digest)
         entry = None if identity.key is None else cache_key(identity.key, digest, occurrence)
         fields: dict[str, Any] = {"provider": name, "model": call.model,
                                   "run_id": identity.run_id, "occurrence": occurrence}
@@ -237,16 +208,15 @@ class LLM:
             event(log, "llm.call", outcome="refused", **fields)
             raise LLMDrainingError("the worker is draining: the model call was not started "
                                    "(Inngest retries the step on another worker)")
-        claim: _Claimed | None = None
-        if reusable and isinstance(self.cache, Claims):
+        claim: Claimed | None = None
+        if reusable and self._claiming is not None:
             assert entry is not None
             owner = f"{_HOST}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
-            got = await self._acquire(self.cache, entry, owner, labels, fields)
+            got = await self._claiming.acquire(entry, owner, labels, fields)
             if isinstance(got, tuple):
                 return self._reused(call, got[0], entry, got[1], fields)
-            if got is not None:
-                claim = _Claimed(self.cache, entry, owner, got)
-        abandon = _Abandon()
+            claim = got
+        abandon = Abandon()
         work = self._call(call, stream, on_text, stop_on_drain, labels, fields, identity,
                           entry if reuse else None, claim, abandon)
         if entry is None or self.cache is None:
@@ -255,8 +225,8 @@ class LLM:
 
     async def _call(self, call: Call, stream: bool, on_text: OnText | None,
                     stop_on_drain: bool, labels: tuple[str, str], fields: dict[str, Any],
-                    identity: _Identity, entry: str | None, claim: _Claimed | None,
-                    abandon: _Abandon) -> Result:
+                    identity: Identity, entry: str | None, claim: Claimed | None,
+                    abandon: Abandon) -> Result:
         """Ask the model (continuing a dead owner's partial answer, or asking again after
         a rejection), store the answer and release the claim."""
         base, prefix = call, None
@@ -268,12 +238,14 @@ class LLM:
             on_text(prefix.text)
         keeper = None
         if claim is not None:
-            keeper = asyncio.ensure_future(self._keep_claim(claim, progress))
+            keeper = asyncio.ensure_future(claim.keep(progress))
         started = time.monotonic()
         should_stop = self._drain.is_set if stop_on_drain else None
         try:
-            answer, attempts = await self._send(base, stream, progress.on_text, should_stop,
-                                                labels, progress.next_request, abandon)
+            answer, attempts = await send(
+                self.provider(call.provider), base, self.config, self.metrics, self.prices,
+                stream=stream, on_text=progress.on_text, should_stop=should_stop,
+                next_request=progress.next_request, abandon=abandon)
         except BaseException as exc:
             if keeper is not None:
                 keeper.cancel()
@@ -282,8 +254,8 @@ class LLM:
                 # retrying cannot help.
                 fatal = isinstance(exc, LLMFatalError)
                 if not fatal and (partial := progress.partial()) is not None:
-                    await self._refresh(claim, partial)
-                await self._release(claim, keep_partial=not fatal)
+                    await claim.refresh(partial)
+                await claim.release(keep_partial=not fatal)
             if isinstance(exc, LLMFatalError):
                 self.metrics.requests.labels(*labels, "fatal").inc()
                 event(log, "llm.call", level=logging.WARNING, outcome="fatal", error=str(exc),
@@ -312,11 +284,11 @@ class LLM:
         elif identity.run_id is not None:
             self._add_run_total(identity.run_id, answer, cost)
         if claim is not None:
-            await self._release(claim, keep_partial=False)
+            await claim.release(keep_partial=False)
         outcome = "stopped" if answer.partial else "resumed" if prefix else "ok"
         duration = time.monotonic() - started
         self.metrics.requests.labels(*labels, outcome).inc()
-        self._count_spend(labels, answer.usage, cost)
+        self.metrics.count_spend(labels, answer.usage, cost)
         self.metrics.duration.labels(*labels).observe(duration)
         if prefix is not None:
             self.metrics.saved_tokens.labels(*labels, "resumed").inc(prefix.usage.output_tokens)
@@ -350,106 +322,6 @@ class LLM:
                   partial_chars=len(partial.text), **fields)
             return request, None
         return request, partial
-
-    async def _acquire(self, claims: Claims, entry: str, owner: str,
-                       labels: tuple[str, str], fields: dict[str, Any],
-                       ) -> ClaimState | tuple[Answer, str] | None:
-        """Claim ``entry``; while another copy holds it, wait for its answer (returned with
-        how it came: ``waited`` or ``cached``). None: the claims store failed, so the call
-        goes ahead unclaimed."""
-        deadline = time.monotonic() + self.config.retry_budget
-        waited = False
-        while True:
-            try:
-                state = await claims.claim(entry, owner, self.config.claim_ttl)
-                if state.won:
-                    # The previous holder may have stored its answer just before releasing.
-                    hit = await self._cache_get(entry)
-                    if hit is not None:
-                        await claims.release(entry, owner, keep_partial=False)
-                        return hit, "waited" if waited else "cached"
-            except Exception as exc:
-                event(log, "llm.cache.error", level=logging.ERROR, op="claim", error=repr(exc))
-                return None
-            if state.won:
-                if state.took_over:
-                    self.metrics.takeovers.labels(*labels).inc()
-                    event(log, "llm.claim.takeover", level=logging.WARNING,
-                          partial_chars=len(state.partial.text) if state.partial else 0,
-                          **fields)
-                return state
-            if self._drain.is_set():
-                # The other copy may take minutes; a draining worker cannot wait that long.
-                self.metrics.requests.labels(*labels, "refused").inc()
-                event(log, "llm.call", outcome="refused", reason="claimed_while_draining",
-                      **fields)
-                raise LLMDrainingError(
-                    "another copy of this step is already calling the model and this worker "
-                    "is draining: not waiting for it (the step's retry will reuse its answer)")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.metrics.requests.labels(*labels, "gave_up").inc()
-                raise LLMUnavailableError(
-                    f"another copy of this step held the model call for longer than "
-                    f"{self.config.retry_budget:g} s (CONNECT_WORKER_LLM_RETRY_BUDGET)")
-            event(log, "llm.claim.wait", level=logging.INFO, holder=state.owner,
-                  expires_in=round(state.expires_in, 2), **fields)
-            try:
-                answer = await self._wait_or_drain(claims, entry, left)
-            except LLMDrainingError:
-                self.metrics.requests.labels(*labels, "refused").inc()
-                event(log, "llm.call", outcome="refused", reason="drain_while_waiting",
-                      **fields)
-                raise
-            except Exception as exc:
-                event(log, "llm.cache.error", level=logging.ERROR, op="wait", error=repr(exc))
-                return None
-            if answer is not None:
-                return answer, "waited"
-            waited = True
-
-    async def _wait_or_drain(self, claims: Claims, entry: str, timeout: float  # noqa: ASYNC109
-                             ) -> Answer | None:
-        waiting = asyncio.ensure_future(claims.wait(entry, timeout))
-        drained = asyncio.ensure_future(self._drain.wait())
-        try:
-            await asyncio.wait({waiting, drained}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (waiting, drained):
-                task.cancel()
-        if waiting.done() and not waiting.cancelled():
-            return waiting.result()
-        raise LLMDrainingError("the worker began draining while this step waited for another "
-                               "copy's model call (the step's retry will reuse its answer)")
-
-    async def _keep_claim(self, claim: _Claimed, progress: _Progress) -> None:
-        """Refresh the claim every third of its lifetime, saving the streamed text so far."""
-        saved = 0
-        while True:
-            await asyncio.sleep(self.config.claim_ttl / 3)
-            partial = None
-            if progress.version != saved:
-                partial = progress.partial()
-                saved = progress.version
-            if await self._refresh(claim, partial) is False:
-                # Another copy took it over (we were too slow to refresh): both pay now.
-                event(log, "llm.claim.lost", level=logging.WARNING, owner=claim.owner)
-                return
-
-    async def _refresh(self, claim: _Claimed, partial: Partial | None) -> bool | None:
-        """Extend the claim (saving ``partial``): False if it was lost, None on a cache error."""
-        try:
-            return await claim.store.refresh(claim.entry, claim.owner, self.config.claim_ttl,
-                                             partial)
-        except Exception as exc:
-            event(log, "llm.cache.error", level=logging.ERROR, op="refresh", error=repr(exc))
-            return None
-
-    async def _release(self, claim: _Claimed, *, keep_partial: bool) -> None:
-        try:
-            await claim.store.release(claim.entry, claim.owner, keep_partial=keep_partial)
-        except Exception as exc:
-            event(log, "llm.cache.error", level=logging.ERROR, op="release", error=repr(exc))
 
     async def _evict(self, entry: str, labels: tuple[str, str], fields: dict[str, Any],
                      result: Result, reason: str | None) -> None:
@@ -501,39 +373,6 @@ class LLM:
 
     # -- internals -------------------------------------------------------------------
 
-    def _identity(self, key: str | None, run_id: str | None) -> _Identity:
-        request = current_request()
-        if request is not None:
-            if key is None and not request.job_id:
-                # An empty job_id would make "job:" the identity of every step of every
-                # run: one run's stored answer served to another. No identity instead.
-                _warn_no_job_id_once()
-                return _Identity(None, request.request_id, run_id or request.run_id,
-                                 no_job_id=True)
-            return _Identity(key or f"job:{request.job_id}", request.request_id,
-                             run_id or request.run_id)
-        scope = _task_scope.get()
-        if scope is None:
-            scope = str(uuid.uuid4())
-            _task_scope.set(scope)
-        return _Identity(key, scope, run_id)
-
-    @staticmethod
-    def _next_occurrence(scope: str, identity: str, digest: str) -> int:
-        slot = (scope, identity, digest)
-        with _occurrences_lock:
-            count = _occurrences.pop(slot, 0)
-            _occurrences[slot] = count + 1
-            while len(_occurrences) > _MAX_SCOPES:
-                _occurrences.popitem(last=False)
-        return count
-
-    def _count_spend(self, labels: tuple[str, str], usage: Usage, cost: float) -> None:
-        self.metrics.input_tokens.labels(*labels).inc(usage.input_tokens)
-        self.metrics.cached_tokens.labels(*labels).inc(usage.cached_tokens)
-        self.metrics.output_tokens.labels(*labels).inc(usage.output_tokens)
-        self.metrics.cost.labels(*labels).inc(cost)
-
     def _add_run_total(self, run_id: str, answer: Answer, cost: float) -> None:
         old = self._run_totals.get(run_id, RunCost())
         self._run_totals[run_id] = RunCost(old.cost_usd + cost,
@@ -559,104 +398,12 @@ class LLM:
             if run_id is not None:
                 self._add_run_total(run_id, answer, cost)
 
-    async def _send(self, call: Call, stream: bool, on_text: OnText | None,
-                    should_stop: Callable[[], bool] | None, labels: tuple[str, str],
-                    next_request: Callable[[], Call] | None = None,
-                    abandon: _Abandon | None = None) -> tuple[Answer, int]:
-        cfg = self.config
-        provider = self.provider(call.provider)
-        started = time.monotonic()
-        backoff = wait_random_exponential(multiplier=cfg.backoff_initial, max=cfg.backoff_max)
-
-        def wait(state: RetryCallState) -> float:
-            assert state.outcome is not None
-            exc = state.outcome.exception()
-            hinted = exc.retry_after if isinstance(exc, Transient) else None
-            return max(backoff(state), hinted or 0.0)
-
-        def stop(state: RetryCallState) -> bool:
-            upcoming: float = state.upcoming_sleep or 0.0
-            return (state.attempt_number >= cfg.max_attempts
-                    or (state.seconds_since_start or 0.0) + upcoming >= cfg.retry_budget)
-
-        def before_sleep(state: RetryCallState) -> None:
-            assert state.outcome is not None
-            self.metrics.retries.labels(*labels).inc()
-            event(log, "llm.retry", level=logging.WARNING, provider=labels[0], model=labels[1],
-                  attempt=state.attempt_number, wait=round(state.upcoming_sleep, 3),
-                  error=str(state.outcome.exception()))
-
-        retrying = AsyncRetrying(retry=retry_if_exception_type(Transient), wait=wait, stop=stop,
-                                 before_sleep=before_sleep, reraise=True)
-        attempts = 0
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    if attempts and abandon is not None and abandon.is_set():
-                        # The step is gone: finish a request in flight, never start another.
-                        raise LLMUnavailableError("the step was cancelled; its model call is "
-                                                  "not retried in the background")
-                    attempts += 1
-                    sent = next_request() if next_request is not None else call
-                    remaining = cfg.retry_budget - (time.monotonic() - started)
-                    timeout = max(min(cfg.request_timeout, remaining), 1.0)
-                    try:
-                        answer = await provider.send(sent, attempt_timeout=timeout,
-                                                     stream=stream, on_text=on_text,
-                                                     should_stop=should_stop)
-                    except Transient as exc:
-                        if exc.maybe_billed:
-                            self.metrics.timed_out.labels(*labels).inc()
-                        raise
-                    if call.json_output and not answer.partial and not answer.tool_calls:
-                        try:
-                            parse_json_text(answer.text)
-                        except ValueError:
-                            # Paid for but unusable: counted as spend, then asked again.
-                            self._count_spend(labels, answer.usage,
-                                              self.prices.cost(call.model, answer.usage))
-                            raise Transient("the model's answer was not valid JSON") from None
-                    return answer, attempts
-        except Transient as exc:
-            waited = round(time.monotonic() - started, 1)
-            message = (f"{call.provider} model {call.model!r} still failing after {attempts} "
-                       f"attempts in {waited} s: {exc}")
-            if exc.retry_after is not None:
-                # The provider said when to come back and our budget ran out first:
-                # let Inngest schedule the step's retry then, instead of holding the worker.
-                raise inngest.RetryAfterError(
-                    message, timedelta(seconds=math.ceil(exc.retry_after))) from None
-            raise LLMUnavailableError(message) from None
-        raise AssertionError("unreachable: tenacity either returns or raises")
-
-
-@dataclass(frozen=True, slots=True)
-class _Claimed:
-    store: Claims
-    entry: str
-    owner: str
-    state: ClaimState
-
-
-class _Abandon:
-    """Set once the caller of a model call was cancelled; the call finishes on its own."""
-
-    def __init__(self) -> None:
-        self._set = False
-
-    def set(self) -> None:
-        self._set = True
-
-    def is_set(self) -> bool:
-        return self._set
-
-
 class _Progress:
     """The text streamed so far, after ``prefix`` (text already received: a dead owner's
     partial, or a failed attempt's), for saving it and for continuing from it."""
 
     def __init__(self, base: Call, prefix: Partial | None, on_text: OnText | None,
-                 abandon: _Abandon, *, savable: bool) -> None:
+                 abandon: Abandon, *, savable: bool) -> None:
         self.base = base
         self.prefix = prefix
         self.pieces: list[str] = []
@@ -704,7 +451,7 @@ class _Progress:
         return Partial(self.prefix.text + text, _add(self.prefix.usage, used))
 
 
-async def _finish_if_cancelled(work: Coroutine[Any, Any, Result], abandon: _Abandon,
+async def _finish_if_cancelled(work: Coroutine[Any, Any, Result], abandon: Abandon,
                                fields: dict[str, Any]) -> Result:
     """Run ``work`` in a task of its own. If the caller is cancelled (e.g. the step lost its
     lease to another copy, which now waits on our claim), the request in flight finishes

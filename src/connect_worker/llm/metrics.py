@@ -14,6 +14,8 @@ import weakref
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
+from .types import Usage
+
 _LABELS = ("provider", "model")
 
 
@@ -60,6 +62,13 @@ class LLMMetrics:
             "Time from first attempt to answer for calls that reached the model.",
             _LABELS, registry=registry,
             buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600))
+
+    def count_spend(self, labels: tuple[str, str], usage: Usage, cost: float) -> None:
+        """Tokens and dollars paid for one answer (used or not)."""
+        self.input_tokens.labels(*labels).inc(usage.input_tokens)
+        self.cached_tokens.labels(*labels).inc(usage.cached_tokens)
+        self.output_tokens.labels(*labels).inc(usage.output_tokens)
+        self.cost.labels(*labels).inc(cost)
 
 
 _lock = threading.Lock()

@@ -17,9 +17,8 @@ docs/deploy-railway.md explains.
 
 from __future__ import annotations
 
-import importlib
 import io
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -88,13 +87,10 @@ def _number(
     return value
 
 
-def _load_target_function() -> Callable[[str], Any] | None:
-    try:
-        module = importlib.import_module("connect_worker.engine.target")
-    except ImportError:
-        return None
-    loader = getattr(module, "load_target", None)
-    return loader if callable(loader) else None
+#: Loads a TARGET into (client, functions) pairs, raising ConnectWorkerError when it
+#: cannot: the engine's ``load_target``, handed in by the CLI. Taking it as a parameter
+#: keeps ops below the engine (ops never imports the engine).
+TargetLoader = Callable[[str], Iterable[tuple[Any, Iterable[Any]]]]
 
 
 def _function_name(function: Any) -> str:
@@ -105,16 +101,14 @@ def _function_name(function: Any) -> str:
     return repr(function)
 
 
-def _check_target(target: str | None, findings: _Findings, out: TextIO) -> None:
+def _check_target(target: str | None, load_target: TargetLoader | None, findings: _Findings,
+                  out: TextIO) -> None:
     if target is None:
         out.write("Target: not given (pass TARGET to check its functions)\n")
         return
-    out.write(f"Target: {target}\n")
-    load_target = _load_target_function()
     if load_target is None:
-        findings.warn("target-unchecked", "this build cannot load targets yet; functions "
-                      "were not checked")
-        return
+        raise ValueError("run_check: a TARGET needs load_target to load it")
+    out.write(f"Target: {target}\n")
     try:
         apps = list(load_target(target))
     except ConnectWorkerError as exc:
@@ -242,8 +236,12 @@ def _check_config(environ: Mapping[str, str], config: Config, findings: _Finding
                       "Prometheus reach the replica by its own address (use ::).")
 
 
-def run_check(config_env: Mapping[str, str], target: str | None, *, out: TextIO) -> int:
-    """Validate ``config_env`` and ``target``; print a report to ``out``; return 0/1/2."""
+def run_check(config_env: Mapping[str, str], target: str | None, *, out: TextIO,
+              load_target: TargetLoader | None = None) -> int:
+    """Validate ``config_env`` and ``target``; print a report to ``out``; return 0/1/2.
+
+    ``load_target`` (the engine's ``engine.target.load_target``) is required with a target.
+    """
     for setting in SETTINGS:
         if setting.secret:
             register_secret(config_env.get(setting.env))
@@ -270,7 +268,7 @@ def run_check(config_env: Mapping[str, str], target: str | None, *, out: TextIO)
         writer.write(f"  {name} = {shown}  ({meaning})\n")
     writer.write("\n")
     _check_railway(config_env, config, findings)
-    _check_target(target, findings, writer)
+    _check_target(target, load_target, findings, writer)
 
     errors = [f for f in findings.items if f.severity == "error"]
     warnings = [f for f in findings.items if f.severity == "warning"]

@@ -4,7 +4,7 @@ across worker processes.
 :func:`record` appends ``{"step", "run_id", "pid", "ts"}`` (plus any extra fields, e.g.
 the soak's ``request_id`` and ``phase``) as one JSON line to the file named by
 ``CONNECT_WORKER_EXECUTION_LOG`` (nothing when it is unset);
-``connect_worker.devserver.fleet.read_executions`` reads them back.
+``connect_worker.lab.fleet.read_executions`` reads them back.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Worker processes for drain tests, the deploy simulator, the soak and the demo.
+"""Worker processes for drain tests, the deploy simulator, the soak, the demo and the bench.
 
-``WorkerProcess`` runs ``python -m connect_worker run TARGET`` as a real
-subprocess against a DevServer, parses its JSON log lines as they arrive, and
+``WorkerProcess`` runs ``python -m connect_worker run TARGET`` (or another worker
+program: the bench's official SDK client) as a real subprocess against a DevServer,
+parses its JSON log lines as they arrive, and
 lets the caller wait for readiness, send real signals (SIGTERM, or SIGKILL as a
 crash), sample its memory and collect the exit code. ``replace_when_ready`` is
 one step of a rolling deploy the way Railway does it with a healthcheck.
@@ -19,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .server import DevServer
-from .state import ConnectionInfo
+from ..devserver.server import DevServer
+from ..devserver.state import ConnectionInfo
 
 
 @dataclass
@@ -31,8 +32,13 @@ class WorkerProcess:
     api_url: str
     instance_id: str
     app_version: str | None = None
-    drain_timeout: float = 20.0
+    # Test timings: a bounded drain and a quick reply-ACK timeout. None = the worker's
+    # own default (the bench measures the defaults).
+    drain_timeout: float | None = 20.0
+    reply_ack_timeout: float | None = 1.0
     env: dict[str, str] = field(default_factory=dict)
+    # The program; None = ``python -m connect_worker run TARGET``.
+    command: list[str] | None = None
     autostart: bool = True
     logs: list[dict[str, Any]] = field(default_factory=list)
     started_at: float = 0.0
@@ -51,7 +57,7 @@ class WorkerProcess:
 
     def environment(self) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items()
-                if not k.startswith(("INNGEST_", "CONNECT_WORKER_", "RAILWAY_"))}
+                if not k.startswith(("INNGEST_", "CONNECT_WORKER_", "RAILWAY_", "OTEL_"))}
         env = {
             **base,
             "INNGEST_DEV": "1",
@@ -59,10 +65,12 @@ class WorkerProcess:
             "CONNECT_WORKER_INSTANCE_ID": self.instance_id,
             "CONNECT_WORKER_HTTP_PORT": "off",
             "CONNECT_WORKER_LOG_FORMAT": "json",
-            "CONNECT_WORKER_DRAIN_TIMEOUT": str(self.drain_timeout),
-            "CONNECT_WORKER_REPLY_ACK_TIMEOUT": "1",
             "PYTHONUNBUFFERED": "1",
         }
+        if self.drain_timeout is not None:
+            env["CONNECT_WORKER_DRAIN_TIMEOUT"] = str(self.drain_timeout)
+        if self.reply_ack_timeout is not None:
+            env["CONNECT_WORKER_REPLY_ACK_TIMEOUT"] = str(self.reply_ack_timeout)
         if self.app_version:
             env["CONNECT_WORKER_APP_VERSION"] = self.app_version
         env.update(self.env)
@@ -72,9 +80,9 @@ class WorkerProcess:
         if self._proc is not None:
             return
         self.started_at = time.time()
+        command = self.command or [sys.executable, "-m", "connect_worker", "run", self.target]
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "connect_worker", "run", self.target,
-            env=self.environment(), stdin=asyncio.subprocess.DEVNULL,
+            *command, env=self.environment(), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )
         self._reader = asyncio.create_task(self._read_logs())
