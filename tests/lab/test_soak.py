@@ -16,7 +16,7 @@ import pytest
 
 from connect_worker import cli
 from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
-from connect_worker.lab import soak
+from connect_worker.lab import soak, soak_audit
 from connect_worker.lab.apps.soak import COPY_KEY
 from connect_worker.lab.fleet import WorkerProcess
 from connect_worker.lab.soak import KIND_NAMES, plan_faults
@@ -284,3 +284,14 @@ def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
         "silent exited 3 but held no step at its exit (no copy without a result at the "
         "gateway)", "shot exited -15 after SIGTERM"]
     assert not result.ok and len(result.failures) == 5
+
+
+def test_a_forward_counts_as_failed_when_the_request_went_elsewhere_after_it() -> None:
+    """Through the proxy in front of Inngest's server the audit sees no outcome: a forward
+    followed by one of the same request to another connection did not count."""
+    first, again, other = (SimpleNamespace(conn_id=c, sent_at=t)
+                           for c, t in (("p1", 1.0), ("p1", 1.5), ("p2", 2.0)))
+    forwards = [first, again, other]
+    assert [soak_audit._failed(d, forwards) for d in forwards] == [True, True, False]
+    recorded = _dispatch("q", "j", "c1", 1.0, "acked")
+    assert not soak_audit._failed(recorded, [recorded, _dispatch("q", "j", "c2", 2.0)])

@@ -197,7 +197,7 @@ class Evidence:
         two replicas may run it, ``c``'s being either (the first to extend the lease
         keeps it; the other copy is cancelled when its extension is refused)."""
         forwards = self.dispatches[c.request_id]
-        failed = [d for d in forwards if d.outcome == "forward_failed"]
+        failed = [d for d in forwards if _failed(d, forwards)]
         if not failed or c.pid not in {self._pid_of_conn(d.conn_id) for d in forwards}:
             return None
         first = min(d.sent_at for d in failed)
@@ -208,7 +208,8 @@ class Evidence:
         """When the gateway re-dispatched ``c``'s job after it declared the lease of a
         forward of ``c``'s request to ``c``'s replica lost."""
         lost = [d for d in self.dispatches[c.request_id]
-                if d.outcome == "lease_lost" and self._pid_of_conn(d.conn_id) == c.pid]
+                if getattr(d, "outcome", None) == "lease_lost"
+                and self._pid_of_conn(d.conn_id) == c.pid]
         if not lost:
             return None
         job = lost[0].job_id
@@ -406,6 +407,16 @@ def _audit_exits(result: SoakResult, ev: Evidence, copies: list[Copy]) -> None:
             result.bad_exits.append(f"{w.instance_id} exited {code} after SIGTERM")
 
 
+def _failed(d: Any, forwards: list[Any]) -> bool:
+    """Whether forward ``d`` did not count. Our gateway records it; through the proxy in
+    front of Inngest's own server (no outcome seen) a forward counts as failed when the
+    same request was forwarded again to another connection after it."""
+    outcome = getattr(d, "outcome", "unknown")
+    if outcome != "unknown":
+        return bool(outcome == "forward_failed")
+    return any(o.sent_at > d.sent_at and o.conn_id != d.conn_id for o in forwards)
+
+
 def _name(ev: Evidence, pid: int) -> str:
     worker = ev.by_pid.get(pid)
     return worker.instance_id if worker else f"pid {pid}"
@@ -422,7 +433,8 @@ def _describe(ev: Evidence, c: Copy, found: tuple[str, Cause | None, str] | None
         "signalled_at": worker.signalled_at if worker else None,
         "killed_at": worker.killed_at if worker else None,
         "forwards": [{"conn_id": d.conn_id, "sent_at": d.sent_at, "acked_at": d.acked_at,
-                      "outcome": d.outcome, "replica": _name(ev, ev._pid_of_conn(d.conn_id) or 0)}
+                      "outcome": getattr(d, "outcome", None),
+                      "replica": _name(ev, ev._pid_of_conn(d.conn_id) or 0)}
                      for d in ev.dispatches[c.request_id]],
     }
     if found is not None:
