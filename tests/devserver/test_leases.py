@@ -268,3 +268,24 @@ async def test_reply_close_race_discards_reply_then_lease_retry() -> None:
             assert retry.job_id == req.job_id
             await w2.reply(make_reply(retry, S.DONE, "second"))
             assert (await dev.wait_for_run(run_id)).output == "second"
+
+
+async def test_waiting_for_a_route_does_not_eat_the_lease() -> None:
+    """Inngest does not wait for a route (GetRoute fails at once and the queue retries
+    with a new lease); ours waits, and that wait must not count against the lease, or a
+    step forwarded after a long wait (a deploy's replacement still starting) would lapse
+    before its first extension and run twice."""
+    async with DevServer(fast_config()) as dev, scripted_worker(dev) as w:
+        await w.connect()
+        await w.send(Kind.WORKER_PAUSE)  # connected, not routable: the forward waits
+        await dev.send_event("test/evt")
+        leases = dev.core.leases
+        await dev.wait_for(lambda: bool(leases.leases))
+        [lease] = leases.leases.values()
+        lease.expires_at = 0.0  # as if the wait had lasted longer than the lease
+        async with scripted_worker(dev) as ready:
+            await ready.connect()
+            req = await ready.next_request()
+            assert req.request_id == lease.request_id and req.lease_id == lease.lease_id
+            assert leases.is_live(req.request_id)
+            assert (await ready.extend(req)).new_lease_id

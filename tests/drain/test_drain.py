@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
+from connect_worker.devserver.testing import realistic_races
 from connect_worker.lab.fleet import WorkerProcess, read_executions
 
 TARGET = "examples.pipeline"
@@ -30,7 +31,9 @@ async def dev() -> AsyncIterator[DevServer]:
         lease_check_interval=0.2, lease_grace=0.2, drain_window=5.0,
     )
     async with DevServer(config) as server:
-        yield server
+        # The real gateway's reply/close race: a reply read just before its socket
+        # closes is lost, so a worker that exits before its last ACK loses it.
+        yield realistic_races(server)
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ import pytest
 
 from connect_worker import cli
 from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
-from connect_worker.lab import soak
+from connect_worker.lab import soak, soak_audit
+from connect_worker.lab.apps.soak import COPY_KEY
 from connect_worker.lab.fleet import WorkerProcess
 from connect_worker.lab.soak import KIND_NAMES, plan_faults
 
@@ -88,7 +89,9 @@ def test_short_soak_keeps_the_promise(tmp_path: Path,
     assert runs["started"] == runs["completed"] > 0
     assert report["duplicates"].get("unexplained", 0) == 0
     assert not [r for r in report["races"] if r["ran_to_end_twice"]]
-    assert report["lost_replies"] == []
+    assert report["lost_replies"] == [] and report["lost"] == []
+    # Every explained duplicate names the fault behind it (from the soak's fault log).
+    assert all(d["cause"] is not None for d in report["explained_duplicates"])
     assert set(report["exit_codes"]) <= {"0", "3", "SIGKILL"}
     assert report["exit_codes"]["SIGKILL"] == report["faults_by_kind"]["crash"]
     assert report["step_executions"] >= 4 * runs["completed"]
@@ -127,70 +130,168 @@ class _Worker:
         return [e for e in self.logs if e["event"] == name]
 
 
+def _reply(ts: float, request_id: str, conn_id: str | None, copy: str | None) -> Any:
+    """A reply record as the gateway keeps it: the body carries the step's result."""
+    data = {"part": 0, COPY_KEY: copy} if copy else {"error": "handed back"}
+    body = json.dumps([{"op": "StepRun", "data": data}]).encode()
+    return SimpleNamespace(ts=ts, request_id=request_id, conn_id=conn_id,
+                           response=SimpleNamespace(body=body))
+
+
+def _dispatch(request_id: str, job: str, conn_id: str, sent_at: float,
+              outcome: str = "acked") -> Any:
+    return SimpleNamespace(request_id=request_id, job_id=job, conn_id=conn_id,
+                           sent_at=sent_at, acked_at=sent_at + 0.01, outcome=outcome)
+
+
+def _fault(kind: str, at: float, hit: list[str], seconds: float = 0.0) -> Any:
+    return SimpleNamespace(fault=SimpleNamespace(kind=kind, seconds=seconds),
+                           started_at=at, hit=hit)
+
+
 def test_audit_classifies_every_duplicate(tmp_path: Path) -> None:
-    """The checker on a hand-made record: each class of duplicate, a race that ran to
-    the end twice, an unexplained duplicate, a lost reply and a bad exit code."""
+    """The checker on a hand-made record, from the bodies' records, the gateway's and
+    the fault log only (the workers' logs are empty): each class of duplicate, a race
+    that ran to the end twice, an unexplained duplicate, lost replies (on a replica that
+    exited 0 and on one SIGKILLed before the step ran again) and bad exit codes."""
+    real = _Worker("real", 1)
     killed = _Worker("killed", 2, returncode=-9, signalled_at=None, killed_at=5.0)
-    drained = _Worker("drained", 3, returncode=3, logs=[
-        {"event": "drain.step_abandoned", "request_id": "q-abandoned", "handed_back": True}])
-    loser = _Worker("loser", 4, logs=[
-        {"event": "step.lease_lost", "request_id": "q-race", "ran_for": 0.8},
-        {"event": "step.lease_lost", "request_id": "q-again", "ran_for": 0.2}])
-    silent = _Worker("silent", 5, returncode=3)  # exit 3, names nothing
-    real = _Worker("real", 1, logs=[{"event": "worker.start"}])
-    # SIGTERMed before our handler existed (nothing started) / after the worker started.
+    drained = _Worker("drained", 3, returncode=3)  # signalled at 10, exited at 11
+    loser = _Worker("loser", 4)
+    silent = _Worker("silent", 5, returncode=3)  # exit 3, held nothing
+    # SIGTERMed before it connected or ran anything / after it connected.
     unborn = _Worker("unborn", 6, returncode=-15)
-    shot = _Worker("shot", 7, returncode=-15, logs=[{"event": "worker.start"}])
-    starts = [  # (pid, request, run, step, ran to the end)
-        (2, "q-crash", "run1", "part-0", False), (1, "q-crash-retry", "run1", "part-0", True),
-        (3, "q-abandoned", "run1", "part-1", False),
-        (1, "q-abandoned-retry", "run1", "part-1", True),
-        (4, "q-race", "run1", "part-2", False), (1, "q-race", "run1", "part-2", True),
-        (1, "q-twice", "run2", "part-0", True), (4, "q-twice", "run2", "part-0", True),
-        (1, "q-x", "run2", "part-1", True), (1, "q-y", "run2", "part-1", True),
-        # Re-delivered to the same replica, which ran it again until its lease was refused.
-        (4, "q-again", "run2", "part-2", True), (4, "q-again", "run2", "part-2", False),
+    shot = _Worker("shot", 7, returncode=-15)
+    # (copy id, pid, request, run, step, started, ended, cancelled)
+    copies = [
+        ("a", 2, "q-crash", "run1", "part-0", 1.0, None, None),
+        ("b", 1, "q-crash-retry", "run1", "part-0", 6.0, 7.0, None),
+        ("c", 3, "q-ab", "run1", "part-1", 8.0, None, 10.5),
+        ("d", 1, "q-ab-retry", "run1", "part-1", 10.3, 11.0, None),
+        ("e", 4, "q-race", "run1", "part-2", 2.0, None, 2.8),
+        ("f", 1, "q-race", "run1", "part-2", 2.1, 3.0, None),
+        ("g", 1, "q-twice", "run2", "part-0", 3.0, 4.0, None),
+        ("h", 4, "q-twice", "run2", "part-0", 3.05, 4.1, None),
+        ("x", 1, "q-x", "run2", "part-1", 5.0, 6.0, None),
+        ("y", 1, "q-y", "run2", "part-1", 5.5, 6.5, None),
+        ("l", 4, "q-lapse", "run2", "part-2", 4.0, None, 8.5),
+        ("m", 1, "q-lapse2", "run2", "part-2", 9.0, 9.5, None),
         # Ran to the end on a replica SIGKILLed before its reply landed (its ACK was late,
         # so the gateway re-routed the same request to "real", whose reply landed).
-        (2, "q-rerouted", "run3", "part-0", True), (1, "q-rerouted", "run3", "part-0", True),
+        ("r", 2, "q-rr", "run3", "part-0", 2.0, 3.0, None),
+        ("s", 1, "q-rr", "run3", "part-0", 2.5, 3.5, None),
+        ("lost", 4, "q-lost", "run3", "part-1", 6.0, 7.0, None),  # loser exited 0
+        ("k2", 2, "q-k2", "run3", "part-2", 3.0, 4.0, None),  # killed, never ran again
+        # Lost a re-route race and was cancelled, on a replica SIGKILLed later: the race
+        # explains it, not the crash (it was no longer running when the kill came).
+        ("e2", 2, "q-race2", "run3", "part-3", 1.0, None, 1.5),
+        ("f2", 1, "q-race2", "run3", "part-3", 1.1, 2.0, None),
+        # A race lost long before "drained" was stopped: not a step it held at its exit.
+        ("c0", 3, "q-race3", "run3", "part-4", 0.5, None, 0.8),
+        ("f3", 1, "q-race3", "run3", "part-4", 0.6, 1.0, None),
+        # The other way round: the copy whose ACK did not count extended the lease first
+        # and ran to the end; the re-routed copy (ACKed) was cancelled.
+        ("w4", 1, "q-race4", "run4", "part-0", 20.0, 21.0, None),
+        ("l4", 4, "q-race4", "run4", "part-0", 20.1, None, 20.4),
     ]
+    ids = {c[0]: f"{c[1]}-{i}" for i, c in enumerate(copies)}
+    lines = []
+    for cid, pid, q, run, step, started, ended, cancelled in copies:
+        base = {"pid": pid, "request_id": q, "run_id": run, "step": step, "copy": ids[cid]}
+        lines.append({**base, "phase": "start", "ts": started})
+        if ended is not None:
+            lines.append({**base, "phase": "end", "ts": ended})
+        if cancelled is not None:
+            lines.append({**base, "phase": "cancelled", "ts": cancelled})
     log = tmp_path / "executions.jsonl"
-    log.write_text("".join(
-        json.dumps({"pid": pid, "request_id": q, "run_id": run, "step": step, "ts": i,
-                    "phase": phase}) + "\n"
-        for i, (pid, q, run, step, end) in enumerate(starts)
-        for phase in (("start", "end") if end else ("start",))))
-    replies = [SimpleNamespace(request_id=q, conn_id="c-real") for q in
-               ("q-crash-retry", "q-abandoned-retry", "q-race", "q-twice", "q-x", "q-y",
-                "q-again", "q-rerouted")]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    replies = [_reply(7.1, "q-crash-retry", "c1", ids["b"]),
+               _reply(10.25, "q-ab", "c3", None),  # the hand-back: no result
+               _reply(11.1, "q-ab-retry", "c1", ids["d"]),
+               _reply(3.1, "q-race", "c1", ids["f"]),
+               _reply(4.1, "q-twice", "c1", ids["g"]), _reply(4.2, "q-twice", "c4", ids["h"]),
+               _reply(6.1, "q-x", "c1", ids["x"]), _reply(6.6, "q-y", "c1", ids["y"]),
+               _reply(3.6, "q-rr", "c1", ids["s"]), _reply(2.1, "q-race2", "c1", ids["f2"]),
+               _reply(1.1, "q-race3", "c1", ids["f3"]), _reply(21.1, "q-race4", "c1", ids["w4"])]
+    flushes = [_reply(9.6, "q-lapse2", None, ids["m"])]
+    kept = {"run1": ["b", "d", "f"], "run2": ["g", "x", "m"], "run3": ["s", "f2", "f3"],
+            "run4": ["w4"]}
+    dispatches = [
+        _dispatch("q-ab", "j-ab", "c3", 8.0), _dispatch("q-ab-retry", "j-ab", "c1", 10.2),
+        _dispatch("q-race", "j-race", "c4", 1.9, "forward_failed"),
+        _dispatch("q-race", "j-race", "c1", 2.0),
+        _dispatch("q-twice", "j-twice", "c4", 2.9, "forward_failed"),
+        _dispatch("q-twice", "j-twice", "c1", 3.0),
+        _dispatch("q-lapse", "j-lapse", "c4", 4.0, "lease_lost"),
+        _dispatch("q-lapse2", "j-lapse", "c1", 9.0),
+        _dispatch("q-rr", "j-rr", "c2", 1.9, "forward_failed"),
+        _dispatch("q-rr", "j-rr", "c1", 2.4),
+        _dispatch("q-race2", "j-race2", "c2", 0.9, "forward_failed"),
+        _dispatch("q-race2", "j-race2", "c1", 1.0),
+        _dispatch("q-race3", "j-race3", "c3", 0.4, "forward_failed"),
+        _dispatch("q-race3", "j-race3", "c1", 0.5),
+        _dispatch("q-race4", "j-race4", "c1", 19.9, "forward_failed"),
+        _dispatch("q-race4", "j-race4", "c4", 20.0),
+    ]
     dev = SimpleNamespace(
-        runs={run: SimpleNamespace(status=RunStatus.COMPLETED)
-              for run in ("run1", "run2", "run3")},
-        timeline=[SimpleNamespace(kind="ACK_IGNORED")], replies=replies, flushes=[],
-        connections=[SimpleNamespace(conn_id="c-real", instance_id="real")],
-        dispatches=[SimpleNamespace(request_id="q-lost", job_id="j", conn_id="c-real",
-                                    acked_at=2.0, sent_at=1.0)],
+        runs={run: SimpleNamespace(status=RunStatus.COMPLETED, steps={
+            str(i): {"part": i, COPY_KEY: ids[k]} for i, k in enumerate(keys)})
+            for run, keys in kept.items()},
+        timeline=[SimpleNamespace(kind="ACK_IGNORED", ts=2.0, request_id="q-race"),
+                  SimpleNamespace(kind="REPLY_DISCARDED", ts=7.05, request_id="q-lost")],
+        replies=replies, flushes=flushes, dispatches=dispatches,
+        connections=[SimpleNamespace(conn_id=f"c{w.pid}", instance_id=w.instance_id)
+                     for w in (real, killed, drained, loser, shot)],
     )
-    result = soak.SoakResult(soak.SoakSettings(), run_ids=["run1", "run2", "run3"])
+    result = soak.SoakResult(soak.SoakSettings(), run_ids=list(kept))
     result.workers = [real, killed, drained, loser, silent, unborn,  # type: ignore[list-item]
                       shot]
+    result.applied = [_fault("gateway-closing", 1.95, ["loser"]),  # type: ignore[list-item]
+                      _fault("drop", 2.95, ["loser"]),
+                      _fault("latency", 3.5, [], seconds=5.0),
+                      _fault("slow-acks", 0.5, [], seconds=2.0),
+                      _fault("gateway-closing", 19.95, ["real"])]
     soak.audit(result, dev, str(log))  # type: ignore[arg-type]
 
-    assert result.runs_completed == 3 and result.step_executions == len(starts)
-    assert dict(result.duplicates) == {"crash": 2, "abandoned": 1, "race": 2,
+    assert result.runs_completed == 4 and result.step_executions == len(copies)
+    assert dict(result.duplicates) == {"crash": 2, "abandoned": 1, "race": 4, "lapsed": 1,
                                        "unexplained": 2}
+    causes = {c["copy"]: (c["class"], c["cause"]["kind"]) for c in result.explained}
+    assert causes == {ids["a"]: ("crash", "crash"), ids["c"]: ("abandoned", "sigterm"),
+                      ids["e"]: ("race", "gateway-closing"), ids["l"]: ("lapsed", "latency"),
+                      ids["r"]: ("crash", "crash"), ids["e2"]: ("race", "slow-acks"),
+                      ids["c0"]: ("race", "slow-acks"),
+                      ids["l4"]: ("race", "gateway-closing")}
     assert [(u["run_id"], u["step"]) for u in result.unexplained] == [
         ("run2", "part-0"), ("run2", "part-1")]
+    why = {c["copy"]: c for u in result.unexplained for c in u["copies"]}
+    assert why[ids["h"]]["class"] == "unexplained" and why[ids["h"]]["cause"] == {
+        "kind": "drop", "at": 2.95, "replica": "loser"}
+    assert why[ids["y"]]["cause"] is None and why[ids["x"]]["kept"]
     races = {r.request_id: r for r in result.races}
     assert races["q-race"].loser_ran_for == [0.8] and not races["q-race"].ran_to_end_twice
     assert races["q-twice"].ran_to_end_twice and result.race_ran_twice == 1
-    assert races["q-again"].loser_ran_for == [0.2] and not races["q-again"].ran_to_end_twice
-    assert not races["q-rerouted"].ran_to_end_twice and races["q-rerouted"].winner == "real"
-    assert result.late_acks_ignored == 1
-    assert result.lost_replies == ["q-lost"]
+    assert not races["q-rr"].ran_to_end_twice and races["q-rr"].winner == "real"
+    assert result.late_acks_ignored == 1 and result.replies_discarded == 1
+    assert sorted(result.lost_replies) == ["q-k2", "q-lost"]
+    lost = {x["request_id"]: x for x in result.lost}
+    assert lost["q-lost"]["discarded_by_gateway"] == [7.05] and lost["q-lost"]["exit_code"] == 0
     assert result.abandoned == 1 and result.handed_back == 1
+    assert result.retry_after_sigterm == [0.2]
     assert result.exit_codes == {"0": 2, "3": 2, "SIGKILL": 1, "-15": 1,
                                  "SIGTERM before start": 1}
-    assert result.bad_exits == ["silent exited 3 without naming the steps it abandoned",
-                                "shot exited -15 after SIGTERM"]
+    assert result.bad_exits == [
+        "silent exited 3 but held no step at its exit (no copy without a result at the "
+        "gateway)", "shot exited -15 after SIGTERM"]
     assert not result.ok and len(result.failures) == 5
+
+
+def test_a_forward_counts_as_failed_when_the_request_went_elsewhere_after_it() -> None:
+    """Through the proxy in front of Inngest's server the audit sees no outcome: a forward
+    followed by one of the same request to another connection did not count."""
+    first, again, other = (SimpleNamespace(conn_id=c, sent_at=t)
+                           for c, t in (("p1", 1.0), ("p1", 1.5), ("p2", 2.0)))
+    forwards = [first, again, other]
+    assert [soak_audit._failed(d, forwards) for d in forwards] == [True, True, False]
+    recorded = _dispatch("q", "j", "c1", 1.0, "acked")
+    assert not soak_audit._failed(recorded, [recorded, _dispatch("q", "j", "c2", 2.0)])

@@ -66,6 +66,12 @@ class LeaseStore:
         self.leases[request_id] = lease
         return lease
 
+    def restart(self, request_id: str) -> None:
+        """The lease's full length from now, same ID (its request waited for a route)."""
+        lease = self.leases.get(request_id)
+        if lease is not None:
+            lease.expires_at = time.monotonic() + self.duration
+
     def release(self, request_id: str) -> None:
         """The proxy consumed the request's reply: the lease record goes (DeleteLease)."""
         self.leases.pop(request_id, None)

@@ -123,6 +123,11 @@ class Proxy:
                         self.config.route_wait,
                     )
                 route = core.router.route(run.app_name, run.function_slug)
+                if route.conn_id is not None:
+                    # Inngest does not wait for a route (GetRoute fails at once and the
+                    # queue retries with a new lease): the wait must not eat the lease,
+                    # or the step is forwarded with a lease about to lapse and runs twice.
+                    core.leases.restart(request.request_id)
             if route.conn_id is None:
                 return route.error or ROUTE_FAILED
             if self.state.faults.dual_dispatch > 0:

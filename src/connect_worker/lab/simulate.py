@@ -41,6 +41,8 @@ from .real_server import RealServer
 TARGET = "connect_worker.lab.apps.pipeline"
 CHANGES = ("rename-llm-step",)
 BRIEF = "connect_worker.lab.apps.brief"
+# --races: as devserver.testing.REALISTIC_RACES, the default of the test fixtures.
+RACES_REPLY_CLOSE = 0.05
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class SimulationSettings:
     change: str | None = None  # one of CHANGES: v1 -> v2 changes the code
     on_drift: str = "warn"
     speedup: float = 40.0  # the simulated model's latency is divided by this
+    # --races: the dev gateway handles each reply this late and discards it if the socket
+    # closed meanwhile (the real gateway's reply/close race, spec 5.3); 0: off.
+    reply_close_race: float = 0.0
 
 
 @dataclass
@@ -192,6 +197,7 @@ async def run_simulation(
             dev = cast(DevServer, real)
         else:
             dev = await stack.enter_async_context(DevServer(config))
+            dev.faults.reply_close_race = settings.reply_close_race
         version = 0
 
         histories = workdir / "histories"
@@ -384,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--on-drift", choices=("warn", "fail"), default="warn",
                         help="CONNECT_WORKER_ON_DRIFT of every worker (with --change)")
     parser.add_argument("--json", metavar="PATH", help="also write the counts as JSON")
+    parser.add_argument("--races", action="store_true",
+                        help="our dev gateway models the real one's reply/close race: each "
+                        f"reply is handled {RACES_REPLY_CLOSE:g} s late and lost if the socket "
+                        "closed meanwhile (a worker must not exit before its replies are "
+                        "ACKed)")
     parser.add_argument("--server", metavar="URL",
                         help="deploy against a running Inngest dev server (`inngest dev`) at "
                         "URL instead of our dev gateway")
@@ -399,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         sections=args.sections, step_seconds=args.step_seconds,
         deploy_interval=args.deploy_interval, drain_timeout=args.drain_timeout, seed=args.seed,
         change=args.change, on_drift=args.on_drift, server=args.server,
+        reply_close_race=RACES_REPLY_CLOSE if args.races else 0.0,
         **({"settle_timeout": 420.0} if args.server else {}),
     )
     print(f"simulating {settings.deploys} rolling deploys of {settings.replicas} replicas "

@@ -9,16 +9,20 @@ the duration, interval and kinds chosen), never of timing. Faults overlap freely
 replica crashes during a rolling deploy, the gateway restarts while a replica drains, a
 GATEWAY_CLOSING lands while an ACK is on the wire.
 
-At the end it audits what the promise says (0 interrupted, 0 duplicates, 0 lost):
+At the end it audits what the promise says (0 interrupted, 0 duplicates, 0 lost) from
+evidence the worker under test does not write: the step bodies' own records, the
+gateway's records and the soak's fault log (``soak_audit.py``; docs/reliability.md):
 
 - every run completed;
-- every step body that ran more than once is explained: the copy was in flight on a
-  SIGKILLed replica (``crash``), was abandoned at a drain deadline and handed back
-  (``abandoned``), or lost a gateway re-route race and was cancelled when its lease
-  extension was refused (``race``). Any other duplicate fails the soak, and so does a
-  race copy that ran its body *to the end* on two replicas;
-- every request ACKed by a replica that exited 0 got its reply to the gateway;
-- every SIGTERMed replica exited 0, or 3 with its abandoned steps named in its log;
+- every step body that ran more than once is explained, copy by copy, by a fault: the
+  copy was in flight on a SIGKILLed replica (``crash``), was live at the drain deadline
+  of a replica that exited 3 and the gateway dispatched the step again (``abandoned``),
+  lost a gateway re-route race (``race``) or had its lease declared lost by the gateway
+  (``lapsed``) near a fault, and did not run to the end. Any other duplicate fails the
+  soak, and so does a re-routed step that ran *to the end* on two replicas;
+- every step body that ran to the end got its result to the gateway, on any replica,
+  unless its replica was SIGKILLed or drained to exit 3 and the step ran again;
+- every SIGTERMed replica exited 0, or 3 with every step it held dispatched again;
   no replica exited on its own;
 
 and reports faults by kind, runs, step executions, duplicates by class, re-route races
@@ -32,12 +36,11 @@ import asyncio
 import contextlib
 import json
 import random
-import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,9 +48,10 @@ from typing import Any, cast
 
 from ..devserver import DevServer, DevServerConfig, RunStatus
 from .apps import soak as soak_app
-from .fleet import WorkerProcess, read_executions, replace_when_ready
+from .fleet import WorkerProcess, replace_when_ready
 from .real_server import REAL_SERVER_FAULTS, RealServer, refused_faults
 from .simulate import drain_summary, keep_load, render_table
+from .soak_audit import Race, audit
 
 TARGET = "connect_worker.lab.apps.soak"
 
@@ -66,6 +70,9 @@ FAULT_KINDS: dict[str, str] = {
     "latency": "added network latency on every frame for a while",
     "slow-acks": "the gateway processes WORKER_REQUEST_ACKs late for a while (a busy data "
                  "pool: a PAUSE or GATEWAY_CLOSING can overtake an ACK, spec 5.2)",
+    "reply-close": "the gateway handles each WORKER_REPLY late for a while and discards it "
+                   "if the socket closed meanwhile (spec 5.3); the socket of a replica is "
+                   "dropped just after it sends a reply",
 }
 KIND_NAMES = tuple(FAULT_KINDS)
 # With --server (Inngest's own dev server) only these exist (lab/real_server.py).
@@ -78,11 +85,13 @@ DURATIONS: dict[str, tuple[float, float]] = {
     "latency": (3.0, 10.0),
     "slow-acks": (1.0, 4.0),
     "stall": (1.0, 5.0),
+    "reply-close": (1.0, 4.0),
 }
 # Seconds added to each frame, each way (latency), or to each ACK (slow-acks).
 DELAYS: dict[str, tuple[float, float]] = {
     "latency": (0.02, 0.15),
     "slow-acks": (0.05, 0.3),
+    "reply-close": (0.05, 0.2),  # how late each reply is handled
 }
 
 
@@ -96,7 +105,7 @@ class Fault:
     target: int
     on_draining: bool = False  # gateway-closing / drop: a draining replica if any
     seconds: float = 0.0  # how long a timed fault lasts
-    delay: float = 0.0  # latency: seconds per frame; slow-acks: seconds per ACK
+    delay: float = 0.0  # latency: s per frame; slow-acks: s per ACK; reply-close: s per reply
 
 
 def plan_faults(seed: int, seconds: float, kinds: Sequence[str],
@@ -172,20 +181,6 @@ class Applied:
 
 
 @dataclass
-class Race:
-    """A request that ran on two replicas: the gateway re-routed it while the first
-    replica's ACK was on the wire."""
-
-    request_id: str
-    run_id: str
-    step: str
-    winner: str | None
-    losers: list[str]
-    loser_ran_for: list[float]  # seconds each losing copy ran before it stopped
-    ran_to_end_twice: bool
-
-
-@dataclass
 class SoakResult:
     settings: SoakSettings
     applied: list[Applied] = field(default_factory=list)
@@ -197,14 +192,17 @@ class SoakResult:
     step_executions: int = 0
     duplicates: Counter[str] = field(default_factory=Counter)
     unexplained: list[dict[str, Any]] = field(default_factory=list)
+    explained: list[dict[str, Any]] = field(default_factory=list)  # each, with its fault
     races: list[Race] = field(default_factory=list)
     late_acks_ignored: int = 0
     lost_replies: list[str] = field(default_factory=list)
+    lost: list[dict[str, Any]] = field(default_factory=list)  # each lost reply's timeline
+    replies_discarded: int = 0  # by the gateway's reply/close race (REPLY_DISCARDED)
     bad_exits: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     drain_seconds: list[float] = field(default_factory=list)
-    abandoned: int = 0  # steps named in drain.step_abandoned
-    handed_back: int = 0  # of those, handed back with a retryable error reply
+    abandoned: int = 0  # copies live at the drain deadline of a replica that exited 3
+    handed_back: int = 0  # of those, answered at the gateway with a reply without result
     # Seconds from a replica's SIGTERM to the gateway's next dispatch of a step it
     # abandoned (the retry that a hand-back makes immediate).
     retry_after_sigterm: list[float] = field(default_factory=list)
@@ -231,12 +229,12 @@ class SoakResult:
                        f"{self.runs_unfinished} unfinished)")
         if self.duplicates["unexplained"]:
             out.append(f"{self.duplicates['unexplained']} duplicate executions not explained "
-                       "by a crash, a drain deadline or a lost re-route race")
+                       "by a crash, a drain deadline, a lost re-route race or a lease lapse")
         if self.race_ran_twice:
             out.append(f"{self.race_ran_twice} re-routed steps ran to the end on two replicas")
         if self.lost_replies:
-            out.append(f"{len(self.lost_replies)} replies lost (ACKed by a replica that "
-                       "exited 0, never delivered)")
+            out.append(f"{len(self.lost_replies)} replies lost (a step body ran to the end "
+                       "and its result never reached the gateway, and no fault explains it)")
         out.extend(self.bad_exits)
         out.extend(self.errors)
         return out
@@ -291,13 +289,14 @@ class SoakResult:
                                          + (f" ({self.runs_failed} FAILED)"
                                             if self.runs_failed else "")),
             ("step executions", str(self.step_executions)),
-            ("duplicates: crash / abandoned / race", f"{dup['crash']} / {dup['abandoned']} / "
-                                                     f"{dup['race']}"),
+            ("duplicates: crash / abandoned / race / lapsed",
+             f"{dup['crash']} / {dup['abandoned']} / {dup['race']} / {dup['lapsed']}"),
             ("duplicates unexplained", str(dup["unexplained"])),
             ("re-route races", f"{len(self.races)} (ran to the end twice: "
                                f"{self.race_ran_twice}; late ACKs ignored by the gateway: "
                                f"{self.late_acks_ignored}){race_times}"),
             ("lost replies", str(len(self.lost_replies))),
+            ("replies discarded by the reply/close race", str(self.replies_discarded)),
             ("abandoned at a drain deadline", f"{self.abandoned} ({self.handed_back} handed "
                                               "back); SIGTERM to retry p50 / max "
                                               f"{drain_summary(self.retry_after_sigterm)}"),
@@ -327,9 +326,12 @@ class SoakResult:
             "step_executions": self.step_executions,
             "duplicates": dict(self.duplicates),
             "unexplained_duplicates": self.unexplained,
+            "explained_duplicates": self.explained,
             "races": [asdict(r) for r in self.races],
             "late_acks_ignored": self.late_acks_ignored,
             "lost_replies": self.lost_replies,
+            "lost": self.lost,
+            "replies_discarded": self.replies_discarded,
             "drain_seconds": self.drain_seconds,
             "abandoned": self.abandoned,
             "handed_back": self.handed_back,
@@ -347,8 +349,10 @@ class SoakResult:
         }
 
     def implicated(self) -> set[str]:
-        """Replicas that ran an unexplained duplicate or a race copy to the end."""
+        """Replicas that ran an unexplained duplicate or a race copy to the end, or lost
+        a reply."""
         names = {str(c["replica"]) for u in self.unexplained for c in u["copies"]}
+        names.update(str(x["replica"]) for x in self.lost)
         for race in self.races:
             if race.ran_to_end_twice:
                 names.update(n for n in [race.winner, *race.losers] if n)
@@ -496,6 +500,7 @@ class Soak:
             dev.faults.withhold_reply_ack = False
             dev.faults.frame_latency = 0.0
             dev.faults.delay_request_ack = 0.0
+            dev.faults.reply_close_race = 0.0
         for process in self.slots:
             if process.alive and process.signalled_at is None:
                 process.send_signal()
@@ -607,6 +612,32 @@ class Soak:
             await self._delay_for_a_while(dev, "delay_request_ack", fault)
         elif kind == "stall" and self.real is not None:
             self.real.stall(fault.seconds)
+        elif kind == "reply-close":
+            await asyncio.gather(self._delay_for_a_while(dev, "reply_close_race", fault),
+                                 self._close_after_a_reply(dev, fault, applied))
+
+    async def _close_after_a_reply(self, dev: DevServer, fault: Fault, applied: Applied) -> None:
+        """Drop a replica's socket just after the gateway reads a WORKER_REPLY on it, while
+        the reply is still being handled (the reply/close race): that reply is discarded,
+        and only the worker can still get it delivered."""
+        victim = self.slots[fault.target % len(self.slots)]
+        conn_id = self.conn_of(dev, victim)
+        if conn_id is None:
+            applied.note = f"{victim.instance_id} had no connection"
+            return
+        seen = len(dev.timeline)
+
+        def replied() -> bool:
+            return any(e.kind == "WORKER_REPLY" and e.conn_id == conn_id
+                       for e in dev.timeline[seen:])
+
+        try:
+            await dev.wait_for(replied, timeout=fault.seconds)
+        except TimeoutError:
+            applied.note = f"no reply from {victim.instance_id} while the fault lasted"
+            return
+        applied.hit.append(victim.instance_id)
+        await dev.drop_socket(conn_id)
 
     async def _delay_for_a_while(self, dev: DevServer, setting: str, fault: Fault) -> None:
         """Set the delay ``dev.faults.<setting>`` for the fault's seconds; a fault of the
@@ -629,189 +660,6 @@ class Soak:
                 await self.start(dev, replacement)
                 old = await replace_when_ready(dev, self.slots, slot, replacement, timeout=60)
                 applied.hit.append(old.instance_id)
-
-
-def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
-    """Check the invariants (see the module docstring) and fill in the counts."""
-    statuses = Counter(dev.runs[r].status for r in result.run_ids)
-    result.runs_completed = statuses[RunStatus.COMPLETED]
-    result.runs_failed = statuses[RunStatus.FAILED] + statuses[RunStatus.CANCELLED]
-    result.runs_unfinished = statuses[RunStatus.RUNNING]
-    result.late_acks_ignored = sum(1 for e in dev.timeline if e.kind == "ACK_IGNORED")
-
-    by_pid = {w.pid: w for w in result.workers if w.started_at}
-    by_instance = {w.instance_id: w for w in result.workers}
-    records = read_executions(exec_log)
-    starts = [r for r in records if r.get("phase") == "start"]
-    # A replica may run the same request twice (re-delivered on its new connection after
-    # it forgot the first copy): its copies end in the order they started, so copy i of a
-    # (pid, request) ended iff that pair has more than i end records.
-    ends = Counter((r["pid"], r["request_id"]) for r in records if r.get("phase") == "end")
-    seen: Counter[tuple[Any, Any]] = Counter()
-    for r in sorted(starts, key=lambda r: r["ts"]):
-        key = (r["pid"], r["request_id"])
-        r["ended"] = seen[key] < ends[key]
-        seen[key] += 1
-    result.step_executions = len(starts)
-    delivered = {r.request_id for r in [*dev.replies, *dev.flushes]}
-    # (pid, request id) of every reply a replica itself got to the gateway: a SIGKILLed
-    # replica's copy that ended is a crash duplicate unless *its* reply landed (the same
-    # request re-routed to another replica may have delivered one).
-    pid_of = {c.conn_id: w.pid for c in dev.connections for w in result.workers
-              if w.started_at and w.instance_id == c.instance_id}
-    delivered_by = {(pid_of.get(str(getattr(r, "conn_id", None))), r.request_id)
-                    for r in dev.replies}
-    delivered_by |= {(w.pid, str(e.get("request_id"))) for w in result.workers
-                     if w.started_at for e in w.events("reply.flushed")}
-
-    def logged(event: str) -> dict[tuple[int, str], dict[str, Any]]:
-        """(pid, request id) -> the worker's log record of ``event``."""
-        out = {}
-        for w in result.workers:
-            if w.started_at:
-                for e in w.events(event):
-                    out[(w.pid, str(e.get("request_id")))] = e
-        return out
-
-    abandoned = logged("drain.step_abandoned")
-    # The contract's name, the name workers used before it, and a copy stopped by the
-    # worker's own lease clock (its lease lapsed unconfirmed): no reply either way.
-    lease_lost = {**logged("lease.lost"), **logged("step.lease_lost"),
-                  **logged("step.lease_expired")}
-
-    # Re-route races: one request id whose body started twice (on two replicas, or twice
-    # on one that got it again on its new connection).
-    copies: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in starts:
-        copies[str(r["request_id"])].append(r)
-    for request_id, runs in copies.items():
-        if len(runs) < 2:
-            continue
-        finished = [r for r in runs if r["ended"]]
-        # A copy that ended on a replica SIGKILLed before its reply landed lost its
-        # result with the process: the crash explains it, not the race.
-        lost_in_crash = [r for r in finished if by_pid.get(r["pid"]) is not None
-                         and by_pid[r["pid"]].killed_at is not None
-                         and (r["pid"], request_id) not in delivered_by]
-        winner = next((r for r in finished if r not in lost_in_crash), None)
-        losers = [r for r in runs if r is not winner]
-        ran_for = []
-        for r in losers:
-            note = lease_lost.get((r["pid"], request_id))
-            if note is not None and note.get("ran_for") is not None:
-                ran_for.append(float(note["ran_for"]))
-            elif note is not None:
-                ran_for.append(max(0.0, float(note.get("received_at", r["ts"])) - r["ts"]))
-        result.races.append(Race(
-            request_id=request_id, run_id=str(runs[0]["run_id"]), step=str(runs[0]["step"]),
-            winner=_name(by_pid, winner["pid"]) if winner else None,
-            losers=[_name(by_pid, r["pid"]) for r in losers], loser_ran_for=ran_for,
-            ran_to_end_twice=len(finished) - len(lost_in_crash) > 1,
-        ))
-
-    # Duplicates: per (run, step), every copy but one must be explained.
-    per_step: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in starts:
-        per_step[(str(r["run_id"]), str(r["step"]))].append(r)
-    for (run_id, step), runs in per_step.items():
-        if len(runs) < 2:
-            continue
-        unexplained = []
-        for r in runs:
-            key = (r["pid"], str(r["request_id"]))
-            worker = by_pid.get(r["pid"])
-            if worker is not None and worker.killed_at is not None and (
-                    not r["ended"] or key not in delivered_by):
-                result.duplicates["crash"] += 1
-            elif key in abandoned:
-                result.duplicates["abandoned"] += 1
-            elif key in lease_lost and not r["ended"]:
-                result.duplicates["race"] += 1
-            else:
-                unexplained.append(r)
-        extra = len(unexplained) - 1
-        if extra > 0:
-            result.duplicates["unexplained"] += extra
-            result.unexplained.append({
-                "run_id": run_id, "step": step,
-                "copies": [{"replica": _name(by_pid, r["pid"]), "request_id": r["request_id"],
-                            "started": r["ts"], "ran_to_end": r["ended"]} for r in runs]})
-        elif extra < 0:
-            # Every copy explained and none the real one: count the last as the real one.
-            result.duplicates[_class_of_last(runs, by_pid, abandoned, lease_lost)] -= 1
-
-    # Replies: every request ACKed by a replica that exited 0 got its reply delivered.
-    instance_of = {c.conn_id: c.instance_id for c in dev.connections}
-    for d in dev.dispatches:
-        worker = by_instance.get(instance_of.get(d.conn_id, ""))
-        if (d.acked_at is not None and worker is not None and worker.returncode == 0
-                and d.request_id not in delivered
-                and (worker.pid, d.request_id) not in lease_lost):
-            result.lost_replies.append(d.request_id)
-
-    # Abandoned steps: how soon after the SIGTERM the gateway dispatched them again.
-    result.abandoned = len(abandoned)
-    result.handed_back = sum(1 for e in abandoned.values() if e.get("handed_back"))
-    by_job: dict[str, list[tuple[str, float]]] = defaultdict(list)
-    job_of: dict[str, str] = {}
-    for d in dev.dispatches:
-        job_of.setdefault(d.request_id, d.job_id)
-        by_job[d.job_id].append((d.request_id, d.sent_at))
-    for pid, request_id in abandoned:
-        worker = by_pid.get(pid)
-        job = job_of.get(request_id)
-        if worker is None or worker.signalled_at is None or job is None:
-            continue
-        signalled = worker.signalled_at
-        later = [t for r, t in by_job[job] if r != request_id and t > signalled]
-        first = min(later, default=None)
-        if first is not None:
-            result.retry_after_sigterm.append(round(first - signalled, 3))
-
-    # Exits.
-    for w in result.workers:
-        if not w.started_at:
-            continue
-        if w.killed_at is not None:
-            result.exit_codes["SIGKILL"] += 1
-            continue
-        if w.signalled_at is None:
-            continue
-        code = w.returncode
-        if code == -signal.SIGTERM and not w.events("worker.start"):
-            # SIGTERM before the interpreter reached our handler (the first ~0.1 s after
-            # exec, longer under load): the default action ends the process, and with no
-            # worker started nothing can have been acked or lost. A platform does this too
-            # when a deploy is superseded while its replica starts.
-            result.exit_codes["SIGTERM before start"] += 1
-            continue
-        result.exit_codes[str(code)] += 1
-        if w.exited_at is not None:
-            result.drain_seconds.append(round(w.exited_at - w.signalled_at, 3))
-        named = [e for e in w.events("drain.step_abandoned") if e.get("request_id")]
-        if code == 3 and not named:
-            result.bad_exits.append(f"{w.instance_id} exited 3 without naming the steps "
-                                    "it abandoned")
-        elif code not in (0, 3):
-            result.bad_exits.append(f"{w.instance_id} exited {code} after SIGTERM")
-
-
-def _name(by_pid: dict[int, WorkerProcess], pid: int) -> str:
-    worker = by_pid.get(pid)
-    return worker.instance_id if worker else f"pid {pid}"
-
-
-def _class_of_last(runs: list[dict[str, Any]], by_pid: dict[int, WorkerProcess],
-                   abandoned: dict[tuple[int, str], Any],
-                   lease_lost: dict[tuple[int, str], Any]) -> str:
-    last = max(runs, key=lambda r: r["ts"])
-    key = (last["pid"], str(last["request_id"]))
-    worker = by_pid.get(last["pid"])
-    if worker is not None and worker.killed_at is not None:
-        return "crash"
-    if key in abandoned:
-        return "abandoned"
-    return "race" if key in lease_lost else "crash"
 
 
 def _range(text: str) -> tuple[float, float]:
