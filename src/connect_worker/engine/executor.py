@@ -298,7 +298,8 @@ class Executor:
 
     def __init__(self, apps: Sequence[App], *, app_version: str | None = None,
                  new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
-                 drift: _drift.DriftGuard | None = None) -> None:
+                 drift: _drift.DriftGuard | None = None,
+                 user_loop: UserLoop | None = None) -> None:
         if not apps:
             raise ExecutionError("no apps to serve")
         self._sdk: dict[str, SdkApp] = {}
@@ -337,7 +338,7 @@ class Executor:
                 )
             )
         self._slugs = {app.app_name: app.function_slugs for app in self.apps}
-        self.user_loop = UserLoop(new_loop=new_loop)
+        self.user_loop = user_loop or UserLoop(new_loop=new_loop)
 
     def start(self) -> None:
         self.user_loop.start()

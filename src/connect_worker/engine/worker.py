@@ -93,9 +93,8 @@ class Worker:
         self._changes = Changes()
         self._executor = Executor(apps, app_version=config.app_version,
                                   new_loop=loop_factory(config.event_loop),
-                                  drift=guard_from_config(config, apps, self.metrics))
-        if user_loop is not None:
-            self._executor.user_loop = user_loop
+                                  drift=guard_from_config(config, apps, self.metrics),
+                                  user_loop=user_loop)
         self._supervisor = Supervisor(
             config, self.metrics, self._changes, self._executor.apps,
             in_flight=lambda: list(ledger.steps),
