@@ -94,6 +94,7 @@ class ReplyView:
     request_id: str
     conn_id: str | None
     ts: float
+    pid: int | None = None  # a flush: the worker process that logged it
 
 
 @dataclass
@@ -271,7 +272,7 @@ class RealServer:
     @property
     def flushes(self) -> list[ReplyView]:
         """Replies the workers delivered through ``/v0/connect/flush`` (their logs)."""
-        return [ReplyView(str(e.get("request_id")), None, _when(e.get("ts")))
+        return [ReplyView(str(e.get("request_id")), None, _when(e.get("ts")), w.pid)
                 for w in self._workers for e in w.events("reply.flushed")]
 
     # ----- faults ----------------------------------------------------------------------

@@ -133,8 +133,9 @@ class Evidence:
             self.job_dispatches[d.job_id].append(d)
         self.discarded = [e for e in dev.timeline if e.kind == "REPLY_DISCARDED"]
         # Which copy each reply carries (its body); against Inngest's own server the
-        # lab sees no bodies, so a reply counts for the copies of its replica (socket)
-        # or for every copy of its request (flush).
+        # lab sees no bodies, so a reply counts for the copies of the replica that sent
+        # it (socket: its connection; flush: the process that logged it) that started
+        # before it.
         self.error_replies: dict[str, list[float]] = defaultdict(list)
         by_request: dict[str, list[Copy]] = defaultdict(list)
         for c in copies:
@@ -148,8 +149,9 @@ class Evidence:
                     self.error_replies[reply.request_id].append(reply.ts)
             else:
                 worker = self.worker_of_conn.get(str(getattr(reply, "conn_id", None)))
+                pid = getattr(reply, "pid", None) or (worker.pid if worker else None)
                 found = [c for c in by_request[reply.request_id]
-                         if worker is None or c.pid == worker.pid]
+                         if (pid is None or c.pid == pid) and c.started <= reply.ts]
             for c in found:
                 if c.landed is None:
                     c.landed = reply.ts
@@ -291,8 +293,12 @@ def audit(result: SoakResult, dev: DevServer, exec_log: str) -> None:
     for (run_id, step), runs in per_step.items():
         if len(runs) < 2:
             continue
+        # Without the run's memos (Inngest's API does not show them): the copy whose
+        # reply landed, and of those one that ran to the end (a cancelled copy's reply
+        # carries no result), the first to land.
         kept = [c for c in runs if c.copy in ev.kept] or \
-            [max(runs, key=lambda c: (c.landed is not None, c.started))]
+            [min(runs, key=lambda c: (c.landed is None, not c.ran_to_end,
+                                      c.landed or 0.0, c.started))]
         unexplained = []
         for c in runs:
             if c is kept[0]:
