@@ -295,3 +295,45 @@ def test_a_forward_counts_as_failed_when_the_request_went_elsewhere_after_it() -
     assert [soak_audit._failed(d, forwards) for d in forwards] == [True, True, False]
     recorded = _dispatch("q", "j", "c1", 1.0, "acked")
     assert not soak_audit._failed(recorded, [recorded, _dispatch("q", "j", "c2", 2.0)])
+
+
+def test_audit_through_the_proxy_credits_a_flush_to_its_process_and_keeps_a_finished_copy(
+        tmp_path: Path) -> None:
+    """Against Inngest's server the audit sees no reply bodies and no run memos. A stall
+    held w's ACK, a drop cut its socket, and Inngest re-routed the request to l; w's copy
+    ran to the end and flushed its reply, l's copy was cancelled. The kept copy is w's
+    (the first that ran to the end and landed), not the last one started (l's, whose
+    reply carries no result), and w's flush does not count for l's copy: l lost a race."""
+    w, loser = _Worker("w", 1), _Worker("l", 2)
+    lines = []
+    for cid, pid, started, ended, cancelled in (("1-w", 1, 1.0, 3.8, None),
+                                                ("2-l", 2, 2.8, None, 4.5)):
+        base = {"pid": pid, "request_id": "q", "run_id": "run", "step": "part-0",
+                "copy": cid}
+        lines.append({**base, "phase": "start", "ts": started})
+        lines.append({**base, "phase": "end" if ended else "cancelled",
+                      "ts": ended or cancelled})
+    log = tmp_path / "executions.jsonl"
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    dev = SimpleNamespace(
+        runs={"run": SimpleNamespace(status=RunStatus.COMPLETED)},
+        timeline=[], replies=[],
+        flushes=[SimpleNamespace(ts=3.9, request_id="q", conn_id=None, pid=1)],
+        # No outcome through the proxy: a forward followed by another one failed.
+        dispatches=[SimpleNamespace(request_id="q", job_id="j", conn_id="c1", sent_at=0.99,
+                                    acked_at=1.0),
+                    SimpleNamespace(request_id="q", job_id="j", conn_id="c2", sent_at=2.79,
+                                    acked_at=2.8)],
+        connections=[SimpleNamespace(conn_id=f"c{x.pid}", instance_id=x.instance_id)
+                     for x in (w, loser)],
+    )
+    result = soak.SoakResult(soak.SoakSettings(), run_ids=["run"])
+    result.workers = [w, loser]  # type: ignore[list-item]
+    result.applied = [_fault("stall", 0.95, [], seconds=4.0),  # type: ignore[list-item]
+                      _fault("drop", 2.75, ["w"])]
+    soak.audit(result, dev, str(log))  # type: ignore[arg-type]
+
+    assert dict(result.duplicates) == {"race": 1}, result.unexplained
+    assert [(c["copy"], c["class"], c["landed"]) for c in result.explained] == [
+        ("2-l", "race", None)]  # w's flush is not l's reply
+    assert not result.lost_replies and result.ok, result.failures
