@@ -10,6 +10,7 @@ from typing import Any
 from connect_worker.config import Config
 from connect_worker.devserver import DevServer
 from connect_worker.engine.executor import App
+from connect_worker.engine.userloop import UserLoop
 from connect_worker.engine.worker import Worker
 
 from . import apps
@@ -32,11 +33,13 @@ def worker_config(server: DevServer, /, **overrides: Any) -> Config:
 
 @asynccontextmanager
 async def running_worker(
-    server: DevServer, /, serve: list[App] | None = None, **overrides: Any
+    server: DevServer, /, serve: list[App] | None = None, *,
+    user_loop: UserLoop | None = None, **overrides: Any
 ) -> AsyncIterator[Worker]:
-    """A Worker serving ``serve`` (default: the engine test apps) until the block ends."""
+    """A Worker serving ``serve`` (default: the engine test apps) until the block ends;
+    ``user_loop`` as ``Worker`` takes it, ``overrides`` as ``worker_config`` does."""
     worker = Worker(worker_config(server, **overrides),
-                    serve or [(apps.client, apps.functions)])
+                    serve or [(apps.client, apps.functions)], user_loop=user_loop)
     task = asyncio.create_task(worker.run())
     try:
         await asyncio.wait_for(worker.wait_ready(), 10)

@@ -111,6 +111,16 @@ class Harness:
         return self.registry.get_sample_value(name, labels) or 0.0
 
 
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    """Let the other tasks run until ``predicate`` holds. The fakes never wait on I/O or
+    on a clock, so a few turns of the loop are enough; a bound keeps a bug from hanging."""
+    for _ in range(100):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never happened: {what}")
+
+
 @pytest.fixture
 def backoffs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, float]]:
     """Flush retries without waiting (the backoff itself is tested in test_units); the
@@ -359,9 +369,8 @@ async def test_wake_ends_the_wait_between_flush_attempts(
     h.delivery.start(api)  # type: ignore[arg-type]
     step = h.step(state=S.FLUSHING)
     task = asyncio.create_task(h.delivery.run_flush(step))
-    await api.failed.wait()  # resumes once the flush waits (on step.wake)
-    for _ in range(5):
-        await asyncio.sleep(0)
+    await api.failed.wait()
+    await until(lambda: step.wake is not None, "the flush waits on step.wake")
     assert step.wake is not None and not task.done() and len(api.posted) == 1
     h.delivery.wake(step)
     async with asyncio.timeout(30):
@@ -385,8 +394,9 @@ async def test_a_reply_acked_while_its_flush_waited_for_a_slot_is_not_posted() -
     waiting = h.step(99, S.FLUSHING)
     tasks = [asyncio.create_task(h.delivery.run_flush(s)) for s in [*busy, waiting]]
     await api.full.wait()
-    for _ in range(5):  # the last one reaches the slots and waits
-        await asyncio.sleep(0)
+    # Tasks take their first step in the order they were made, so the last one is
+    # already waiting for a slot by now.
+    await until(lambda: api.in_flight == FLUSH_CONCURRENCY, "every slot taken")
     assert api.in_flight == FLUSH_CONCURRENCY  # the last one waits for a slot
     h.fire(waiting, E.REPLY_ACKED)  # ACKed on a socket meanwhile
     api.gate.set()
@@ -415,7 +425,8 @@ async def test_hand_back_acked_on_the_socket_needs_no_flush() -> None:
     h.delivery.start(api)  # type: ignore[arg-type]
     step = h.step(state=S.HANDING_BACK)
     task = asyncio.create_task(h.delivery.hand_back(step, ack_timeout=3600))
-    await asyncio.sleep(0)  # it writes, then waits for the ACK
+    await until(lambda: h.session is not None and len(h.session.sent) == 1,
+                "the hand-back written on the socket")  # then it waits for the ACK
     assert h.session is not None and len(h.session.sent) == 1 and step.sent_on is h.session
     assert not task.done()
     h.fire(step, E.REPLY_ACKED)  # the ledger: DELIVERED, and WAKE

@@ -3,20 +3,18 @@ the ``heartbeat.sent`` debug event and ``Worker(user_loop=...)`` (``InlineUserLo
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import inngest
 
 from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
-from connect_worker.engine.userloop import InlineUserLoop, UserLoop
-from connect_worker.engine.worker import Worker
+from connect_worker.engine.userloop import InlineUserLoop
 
-from .harness import worker_config
+from .harness import running_worker
 
 client = inngest.Inngest(app_id="hooks", is_production=False)
 threads: list[int] = []
@@ -29,18 +27,6 @@ async def where(ctx: inngest.Context) -> str:
         return "here"
 
     return await ctx.step.run("body", body)
-
-
-@asynccontextmanager
-async def serving(dev: DevServer, user_loop: UserLoop | None = None) -> AsyncIterator[Worker]:
-    worker = Worker(worker_config(dev), [(client, [where])], user_loop=user_loop)
-    task = asyncio.create_task(worker.run())
-    try:
-        await asyncio.wait_for(worker.wait_ready(), 10)
-        yield worker
-    finally:
-        worker.request_shutdown()
-        await asyncio.wait_for(task, 20)
 
 
 @contextmanager
@@ -66,7 +52,7 @@ def heartbeats_sent() -> Iterator[list[logging.LogRecord]]:
 async def test_every_heartbeat_sent_is_a_debug_event() -> None:
     async with DevServer(DevServerConfig.fast()) as dev:
         with heartbeats_sent() as sent:
-            async with serving(dev):
+            async with running_worker(dev, serve=[(client, [where])]):
                 seen = lambda: [e for e in dev.timeline  # noqa: E731
                                 if e.kind == "WORKER_HEARTBEAT" and e.direction == "in"]
                 await dev.wait_for(lambda: len(seen()) >= 2, timeout=10)
@@ -81,7 +67,8 @@ async def test_every_heartbeat_sent_is_a_debug_event() -> None:
 async def test_inline_user_loop_runs_user_code_on_the_engine_thread() -> None:
     threads.clear()
     async with DevServer(DevServerConfig.fast()) as dev:
-        async with serving(dev, InlineUserLoop()):
+        async with running_worker(dev, serve=[(client, [where])],
+                                  user_loop=InlineUserLoop()):
             [run_id] = await dev.send_event("t/where", {})
             run = await dev.wait_for_run(run_id, timeout=15)
     assert run.status is RunStatus.COMPLETED and run.output == "here"
@@ -91,7 +78,7 @@ async def test_inline_user_loop_runs_user_code_on_the_engine_thread() -> None:
 async def test_default_user_loop_runs_user_code_on_its_own_thread() -> None:
     threads.clear()
     async with DevServer(DevServerConfig.fast()) as dev:
-        async with serving(dev):
+        async with running_worker(dev, serve=[(client, [where])]):
             [run_id] = await dev.send_event("t/where", {})
             run = await dev.wait_for_run(run_id, timeout=15)
     assert run.status is RunStatus.COMPLETED

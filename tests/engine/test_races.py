@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from connect_worker.devserver import DevServer, DevServerConfig, RunStatus
+from connect_worker.devserver import DevServer, DevServerConfig, Run, RunStatus
 from connect_worker.engine import confirm as confirm_registry
 from connect_worker.engine.confirm import confirm_before_run
 from connect_worker.protocol import pb
@@ -38,30 +38,41 @@ def lease_lost_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, objec
             if getattr(r, "event", None) == "step.lease_lost"]
 
 
+# Extensions every 5 s: only the early ownership check can stop a copy in time.
+RACE_CONFIG = DevServerConfig.fast(
+    gateway_groups=("gw-a", "gw-b"), lease_duration=20.0, extend_lease_interval=5.0,
+    lease_check_interval=5.0,
+)
+
+
+async def race_a_reroute(dev: DevServer, disruption: str,
+                         seconds: float) -> tuple[str, Run, str]:
+    """Run one ``slow`` step of ``seconds`` into the re-route race between workers "a"
+    and "b": (the run id, the run once ended, b's connection id)."""
+    conn_a = await dev.wait_for_connection(lambda c: c.instance_id == "a")
+    conn_b = await dev.wait_for_connection(lambda c: c.instance_id == "b")
+    # First forward to A; once A's connection has left READY, to B (not A's new one).
+    dev.faults.route = lambda ids: conn_a.conn_id if conn_a.conn_id in ids else conn_b.conn_id
+    dev.faults.delay_request_ack = 0.5  # A's ACK is still "on the wire" ...
+    [run_id] = await dev.send_event("t/slow", {"seconds": seconds})
+    await probe.wait_started("slow")
+    # ... when A's connection stops being READY: the gateway re-routes to B.
+    closing = asyncio.create_task(getattr(dev, disruption)(conn_a.conn_id))
+    dev.faults.delay_request_ack = 0.0
+    run = await dev.wait_for_run(run_id, timeout=20)
+    await closing
+    return run_id, run, conn_b.conn_id
+
+
 @pytest.mark.parametrize("seconds", [0.6, 3.0])
 @pytest.mark.parametrize("disruption", ["gateway_closing", "drop_socket"])
 async def test_lost_reroute_race_is_cancelled_early(
     caplog: pytest.LogCaptureFixture, disruption: str, seconds: float
 ) -> None:
     caplog.set_level(logging.INFO, logger="connect_worker")
-    config = DevServerConfig.fast(
-        gateway_groups=("gw-a", "gw-b"), lease_duration=20.0, extend_lease_interval=5.0,
-        lease_check_interval=5.0,
-    )
-    async with DevServer(config) as dev, \
+    async with DevServer(RACE_CONFIG) as dev, \
             running_worker(dev, instance_id="a"), running_worker(dev, instance_id="b"):
-        conn_a = await dev.wait_for_connection(lambda c: c.instance_id == "a")
-        conn_b = await dev.wait_for_connection(lambda c: c.instance_id == "b")
-        # First forward to A; once A's connection has left READY, to B (not A's new one).
-        dev.faults.route = lambda ids: conn_a.conn_id if conn_a.conn_id in ids else conn_b.conn_id
-        dev.faults.delay_request_ack = 0.5  # A's ACK is still "on the wire" ...
-        [run_id] = await dev.send_event("t/slow", {"seconds": seconds})
-        await probe.wait_started("slow")
-        # ... when A's connection stops being READY.
-        closing = asyncio.create_task(getattr(dev, disruption)(conn_a.conn_id))
-        dev.faults.delay_request_ack = 0.0
-        run = await dev.wait_for_run(run_id, timeout=20)
-        await closing
+        run_id, run, _ = await race_a_reroute(dev, disruption, seconds)
 
     assert run.status is RunStatus.COMPLETED
     assert [d.outcome for d in dev.dispatches][:2] == ["forward_failed", "replied"], dev.dispatches
@@ -191,28 +202,14 @@ async def test_reroute_race_on_a_step_shorter_than_the_early_check(
     confirm-before-run each copy extends right after its ACK and only the one granted
     the lease (the first to extend) runs its body: once."""
     caplog.set_level(logging.INFO, logger="connect_worker")
-    config = DevServerConfig.fast(
-        gateway_groups=("gw-a", "gw-b"), lease_duration=20.0, extend_lease_interval=5.0,
-        lease_check_interval=5.0,
-    )
     confirm = mode != "early_check"
     everywhere = mode == "confirm_before_run"  # CONNECT_WORKER_CONFIRM_BEFORE_RUN=1
     if mode == "per_function":
         confirm_before_run(slow)  # the worker-wide setting stays off
-    async with DevServer(config) as dev, \
+    async with DevServer(RACE_CONFIG) as dev, \
             running_worker(dev, instance_id="a", confirm_before_run=everywhere), \
             running_worker(dev, instance_id="b", confirm_before_run=everywhere):
-        conn_a = await dev.wait_for_connection(lambda c: c.instance_id == "a")
-        conn_b = await dev.wait_for_connection(lambda c: c.instance_id == "b")
-        dev.faults.route = lambda ids: conn_a.conn_id if conn_a.conn_id in ids else conn_b.conn_id
-        dev.faults.delay_request_ack = 0.5  # A's ACK is still "on the wire" ...
-        [run_id] = await dev.send_event("t/slow", {"seconds": 0})
-        await probe.wait_started("slow")
-        # ... when A's connection stops being READY: the gateway re-routes to B.
-        closing = asyncio.create_task(getattr(dev, disruption)(conn_a.conn_id))
-        dev.faults.delay_request_ack = 0.0
-        run = await dev.wait_for_run(run_id, timeout=20)
-        await closing
+        run_id, run, conn_b = await race_a_reroute(dev, disruption, 0)
     # B ACKed before the run could complete; leaving the block drained both workers, so
     # B's copy has run to its end or been stopped.
 
@@ -220,7 +217,7 @@ async def test_reroute_race_on_a_step_shorter_than_the_early_check(
     first = dev.dispatches[0].request_id  # the step's (the run's last request follows)
     race = [d for d in dev.dispatches if d.request_id == first]
     assert race[0].outcome == "forward_failed" and len(race) == 2, race
-    assert race[1].acked_at and race[1].conn_id == conn_b.conn_id, race
+    assert race[1].acked_at and race[1].conn_id == conn_b, race
     if confirm:
         assert probe.counts["slow"] == 1 and probe.finished["slow"] == 1
         [lost] = lease_lost_records(caplog)  # B, NACKed before its body started
